@@ -1,0 +1,407 @@
+//! The shared breaker: the state machine behind a lock, with its state
+//! published on a `watch` channel and every transition on a `broadcast`.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::config::BreakerConfig;
+use super::machine::{
+    BreakerState, CallOutcome, PermitKind, Rejected, StateMachine, Transition, TransitionReason,
+};
+use super::window::Counts;
+
+/// A circuit breaker guarding one named dependency. Cheap to clone; every
+/// consumer that names the same breaker shares one.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    config: BreakerConfig,
+    machine: Mutex<Guarded>,
+    state_tx: watch::Sender<BreakerState>,
+    transitions_tx: broadcast::Sender<Transition>,
+    successes: AtomicU64,
+    verdict_waiters: AtomicUsize,
+    success_notify: Notify,
+}
+
+#[derive(Debug)]
+struct Guarded {
+    machine: StateMachine,
+    since: Instant,
+    last: Option<Transition>,
+}
+
+/// A point-in-time view of a breaker, for logs, status pages and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The breaker's name.
+    pub name: String,
+    /// Its state.
+    pub state: BreakerState,
+    /// When it entered that state.
+    pub since: Instant,
+    /// The last transition, if any.
+    pub last_transition: Option<Transition>,
+    /// Calls, failures and slow calls in the window now.
+    pub counts: Counts,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+    /// How long the current (or next) open period lasts.
+    pub open_time: Duration,
+}
+
+/// What a failed call's neighbours say about the dependency; see
+/// [`Breaker::health_verdict`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthVerdict {
+    /// Another call succeeded after this one started: the dependency works.
+    Healthy,
+    /// The breaker is open or probing: the dependency is failing.
+    Outage,
+    /// Nothing happened within the wait that tells either way.
+    Unknown,
+}
+
+impl Breaker {
+    /// A closed breaker named `name`.
+    #[must_use]
+    pub fn new(name: impl Into<String>, config: BreakerConfig) -> Self {
+        let now = Instant::now();
+        let (state_tx, _) = watch::channel(BreakerState::Closed);
+        let (transitions_tx, _) = broadcast::channel(256);
+        Self {
+            inner: Arc::new(Inner {
+                name: name.into(),
+                machine: Mutex::new(Guarded {
+                    machine: StateMachine::new(config.clone(), now),
+                    since: now,
+                    last: None,
+                }),
+                config,
+                state_tx,
+                transitions_tx,
+                successes: AtomicU64::new(0),
+                verdict_waiters: AtomicUsize::new(0),
+                success_notify: Notify::new(),
+            }),
+        }
+    }
+
+    /// The breaker's name, as in `[breakers.NAME]`.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Its settings.
+    #[must_use]
+    pub fn config(&self) -> &BreakerConfig {
+        &self.inner.config
+    }
+
+    /// The current state.
+    #[must_use]
+    pub fn state(&self) -> BreakerState {
+        *self.inner.state_tx.borrow()
+    }
+
+    /// A receiver that sees every new state (intermediate states may be
+    /// skipped if they change faster than the receiver looks).
+    #[must_use]
+    pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
+        self.inner.state_tx.subscribe()
+    }
+
+    /// A receiver of every transition, for logs and metrics.
+    #[must_use]
+    pub fn transitions(&self) -> broadcast::Receiver<Transition> {
+        self.inner.transitions_tx.subscribe()
+    }
+
+    /// Successful calls recorded since the breaker was made.
+    #[must_use]
+    pub fn successes(&self) -> u64 {
+        self.inner.successes.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Guarded> {
+        // The machine has no invariants a panic half-way could break that
+        // matter more than keeping the worker alive.
+        self.inner
+            .machine
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn publish(&self, guard: &mut Guarded, transition: Option<Transition>) {
+        if let Some(t) = transition {
+            guard.since = t.at;
+            guard.last = Some(t);
+            self.inner.state_tx.send_replace(t.to);
+            // No receivers is fine: nobody is watching transitions.
+            let _ = self.inner.transitions_tx.send(t);
+        }
+    }
+
+    /// Asks to make a call now.
+    ///
+    /// # Errors
+    ///
+    /// [`Rejected`] when the breaker is open, or half-open with every probe taken.
+    pub fn try_acquire(&self) -> Result<Permit, Rejected> {
+        let now = Instant::now();
+        let successes = self.successes();
+        let mut guard = self.lock();
+        let (result, transition) = guard.machine.try_acquire(now);
+        self.publish(&mut guard, transition);
+        drop(guard);
+        result.map(|kind| Permit {
+            breaker: Some(self.clone()),
+            kind,
+            started: now,
+            successes_at_start: successes,
+        })
+    }
+
+    fn record(&self, kind: PermitKind, outcome: CallOutcome, started: Instant) -> BreakerState {
+        let now = Instant::now();
+        if outcome == CallOutcome::Success {
+            self.inner.successes.fetch_add(1, Ordering::AcqRel);
+        }
+        let mut guard = self.lock();
+        let transition = guard
+            .machine
+            .record(kind, outcome, now.saturating_duration_since(started), now);
+        self.publish(&mut guard, transition);
+        let state = guard.machine.state();
+        drop(guard);
+        if outcome == CallOutcome::Success && self.inner.verdict_waiters.load(Ordering::Acquire) > 0
+        {
+            self.inner.success_notify.notify_waiters();
+        }
+        state
+    }
+
+    /// Applies the open timer now (Open becomes HalfOpen when due).
+    pub fn poll(&self) {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let transition = guard.machine.poll(now);
+        self.publish(&mut guard, transition);
+    }
+
+    /// Drives the open timer until `shutdown`: sleeps until an open period
+    /// ends and moves the breaker to half-open. One such task runs per breaker.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it holds no permit and no lock across an await.
+    pub async fn run_timer(self, shutdown: CancellationToken) {
+        let mut rx = self.subscribe();
+        loop {
+            let state = *rx.borrow_and_update();
+            match state {
+                BreakerState::Open { until } => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep_until(until) => self.poll(),
+                        changed = rx.changed() => if changed.is_err() { return },
+                    }
+                }
+                _ => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        changed = rx.changed() => if changed.is_err() { return },
+                    }
+                }
+            }
+        }
+    }
+
+    fn manual(&self, f: impl FnOnce(&mut StateMachine, Instant) -> Option<Transition>) -> BreakerState {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let transition = f(&mut guard.machine, now);
+        self.publish(&mut guard, transition);
+        guard.machine.state()
+    }
+
+    /// Operator: open and stay open until [`close`](Self::close) or [`reset`](Self::reset).
+    pub fn force_open(&self) -> BreakerState {
+        self.manual(StateMachine::force_open)
+    }
+
+    /// Operator: admit every call and never trip.
+    pub fn disable(&self) -> BreakerState {
+        self.manual(StateMachine::disable)
+    }
+
+    /// Operator: close now.
+    pub fn close(&self) -> BreakerState {
+        self.manual(StateMachine::close_by_hand)
+    }
+
+    /// Operator: a fresh closed breaker (window, streak and backoff cleared).
+    pub fn reset(&self) -> BreakerState {
+        self.manual(|m, now| Some(m.reset(now)))
+    }
+
+    /// A view of the breaker now.
+    #[must_use]
+    pub fn snapshot(&self) -> Snapshot {
+        let now = Instant::now();
+        let guard = self.lock();
+        Snapshot {
+            name: self.inner.name.clone(),
+            state: guard.machine.state(),
+            since: guard.since,
+            last_transition: guard.last,
+            counts: guard.machine.counts(now),
+            consecutive_failures: guard.machine.consecutive_failures(),
+            open_time: guard.machine.current_open_time(),
+        }
+    }
+
+    /// After a call failed, waits (at most `wait`) for evidence of whether the
+    /// dependency is otherwise healthy: a success recorded after the call
+    /// started (`successes_at_start`, from [`Permit::successes_at_start`]), or
+    /// the breaker leaving the closed state.
+    ///
+    /// The first failure of an outage looks exactly like a bad message; only
+    /// what happens next tells them apart. This is what keeps an outage from
+    /// exhausting a message's last retry.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn health_verdict(&self, successes_at_start: u64, wait: Duration) -> HealthVerdict {
+        struct Waiter<'a>(&'a AtomicUsize);
+        impl Drop for Waiter<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.inner.verdict_waiters.fetch_add(1, Ordering::AcqRel);
+        let _waiter = Waiter(&self.inner.verdict_waiters);
+        let deadline = Instant::now() + wait;
+        let mut state_rx = self.subscribe();
+        loop {
+            let notified = self.inner.success_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.successes() > successes_at_start {
+                return HealthVerdict::Healthy;
+            }
+            if !state_rx.borrow_and_update().admits_all() {
+                return HealthVerdict::Outage;
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                changed = state_rx.changed() => if changed.is_err() { return HealthVerdict::Unknown },
+                () = tokio::time::sleep_until(deadline) => return HealthVerdict::Unknown,
+            }
+        }
+    }
+}
+
+/// Permission to make one call. Record how it ended with [`record`](Self::record);
+/// a permit dropped without a record frees its slot and counts as nothing.
+#[derive(Debug)]
+pub struct Permit {
+    breaker: Option<Breaker>,
+    kind: PermitKind,
+    started: Instant,
+    successes_at_start: u64,
+}
+
+impl Permit {
+    /// Whether this is a normal call or a half-open probe.
+    #[must_use]
+    pub fn kind(&self) -> PermitKind {
+        self.kind
+    }
+
+    /// True for a half-open probe.
+    #[must_use]
+    pub fn is_probe(&self) -> bool {
+        matches!(self.kind, PermitKind::Probe { .. })
+    }
+
+    /// When the permit was granted (the call's start).
+    #[must_use]
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The breaker's success count when the call started; see [`Breaker::health_verdict`].
+    #[must_use]
+    pub fn successes_at_start(&self) -> u64 {
+        self.successes_at_start
+    }
+
+    /// Records the call's outcome and returns the breaker's state right after.
+    pub fn record(mut self, outcome: CallOutcome) -> BreakerState {
+        match self.breaker.take() {
+            Some(breaker) => breaker.record(self.kind, outcome, self.started),
+            None => BreakerState::Closed,
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(breaker) = self.breaker.take() {
+            breaker.record(self.kind, CallOutcome::Ignored, self.started);
+        }
+    }
+}
+
+/// The manual operations an operator can apply to a breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManualAction {
+    /// Force open.
+    Open,
+    /// Close.
+    Close,
+    /// Disable.
+    Disable,
+    /// Reset.
+    Reset,
+}
+
+impl Breaker {
+    /// Applies a manual action; returns the new state.
+    pub fn apply(&self, action: ManualAction) -> BreakerState {
+        match action {
+            ManualAction::Open => self.force_open(),
+            ManualAction::Close => self.close(),
+            ManualAction::Disable => self.disable(),
+            ManualAction::Reset => self.reset(),
+        }
+    }
+}
+
+impl TransitionReason {
+    /// True for reasons that open the breaker.
+    #[must_use]
+    pub fn opens(&self) -> bool {
+        matches!(
+            self,
+            TransitionReason::FailureRate
+                | TransitionReason::SlowCallRate
+                | TransitionReason::ConsecutiveFailures
+                | TransitionReason::ProbeFailed
+                | TransitionReason::ManualOpen
+        )
+    }
+}

@@ -1,0 +1,437 @@
+//! The pure state machine. It is handed the time and never sleeps, so tests
+//! drive it with paused tokio time.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::time::Instant;
+
+use super::config::BreakerConfig;
+use super::window::{Counts, Window};
+
+/// Where a breaker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls flow; outcomes are counted in the window.
+    Closed,
+    /// Calls are refused until `until`, then the breaker goes half-open.
+    Open {
+        /// When the breaker will admit probes again.
+        until: Instant,
+    },
+    /// Exactly `half_open_probes` calls are admitted for trial number `trial`.
+    HalfOpen {
+        /// Increases with each half-open trial, so a consumer can tell trials apart.
+        trial: u64,
+    },
+    /// Opened by an operator; stays open until closed or reset by hand.
+    ForcedOpen,
+    /// Turned off by an operator: every call is admitted and nothing trips.
+    Disabled,
+}
+
+impl BreakerState {
+    /// A short lowercase name, as used in logs, metrics and the admin API.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open { .. } => "open",
+            BreakerState::HalfOpen { .. } => "half-open",
+            BreakerState::ForcedOpen => "forced-open",
+            BreakerState::Disabled => "disabled",
+        }
+    }
+
+    /// True when the breaker admits every call (closed or disabled).
+    #[must_use]
+    pub fn admits_all(&self) -> bool {
+        matches!(self, BreakerState::Closed | BreakerState::Disabled)
+    }
+}
+
+/// Why the breaker changed state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransitionReason {
+    /// The failure rate in the window reached `failure_rate`.
+    FailureRate,
+    /// The slow-call rate in the window reached `slow_call_rate`.
+    SlowCallRate,
+    /// `consecutive_failures` calls failed in a row.
+    ConsecutiveFailures,
+    /// The open time elapsed; probes may run.
+    OpenTimeElapsed,
+    /// A half-open probe failed (or was too slow).
+    ProbeFailed,
+    /// Every half-open probe succeeded.
+    ProbesSucceeded,
+    /// An operator forced the breaker open.
+    ManualOpen,
+    /// An operator closed the breaker.
+    ManualClose,
+    /// An operator disabled the breaker.
+    ManualDisable,
+    /// An operator reset the breaker (closed, window and backoff cleared).
+    ManualReset,
+}
+
+impl TransitionReason {
+    /// A short kebab-case name for logs and metrics.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            TransitionReason::FailureRate => "failure-rate",
+            TransitionReason::SlowCallRate => "slow-call-rate",
+            TransitionReason::ConsecutiveFailures => "consecutive-failures",
+            TransitionReason::OpenTimeElapsed => "open-time-elapsed",
+            TransitionReason::ProbeFailed => "probe-failed",
+            TransitionReason::ProbesSucceeded => "probes-succeeded",
+            TransitionReason::ManualOpen => "manual-open",
+            TransitionReason::ManualClose => "manual-close",
+            TransitionReason::ManualDisable => "manual-disable",
+            TransitionReason::ManualReset => "manual-reset",
+        }
+    }
+}
+
+/// One state change, with the numbers that explain it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Transition {
+    /// State before.
+    pub from: BreakerState,
+    /// State after.
+    pub to: BreakerState,
+    /// Why.
+    pub reason: TransitionReason,
+    /// Window counts at the time of the change.
+    pub counts: Counts,
+    /// Failures in a row at the time of the change.
+    pub consecutive_failures: u32,
+    /// When it happened.
+    pub at: Instant,
+}
+
+/// What kind of call a permit allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PermitKind {
+    /// A normal call while closed (or disabled).
+    Normal,
+    /// A half-open probe belonging to trial `trial`.
+    Probe {
+        /// The half-open trial this probe belongs to.
+        trial: u64,
+    },
+}
+
+/// How a call ended, as far as the breaker is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// The dependency answered well.
+    Success,
+    /// The dependency failed or the call timed out.
+    Failure,
+    /// The call says nothing about the dependency (bad message, panic, cancelled):
+    /// it frees its slot and is not counted.
+    Ignored,
+}
+
+/// Why a call was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// The breaker is open (by itself or by hand).
+    #[error("circuit breaker is open")]
+    Open,
+    /// Half-open and every probe slot of this trial is taken.
+    #[error("circuit breaker is half-open and its probes are taken")]
+    ProbesTaken,
+}
+
+/// The breaker's logic, with no I/O, no clock and no locks.
+#[derive(Debug)]
+pub struct StateMachine {
+    config: BreakerConfig,
+    state: BreakerState,
+    window: Window,
+    consecutive_failures: u32,
+    /// Open times for failed trials after the first trip; reset on close.
+    backoff: backon::ExponentialBackoff,
+    /// How long the breaker is staying open this time.
+    current_open_time: Duration,
+    trial: u64,
+    probes_issued: u32,
+    probes_succeeded: u32,
+    probes_slow: u32,
+}
+
+impl StateMachine {
+    /// A closed breaker whose window starts at `now`.
+    #[must_use]
+    pub fn new(config: BreakerConfig, now: Instant) -> Self {
+        let window = Window::new(config.window, config.window_buckets, now);
+        let backoff = Self::backoff(&config);
+        Self {
+            current_open_time: config.open_timeout,
+            config,
+            state: BreakerState::Closed,
+            window,
+            consecutive_failures: 0,
+            backoff,
+            trial: 0,
+            probes_issued: 0,
+            probes_succeeded: 0,
+            probes_slow: 0,
+        }
+    }
+
+    fn backoff(config: &BreakerConfig) -> backon::ExponentialBackoff {
+        // The first trip opens for exactly `open_timeout`; each failed trial
+        // after it doubles that, with jitter so replicas don't probe in step.
+        ExponentialBuilder::default()
+            .with_min_delay(config.open_timeout.saturating_mul(2))
+            .with_max_delay(config.max_open_timeout)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// The settings this machine runs with.
+    #[must_use]
+    pub fn config(&self) -> &BreakerConfig {
+        &self.config
+    }
+
+    /// The current state (without applying any due timer; see [`poll`](Self::poll)).
+    #[must_use]
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// Counts in the window at `now`.
+    #[must_use]
+    pub fn counts(&self, now: Instant) -> Counts {
+        self.window.counts(now)
+    }
+
+    /// Failures in a row so far.
+    #[must_use]
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+    }
+
+    /// The open time used for the current (or last) open period.
+    #[must_use]
+    pub fn current_open_time(&self) -> Duration {
+        self.current_open_time
+    }
+
+    /// Applies the open timer: Open becomes HalfOpen once `until` has passed.
+    pub fn poll(&mut self, now: Instant) -> Option<Transition> {
+        match self.state {
+            BreakerState::Open { until } if now >= until => {
+                self.trial += 1;
+                self.probes_issued = 0;
+                self.probes_succeeded = 0;
+                self.probes_slow = 0;
+                Some(self.go(
+                    BreakerState::HalfOpen { trial: self.trial },
+                    TransitionReason::OpenTimeElapsed,
+                    now,
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Asks to make a call. A due open timer is applied first, so the returned
+    /// transition (if any) must be published by the caller.
+    ///
+    /// # Errors
+    ///
+    /// [`Rejected::Open`] while open, [`Rejected::ProbesTaken`] when half-open
+    /// and every probe of the trial has been handed out.
+    pub fn try_acquire(
+        &mut self,
+        now: Instant,
+    ) -> (Result<PermitKind, Rejected>, Option<Transition>) {
+        let transition = self.poll(now);
+        let result = match self.state {
+            BreakerState::Closed | BreakerState::Disabled => Ok(PermitKind::Normal),
+            BreakerState::Open { .. } | BreakerState::ForcedOpen => Err(Rejected::Open),
+            BreakerState::HalfOpen { trial } => {
+                if self.probes_issued < self.config.half_open_probes {
+                    self.probes_issued += 1;
+                    Ok(PermitKind::Probe { trial })
+                } else {
+                    Err(Rejected::ProbesTaken)
+                }
+            }
+        };
+        (result, transition)
+    }
+
+    /// Records how a permitted call ended. `elapsed` is the call's duration:
+    /// a success slower than `call_timeout` counts as a failure.
+    pub fn record(
+        &mut self,
+        kind: PermitKind,
+        outcome: CallOutcome,
+        elapsed: Duration,
+        now: Instant,
+    ) -> Option<Transition> {
+        let outcome = if outcome == CallOutcome::Success && elapsed > self.config.call_timeout {
+            CallOutcome::Failure
+        } else {
+            outcome
+        };
+        let slow = elapsed > self.config.slow_call_duration;
+        match kind {
+            PermitKind::Normal => self.record_normal(outcome, slow, now),
+            PermitKind::Probe { trial } => self.record_probe(trial, outcome, slow, now),
+        }
+    }
+
+    fn record_normal(&mut self, outcome: CallOutcome, slow: bool, now: Instant) -> Option<Transition> {
+        let failed = match outcome {
+            CallOutcome::Ignored => return None,
+            CallOutcome::Success => false,
+            CallOutcome::Failure => true,
+        };
+        if self.state == BreakerState::Disabled {
+            return None;
+        }
+        // Calls admitted while closed may finish after the breaker opened; they
+        // still count in the window, but only a closed breaker can trip.
+        self.window.record(now, failed, slow);
+        if failed {
+            self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        } else {
+            self.consecutive_failures = 0;
+        }
+        if self.state != BreakerState::Closed {
+            return None;
+        }
+        let counts = self.window.counts(now);
+        let reason = if failed
+            && self
+                .config
+                .consecutive_failures
+                .is_some_and(|n| self.consecutive_failures >= n)
+        {
+            Some(TransitionReason::ConsecutiveFailures)
+        } else if counts.calls >= u64::from(self.config.minimum_calls) {
+            if failed && counts.failure_rate() >= self.config.failure_rate {
+                Some(TransitionReason::FailureRate)
+            } else if slow
+                && self.config.slow_call_rate < 1.0
+                && counts.slow_rate() >= self.config.slow_call_rate
+            {
+                Some(TransitionReason::SlowCallRate)
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        reason.map(|reason| {
+            self.current_open_time = self.config.open_timeout;
+            self.open(reason, now)
+        })
+    }
+
+    fn record_probe(
+        &mut self,
+        trial: u64,
+        outcome: CallOutcome,
+        slow: bool,
+        now: Instant,
+    ) -> Option<Transition> {
+        if self.state != (BreakerState::HalfOpen { trial }) {
+            // A probe of an earlier trial, or the state was changed by hand.
+            return None;
+        }
+        match outcome {
+            CallOutcome::Ignored => {
+                // It told us nothing: give the slot to another probe.
+                self.probes_issued = self.probes_issued.saturating_sub(1);
+                None
+            }
+            CallOutcome::Failure => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                self.current_open_time = self.next_open_time();
+                Some(self.open(TransitionReason::ProbeFailed, now))
+            }
+            CallOutcome::Success => {
+                self.consecutive_failures = 0;
+                self.probes_succeeded += 1;
+                self.probes_slow += u32::from(slow);
+                if self.probes_succeeded < self.config.half_open_probes {
+                    return None;
+                }
+                let slow_rate = f64::from(self.probes_slow) / f64::from(self.probes_succeeded);
+                if self.config.slow_call_rate < 1.0 && slow_rate >= self.config.slow_call_rate {
+                    self.current_open_time = self.next_open_time();
+                    Some(self.open(TransitionReason::ProbeFailed, now))
+                } else {
+                    Some(self.close(TransitionReason::ProbesSucceeded, now))
+                }
+            }
+        }
+    }
+
+    fn next_open_time(&mut self) -> Duration {
+        self.backoff
+            .next()
+            .unwrap_or(self.config.max_open_timeout)
+            .min(self.config.max_open_timeout)
+    }
+
+    fn open(&mut self, reason: TransitionReason, now: Instant) -> Transition {
+        let until = now + self.current_open_time;
+        self.go(BreakerState::Open { until }, reason, now)
+    }
+
+    fn close(&mut self, reason: TransitionReason, now: Instant) -> Transition {
+        self.window.clear();
+        self.consecutive_failures = 0;
+        self.backoff = Self::backoff(&self.config);
+        self.current_open_time = self.config.open_timeout;
+        self.go(BreakerState::Closed, reason, now)
+    }
+
+    fn go(&mut self, to: BreakerState, reason: TransitionReason, now: Instant) -> Transition {
+        let transition = Transition {
+            from: self.state,
+            to,
+            reason,
+            counts: self.window.counts(now),
+            consecutive_failures: self.consecutive_failures,
+            at: now,
+        };
+        self.state = to;
+        transition
+    }
+
+    /// Operator: open and stay open until [`close`](Self::close_by_hand) or [`reset`](Self::reset).
+    pub fn force_open(&mut self, now: Instant) -> Option<Transition> {
+        (self.state != BreakerState::ForcedOpen)
+            .then(|| self.go(BreakerState::ForcedOpen, TransitionReason::ManualOpen, now))
+    }
+
+    /// Operator: admit everything and never trip, until closed or reset.
+    pub fn disable(&mut self, now: Instant) -> Option<Transition> {
+        (self.state != BreakerState::Disabled)
+            .then(|| self.go(BreakerState::Disabled, TransitionReason::ManualDisable, now))
+    }
+
+    /// Operator: close now (from any state), clearing the window.
+    pub fn close_by_hand(&mut self, now: Instant) -> Option<Transition> {
+        (self.state != BreakerState::Closed).then(|| self.close(TransitionReason::ManualClose, now))
+    }
+
+    /// Operator: back to a fresh closed breaker (window, streak and backoff cleared).
+    /// Always reports a transition, even from closed, so the reset is visible.
+    pub fn reset(&mut self, now: Instant) -> Transition {
+        self.close(TransitionReason::ManualReset, now)
+    }
+}

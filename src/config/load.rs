@@ -1,0 +1,226 @@
+//! Layered loading: base file, `{RUN_MODE}.toml`, `local.toml`, then
+//! `RABBIT_GUARD__…` environment variables.
+
+use std::path::{Path, PathBuf};
+
+use config::{Config, File, FileFormat, Value, ValueKind};
+
+use super::error::ConfigError;
+use super::settings::Settings;
+
+/// Prefix of environment overrides: `RABBIT_GUARD__BROKER__URL` sets `broker.url`.
+pub const ENV_PREFIX: &str = "RABBIT_GUARD__";
+
+/// The base file used when none is given.
+pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
+
+/// Where the layers come from. [`Sources::from_env`] is what the binary uses;
+/// tests build one by hand so they don't touch the process environment.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The base file (required). Default `config/default.toml`.
+    pub file: Option<PathBuf>,
+    /// `RUN_MODE`: when set, `{dir of file}/{run_mode}.toml` is layered on top if it exists.
+    pub run_mode: Option<String>,
+    /// Environment variables to consider (only `RABBIT_GUARD__…` ones are used).
+    pub env: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// The base file `file` (or `config/default.toml`), `RUN_MODE` and every
+    /// `RABBIT_GUARD__…` variable from the process environment.
+    #[must_use]
+    pub fn from_env(file: Option<PathBuf>) -> Self {
+        Self {
+            file,
+            run_mode: std::env::var("RUN_MODE").ok().filter(|m| !m.is_empty()),
+            env: std::env::vars()
+                .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+                .collect(),
+        }
+    }
+}
+
+/// Loads and validates settings from `sources`. Validation knows only the
+/// built-in handlers plus `handlers`.
+///
+/// # Errors
+///
+/// [`ConfigError`] when a file is missing or malformed, a key is unknown or
+/// mistyped, or a value is invalid; the message names the file or key.
+pub fn load(sources: &Sources, handlers: &[&str]) -> Result<Settings, ConfigError> {
+    let settings = load_unvalidated(sources)?;
+    settings.validate(handlers)?;
+    Ok(settings)
+}
+
+/// Loads settings without validating them.
+///
+/// # Errors
+///
+/// As [`load`], minus validation.
+pub fn load_unvalidated(sources: &Sources) -> Result<Settings, ConfigError> {
+    let base = sources
+        .file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
+    if !base.is_file() {
+        return Err(ConfigError::MissingFile { path: base });
+    }
+    let dir = base.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut layers = vec![(base, true)];
+    if let Some(mode) = &sources.run_mode {
+        layers.push((dir.join(format!("{mode}.toml")), false));
+    }
+    layers.push((dir.join("local.toml"), false));
+
+    let mut builder = Config::builder();
+    let mut used = Vec::new();
+    for (path, required) in layers {
+        if !required && !path.is_file() {
+            continue;
+        }
+        // Parse each file up front so a syntax error names its file.
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if let Err(e) = text.parse::<toml::Table>() {
+            return Err(ConfigError::Syntax {
+                path,
+                message: one_line(&e.to_string()),
+            });
+        }
+        builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
+        used.push(path);
+    }
+    for (key, value) in &sources.env {
+        let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let path = env_key_to_path(rest).ok_or_else(|| ConfigError::EnvKey {
+            variable: key.clone(),
+        })?;
+        builder = builder
+            .set_override(&path, env_value(value))
+            .map_err(|_| ConfigError::EnvKey {
+                variable: key.clone(),
+            })?;
+    }
+    let mut files = used
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if sources.env.iter().any(|(k, _)| k.starts_with(ENV_PREFIX)) {
+        files.push_str(" and RABBIT_GUARD__* variables");
+    }
+    let config = builder.build().map_err(|e| ConfigError::Parse {
+        files: files.clone(),
+        message: one_line(&e.to_string()),
+    })?;
+    config
+        .try_deserialize::<Settings>()
+        .map_err(|e| ConfigError::Parse {
+            files,
+            message: one_line(&e.to_string()),
+        })
+}
+
+fn one_line(s: &str) -> String {
+    let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    // config-rs writes `consumers[0]prefetch`; put the dot back.
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']' && chars.peek().is_some_and(|n| n.is_ascii_alphanumeric() || *n == '_') {
+            out.push('.');
+        }
+    }
+    out
+}
+
+/// `CONSUMERS__0__RETRY__DELAYS` → `consumers[0].retry.delays`.
+fn env_key_to_path(rest: &str) -> Option<String> {
+    let mut path = String::new();
+    for segment in rest.split("__") {
+        if segment.is_empty() {
+            return None;
+        }
+        let segment = segment.to_lowercase();
+        if segment.bytes().all(|b| b.is_ascii_digit()) {
+            if path.is_empty() {
+                return None;
+            }
+            path.push('[');
+            path.push_str(&segment);
+            path.push(']');
+        } else {
+            if !segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return None;
+            }
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(&segment);
+        }
+    }
+    (!path.is_empty()).then_some(path)
+}
+
+/// A value is read as TOML when it parses as one (`50`, `true`, `0.5`,
+/// `["1s", "5s"]`, `{ url = "…" }`), and as a plain string otherwise.
+fn env_value(raw: &str) -> Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut table) => match table.remove("v") {
+            Some(v) => Value::new(None, toml_to_config(v)),
+            None => Value::new(None, ValueKind::String(raw.to_owned())),
+        },
+        Err(_) => Value::new(None, ValueKind::String(raw.to_owned())),
+    }
+}
+
+fn toml_to_config(v: toml::Value) -> ValueKind {
+    match v {
+        toml::Value::String(s) => ValueKind::String(s),
+        toml::Value::Integer(i) => ValueKind::I64(i),
+        toml::Value::Float(f) => ValueKind::Float(f),
+        toml::Value::Boolean(b) => ValueKind::Boolean(b),
+        toml::Value::Datetime(d) => ValueKind::String(d.to_string()),
+        toml::Value::Array(a) => ValueKind::Array(
+            a.into_iter()
+                .map(|v| Value::new(None, toml_to_config(v)))
+                .collect(),
+        ),
+        toml::Value::Table(t) => ValueKind::Table(
+            t.into_iter()
+                .map(|(k, v)| (k, Value::new(None, toml_to_config(v))))
+                .collect(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_keys_map_to_paths() {
+        assert_eq!(env_key_to_path("BROKER__URL").as_deref(), Some("broker.url"));
+        assert_eq!(
+            env_key_to_path("CONSUMERS__0__RETRY__DELAYS").as_deref(),
+            Some("consumers[0].retry.delays")
+        );
+        assert_eq!(
+            env_key_to_path("BREAKERS__billing-api__FAILURE_RATE").as_deref(),
+            Some("breakers.billing-api.failure_rate")
+        );
+        assert_eq!(env_key_to_path("0__X"), None);
+        assert_eq!(env_key_to_path("A____B"), None);
+        assert_eq!(env_key_to_path("A__B C"), None);
+    }
+}

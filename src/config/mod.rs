@@ -1,0 +1,29 @@
+//! Typed settings, loaded in layers and validated once.
+//!
+//! Layers, later ones winning:
+//! 1. the base file: `--config FILE`, default `config/default.toml`;
+//! 2. `{RUN_MODE}.toml` beside it, when `RUN_MODE` is set and the file exists;
+//! 3. `local.toml` beside it, when it exists (git-ignored: for your machine);
+//! 4. environment variables `RABBIT_GUARD__SECTION__KEY`: path segments
+//!    separated by `__`, list indexes as numbers
+//!    (`RABBIT_GUARD__CONSUMERS__0__PREFETCH=100`), values read as TOML when
+//!    they parse (`RABBIT_GUARD__CONSUMERS__0__RETRY__DELAYS='["1s","5s"]'`) and
+//!    as plain strings otherwise. Unknown keys are errors, never ignored.
+//!
+//! Durations are written as strings: `"500ms"`, `"5s"`, `"1m"`.
+
+mod error;
+mod load;
+mod settings;
+mod validate;
+
+pub use error::{ConfigError, Problem};
+pub use load::{DEFAULT_CONFIG_FILE, ENV_PREFIX, Sources, load, load_unvalidated};
+pub use settings::{
+    BrokerSettings, ConsumerSettings, HttpSettings, LogFormat, LogSettings, OnPause, QueueType,
+    ReconnectSettings, RetrySettings, Settings, WorkerSettings, compact_duration,
+};
+pub use validate::BUILTIN_HANDLERS;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,297 @@
+//! The settings structs: one per table of the config file.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::breaker::BreakerConfig;
+
+/// Everything the worker reads from its config files and environment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// `[broker]`: where RabbitMQ is and how to reach it.
+    pub broker: BrokerSettings,
+    /// `[worker]`: process-wide behaviour.
+    pub worker: WorkerSettings,
+    /// `[log]`: log format and level.
+    pub log: LogSettings,
+    /// `[breakers.NAME]`: one breaker per guarded dependency.
+    pub breakers: BTreeMap<String, BreakerConfig>,
+    /// `[[consumers]]`: one per queue.
+    pub consumers: Vec<ConsumerSettings>,
+}
+
+/// `[broker]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSettings {
+    /// AMQP URI, e.g. `amqp://user:password@host:5672/%2f` (`amqps://` for TLS).
+    pub url: String,
+    /// Connection name shown in the management UI and `rabbitmqctl list_connections`;
+    /// `/consume` and `/publish` are appended for the worker's two connections.
+    pub connection_name: String,
+    /// How long to keep trying to reach the broker at startup before giving up.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// `[broker.reconnect]`: backoff between connection attempts.
+    pub reconnect: ReconnectSettings,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            connection_name: "rabbit-guard".to_owned(),
+            startup_timeout: Duration::from_secs(30),
+            reconnect: ReconnectSettings::default(),
+        }
+    }
+}
+
+/// `[broker.reconnect]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconnectSettings {
+    /// First delay between attempts; doubles (with jitter) each attempt.
+    #[serde(with = "humantime_serde")]
+    pub initial_delay: Duration,
+    /// Longest delay between attempts.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Give up after this many failed attempts in a row; unset: never give up.
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for ReconnectSettings {
+    fn default() -> Self {
+        Self {
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+            max_attempts: None,
+        }
+    }
+}
+
+/// `[worker]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// On SIGTERM/SIGINT, how long running handlers may take to finish before
+    /// their messages are requeued.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` (default) or `json` (one object per line).
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter, e.g. `info` or `info,rabbit_guard=debug`.
+    /// The `RUST_LOG` environment variable, when set, wins.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// What happens to prefetched messages that had not started when the breaker opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnPause {
+    /// Return them to the queue (`basic.nack` with requeue). Not an attempt.
+    #[default]
+    Requeue,
+    /// Send them to the dead-letter queue with reason `paused`.
+    DeadLetter,
+}
+
+/// RabbitMQ queue type for the work queue and the queues declared beside it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueType {
+    /// Classic queue.
+    #[default]
+    Classic,
+    /// Quorum queue (replicated; rejects global QoS).
+    Quorum,
+}
+
+/// `[[consumers]]`: one queue, its handler and the breaker guarding it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerSettings {
+    /// The work queue to consume.
+    pub queue: String,
+    /// Name of the breaker (a key of `[breakers]`) guarding the handler's dependency.
+    pub breaker: String,
+    /// Handler kind: `http`, `noop`, or a name registered from Rust.
+    pub handler: String,
+    /// Unacknowledged messages the broker may push to this consumer (1-65535).
+    pub prefetch: u16,
+    /// Handlers running at once. At most `prefetch`.
+    pub concurrency: u16,
+    /// What to do with prefetched messages when the breaker opens.
+    pub on_pause: OnPause,
+    /// Type of the work queue, its dead-letter queue and its delay queues.
+    pub queue_type: QueueType,
+    /// Declare the queues and exchange at startup (idempotent). When false,
+    /// they must already exist.
+    pub declare: bool,
+    /// Dead-letter exchange; default `{queue}.dlx`.
+    pub dead_letter_exchange: Option<String>,
+    /// Dead-letter queue; default `{queue}.dlq`.
+    pub dead_letter_queue: Option<String>,
+    /// `retry`: delays between attempts after transient failures.
+    pub retry: RetrySettings,
+    /// `http`: settings of the built-in `http` handler.
+    pub http: Option<HttpSettings>,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            queue: String::new(),
+            breaker: String::new(),
+            handler: String::new(),
+            prefetch: 50,
+            concurrency: 8,
+            on_pause: OnPause::Requeue,
+            queue_type: QueueType::Classic,
+            declare: true,
+            dead_letter_exchange: None,
+            dead_letter_queue: None,
+            retry: RetrySettings::default(),
+            http: None,
+        }
+    }
+}
+
+impl ConsumerSettings {
+    /// The dead-letter exchange name.
+    #[must_use]
+    pub fn dead_letter_exchange(&self) -> String {
+        self.dead_letter_exchange
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlx", self.queue))
+    }
+
+    /// The dead-letter queue name.
+    #[must_use]
+    pub fn dead_letter_queue(&self) -> String {
+        self.dead_letter_queue
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.queue))
+    }
+
+    /// The name of the delay queue for `delay`: `{queue}.delay.{delay}`, so a
+    /// changed delay gets a new queue instead of clashing with the old TTL.
+    #[must_use]
+    pub fn delay_queue(&self, delay: Duration) -> String {
+        format!("{}.delay.{}", self.queue, compact_duration(delay))
+    }
+}
+
+/// `5s`, `1m`, `1500ms`: the shortest exact spelling, safe in a queue name.
+#[must_use]
+pub fn compact_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1_000 == 0 {
+        format!("{}s", ms / 1_000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// `retry` under a consumer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    /// One delay queue per entry: after the n-th transient failure the message
+    /// waits `delays[n-1]`, then comes back. After the last, it is dead-lettered
+    /// with reason `retries-exhausted`. Empty: no retries.
+    #[serde(with = "duration_list")]
+    pub delays: Vec<Duration>,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            delays: vec![
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+                Duration::from_secs(120),
+            ],
+        }
+    }
+}
+
+/// `http` under a consumer: where the built-in `http` handler sends messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// The endpoint that receives each message body.
+    pub url: String,
+    /// HTTP method; default `POST`.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_method() -> String {
+    "POST".to_owned()
+}
+
+/// `["1s", "5s"]` as a `Vec<Duration>`.
+mod duration_list {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+
+    pub(super) fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for d in v {
+            seq.serialize_element(&humantime::format_duration(*d).to_string())?;
+        }
+        seq.end()
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        Vec::<humantime_serde::Serde<Duration>>::deserialize(d)
+            .map(|v| v.into_iter().map(humantime_serde::Serde::into_inner).collect())
+    }
+}

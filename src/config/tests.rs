@@ -1,0 +1,324 @@
+//! Loading and validation tests, on files in a temporary directory and a
+//! hand-built environment (the process environment is never touched).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[breakers.dep]
+
+[[consumers]]
+queue = "q"
+breaker = "dep"
+handler = "noop"
+"#;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn sources(file: PathBuf) -> Sources {
+    Sources {
+        file: Some(file),
+        run_mode: None,
+        env: Vec::new(),
+    }
+}
+
+fn with_env(file: PathBuf, env: &[(&str, &str)]) -> Sources {
+    Sources {
+        env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        ..sources(file)
+    }
+}
+
+fn problems_of(text: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "c.toml", text);
+    match load(&sources(file), &[]) {
+        Err(ConfigError::Invalid(problems)) => problems.iter().map(ToString::to_string).collect(),
+        other => panic!("expected validation problems, got {other:?}"),
+    }
+}
+
+fn assert_problem(text: &str, key: &str, value_and_words: &[&str]) {
+    let problems = problems_of(text);
+    let hit = problems
+        .iter()
+        .find(|p| p.starts_with(key) && value_and_words.iter().all(|w| p.contains(w)));
+    assert!(
+        hit.is_some(),
+        "expected a problem at {key} mentioning {value_and_words:?}, got {problems:#?}"
+    );
+}
+
+#[test]
+fn the_readme_example_loads_as_written() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+    let s = load(&sources(path), &[]).expect("config/example.toml must load");
+    let b = &s.breakers["billing-api"];
+    assert_eq!(b.failure_rate, 0.5);
+    assert_eq!(b.minimum_calls, 10);
+    assert_eq!(b.window, Duration::from_secs(10));
+    assert_eq!(b.call_timeout, Duration::from_secs(3));
+    assert_eq!(b.max_open_timeout, Duration::from_secs(60));
+    assert_eq!(b.consecutive_failures, Some(20));
+    let c = &s.consumers[0];
+    assert_eq!((c.prefetch, c.concurrency), (50, 8));
+    assert_eq!(c.on_pause, OnPause::Requeue);
+    assert_eq!(c.retry.delays, [Duration::from_secs(1), Duration::from_secs(5)]);
+    assert_eq!(c.http.as_ref().unwrap().url, "http://127.0.0.1:8080/orders");
+}
+
+#[test]
+fn shipped_default_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_FILE);
+    load(&sources(path), &[]).expect("config/default.toml must load and validate");
+}
+
+#[test]
+fn each_env_override_form_really_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "c.toml", MINIMAL);
+    let s = load(
+        &with_env(
+            file,
+            &[
+                ("RABBIT_GUARD__BROKER__URL", "amqp://u:p@10.0.0.1:5672/%2fx"),
+                ("RABBIT_GUARD__BROKER__RECONNECT__MAX_ATTEMPTS", "7"),
+                ("RABBIT_GUARD__LOG__FORMAT", "json"),
+                ("RABBIT_GUARD__BREAKERS__DEP__FAILURE_RATE", "0.25"),
+                ("RABBIT_GUARD__BREAKERS__DEP__WINDOW", "30s"),
+                ("RABBIT_GUARD__CONSUMERS__0__PREFETCH", "100"),
+                ("RABBIT_GUARD__CONSUMERS__0__RETRY__DELAYS", r#"["2s", "1m"]"#),
+                ("RABBIT_GUARD__CONSUMERS__0__ON_PAUSE", "dead-letter"),
+                ("UNRELATED", "x"),
+            ],
+        ),
+        &[],
+    )
+    .expect("overrides should load");
+    assert_eq!(s.broker.url, "amqp://u:p@10.0.0.1:5672/%2fx");
+    assert_eq!(s.broker.reconnect.max_attempts, Some(7));
+    assert_eq!(s.log.format, LogFormat::Json);
+    assert_eq!(s.breakers["dep"].failure_rate, 0.25);
+    assert_eq!(s.breakers["dep"].window, Duration::from_secs(30));
+    assert_eq!(s.consumers.len(), 1, "an indexed override must not add consumers");
+    assert_eq!(s.consumers[0].queue, "q", "other keys of the overridden consumer stay");
+    assert_eq!(s.consumers[0].prefetch, 100);
+    assert_eq!(
+        s.consumers[0].retry.delays,
+        [Duration::from_secs(2), Duration::from_secs(60)]
+    );
+    assert_eq!(s.consumers[0].on_pause, OnPause::DeadLetter);
+}
+
+#[test]
+fn env_override_of_a_dashed_breaker_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "c.toml",
+        &MINIMAL.replace("[breakers.dep]", "[breakers.billing-api]").replace("\"dep\"", "\"billing-api\""),
+    );
+    let s = load(
+        &with_env(file, &[("RABBIT_GUARD__BREAKERS__billing-api__MINIMUM_CALLS", "3")]),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(s.breakers["billing-api"].minimum_calls, 3);
+}
+
+#[test]
+fn mistyped_env_key_is_an_error_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "c.toml", MINIMAL);
+    let err = load(&with_env(file, &[("RABBIT_GUARD__BROKER__URLL", "amqp://x")]), &[])
+        .expect_err("a mistyped key must not be ignored");
+    let msg = err.to_string();
+    assert!(msg.contains("urll"), "error should name the unknown key: {msg}");
+}
+
+#[test]
+fn run_mode_and_local_files_layer_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "default.toml", MINIMAL);
+    write(dir.path(), "production.toml", "[breakers.dep]\nminimum_calls = 50\nwindow = \"1m\"\n");
+    write(dir.path(), "local.toml", "[breakers.dep]\nminimum_calls = 5\n");
+    let s = load(
+        &Sources {
+            run_mode: Some("production".into()),
+            ..sources(file.clone())
+        },
+        &[],
+    )
+    .unwrap();
+    assert_eq!(s.breakers["dep"].window, Duration::from_secs(60), "RUN_MODE file applies");
+    assert_eq!(s.breakers["dep"].minimum_calls, 5, "local.toml wins over RUN_MODE");
+    let s = load(
+        &Sources {
+            run_mode: Some("production".into()),
+            ..with_env(file, &[("RABBIT_GUARD__BREAKERS__DEP__MINIMUM_CALLS", "9")])
+        },
+        &[],
+    )
+    .unwrap();
+    assert_eq!(s.breakers["dep"].minimum_calls, 9, "environment wins over files");
+}
+
+#[test]
+fn missing_file_and_bad_toml_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    let msg = load(&sources(missing), &[]).unwrap_err().to_string();
+    assert!(msg.contains("nope.toml") && msg.contains("not found"), "{msg}");
+    let bad = write(dir.path(), "bad.toml", "[broker\nurl = 1");
+    let msg = load(&sources(bad), &[]).unwrap_err().to_string();
+    assert!(msg.contains("bad.toml") && msg.contains("TOML"), "{msg}");
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "c.toml", &format!("{MINIMAL}\nprefech = 5\n"));
+    let msg = load(&sources(file), &[]).unwrap_err().to_string();
+    assert!(msg.contains("prefech"), "{msg}");
+    let file = write(dir.path(), "d.toml", &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nfailure_rat = 0.5"));
+    let msg = load(&sources(file), &[]).unwrap_err().to_string();
+    assert!(msg.contains("failure_rat"), "{msg}");
+}
+
+#[test]
+fn wrong_types_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "c.toml", &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nwindow = \"ten seconds\""));
+    let msg = load(&sources(file), &[]).unwrap_err().to_string();
+    assert!(msg.contains("window"), "{msg}");
+    let file = write(dir.path(), "d.toml", &format!("{MINIMAL}prefetch = -1\n"));
+    let msg = load(&sources(file), &[]).unwrap_err().to_string();
+    assert!(msg.contains("prefetch"), "{msg}");
+}
+
+#[test]
+fn negative_duration_is_rejected_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "c.toml", &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nopen_timeout = \"-5s\""));
+    let msg = load(&sources(file), &[]).unwrap_err().to_string();
+    assert!(msg.contains("open_timeout"), "{msg}");
+}
+
+#[test]
+fn unknown_breaker_is_named_with_the_known_ones() {
+    assert_problem(
+        &MINIMAL.replace("breaker = \"dep\"", "breaker = \"billing\""),
+        "consumers[0].breaker",
+        &["\"billing\"", "unknown breaker", "dep"],
+    );
+}
+
+#[test]
+fn prefetch_below_concurrency() {
+    assert_problem(
+        &format!("{MINIMAL}prefetch = 4\nconcurrency = 8\n"),
+        "consumers[0].prefetch",
+        &["= 4", "concurrency (8)"],
+    );
+}
+
+#[test]
+fn zero_prefetch_and_concurrency() {
+    assert_problem(&format!("{MINIMAL}prefetch = 0\n"), "consumers[0].prefetch", &["= 0", "unlimited"]);
+    assert_problem(&format!("{MINIMAL}concurrency = 0\n"), "consumers[0].concurrency", &["= 0"]);
+}
+
+#[test]
+fn zero_probes() {
+    assert_problem(
+        &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nhalf_open_probes = 0"),
+        "breakers.dep.half_open_probes",
+        &["= 0", "at least 1"],
+    );
+}
+
+#[test]
+fn zero_durations() {
+    for key in ["window", "call_timeout", "open_timeout", "slow_call_duration"] {
+        assert_problem(
+            &MINIMAL.replace("[breakers.dep]", &format!("[breakers.dep]\n{key} = \"0s\"")),
+            &format!("breakers.dep.{key}"),
+            &["\"0s\"", "greater than zero"],
+        );
+    }
+    assert_problem(
+        &format!("{MINIMAL}retry.delays = [\"1s\", \"0s\"]\n"),
+        "consumers[0].retry.delays[1]",
+        &["\"0s\""],
+    );
+}
+
+#[test]
+fn rates_out_of_range() {
+    assert_problem(
+        &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nfailure_rate = 1.5"),
+        "breakers.dep.failure_rate",
+        &["= 1.5"],
+    );
+    assert_problem(
+        &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nfailure_rate = 0"),
+        "breakers.dep.failure_rate",
+        &["= 0"],
+    );
+}
+
+#[test]
+fn unknown_handler_kind() {
+    assert_problem(
+        &MINIMAL.replace("handler = \"noop\"", "handler = \"htp\""),
+        "consumers[0].handler",
+        &["\"htp\"", "http, noop"],
+    );
+    // A handler registered from Rust is known.
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "c.toml", &MINIMAL.replace("handler = \"noop\"", "handler = \"orders\""));
+    load(&sources(file), &["orders"]).expect("registered handler name is valid");
+}
+
+#[test]
+fn http_handler_needs_a_url() {
+    assert_problem(
+        &MINIMAL.replace("handler = \"noop\"", "handler = \"http\""),
+        "consumers[0].http.url",
+        &["must be set"],
+    );
+    assert_problem(
+        &MINIMAL.replace("handler = \"noop\"", "handler = \"http\"\nhttp.url = \"ftp://x/\""),
+        "consumers[0].http.url",
+        &["\"ftp://x/\"", "http://"],
+    );
+}
+
+#[test]
+fn no_consumers_and_duplicate_queues() {
+    assert_problem("[breakers.dep]\n", "consumers", &["no consumers"]);
+    assert_problem(&format!("{MINIMAL}\n{}", &MINIMAL.replace("[breakers.dep]", "")), "consumers[1].queue", &["\"q\"", "already"]);
+}
+
+#[test]
+fn bad_broker_url_is_masked_in_the_error() {
+    let problems = problems_of(&format!("[broker]\nurl = \"http://u:hunter2@h/\"\n{MINIMAL}"));
+    let joined = problems.join("\n");
+    assert!(joined.contains("broker.url"), "{joined}");
+    assert!(!joined.contains("hunter2"), "password leaked: {joined}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let problems = problems_of(
+        "[breakers.dep]\nhalf_open_probes = 0\nwindow = \"0s\"\n[[consumers]]\nqueue = \"q\"\nbreaker = \"nope\"\nhandler = \"x\"\nprefetch = 0\n",
+    );
+    assert!(problems.len() >= 5, "expected all five problems, got {problems:#?}");
+}

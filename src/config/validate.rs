@@ -1,0 +1,227 @@
+//! Validation after loading: every problem, each with its key and value.
+
+use std::collections::BTreeSet;
+
+use super::error::{ConfigError, Problem};
+use super::settings::Settings;
+use crate::secret::mask_url;
+
+/// Handler kinds built into the binary.
+pub const BUILTIN_HANDLERS: &[&str] = &["http", "noop"];
+
+fn problem(key: impl Into<String>, value: Option<String>, message: impl Into<String>) -> Problem {
+    Problem {
+        key: key.into(),
+        value,
+        message: message.into(),
+    }
+}
+
+fn quoted(s: &str) -> Option<String> {
+    Some(format!("{s:?}"))
+}
+
+impl Settings {
+    /// Checks everything that deserializing cannot: ranges, references
+    /// between tables, handler names (built-ins plus `extra_handlers`).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] listing every problem found.
+    pub fn validate(&self, extra_handlers: &[&str]) -> Result<(), ConfigError> {
+        let problems = self.problems(extra_handlers);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Every problem with these settings (empty when valid).
+    #[must_use]
+    pub fn problems(&self, extra_handlers: &[&str]) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let b = &self.broker;
+        if let Err(e) = b.url.parse::<lapin::uri::AMQPUri>() {
+            out.push(problem(
+                "broker.url",
+                quoted(&mask_url(&b.url)),
+                format!("not an AMQP URI ({e}); expected amqp://user:password@host:5672/vhost"),
+            ));
+        }
+        for (key, d) in [
+            ("broker.reconnect.initial_delay", b.reconnect.initial_delay),
+            ("broker.reconnect.max_delay", b.reconnect.max_delay),
+        ] {
+            if d.is_zero() {
+                out.push(problem(key, quoted("0s"), "must be greater than zero"));
+            }
+        }
+        if b.reconnect.max_delay < b.reconnect.initial_delay {
+            out.push(problem(
+                "broker.reconnect.max_delay",
+                quoted(&humantime::format_duration(b.reconnect.max_delay).to_string()),
+                "must be at least broker.reconnect.initial_delay",
+            ));
+        }
+        if b.reconnect.max_attempts == Some(0) {
+            out.push(problem(
+                "broker.reconnect.max_attempts",
+                Some("0".into()),
+                "must be at least 1 (leave it out to retry forever)",
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            out.push(problem(
+                "log.level",
+                quoted(&self.log.level),
+                format!("not a log filter ({e}); e.g. \"info\" or \"info,rabbit_guard=debug\""),
+            ));
+        }
+        for (name, cfg) in &self.breakers {
+            for (key, message) in cfg.problems() {
+                let value = breaker_value(cfg, key);
+                out.push(problem(format!("breakers.{name}.{key}"), value, message));
+            }
+        }
+        if self.consumers.is_empty() {
+            out.push(problem(
+                "consumers",
+                None,
+                "no consumers configured: add a [[consumers]] table with queue, breaker and handler",
+            ));
+        }
+        let mut queues = BTreeSet::new();
+        let known_breakers = self.breakers.keys().cloned().collect::<Vec<_>>().join(", ");
+        for (i, c) in self.consumers.iter().enumerate() {
+            let key = |k: &str| format!("consumers[{i}].{k}");
+            if c.queue.trim().is_empty() {
+                out.push(problem(key("queue"), None, "must be set to the queue to consume"));
+            } else if !queues.insert(c.queue.clone()) {
+                out.push(problem(
+                    key("queue"),
+                    quoted(&c.queue),
+                    "this queue already has a consumer above; one consumer per queue",
+                ));
+            }
+            if c.breaker.is_empty() {
+                out.push(problem(
+                    key("breaker"),
+                    None,
+                    "must name a breaker from [breakers.NAME]",
+                ));
+            } else if !self.breakers.contains_key(&c.breaker) {
+                let hint = if known_breakers.is_empty() {
+                    "no breakers are defined: add [breakers.NAME]".to_owned()
+                } else {
+                    format!("defined breakers: {known_breakers}")
+                };
+                out.push(problem(
+                    key("breaker"),
+                    quoted(&c.breaker),
+                    format!("unknown breaker; {hint}"),
+                ));
+            }
+            let handler_known = BUILTIN_HANDLERS.contains(&c.handler.as_str())
+                || extra_handlers.contains(&c.handler.as_str());
+            if !handler_known {
+                let mut all: Vec<&str> = BUILTIN_HANDLERS.to_vec();
+                all.extend(extra_handlers);
+                out.push(problem(
+                    key("handler"),
+                    quoted(&c.handler),
+                    format!(
+                        "unknown handler kind; known: {} (custom handlers are registered from Rust with WorkerBuilder::handler)",
+                        all.join(", ")
+                    ),
+                ));
+            }
+            if c.prefetch == 0 {
+                out.push(problem(
+                    key("prefetch"),
+                    Some("0".into()),
+                    "must be at least 1 (0 means unlimited to RabbitMQ, which cannot be paused)",
+                ));
+            }
+            if c.concurrency == 0 {
+                out.push(problem(key("concurrency"), Some("0".into()), "must be at least 1"));
+            } else if c.prefetch != 0 && c.prefetch < c.concurrency {
+                out.push(problem(
+                    key("prefetch"),
+                    Some(c.prefetch.to_string()),
+                    format!(
+                        "must be at least concurrency ({}), or handlers sit idle waiting for messages",
+                        c.concurrency
+                    ),
+                ));
+            }
+            for (j, d) in c.retry.delays.iter().enumerate() {
+                if d.is_zero() {
+                    out.push(problem(
+                        format!("consumers[{i}].retry.delays[{j}]"),
+                        quoted("0s"),
+                        "must be greater than zero",
+                    ));
+                }
+            }
+            if c.handler == "http" {
+                match &c.http {
+                    None => out.push(problem(
+                        key("http.url"),
+                        None,
+                        "must be set for handler = \"http\"",
+                    )),
+                    Some(h) => {
+                        match url::Url::parse(&h.url) {
+                            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                            Ok(_) => out.push(problem(
+                                key("http.url"),
+                                quoted(&mask_url(&h.url)),
+                                "must be an http:// or https:// URL",
+                            )),
+                            Err(e) => out.push(problem(
+                                key("http.url"),
+                                quoted(&mask_url(&h.url)),
+                                format!("not a URL ({e})"),
+                            )),
+                        }
+                        if reqwest::Method::from_bytes(h.method.as_bytes()).is_err() {
+                            out.push(problem(
+                                key("http.method"),
+                                quoted(&h.method),
+                                "not an HTTP method",
+                            ));
+                        }
+                    }
+                }
+            }
+            for (k, name) in [
+                ("dead_letter_exchange", &c.dead_letter_exchange),
+                ("dead_letter_queue", &c.dead_letter_queue),
+            ] {
+                if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+                    out.push(problem(key(k), quoted(""), "must not be empty (leave it out for the default)"));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn breaker_value(cfg: &crate::breaker::BreakerConfig, key: &str) -> Option<String> {
+    let fmt = |d: std::time::Duration| Some(format!("{:?}", humantime::format_duration(d).to_string()));
+    match key {
+        "failure_rate" => Some(cfg.failure_rate.to_string()),
+        "slow_call_rate" => Some(cfg.slow_call_rate.to_string()),
+        "minimum_calls" => Some(cfg.minimum_calls.to_string()),
+        "window_buckets" => Some(cfg.window_buckets.to_string()),
+        "half_open_probes" => Some(cfg.half_open_probes.to_string()),
+        "consecutive_failures" => cfg.consecutive_failures.map(|n| n.to_string()),
+        "window" => fmt(cfg.window),
+        "slow_call_duration" => fmt(cfg.slow_call_duration),
+        "call_timeout" => fmt(cfg.call_timeout),
+        "open_timeout" => fmt(cfg.open_timeout),
+        "max_open_timeout" => fmt(cfg.max_open_timeout),
+        _ => None,
+    }
+}

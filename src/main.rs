@@ -1,0 +1,2 @@
+//! The `rabbit-guard` binary.
+fn main() {}
