@@ -1,6 +1,72 @@
-//! rabbit-guard: a RabbitMQ consumer runtime guarded by circuit breakers.
+//! # rabbit-guard
+//!
+//! A RabbitMQ consumer runtime that keeps a failing dependency from turning a
+//! queue into a dead-letter pile. Each consumer's handler is guarded by a
+//! circuit [`breaker`]; when the dependency fails, the breaker opens and the
+//! consumer **stops consuming at the broker** (`basic.cancel`), so messages
+//! wait in the queue. After the open time it takes only as many messages as
+//! there are probes (`basic.qos`), and when they succeed it resumes at full
+//! speed.
+//!
+//! ```no_run
+//! use rabbit_guard::config::{Sources, load};
+//! use rabbit_guard::handler::{Context, Handler, HandlerError, Json, ResultExt};
+//! use rabbit_guard::Worker;
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct Order { id: u64 }
+//!
+//! struct Orders { client: reqwest::Client }
+//!
+//! impl Handler for Orders {
+//!     type Message = Json<Order>;
+//!
+//!     async fn handle(&self, Json(order): Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
+//!         self.client
+//!             .post(format!("http://127.0.0.1:8080/orders/{}", order.id))
+//!             .send()
+//!             .await
+//!             .and_then(|r| r.error_for_status())
+//!             .transient()?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     // config/default.toml names `handler = "orders"` for a consumer.
+//!     let settings = load(&Sources::from_env(None), &["orders"])?;
+//!     Worker::builder(settings)
+//!         .handler("orders", Orders { client: reqwest::Client::new() })
+//!         .run()
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The parts, one module each: [`breaker`] (the pure state machine),
+//! [`handler`] (the trait users implement), [`handlers`] (built-in `http` and
+//! `noop`), [`consumer`] (one queue's loop), [`topology`] (queues and
+//! exchanges), [`worker`] (wiring and shutdown), [`config`] (layered settings),
+//! [`dead_letter`] (reasons and headers), [`cli`] (the `rabbit-guard` binary).
 #![forbid(unsafe_code)]
 
 pub mod breaker;
+pub mod cli;
 pub mod config;
+mod connection;
+pub mod consumer;
+pub mod dead_letter;
+mod error;
+pub mod handler;
+pub mod handlers;
+mod publish;
 pub mod secret;
+pub mod signal;
+pub mod telemetry;
+pub mod topology;
+pub mod worker;
+
+pub use error::Error;
+pub use worker::{Worker, WorkerBuilder};

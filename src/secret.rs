@@ -36,9 +36,15 @@ mod tests {
             mask_url("amqp://guest:s3cr%40t@127.0.0.1:5672/%2f"),
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
-        assert_eq!(mask_url("amqp://127.0.0.1:5672/%2f"), "amqp://127.0.0.1:5672/%2f");
+        assert_eq!(
+            mask_url("amqp://127.0.0.1:5672/%2f"),
+            "amqp://127.0.0.1:5672/%2f"
+        );
         assert_eq!(mask_url("amqp://user@host/"), "amqp://user@host/");
-        assert_eq!(mask_url("amqps://u:p@h/v?heartbeat=10"), "amqps://u:***@h/v?heartbeat=10");
+        assert_eq!(
+            mask_url("amqps://u:p@h/v?heartbeat=10"),
+            "amqps://u:***@h/v?heartbeat=10"
+        );
         assert_eq!(mask_url("not a url"), "not a url");
     }
 }

@@ -179,9 +179,10 @@ impl Breaker {
             self.inner.successes.fetch_add(1, Ordering::AcqRel);
         }
         let mut guard = self.lock();
-        let transition = guard
-            .machine
-            .record(kind, outcome, now.saturating_duration_since(started), now);
+        let transition =
+            guard
+                .machine
+                .record(kind, outcome, now.saturating_duration_since(started), now);
         self.publish(&mut guard, transition);
         let state = guard.machine.state();
         drop(guard);
@@ -228,7 +229,10 @@ impl Breaker {
         }
     }
 
-    fn manual(&self, f: impl FnOnce(&mut StateMachine, Instant) -> Option<Transition>) -> BreakerState {
+    fn manual(
+        &self,
+        f: impl FnOnce(&mut StateMachine, Instant) -> Option<Transition>,
+    ) -> BreakerState {
         let now = Instant::now();
         let mut guard = self.lock();
         let transition = f(&mut guard.machine, now);

@@ -153,6 +153,9 @@ pub struct StateMachine {
     state: BreakerState,
     window: Window,
     consecutive_failures: u32,
+    /// When the latest failed call started. A success of a call that started
+    /// before it is older news and does not end the failure streak.
+    last_failure_started: Option<Instant>,
     /// Open times for failed trials after the first trip; reset on close.
     backoff: backon::ExponentialBackoff,
     /// How long the breaker is staying open this time.
@@ -175,6 +178,7 @@ impl StateMachine {
             state: BreakerState::Closed,
             window,
             consecutive_failures: 0,
+            last_failure_started: None,
             backoff,
             trial: 0,
             probes_issued: 0,
@@ -285,13 +289,34 @@ impl StateMachine {
             outcome
         };
         let slow = elapsed > self.config.slow_call_duration;
+        let started = now.checked_sub(elapsed).unwrap_or(now);
+        match outcome {
+            CallOutcome::Failure => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                self.last_failure_started = Some(
+                    self.last_failure_started
+                        .map_or(started, |last| last.max(started)),
+                );
+            }
+            CallOutcome::Success => {
+                if self.last_failure_started.is_none_or(|last| started >= last) {
+                    self.consecutive_failures = 0;
+                }
+            }
+            CallOutcome::Ignored => {}
+        }
         match kind {
             PermitKind::Normal => self.record_normal(outcome, slow, now),
             PermitKind::Probe { trial } => self.record_probe(trial, outcome, slow, now),
         }
     }
 
-    fn record_normal(&mut self, outcome: CallOutcome, slow: bool, now: Instant) -> Option<Transition> {
+    fn record_normal(
+        &mut self,
+        outcome: CallOutcome,
+        slow: bool,
+        now: Instant,
+    ) -> Option<Transition> {
         let failed = match outcome {
             CallOutcome::Ignored => return None,
             CallOutcome::Success => false,
@@ -303,11 +328,6 @@ impl StateMachine {
         // Calls admitted while closed may finish after the breaker opened; they
         // still count in the window, but only a closed breaker can trip.
         self.window.record(now, failed, slow);
-        if failed {
-            self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        } else {
-            self.consecutive_failures = 0;
-        }
         if self.state != BreakerState::Closed {
             return None;
         }
@@ -357,12 +377,10 @@ impl StateMachine {
                 None
             }
             CallOutcome::Failure => {
-                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
                 self.current_open_time = self.next_open_time();
                 Some(self.open(TransitionReason::ProbeFailed, now))
             }
             CallOutcome::Success => {
-                self.consecutive_failures = 0;
                 self.probes_succeeded += 1;
                 self.probes_slow += u32::from(slow);
                 if self.probes_succeeded < self.config.half_open_probes {
@@ -394,6 +412,7 @@ impl StateMachine {
     fn close(&mut self, reason: TransitionReason, now: Instant) -> Transition {
         self.window.clear();
         self.consecutive_failures = 0;
+        self.last_failure_started = None;
         self.backoff = Self::backoff(&self.config);
         self.current_open_time = self.config.open_timeout;
         self.go(BreakerState::Closed, reason, now)

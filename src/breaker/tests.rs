@@ -48,14 +48,23 @@ fn does_not_trip_before_minimum_calls_then_trips_at_threshold() {
     let now = Instant::now();
     let mut m = StateMachine::new(config(), now);
     for i in 1..10 {
-        assert_eq!(call(&mut m, now, CallOutcome::Failure), None, "tripped after {i} calls");
+        assert_eq!(
+            call(&mut m, now, CallOutcome::Failure),
+            None,
+            "tripped after {i} calls"
+        );
     }
     assert_eq!(m.state(), BreakerState::Closed);
     let t = call(&mut m, now, CallOutcome::Failure).expect("10th failure should trip");
     assert_eq!(t.reason, TransitionReason::FailureRate);
     assert_eq!(t.counts.calls, 10);
     assert_eq!(t.counts.failures, 10);
-    assert_eq!(t.to, BreakerState::Open { until: now + Duration::from_secs(1) });
+    assert_eq!(
+        t.to,
+        BreakerState::Open {
+            until: now + Duration::from_secs(1)
+        }
+    );
 }
 
 #[test]
@@ -69,7 +78,11 @@ fn trips_at_exactly_the_failure_rate_not_below() {
     for _ in 0..4 {
         assert_eq!(call(&mut m, now, CallOutcome::Failure), None);
     }
-    assert_eq!(m.state(), BreakerState::Closed, "40% must not trip a 50% breaker");
+    assert_eq!(
+        m.state(),
+        BreakerState::Closed,
+        "40% must not trip a 50% breaker"
+    );
     // One more failure: 5 of 11 = 45%, still closed; then 6 of 12 = 50% trips.
     assert_eq!(call(&mut m, now, CallOutcome::Failure), None);
     let t = call(&mut m, now, CallOutcome::Failure).expect("50% should trip");
@@ -87,7 +100,10 @@ fn failures_roll_out_of_the_window() {
     let later = start + Duration::from_millis(10_500);
     assert_eq!(call(&mut m, later, CallOutcome::Failure), None);
     let counts = m.counts(later);
-    assert_eq!(counts.calls, 1, "old calls should have rolled out: {counts:?}");
+    assert_eq!(
+        counts.calls, 1,
+        "old calls should have rolled out: {counts:?}"
+    );
     assert_eq!(m.state(), BreakerState::Closed);
     // Half-way through the window, the old ones still count.
     let mut m = StateMachine::new(config(), start);
@@ -95,7 +111,10 @@ fn failures_roll_out_of_the_window() {
         call(&mut m, start, CallOutcome::Failure);
     }
     let mid = start + Duration::from_secs(5);
-    assert!(call(&mut m, mid, CallOutcome::Failure).is_some(), "9 + 1 within the window trips");
+    assert!(
+        call(&mut m, mid, CallOutcome::Failure).is_some(),
+        "9 + 1 within the window trips"
+    );
 }
 
 #[test]
@@ -124,9 +143,16 @@ fn slow_calls_trip_when_enabled_and_never_at_rate_one() {
     let mut m = StateMachine::new(config(), now);
     for _ in 0..50 {
         let (kind, _) = m.try_acquire(now);
-        assert_eq!(m.record(kind.unwrap(), CallOutcome::Success, slow, now), None);
+        assert_eq!(
+            m.record(kind.unwrap(), CallOutcome::Success, slow, now),
+            None
+        );
     }
-    assert_eq!(m.state(), BreakerState::Closed, "slow_call_rate = 1.0 must never trip");
+    assert_eq!(
+        m.state(),
+        BreakerState::Closed,
+        "slow_call_rate = 1.0 must never trip"
+    );
 }
 
 #[test]
@@ -135,11 +161,25 @@ fn a_success_slower_than_call_timeout_is_a_failure() {
     let mut m = StateMachine::new(config(), now);
     for _ in 0..9 {
         let (kind, _) = m.try_acquire(now);
-        m.record(kind.unwrap(), CallOutcome::Success, Duration::from_secs(4), now);
+        m.record(
+            kind.unwrap(),
+            CallOutcome::Success,
+            Duration::from_secs(4),
+            now,
+        );
     }
-    assert_eq!(m.counts(now).failures, 9, "calls over call_timeout (3s) count as failures");
+    assert_eq!(
+        m.counts(now).failures,
+        9,
+        "calls over call_timeout (3s) count as failures"
+    );
     let (kind, _) = m.try_acquire(now);
-    let t = m.record(kind.unwrap(), CallOutcome::Success, Duration::from_secs(4), now);
+    let t = m.record(
+        kind.unwrap(),
+        CallOutcome::Success,
+        Duration::from_secs(4),
+        now,
+    );
     assert_eq!(t.map(|t| t.reason), Some(TransitionReason::FailureRate));
 }
 
@@ -157,12 +197,20 @@ fn consecutive_failures_trip_however_many_successes_the_window_holds() {
         call(&mut m, now, CallOutcome::Success);
     }
     for i in 1..20 {
-        assert_eq!(call(&mut m, now, CallOutcome::Failure), None, "tripped after {i}");
+        assert_eq!(
+            call(&mut m, now, CallOutcome::Failure),
+            None,
+            "tripped after {i}"
+        );
     }
     let t = call(&mut m, now, CallOutcome::Failure).expect("20th failure in a row trips");
     assert_eq!(t.reason, TransitionReason::ConsecutiveFailures);
     assert_eq!(t.consecutive_failures, 20);
-    assert!(t.counts.failure_rate() < 0.05, "rate alone would not trip: {:?}", t.counts);
+    assert!(
+        t.counts.failure_rate() < 0.05,
+        "rate alone would not trip: {:?}",
+        t.counts
+    );
 }
 
 #[test]
@@ -182,6 +230,38 @@ fn a_success_resets_the_consecutive_run() {
         call(&mut m, now, CallOutcome::Success);
     }
     assert_eq!(m.state(), BreakerState::Closed);
+}
+
+#[test]
+fn a_success_that_started_before_the_latest_failure_does_not_end_the_streak() {
+    let start = Instant::now();
+    let mut m = StateMachine::new(
+        BreakerConfig {
+            consecutive_failures: Some(3),
+            minimum_calls: 1_000,
+            ..config()
+        },
+        start,
+    );
+    let now = start + Duration::from_secs(1);
+    let (slow_ok, _) = m.try_acquire(now);
+    let later = now + Duration::from_millis(100);
+    call(&mut m, later, CallOutcome::Failure);
+    call(&mut m, later, CallOutcome::Failure);
+    // The call started at `now`, before both failures started: old news.
+    m.record(
+        slow_ok.unwrap(),
+        CallOutcome::Success,
+        Duration::from_millis(150),
+        now + Duration::from_millis(150),
+    );
+    assert_eq!(
+        m.consecutive_failures(),
+        2,
+        "a stale success must not reset the streak"
+    );
+    let t = call(&mut m, later, CallOutcome::Failure).expect("third failure in a row trips");
+    assert_eq!(t.reason, TransitionReason::ConsecutiveFailures);
 }
 
 #[test]
@@ -212,13 +292,21 @@ fn half_open_admits_exactly_the_probes_and_closes_only_when_all_succeed() {
     m.poll(t1);
     let permits: Vec<_> = (0..5).map(|_| m.try_acquire(t1).0).collect();
     let admitted = permits.iter().filter(|p| p.is_ok()).count();
-    assert_eq!(admitted, 3, "half-open must admit exactly 3 probes: {permits:?}");
+    assert_eq!(
+        admitted, 3,
+        "half-open must admit exactly 3 probes: {permits:?}"
+    );
     assert_eq!(permits[3], Err(Rejected::ProbesTaken));
     let kind = permits[0].unwrap();
     assert_eq!(m.record(kind, CallOutcome::Success, FAST, t1), None);
     assert_eq!(m.record(kind, CallOutcome::Success, FAST, t1), None);
-    assert!(matches!(m.state(), BreakerState::HalfOpen { .. }), "2 of 3 is not enough");
-    let t = m.record(kind, CallOutcome::Success, FAST, t1).expect("3 of 3 closes");
+    assert!(
+        matches!(m.state(), BreakerState::HalfOpen { .. }),
+        "2 of 3 is not enough"
+    );
+    let t = m
+        .record(kind, CallOutcome::Success, FAST, t1)
+        .expect("3 of 3 closes");
     assert_eq!(t.reason, TransitionReason::ProbesSucceeded);
     assert_eq!(m.state(), BreakerState::Closed);
     assert_eq!(m.counts(t1).calls, 0, "closing clears the window");
@@ -240,7 +328,9 @@ fn one_failed_probe_reopens_even_after_other_successes() {
     let kind = kind.unwrap();
     m.record(kind, CallOutcome::Success, FAST, t1);
     m.record(kind, CallOutcome::Success, FAST, t1);
-    let t = m.record(kind, CallOutcome::Failure, FAST, t1).expect("failure reopens");
+    let t = m
+        .record(kind, CallOutcome::Failure, FAST, t1)
+        .expect("failure reopens");
     assert_eq!(t.reason, TransitionReason::ProbeFailed);
     assert!(matches!(t.to, BreakerState::Open { .. }));
 }
@@ -254,7 +344,10 @@ fn ignored_probe_frees_its_slot() {
     let (first, _) = m.try_acquire(t1);
     assert_eq!(m.try_acquire(t1).0, Err(Rejected::ProbesTaken));
     m.record(first.unwrap(), CallOutcome::Ignored, FAST, t1);
-    assert!(m.try_acquire(t1).0.is_ok(), "the ignored probe's slot is free again");
+    assert!(
+        m.try_acquire(t1).0.is_ok(),
+        "the ignored probe's slot is free again"
+    );
 }
 
 #[test]
@@ -276,7 +369,10 @@ fn stale_probe_of_an_earlier_trial_is_ignored() {
     let later = t1 + Duration::from_secs(10);
     m.poll(later);
     assert_eq!(m.state(), BreakerState::HalfOpen { trial: 2 });
-    assert_eq!(m.record(b.unwrap(), CallOutcome::Success, FAST, later), None);
+    assert_eq!(
+        m.record(b.unwrap(), CallOutcome::Success, FAST, later),
+        None
+    );
     assert_eq!(m.state(), BreakerState::HalfOpen { trial: 2 });
 }
 
@@ -292,7 +388,11 @@ fn each_failed_trial_opens_longer_up_to_the_cap_and_closing_resets_it() {
     let mut now = Instant::now();
     let mut m = StateMachine::new(config(), now);
     let first = trip(&mut m, now);
-    assert_eq!(open_time(&first), Duration::from_secs(1), "first open time is open_timeout");
+    assert_eq!(
+        open_time(&first),
+        Duration::from_secs(1),
+        "first open time is open_timeout"
+    );
     let mut previous = open_time(&first);
     let mut times = vec![previous];
     for _ in 0..6 {
@@ -304,18 +404,32 @@ fn each_failed_trial_opens_longer_up_to_the_cap_and_closing_resets_it() {
         let open = open_time(&t);
         times.push(open);
         assert!(open >= previous, "open time must not shrink: {times:?}");
-        assert!(open <= Duration::from_secs(5), "open time must be capped at 5s: {times:?}");
+        assert!(
+            open <= Duration::from_secs(5),
+            "open time must be capped at 5s: {times:?}"
+        );
         previous = open;
     }
-    assert!(times[1] >= Duration::from_secs(2), "second open time doubles: {times:?}");
-    assert_eq!(*times.last().unwrap(), Duration::from_secs(5), "reaches the cap: {times:?}");
+    assert!(
+        times[1] >= Duration::from_secs(2),
+        "second open time doubles: {times:?}"
+    );
+    assert_eq!(
+        *times.last().unwrap(),
+        Duration::from_secs(5),
+        "reaches the cap: {times:?}"
+    );
     // Probes succeed: closed, and the next trip starts over at open_timeout.
     now += previous;
     let (kind, _) = m.try_acquire(now);
     m.record(kind.unwrap(), CallOutcome::Success, FAST, now);
     assert_eq!(m.state(), BreakerState::Closed);
     let again = trip(&mut m, now);
-    assert_eq!(open_time(&again), Duration::from_secs(1), "closing resets the backoff");
+    assert_eq!(
+        open_time(&again),
+        Duration::from_secs(1),
+        "closing resets the backoff"
+    );
 }
 
 #[test]
@@ -359,7 +473,11 @@ async fn shared_breaker_timer_moves_open_to_half_open_on_time() {
         .await
         .unwrap();
     let waited = opened_at.elapsed();
-    assert_eq!(waited, Duration::from_secs(1), "half-open after exactly open_timeout");
+    assert_eq!(
+        waited,
+        Duration::from_secs(1),
+        "half-open after exactly open_timeout"
+    );
     let opened = transitions.recv().await.unwrap();
     assert_eq!(opened.reason, TransitionReason::FailureRate);
     let half = transitions.recv().await.unwrap();
@@ -462,6 +580,9 @@ async fn health_verdict_tells_outage_from_bad_message() {
     let at_start = ours.successes_at_start();
     ours.record(CallOutcome::Failure);
     let started = Instant::now();
-    assert_eq!(breaker.health_verdict(at_start, wait).await, HealthVerdict::Unknown);
+    assert_eq!(
+        breaker.health_verdict(at_start, wait).await,
+        HealthVerdict::Unknown
+    );
     assert_eq!(started.elapsed(), wait);
 }

@@ -101,11 +101,12 @@ pub fn load_unvalidated(sources: &Sources) -> Result<Settings, ConfigError> {
         let path = env_key_to_path(rest).ok_or_else(|| ConfigError::EnvKey {
             variable: key.clone(),
         })?;
-        builder = builder
-            .set_override(&path, env_value(value))
-            .map_err(|_| ConfigError::EnvKey {
-                variable: key.clone(),
-            })?;
+        builder =
+            builder
+                .set_override(&path, env_value(value))
+                .map_err(|_| ConfigError::EnvKey {
+                    variable: key.clone(),
+                })?;
     }
     let mut files = used
         .iter()
@@ -134,7 +135,11 @@ fn one_line(s: &str) -> String {
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
         out.push(c);
-        if c == ']' && chars.peek().is_some_and(|n| n.is_ascii_alphanumeric() || *n == '_') {
+        if c == ']'
+            && chars
+                .peek()
+                .is_some_and(|n| n.is_ascii_alphanumeric() || *n == '_')
+        {
             out.push('.');
         }
     }
@@ -210,7 +215,10 @@ mod tests {
 
     #[test]
     fn env_keys_map_to_paths() {
-        assert_eq!(env_key_to_path("BROKER__URL").as_deref(), Some("broker.url"));
+        assert_eq!(
+            env_key_to_path("BROKER__URL").as_deref(),
+            Some("broker.url")
+        );
         assert_eq!(
             env_key_to_path("CONSUMERS__0__RETRY__DELAYS").as_deref(),
             Some("consumers[0].retry.delays")

@@ -291,7 +291,10 @@ mod duration_list {
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
-        Vec::<humantime_serde::Serde<Duration>>::deserialize(d)
-            .map(|v| v.into_iter().map(humantime_serde::Serde::into_inner).collect())
+        Vec::<humantime_serde::Serde<Duration>>::deserialize(d).map(|v| {
+            v.into_iter()
+                .map(humantime_serde::Serde::into_inner)
+                .collect()
+        })
     }
 }

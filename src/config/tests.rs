@@ -31,7 +31,10 @@ fn sources(file: PathBuf) -> Sources {
 
 fn with_env(file: PathBuf, env: &[(&str, &str)]) -> Sources {
     Sources {
-        env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
         ..sources(file)
     }
 }
@@ -70,7 +73,10 @@ fn the_readme_example_loads_as_written() {
     let c = &s.consumers[0];
     assert_eq!((c.prefetch, c.concurrency), (50, 8));
     assert_eq!(c.on_pause, OnPause::Requeue);
-    assert_eq!(c.retry.delays, [Duration::from_secs(1), Duration::from_secs(5)]);
+    assert_eq!(
+        c.retry.delays,
+        [Duration::from_secs(1), Duration::from_secs(5)]
+    );
     assert_eq!(c.http.as_ref().unwrap().url, "http://127.0.0.1:8080/orders");
 }
 
@@ -94,7 +100,10 @@ fn each_env_override_form_really_overrides() {
                 ("RABBIT_GUARD__BREAKERS__DEP__FAILURE_RATE", "0.25"),
                 ("RABBIT_GUARD__BREAKERS__DEP__WINDOW", "30s"),
                 ("RABBIT_GUARD__CONSUMERS__0__PREFETCH", "100"),
-                ("RABBIT_GUARD__CONSUMERS__0__RETRY__DELAYS", r#"["2s", "1m"]"#),
+                (
+                    "RABBIT_GUARD__CONSUMERS__0__RETRY__DELAYS",
+                    r#"["2s", "1m"]"#,
+                ),
                 ("RABBIT_GUARD__CONSUMERS__0__ON_PAUSE", "dead-letter"),
                 ("UNRELATED", "x"),
             ],
@@ -107,8 +116,15 @@ fn each_env_override_form_really_overrides() {
     assert_eq!(s.log.format, LogFormat::Json);
     assert_eq!(s.breakers["dep"].failure_rate, 0.25);
     assert_eq!(s.breakers["dep"].window, Duration::from_secs(30));
-    assert_eq!(s.consumers.len(), 1, "an indexed override must not add consumers");
-    assert_eq!(s.consumers[0].queue, "q", "other keys of the overridden consumer stay");
+    assert_eq!(
+        s.consumers.len(),
+        1,
+        "an indexed override must not add consumers"
+    );
+    assert_eq!(
+        s.consumers[0].queue, "q",
+        "other keys of the overridden consumer stay"
+    );
     assert_eq!(s.consumers[0].prefetch, 100);
     assert_eq!(
         s.consumers[0].retry.delays,
@@ -123,10 +139,15 @@ fn env_override_of_a_dashed_breaker_name() {
     let file = write(
         dir.path(),
         "c.toml",
-        &MINIMAL.replace("[breakers.dep]", "[breakers.billing-api]").replace("\"dep\"", "\"billing-api\""),
+        &MINIMAL
+            .replace("[breakers.dep]", "[breakers.billing-api]")
+            .replace("\"dep\"", "\"billing-api\""),
     );
     let s = load(
-        &with_env(file, &[("RABBIT_GUARD__BREAKERS__billing-api__MINIMUM_CALLS", "3")]),
+        &with_env(
+            file,
+            &[("RABBIT_GUARD__BREAKERS__billing-api__MINIMUM_CALLS", "3")],
+        ),
         &[],
     )
     .unwrap();
@@ -137,18 +158,32 @@ fn env_override_of_a_dashed_breaker_name() {
 fn mistyped_env_key_is_an_error_not_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "c.toml", MINIMAL);
-    let err = load(&with_env(file, &[("RABBIT_GUARD__BROKER__URLL", "amqp://x")]), &[])
-        .expect_err("a mistyped key must not be ignored");
+    let err = load(
+        &with_env(file, &[("RABBIT_GUARD__BROKER__URLL", "amqp://x")]),
+        &[],
+    )
+    .expect_err("a mistyped key must not be ignored");
     let msg = err.to_string();
-    assert!(msg.contains("urll"), "error should name the unknown key: {msg}");
+    assert!(
+        msg.contains("urll"),
+        "error should name the unknown key: {msg}"
+    );
 }
 
 #[test]
 fn run_mode_and_local_files_layer_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "default.toml", MINIMAL);
-    write(dir.path(), "production.toml", "[breakers.dep]\nminimum_calls = 50\nwindow = \"1m\"\n");
-    write(dir.path(), "local.toml", "[breakers.dep]\nminimum_calls = 5\n");
+    write(
+        dir.path(),
+        "production.toml",
+        "[breakers.dep]\nminimum_calls = 50\nwindow = \"1m\"\n",
+    );
+    write(
+        dir.path(),
+        "local.toml",
+        "[breakers.dep]\nminimum_calls = 5\n",
+    );
     let s = load(
         &Sources {
             run_mode: Some("production".into()),
@@ -157,8 +192,15 @@ fn run_mode_and_local_files_layer_in_order() {
         &[],
     )
     .unwrap();
-    assert_eq!(s.breakers["dep"].window, Duration::from_secs(60), "RUN_MODE file applies");
-    assert_eq!(s.breakers["dep"].minimum_calls, 5, "local.toml wins over RUN_MODE");
+    assert_eq!(
+        s.breakers["dep"].window,
+        Duration::from_secs(60),
+        "RUN_MODE file applies"
+    );
+    assert_eq!(
+        s.breakers["dep"].minimum_calls, 5,
+        "local.toml wins over RUN_MODE"
+    );
     let s = load(
         &Sources {
             run_mode: Some("production".into()),
@@ -167,7 +209,10 @@ fn run_mode_and_local_files_layer_in_order() {
         &[],
     )
     .unwrap();
-    assert_eq!(s.breakers["dep"].minimum_calls, 9, "environment wins over files");
+    assert_eq!(
+        s.breakers["dep"].minimum_calls, 9,
+        "environment wins over files"
+    );
 }
 
 #[test]
@@ -175,7 +220,10 @@ fn missing_file_and_bad_toml_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.toml");
     let msg = load(&sources(missing), &[]).unwrap_err().to_string();
-    assert!(msg.contains("nope.toml") && msg.contains("not found"), "{msg}");
+    assert!(
+        msg.contains("nope.toml") && msg.contains("not found"),
+        "{msg}"
+    );
     let bad = write(dir.path(), "bad.toml", "[broker\nurl = 1");
     let msg = load(&sources(bad), &[]).unwrap_err().to_string();
     assert!(msg.contains("bad.toml") && msg.contains("TOML"), "{msg}");
@@ -187,7 +235,11 @@ fn unknown_keys_are_errors() {
     let file = write(dir.path(), "c.toml", &format!("{MINIMAL}\nprefech = 5\n"));
     let msg = load(&sources(file), &[]).unwrap_err().to_string();
     assert!(msg.contains("prefech"), "{msg}");
-    let file = write(dir.path(), "d.toml", &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nfailure_rat = 0.5"));
+    let file = write(
+        dir.path(),
+        "d.toml",
+        &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nfailure_rat = 0.5"),
+    );
     let msg = load(&sources(file), &[]).unwrap_err().to_string();
     assert!(msg.contains("failure_rat"), "{msg}");
 }
@@ -195,7 +247,11 @@ fn unknown_keys_are_errors() {
 #[test]
 fn wrong_types_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write(dir.path(), "c.toml", &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nwindow = \"ten seconds\""));
+    let file = write(
+        dir.path(),
+        "c.toml",
+        &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nwindow = \"ten seconds\""),
+    );
     let msg = load(&sources(file), &[]).unwrap_err().to_string();
     assert!(msg.contains("window"), "{msg}");
     let file = write(dir.path(), "d.toml", &format!("{MINIMAL}prefetch = -1\n"));
@@ -206,7 +262,11 @@ fn wrong_types_name_the_key() {
 #[test]
 fn negative_duration_is_rejected_with_its_key() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write(dir.path(), "c.toml", &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nopen_timeout = \"-5s\""));
+    let file = write(
+        dir.path(),
+        "c.toml",
+        &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nopen_timeout = \"-5s\""),
+    );
     let msg = load(&sources(file), &[]).unwrap_err().to_string();
     assert!(msg.contains("open_timeout"), "{msg}");
 }
@@ -231,8 +291,16 @@ fn prefetch_below_concurrency() {
 
 #[test]
 fn zero_prefetch_and_concurrency() {
-    assert_problem(&format!("{MINIMAL}prefetch = 0\n"), "consumers[0].prefetch", &["= 0", "unlimited"]);
-    assert_problem(&format!("{MINIMAL}concurrency = 0\n"), "consumers[0].concurrency", &["= 0"]);
+    assert_problem(
+        &format!("{MINIMAL}prefetch = 0\n"),
+        "consumers[0].prefetch",
+        &["= 0", "unlimited"],
+    );
+    assert_problem(
+        &format!("{MINIMAL}concurrency = 0\n"),
+        "consumers[0].concurrency",
+        &["= 0"],
+    );
 }
 
 #[test]
@@ -246,7 +314,12 @@ fn zero_probes() {
 
 #[test]
 fn zero_durations() {
-    for key in ["window", "call_timeout", "open_timeout", "slow_call_duration"] {
+    for key in [
+        "window",
+        "call_timeout",
+        "open_timeout",
+        "slow_call_duration",
+    ] {
         assert_problem(
             &MINIMAL.replace("[breakers.dep]", &format!("[breakers.dep]\n{key} = \"0s\"")),
             &format!("breakers.dep.{key}"),
@@ -283,7 +356,11 @@ fn unknown_handler_kind() {
     );
     // A handler registered from Rust is known.
     let dir = tempfile::tempdir().unwrap();
-    let file = write(dir.path(), "c.toml", &MINIMAL.replace("handler = \"noop\"", "handler = \"orders\""));
+    let file = write(
+        dir.path(),
+        "c.toml",
+        &MINIMAL.replace("handler = \"noop\"", "handler = \"orders\""),
+    );
     load(&sources(file), &["orders"]).expect("registered handler name is valid");
 }
 
@@ -295,7 +372,10 @@ fn http_handler_needs_a_url() {
         &["must be set"],
     );
     assert_problem(
-        &MINIMAL.replace("handler = \"noop\"", "handler = \"http\"\nhttp.url = \"ftp://x/\""),
+        &MINIMAL.replace(
+            "handler = \"noop\"",
+            "handler = \"http\"\nhttp.url = \"ftp://x/\"",
+        ),
         "consumers[0].http.url",
         &["\"ftp://x/\"", "http://"],
     );
@@ -304,12 +384,18 @@ fn http_handler_needs_a_url() {
 #[test]
 fn no_consumers_and_duplicate_queues() {
     assert_problem("[breakers.dep]\n", "consumers", &["no consumers"]);
-    assert_problem(&format!("{MINIMAL}\n{}", &MINIMAL.replace("[breakers.dep]", "")), "consumers[1].queue", &["\"q\"", "already"]);
+    assert_problem(
+        &format!("{MINIMAL}\n{}", &MINIMAL.replace("[breakers.dep]", "")),
+        "consumers[1].queue",
+        &["\"q\"", "already"],
+    );
 }
 
 #[test]
 fn bad_broker_url_is_masked_in_the_error() {
-    let problems = problems_of(&format!("[broker]\nurl = \"http://u:hunter2@h/\"\n{MINIMAL}"));
+    let problems = problems_of(&format!(
+        "[broker]\nurl = \"http://u:hunter2@h/\"\n{MINIMAL}"
+    ));
     let joined = problems.join("\n");
     assert!(joined.contains("broker.url"), "{joined}");
     assert!(!joined.contains("hunter2"), "password leaked: {joined}");
@@ -320,5 +406,8 @@ fn every_problem_is_reported_at_once() {
     let problems = problems_of(
         "[breakers.dep]\nhalf_open_probes = 0\nwindow = \"0s\"\n[[consumers]]\nqueue = \"q\"\nbreaker = \"nope\"\nhandler = \"x\"\nprefetch = 0\n",
     );
-    assert!(problems.len() >= 5, "expected all five problems, got {problems:#?}");
+    assert!(
+        problems.len() >= 5,
+        "expected all five problems, got {problems:#?}"
+    );
 }

@@ -96,7 +96,11 @@ impl Settings {
         for (i, c) in self.consumers.iter().enumerate() {
             let key = |k: &str| format!("consumers[{i}].{k}");
             if c.queue.trim().is_empty() {
-                out.push(problem(key("queue"), None, "must be set to the queue to consume"));
+                out.push(problem(
+                    key("queue"),
+                    None,
+                    "must be set to the queue to consume",
+                ));
             } else if !queues.insert(c.queue.clone()) {
                 out.push(problem(
                     key("queue"),
@@ -144,7 +148,11 @@ impl Settings {
                 ));
             }
             if c.concurrency == 0 {
-                out.push(problem(key("concurrency"), Some("0".into()), "must be at least 1"));
+                out.push(problem(
+                    key("concurrency"),
+                    Some("0".into()),
+                    "must be at least 1",
+                ));
             } else if c.prefetch != 0 && c.prefetch < c.concurrency {
                 out.push(problem(
                     key("prefetch"),
@@ -200,7 +208,11 @@ impl Settings {
                 ("dead_letter_queue", &c.dead_letter_queue),
             ] {
                 if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-                    out.push(problem(key(k), quoted(""), "must not be empty (leave it out for the default)"));
+                    out.push(problem(
+                        key(k),
+                        quoted(""),
+                        "must not be empty (leave it out for the default)",
+                    ));
                 }
             }
         }
@@ -209,7 +221,8 @@ impl Settings {
 }
 
 fn breaker_value(cfg: &crate::breaker::BreakerConfig, key: &str) -> Option<String> {
-    let fmt = |d: std::time::Duration| Some(format!("{:?}", humantime::format_duration(d).to_string()));
+    let fmt =
+        |d: std::time::Duration| Some(format!("{:?}", humantime::format_duration(d).to_string()));
     match key {
         "failure_rate" => Some(cfg.failure_rate.to_string()),
         "slow_call_rate" => Some(cfg.slow_call_rate.to_string()),

@@ -1,0 +1,149 @@
+//! The `rabbit-guard` command line: `run`, `check-config`.
+//!
+//! A binary with custom handlers reuses it with [`main_with`]:
+//!
+//! ```no_run
+//! # use rabbit_guard::handlers::NoopHandler as MyHandler;
+//! fn main() -> std::process::ExitCode {
+//!     rabbit_guard::cli::main_with(|worker| worker.handler("orders", MyHandler))
+//! }
+//! ```
+
+pub mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Settings, Sources};
+use crate::secret::mask_url;
+use crate::{Worker, WorkerBuilder};
+
+/// rabbit-guard: RabbitMQ consumers that pause at the broker while their dependency fails.
+#[derive(Debug, Parser)]
+#[command(name = "rabbit-guard", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file. `$RUN_MODE.toml` and `local.toml` beside it, then
+    /// RABBIT_GUARD__SECTION__KEY variables, are layered on top.
+    #[arg(long, short, global = true, env = "RABBIT_GUARD_CONFIG", default_value = config::DEFAULT_CONFIG_FILE)]
+    pub config: PathBuf,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every configured consumer until SIGTERM or Ctrl-C.
+    Run,
+    /// Validate the configuration and print it as it will be used (password masked).
+    CheckConfig,
+}
+
+/// The binary's entry point with the built-in handlers only.
+#[must_use]
+pub fn main() -> ExitCode {
+    main_with(|w| w)
+}
+
+/// The entry point for a binary that registers its own handlers.
+#[must_use]
+pub fn main_with<F>(register: F) -> ExitCode
+where
+    F: Fn(WorkerBuilder) -> WorkerBuilder,
+{
+    let cli = Cli::parse();
+    let handler_names: Vec<String> = register(Worker::builder(Settings::default()))
+        .handler_names()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let names: Vec<&str> = handler_names.iter().map(String::as_str).collect();
+    let settings = match config::load(&Sources::from_env(Some(cli.config.clone())), &names) {
+        Ok(s) => s,
+        Err(e) => {
+            output::error(&e.to_string());
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::CheckConfig => check_config(&settings),
+        Command::Run => run(settings, register),
+    }
+}
+
+fn check_config(settings: &Settings) -> ExitCode {
+    let mut shown = settings.clone();
+    shown.broker.url = mask_url(&shown.broker.url);
+    match toml::to_string_pretty(&shown) {
+        Ok(text) => {
+            output::line(&format!(
+                "# configuration OK: {} consumer(s), {} breaker(s)",
+                settings.consumers.len(),
+                settings.breakers.len()
+            ));
+            output::line(&text);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            output::error(&format!("cannot print the configuration: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run<F>(settings: Settings, register: F) -> ExitCode
+where
+    F: Fn(WorkerBuilder) -> WorkerBuilder,
+{
+    crate::telemetry::init(&settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            output::error(&format!("cannot start the async runtime: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let worker = register(Worker::builder(settings)).build()?;
+        let shutdown = CancellationToken::new();
+        let signals = signals(shutdown.clone())?;
+        let result = worker.run_until(shutdown).await;
+        signals.abort();
+        result
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "worker failed");
+            output::error(&e.to_string());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// First SIGINT/SIGTERM: graceful shutdown. A second one: exit at once (the
+/// broker requeues every unacked message).
+fn signals(token: CancellationToken) -> Result<tokio::task::JoinHandle<()>, crate::Error> {
+    let first = CancellationToken::new();
+    let graceful = crate::signal::shutdown_on_signal(first.clone())?;
+    Ok(tokio::spawn(async move {
+        first.cancelled().await;
+        token.cancel();
+        let _ = graceful.await;
+        let second = CancellationToken::new();
+        if let Ok(handle) = crate::signal::shutdown_on_signal(second.clone()) {
+            second.cancelled().await;
+            tracing::warn!("second signal: exiting now; the broker requeues unacked messages");
+            handle.abort();
+            std::process::exit(130);
+        }
+    }))
+}

@@ -1,0 +1,310 @@
+//! Connections to the broker: connecting with backoff, watching for loss,
+//! reconnecting. The worker holds two: one to consume, one to publish, so
+//! that a broker blocking publishers (memory or disk alarm) never stalls acks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties, Event};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::BrokerSettings;
+use crate::error::{Error, amqp_error, describe};
+use crate::secret::mask_url;
+
+/// Heartbeat used when `broker.url` does not set one (`?heartbeat=N`): short
+/// enough to notice a dead peer in well under a minute.
+const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+/// The state of one managed connection.
+#[derive(Debug, Clone)]
+pub(crate) enum Link {
+    /// Not connected (yet, or any more).
+    Down,
+    /// Connected; `generation` grows with each new connection.
+    Up {
+        generation: u64,
+        connection: Arc<Connection>,
+    },
+}
+
+/// One connection to the broker, kept up for the worker's lifetime.
+#[derive(Debug)]
+pub(crate) struct ManagedConnection {
+    uri: AMQPUri,
+    shown_url: String,
+    name: String,
+    settings: BrokerSettings,
+    link: watch::Sender<Link>,
+    suspect: Notify,
+    blocked: AtomicBool,
+}
+
+fn is_fatal_at_startup(e: &lapin::Error) -> bool {
+    // 403 ACCESS_REFUSED, 530 NOT_ALLOWED (vhost): retrying won't help.
+    matches!(amqp_error(e), Some((403 | 530, _)))
+}
+
+impl ManagedConnection {
+    /// `role` is appended to the connection name: `rabbit-guard/consume`.
+    pub(crate) fn new(settings: &BrokerSettings, role: &str) -> Result<Self, Error> {
+        let mut uri: AMQPUri = settings.url.parse().map_err(|e: String| {
+            Error::Config(crate::config::ConfigError::Invalid(vec![
+                crate::config::Problem {
+                    key: "broker.url".into(),
+                    value: Some(format!("{:?}", mask_url(&settings.url))),
+                    message: format!("not an AMQP URI ({e})"),
+                },
+            ]))
+        })?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+        }
+        let (link, _) = watch::channel(Link::Down);
+        Ok(Self {
+            uri,
+            shown_url: mask_url(&settings.url),
+            name: format!("{}/{role}", settings.connection_name),
+            settings: settings.clone(),
+            link,
+            suspect: Notify::new(),
+            blocked: AtomicBool::new(false),
+        })
+    }
+
+    async fn connect_once(&self) -> Result<Connection, lapin::Error> {
+        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        Connection::connect_uri(self.uri.clone(), props).await
+    }
+
+    fn backoff(&self) -> backon::ExponentialBackoff {
+        ExponentialBuilder::default()
+            .with_min_delay(self.settings.reconnect.initial_delay)
+            .with_max_delay(self.settings.reconnect.max_delay)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    fn next_delay(&self, backoff: &mut backon::ExponentialBackoff) -> Duration {
+        backoff
+            .next()
+            .unwrap_or(self.settings.reconnect.max_delay)
+            .min(self.settings.reconnect.max_delay)
+    }
+
+    fn up(&self, connection: Connection) {
+        let generation = match &*self.link.borrow() {
+            Link::Up { generation, .. } => generation + 1,
+            Link::Down => 1,
+        };
+        self.blocked.store(false, Ordering::Release);
+        self.link.send_replace(Link::Up {
+            generation,
+            connection: Arc::new(connection),
+        });
+    }
+
+    /// Connects at startup, retrying with backoff until `broker.startup_timeout`.
+    ///
+    /// # Errors
+    ///
+    /// At once for refused credentials or vhost; [`Error::Unreachable`] when
+    /// the timeout passes.
+    pub(crate) async fn start(&self, shutdown: &CancellationToken) -> Result<(), Error> {
+        let started = Instant::now();
+        let deadline = started + self.settings.startup_timeout;
+        let mut backoff = self.backoff();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.connect_once().await {
+                Ok(connection) => {
+                    info!(url = %self.shown_url, connection = %self.name, attempt, "connected to the broker");
+                    self.up(connection);
+                    return Ok(());
+                }
+                Err(e) if is_fatal_at_startup(&e) => return Err(self.fatal(&e)),
+                Err(e) => {
+                    let delay = self.next_delay(&mut backoff);
+                    let now = Instant::now();
+                    if now + delay > deadline {
+                        return Err(Error::Unreachable {
+                            url: self.shown_url.clone(),
+                            detail: describe(&e),
+                            attempts: attempt,
+                            waited: humantime::format_duration(round_ms(now - started)).to_string(),
+                        });
+                    }
+                    warn!(
+                        url = %self.shown_url,
+                        connection = %self.name,
+                        attempt,
+                        retry_in = %humantime::format_duration(round_ms(delay)),
+                        error = %describe(&e),
+                        "waiting for the broker"
+                    );
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Err(Error::Unreachable {
+                            url: self.shown_url.clone(),
+                            detail: "shut down while waiting for the broker".into(),
+                            attempts: attempt,
+                            waited: humantime::format_duration(round_ms(now - started)).to_string(),
+                        }),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn fatal(&self, e: &lapin::Error) -> Error {
+        match amqp_error(e) {
+            Some((530, detail)) => Error::VhostRefused {
+                url: self.shown_url.clone(),
+                detail,
+            },
+            _ => Error::AccessRefused {
+                url: self.shown_url.clone(),
+                detail: describe(e),
+            },
+        }
+    }
+
+    /// The current connection, waiting for one if it is down. `None` on shutdown.
+    pub(crate) async fn connection(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Option<(u64, Arc<Connection>)> {
+        let mut rx = self.link.subscribe();
+        loop {
+            if let Link::Up {
+                generation,
+                connection,
+            } = &*rx.borrow_and_update()
+            {
+                return Some((*generation, connection.clone()));
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                changed = rx.changed() => if changed.is_err() { return None },
+            }
+        }
+    }
+
+    /// A user of the connection saw an error: have the supervisor check it.
+    pub(crate) fn report_trouble(&self) {
+        self.suspect.notify_one();
+    }
+
+    /// Keeps the connection up until `shutdown`: notices loss (error events,
+    /// reported trouble) and reconnects with backoff and jitter, logging every
+    /// attempt. Returns an error only when `broker.reconnect.max_attempts` runs out.
+    pub(crate) async fn supervise(&self, shutdown: CancellationToken) -> Result<(), Error> {
+        loop {
+            let Some((generation, connection)) = self.connection(&shutdown).await else {
+                return Ok(());
+            };
+            let mut events = connection.events_listener();
+            let reason = loop {
+                if !connection.status().connected() {
+                    break "connection is no longer open".to_owned();
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = self.suspect.notified() => {}
+                    event = events.next() => match event {
+                        None => break "connection event stream ended".to_owned(),
+                        Some(Event::Error(e)) => break describe(&e),
+                        Some(Event::ConnectionBlocked(why)) => {
+                            self.blocked.store(true, Ordering::Release);
+                            warn!(connection = %self.name, reason = %why, "broker blocked the connection (resource alarm); publishing waits until it is unblocked");
+                        }
+                        Some(Event::ConnectionUnblocked) => {
+                            self.blocked.store(false, Ordering::Release);
+                            info!(connection = %self.name, "broker unblocked the connection");
+                        }
+                        Some(other) => debug!(connection = %self.name, event = ?other, "connection event"),
+                    },
+                }
+            };
+            warn!(connection = %self.name, generation, %reason, "lost the connection to the broker; reconnecting");
+            self.link.send_replace(Link::Down);
+            drop(connection);
+            self.reconnect(&shutdown).await?;
+        }
+    }
+
+    async fn reconnect(&self, shutdown: &CancellationToken) -> Result<(), Error> {
+        let started = Instant::now();
+        let mut backoff = self.backoff();
+        let mut attempt = 0u32;
+        loop {
+            let delay = self.next_delay(&mut backoff);
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(delay) => {}
+            }
+            attempt += 1;
+            match self.connect_once().await {
+                Ok(connection) => {
+                    info!(
+                        url = %self.shown_url,
+                        connection = %self.name,
+                        attempt,
+                        down_for = %humantime::format_duration(round_ms(started.elapsed())),
+                        "reconnected to the broker"
+                    );
+                    self.up(connection);
+                    return Ok(());
+                }
+                Err(e) => {
+                    if self
+                        .settings
+                        .reconnect
+                        .max_attempts
+                        .is_some_and(|max| attempt >= max)
+                    {
+                        error!(url = %self.shown_url, connection = %self.name, attempt, error = %describe(&e), "giving up reconnecting (broker.reconnect.max_attempts)");
+                        return Err(Error::Unreachable {
+                            url: self.shown_url.clone(),
+                            detail: describe(&e),
+                            attempts: attempt,
+                            waited: humantime::format_duration(round_ms(started.elapsed()))
+                                .to_string(),
+                        });
+                    }
+                    warn!(
+                        url = %self.shown_url,
+                        connection = %self.name,
+                        attempt,
+                        error = %describe(&e),
+                        "reconnect attempt failed"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Closes the connection cleanly (after the channels were closed).
+    pub(crate) async fn close(&self) {
+        let link = self.link.send_replace(Link::Down);
+        if let Link::Up { connection, .. } = link
+            && connection.status().connected()
+            && let Err(e) = connection.close(200, "worker shutting down".into()).await
+        {
+            debug!(connection = %self.name, error = %e, "closing the connection");
+        }
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

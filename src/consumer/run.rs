@@ -1,0 +1,559 @@
+//! One queue's loop: subscribe in the state the breaker is in, dispatch under
+//! the concurrency limit, settle in order, and stop cleanly.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Consumer};
+use tokio::sync::Semaphore;
+use tokio::task::{Id, JoinError, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::settle::{AckTracker, Op, Settle};
+use super::stats::{add, inc};
+use super::task::{self, Finished, Shared};
+use crate::breaker::{BreakerState, Rejected};
+use crate::config::{ConsumerSettings, OnPause};
+use crate::connection::ManagedConnection;
+use crate::error::describe;
+use crate::publish::Publisher;
+
+/// How long a finished delivery may wait behind an unfinished one before it
+/// is acked on its own (instead of with the run it belongs to).
+const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(5);
+
+/// A session that lasted this long resets the reconnect backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// What a subscription is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Closed breaker: prefetch as configured.
+    Full,
+    /// Half-open: prefetch = probes, for this trial only.
+    Probe(u64),
+}
+
+struct Subscription {
+    consumer: Consumer,
+    mode: Mode,
+    received: u32,
+}
+
+/// One consumer, alive for the worker's lifetime; each connection or channel
+/// it uses is a session.
+pub(crate) struct ConsumerRuntime {
+    pub(crate) settings: ConsumerSettings,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) consume: Arc<ManagedConnection>,
+    pub(crate) publish: Arc<ManagedConnection>,
+    pub(crate) grace: Duration,
+}
+
+impl std::fmt::Debug for ConsumerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerRuntime")
+            .field("queue", &self.settings.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsumerRuntime {
+    /// Runs sessions until `shutdown`, starting a new one (after a backoff)
+    /// whenever the channel or connection is lost.
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Self::backoff();
+        loop {
+            let started = Instant::now();
+            let result = self.session(&shutdown).await;
+            self.shared.stats.subscribed.store(false, Ordering::Relaxed);
+            match result {
+                Ok(()) => return,
+                Err(e) if shutdown.is_cancelled() => {
+                    debug!(queue = %self.settings.queue, error = %e, "session ended during shutdown");
+                    return;
+                }
+                Err(e) => {
+                    if started.elapsed() >= HEALTHY_SESSION {
+                        backoff = Self::backoff();
+                    }
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    warn!(
+                        queue = %self.settings.queue,
+                        error = %e,
+                        retry_in = %humantime::format_duration(Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(0))),
+                        "consumer lost its channel; the broker requeues its unacked messages, and it resubscribes"
+                    );
+                    self.consume.report_trouble();
+                    self.publish.report_trouble();
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn backoff() -> backon::ExponentialBackoff {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), String> {
+        let Some((_, connection)) = self.consume.connection(shutdown).await else {
+            return Ok(());
+        };
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| format!("opening a channel: {}", describe(&e)))?;
+        self.shared
+            .topology
+            .declare(&channel)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some((_, publish_connection)) = self.publish.connection(shutdown).await else {
+            return Ok(());
+        };
+        let publisher = Publisher::open(&publish_connection)
+            .await
+            .map_err(|e| format!("opening the publishing channel: {}", describe(&e)))?;
+        let token = CancellationToken::new();
+        let _cancel_tasks_on_exit = token.clone().drop_guard();
+        let mut session = Session {
+            runtime: self,
+            channel,
+            publisher,
+            token,
+            sub: None,
+            pending: VecDeque::new(),
+            running: JoinSet::new(),
+            tags: HashMap::new(),
+            slots: Arc::new(Semaphore::new(usize::from(self.settings.concurrency))),
+            tracker: AckTracker::default(),
+            ops: Vec::new(),
+            probe_done: None,
+            flush_at: None,
+        };
+        let result = session.run(shutdown).await;
+        if result.is_err() {
+            let lost = session.tracker.clear();
+            add(&self.shared.stats.stale, lost as u64);
+            session.running.abort_all();
+            if lost > 0 {
+                warn!(
+                    queue = %self.settings.queue,
+                    unsettled = lost,
+                    "channel lost with unsettled deliveries; the broker requeues them (redelivered = true)"
+                );
+            }
+        }
+        result
+    }
+}
+
+struct Session<'a> {
+    runtime: &'a ConsumerRuntime,
+    channel: Channel,
+    publisher: Publisher,
+    /// Cancelled when the session ends: tasks must not publish copies for
+    /// deliveries whose channel is gone.
+    token: CancellationToken,
+    sub: Option<Subscription>,
+    /// Received, not started.
+    pending: VecDeque<Delivery>,
+    running: JoinSet<Finished>,
+    tags: HashMap<Id, u64>,
+    slots: Arc<Semaphore>,
+    tracker: AckTracker,
+    ops: Vec<Op>,
+    /// The half-open trial this consumer has taken its probes for.
+    probe_done: Option<u64>,
+    /// When finished deliveries stuck behind a slow one get acked on their own.
+    flush_at: Option<Instant>,
+}
+
+type SessionResult = Result<(), String>;
+
+impl Session<'_> {
+    fn queue(&self) -> &str {
+        &self.runtime.settings.queue
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.runtime.shared
+    }
+
+    async fn run(&mut self, shutdown: &CancellationToken) -> SessionResult {
+        let mut state_rx = self.shared().breaker.subscribe();
+        loop {
+            let state = *state_rx.borrow_and_update();
+            self.reconcile(state).await?;
+            self.dispatch();
+            self.flush(false).await?;
+            let waiting_for_slot = !self.pending.is_empty() && self.slots.available_permits() == 0;
+            let slots = self.slots.clone();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return self.stop().await,
+                changed = state_rx.changed() => {
+                    if changed.is_err() {
+                        return Err("breaker dropped".into());
+                    }
+                }
+                Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
+                    self.finished(done);
+                    while let Some(done) = self.running.try_join_next_with_id() {
+                        self.finished(done);
+                    }
+                }
+                item = next_delivery(&mut self.sub), if self.sub.is_some() => {
+                    match item {
+                        Some(Ok(delivery)) => self.received(delivery),
+                        Some(Err(e)) => return Err(format!("consumer stream failed: {}", describe(&e))),
+                        None => {
+                            self.sub = None;
+                            return Err("the broker cancelled the consumer (queue deleted, or a node went down)".into());
+                        }
+                    }
+                }
+                permit = slots.acquire_owned(), if waiting_for_slot => drop(permit),
+                () = sleep_until(self.flush_at), if self.flush_at.is_some() => {
+                    self.flush(true).await?;
+                }
+            }
+        }
+    }
+
+    fn desired(&self, state: BreakerState) -> Option<Mode> {
+        match state {
+            BreakerState::Closed | BreakerState::Disabled => Some(Mode::Full),
+            BreakerState::HalfOpen { trial } if self.probe_done != Some(trial) => {
+                Some(Mode::Probe(trial))
+            }
+            _ => None,
+        }
+    }
+
+    /// Makes the subscription match the breaker: none while open, `probes`
+    /// prefetch while half-open, full prefetch while closed.
+    async fn reconcile(&mut self, state: BreakerState) -> SessionResult {
+        let want = self.desired(state);
+        let have = self.sub.as_ref().map(|s| s.mode);
+        if want == have {
+            return Ok(());
+        }
+        if have.is_some() {
+            self.unsubscribe().await?;
+        }
+        let Some(mode) = want else {
+            info!(
+                queue = %self.queue(),
+                breaker = %self.shared().breaker.name(),
+                state = state.name(),
+                "consumer paused: no consumer at the broker, messages wait in the queue"
+            );
+            return Ok(());
+        };
+        let prefetch = match mode {
+            Mode::Full => self.runtime.settings.prefetch,
+            Mode::Probe(_) => {
+                u16::try_from(self.shared().breaker.config().half_open_probes).unwrap_or(u16::MAX)
+            }
+        };
+        // Per-consumer QoS (global = false; quorum queues reject global), set
+        // before consuming because it applies to consumers created after it.
+        self.channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| format!("setting prefetch: {}", describe(&e)))?;
+        let consumer = self
+            .channel
+            .basic_consume(
+                ShortString::from(self.queue()),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("subscribing: {}", describe(&e)))?;
+        self.sub = Some(Subscription {
+            consumer,
+            mode,
+            received: 0,
+        });
+        let stats = &self.shared().stats;
+        stats.subscribed.store(true, Ordering::Relaxed);
+        inc(&stats.subscriptions);
+        match mode {
+            Mode::Full => info!(queue = %self.queue(), prefetch, "consumer subscribed"),
+            Mode::Probe(trial) => info!(
+                queue = %self.queue(),
+                breaker = %self.shared().breaker.name(),
+                trial,
+                probes = prefetch,
+                "consumer subscribed for half-open probes"
+            ),
+        }
+        Ok(())
+    }
+
+    /// `basic.cancel`, then take every delivery the broker sent before the
+    /// cancel-ok (lapin still yields them) as pending.
+    async fn unsubscribe(&mut self) -> SessionResult {
+        let Some(mut sub) = self.sub.take() else {
+            return Ok(());
+        };
+        self.shared()
+            .stats
+            .subscribed
+            .store(false, Ordering::Relaxed);
+        self.channel
+            .basic_cancel(sub.consumer.tag(), BasicCancelOptions::default())
+            .await
+            .map_err(|e| format!("cancelling the consumer: {}", describe(&e)))?;
+        while let Some(item) = sub.consumer.next().await {
+            match item {
+                Ok(delivery) => self.received(delivery),
+                Err(e) => return Err(format!("consumer stream failed: {}", describe(&e))),
+            }
+        }
+        Ok(())
+    }
+
+    fn received(&mut self, delivery: Delivery) {
+        let stats = &self.runtime.shared.stats;
+        inc(&stats.received);
+        if delivery.redelivered {
+            inc(&stats.redelivered);
+        }
+        self.tracker.received(delivery.delivery_tag);
+        if let Some(sub) = self.sub.as_mut()
+            && let Mode::Probe(trial) = sub.mode
+        {
+            sub.received += 1;
+            if sub.received >= self.runtime.shared.breaker.config().half_open_probes {
+                // This consumer has its probes; take no more until the trial ends.
+                self.probe_done = Some(trial);
+            }
+        }
+        self.pending.push_back(delivery);
+    }
+
+    /// Starts pending deliveries while slots and the breaker allow; settles
+    /// the ones the breaker refuses without starting them.
+    fn dispatch(&mut self) {
+        while !self.pending.is_empty() {
+            let admits = self.shared().breaker.state();
+            if matches!(
+                admits,
+                BreakerState::Closed | BreakerState::Disabled | BreakerState::HalfOpen { .. }
+            ) && self.slots.available_permits() == 0
+            {
+                break;
+            }
+            let shared = self.runtime.shared.clone();
+            match shared.breaker.try_acquire() {
+                Ok(permit) => {
+                    let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                        break; // the permit is dropped: counts as nothing
+                    };
+                    let Some(delivery) = self.pending.pop_front() else {
+                        break;
+                    };
+                    let ctx = task::context(&shared, delivery);
+                    let tag = ctx.delivery_tag();
+                    let handle = self.running.spawn(task::run(
+                        shared,
+                        ctx,
+                        permit,
+                        slot,
+                        self.publisher.clone(),
+                        self.token.clone(),
+                    ));
+                    self.tags.insert(handle.id(), tag);
+                }
+                Err(rejected) => {
+                    let Some(delivery) = self.pending.pop_front() else {
+                        break;
+                    };
+                    inc(&shared.stats.rejected_by_breaker);
+                    if rejected == Rejected::ProbesTaken
+                        && let BreakerState::HalfOpen { trial } = shared.breaker.state()
+                    {
+                        self.probe_done = Some(trial);
+                    }
+                    self.settle_unstarted(delivery, rejected);
+                }
+            }
+        }
+    }
+
+    fn settle_unstarted(&mut self, delivery: Delivery, rejected: Rejected) {
+        let shared = self.runtime.shared.clone();
+        if rejected == Rejected::Open && self.runtime.settings.on_pause == OnPause::DeadLetter {
+            let ctx = task::context(&shared, delivery);
+            let tag = ctx.delivery_tag();
+            let handle = self.running.spawn(task::dead_letter_unstarted(
+                shared,
+                ctx,
+                self.publisher.clone(),
+                self.token.clone(),
+            ));
+            self.tags.insert(handle.id(), tag);
+        } else {
+            // Not an attempt: back to the queue for a later probe or resume.
+            inc(&shared.stats.requeued);
+            self.tracker.finish(delivery.delivery_tag, Settle::Requeue);
+        }
+    }
+
+    fn finished(&mut self, done: Result<(Id, Finished), JoinError>) {
+        let (tag, settle) = match done {
+            Ok((id, finished)) => {
+                self.tags.remove(&id);
+                (Some(finished.tag), finished.settle)
+            }
+            Err(e) => {
+                let tag = self.tags.remove(&e.id());
+                if !e.is_cancelled() {
+                    error!(queue = %self.queue(), error = %e, "message task failed; requeueing its message");
+                }
+                (tag, Settle::Requeue)
+            }
+        };
+        if let Some(tag) = tag {
+            if settle == Settle::Requeue {
+                inc(&self.runtime.shared.stats.requeued);
+            }
+            self.tracker.finish(tag, settle);
+        }
+    }
+
+    /// Sends the settle frames that are due. With `out_of_order`, also those
+    /// stuck behind an unfinished delivery.
+    async fn flush(&mut self, out_of_order: bool) -> SessionResult {
+        self.ops.clear();
+        if out_of_order {
+            self.tracker.take_blocked(&mut self.ops);
+        } else {
+            self.tracker.take_in_order(&mut self.ops);
+        }
+        self.flush_at = match (self.tracker.has_blocked(), self.flush_at) {
+            (false, _) => None,
+            (true, Some(at)) => Some(at),
+            (true, None) => Some(Instant::now() + ACK_FLUSH_INTERVAL),
+        };
+        for op in &self.ops {
+            let sent = match *op {
+                Op::Ack { tag, multiple } => {
+                    self.channel
+                        .basic_ack(tag, BasicAckOptions { multiple })
+                        .await
+                }
+                Op::Requeue { tag, multiple } => {
+                    self.channel
+                        .basic_nack(
+                            tag,
+                            BasicNackOptions {
+                                multiple,
+                                requeue: true,
+                            },
+                        )
+                        .await
+                }
+            };
+            sent.map_err(|e| format!("settling delivery: {}", describe(&e)))?;
+        }
+        Ok(())
+    }
+
+    /// Graceful stop: cancel the subscription, requeue what has not started,
+    /// let running handlers finish within the grace period, requeue the rest,
+    /// and make sure the broker has processed every settle before closing.
+    async fn stop(&mut self) -> SessionResult {
+        self.unsubscribe().await?;
+        let unstarted = self.pending.len();
+        while let Some(delivery) = self.pending.pop_front() {
+            inc(&self.runtime.shared.stats.requeued);
+            self.tracker.finish(delivery.delivery_tag, Settle::Requeue);
+        }
+        let running = self.running.len();
+        info!(
+            queue = %self.queue(),
+            running,
+            requeued = unstarted,
+            grace = %humantime::format_duration(self.runtime.grace),
+            "consumer stopping: waiting for running handlers"
+        );
+        self.flush(true).await?;
+        let deadline = Instant::now() + self.runtime.grace;
+        while !self.running.is_empty() {
+            tokio::select! {
+                Some(done) = self.running.join_next_with_id() => {
+                    self.finished(done);
+                    self.flush(true).await?;
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let cut_short = self.running.len();
+        if cut_short > 0 {
+            warn!(
+                queue = %self.queue(),
+                handlers = cut_short,
+                "grace period over: cancelling running handlers and requeueing their messages"
+            );
+            self.running.abort_all();
+            while let Some(done) = self.running.join_next_with_id().await {
+                self.finished(done);
+            }
+        }
+        self.flush(true).await?;
+        // Acks carry no reply. A round trip on the same channel after them
+        // (qos-ok) proves the broker has processed them before we close.
+        self.channel
+            .basic_qos(
+                self.runtime.settings.prefetch,
+                BasicQosOptions { global: false },
+            )
+            .await
+            .map_err(|e| format!("confirming the last acks: {}", describe(&e)))?;
+        if let Err(e) = self.channel.close(200, "worker shutting down".into()).await {
+            debug!(queue = %self.queue(), error = %describe(&e), "closing the channel");
+        }
+        self.publisher.close().await;
+        info!(queue = %self.queue(), "consumer stopped");
+        Ok(())
+    }
+}
+
+async fn next_delivery(sub: &mut Option<Subscription>) -> Option<Result<Delivery, lapin::Error>> {
+    match sub {
+        Some(s) => s.consumer.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,91 @@
+//! Per-consumer counters, updated without locks.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+/// Live counters of one consumer.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    pub(crate) received: AtomicU64,
+    pub(crate) redelivered: AtomicU64,
+    pub(crate) succeeded: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) timed_out: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) deferred: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) requeued: AtomicU64,
+    pub(crate) rejected_by_breaker: AtomicU64,
+    pub(crate) stale: AtomicU64,
+    pub(crate) publish_failures: AtomicU64,
+    pub(crate) in_flight: AtomicI64,
+    pub(crate) subscribed: AtomicBool,
+    pub(crate) subscriptions: AtomicU64,
+}
+
+/// A copy of a consumer's counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Deliveries received from the broker.
+    pub received: u64,
+    /// Of those, marked redelivered by the broker.
+    pub redelivered: u64,
+    /// Handled successfully and acked.
+    pub succeeded: u64,
+    /// Transient handler failures (timeouts included).
+    pub failed: u64,
+    /// Of those, calls that outlived `call_timeout`.
+    pub timed_out: u64,
+    /// Moved to a delay queue as a counted attempt.
+    pub retried: u64,
+    /// Moved back without counting an attempt (the dependency's fault).
+    pub deferred: u64,
+    /// Copied to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Returned to the queue unstarted (`basic.nack` requeue).
+    pub requeued: u64,
+    /// Deliveries that found the breaker open or its probes taken.
+    pub rejected_by_breaker: u64,
+    /// Results dropped because their channel was gone (the broker requeued the message).
+    pub stale: u64,
+    /// Copies the broker did not confirm (the original was requeued instead).
+    pub publish_failures: u64,
+    /// Handlers running now.
+    pub in_flight: i64,
+    /// Whether a consumer is registered at the broker now.
+    pub subscribed: bool,
+    /// `basic.consume` calls so far.
+    pub subscriptions: u64,
+}
+
+impl ConsumerStats {
+    /// Reads every counter.
+    #[must_use]
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            received: r(&self.received),
+            redelivered: r(&self.redelivered),
+            succeeded: r(&self.succeeded),
+            failed: r(&self.failed),
+            timed_out: r(&self.timed_out),
+            retried: r(&self.retried),
+            deferred: r(&self.deferred),
+            dead_lettered: r(&self.dead_lettered),
+            requeued: r(&self.requeued),
+            rejected_by_breaker: r(&self.rejected_by_breaker),
+            stale: r(&self.stale),
+            publish_failures: r(&self.publish_failures),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            subscribed: self.subscribed.load(Ordering::Relaxed),
+            subscriptions: r(&self.subscriptions),
+        }
+    }
+}
+
+pub(crate) fn inc(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+pub(crate) fn add(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}

@@ -1,0 +1,306 @@
+//! One message, from permit to settle: run the handler under the call
+//! timeout with panics caught, tell the breaker, apply the ack policy, and
+//! publish (confirmed) any copy before the original may be acked.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::FutureExt;
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::policy::{self, Disposition, Outcome};
+use super::settle::Settle;
+use super::stats::{ConsumerStats, inc};
+use crate::breaker::{Breaker, CallOutcome, Permit};
+use crate::dead_letter::{DeadLetterReason, MAX_ERROR_LEN, headers, truncate};
+use crate::handler::{CallResult, Context, ErasedHandler, HandlerError, header_u64};
+use crate::publish::Publisher;
+use crate::topology::Topology;
+
+/// What every task of one consumer shares.
+pub(crate) struct Shared {
+    pub(crate) queue: Arc<str>,
+    pub(crate) handler_name: Arc<str>,
+    pub(crate) handler: Arc<dyn ErasedHandler>,
+    pub(crate) breaker: Breaker,
+    pub(crate) topology: Topology,
+    pub(crate) stats: Arc<ConsumerStats>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("queue", &self.queue)
+            .field("handler", &self.handler_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A task's result: how to settle its delivery.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub(crate) tag: u64,
+    pub(crate) settle: Settle,
+}
+
+pub(crate) fn context(shared: &Shared, delivery: Delivery) -> Context {
+    Context::new(
+        shared.queue.clone(),
+        delivery.delivery_tag,
+        delivery.exchange.to_string(),
+        delivery.routing_key.to_string(),
+        delivery.redelivered,
+        delivery.properties,
+        delivery.data,
+    )
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(non-string panic payload)".to_owned());
+    format!("handler panicked: {text}")
+}
+
+/// Runs the handler for one delivery and decides its fate.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    ctx: Context,
+    permit: Permit,
+    slot: OwnedSemaphorePermit,
+    publisher: Publisher,
+    session: CancellationToken,
+) -> Finished {
+    let tag = ctx.delivery_tag();
+    let call_timeout = shared.breaker.config().call_timeout;
+    shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    let call = AssertUnwindSafe(shared.handler.call(&ctx)).catch_unwind();
+    let outcome = match tokio::time::timeout(call_timeout, call).await {
+        Err(_) => Outcome::TimedOut(call_timeout),
+        Ok(Err(payload)) => Outcome::Panic(panic_text(payload.as_ref())),
+        Ok(Ok(CallResult::Ok)) => Outcome::Success,
+        Ok(Ok(CallResult::Decode(e))) => Outcome::Decode(e.0),
+        Ok(Ok(CallResult::Failed(e @ HandlerError::Transient(_)))) => {
+            Outcome::Transient(e.to_string())
+        }
+        Ok(Ok(CallResult::Failed(e))) => Outcome::Permanent(e.to_string()),
+    };
+    shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    // The handler is done: free its concurrency slot before any publishing.
+    drop(slot);
+
+    let is_probe = permit.is_probe();
+    let successes_at_start = permit.successes_at_start();
+    let state_after = permit.record(match outcome {
+        Outcome::Success => CallOutcome::Success,
+        Outcome::Transient(_) | Outcome::TimedOut(_) => CallOutcome::Failure,
+        Outcome::Permanent(_) | Outcome::Decode(_) | Outcome::Panic(_) => CallOutcome::Ignored,
+    });
+    match outcome {
+        Outcome::Success => inc(&shared.stats.succeeded),
+        Outcome::TimedOut(_) => {
+            inc(&shared.stats.failed);
+            inc(&shared.stats.timed_out);
+        }
+        Outcome::Transient(_) => inc(&shared.stats.failed),
+        _ => {}
+    }
+    let outage_suspected = is_probe || !state_after.admits_all();
+    let delays = shared.topology.delay_queues.len();
+    let mut disposition = policy::decide(&outcome, ctx.attempt(), delays, outage_suspected);
+    if disposition == Disposition::AwaitVerdict {
+        let verdict = tokio::select! {
+            v = shared.breaker.health_verdict(successes_at_start, shared.breaker.config().window) => v,
+            () = session.cancelled() => return Finished { tag, settle: Settle::Requeue },
+        };
+        disposition = policy::after_verdict(verdict, ctx.attempt(), deferrals(&ctx), delays);
+        debug!(queue = %shared.queue, ?verdict, ?disposition, "last attempt failed");
+    }
+    let settle = apply(&shared, &ctx, &outcome, &disposition, &publisher, &session).await;
+    Finished { tag, settle }
+}
+
+/// Sends a prefetched, unstarted message to the dead-letter queue (on_pause = "dead-letter").
+pub(crate) async fn dead_letter_unstarted(
+    shared: Arc<Shared>,
+    ctx: Context,
+    publisher: Publisher,
+    session: CancellationToken,
+) -> Finished {
+    let tag = ctx.delivery_tag();
+    let outcome = Outcome::Permanent(format!(
+        "not started: breaker {} opened while the message was prefetched (on_pause = \"dead-letter\")",
+        shared.breaker.name()
+    ));
+    let disposition = Disposition::DeadLetter(DeadLetterReason::Paused);
+    let settle = apply(&shared, &ctx, &outcome, &disposition, &publisher, &session).await;
+    Finished { tag, settle }
+}
+
+fn deferrals(ctx: &Context) -> u32 {
+    ctx.headers()
+        .and_then(|h| header_u64(h, headers::DEFERRALS))
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0)
+}
+
+async fn apply(
+    shared: &Shared,
+    ctx: &Context,
+    outcome: &Outcome,
+    disposition: &Disposition,
+    publisher: &Publisher,
+    session: &CancellationToken,
+) -> Settle {
+    let (exchange, routing_key, properties) = match disposition {
+        Disposition::Ack => return Settle::Ack,
+        Disposition::AwaitVerdict => unreachable_verdict(),
+        Disposition::DeadLetter(reason) => {
+            let props = copy_properties(ctx.properties(), |h| {
+                h.insert(headers::REASON.into(), text(reason.as_str()));
+                h.insert(
+                    headers::ERROR.into(),
+                    text(&truncate(&outcome.error_text(), MAX_ERROR_LEN)),
+                );
+                h.insert(headers::HANDLER.into(), text(&shared.handler_name));
+                h.insert(headers::ORIGINAL_QUEUE.into(), text(&shared.queue));
+                h.insert(
+                    headers::DEAD_LETTERED_AT.into(),
+                    text(
+                        &humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                    ),
+                );
+                h.insert(headers::ATTEMPT.into(), number(ctx.attempt()));
+            });
+            (
+                shared.topology.dead_letter_exchange.as_str(),
+                shared.topology.dead_letter_queue.as_str(),
+                props,
+            )
+        }
+        Disposition::Retry {
+            level,
+            next_attempt,
+        } => {
+            let props = copy_properties(ctx.properties(), |h| {
+                h.insert(headers::ATTEMPT.into(), number(*next_attempt));
+            });
+            ("", shared.topology.delay_queues[*level].1.as_str(), props)
+        }
+        Disposition::Defer { level } => {
+            let deferrals = deferrals(ctx) + 1;
+            let props = copy_properties(ctx.properties(), |h| {
+                h.insert(headers::ATTEMPT.into(), number(ctx.attempt()));
+                h.insert(headers::DEFERRALS.into(), number(deferrals));
+            });
+            let target = match level {
+                Some(l) => shared.topology.delay_queues[*l].1.as_str(),
+                None => shared.queue.as_ref(),
+            };
+            ("", target, props)
+        }
+    };
+    if session.is_cancelled() {
+        // The channel this delivery came on is gone; the broker has requeued
+        // the original, so a copy now would only be a duplicate.
+        return Settle::Requeue;
+    }
+    match publisher
+        .publish_confirmed(exchange, routing_key, ctx.body(), properties)
+        .await
+    {
+        Ok(()) => {
+            match disposition {
+                Disposition::DeadLetter(_) => inc(&shared.stats.dead_lettered),
+                Disposition::Retry { .. } => inc(&shared.stats.retried),
+                Disposition::Defer { .. } => inc(&shared.stats.deferred),
+                Disposition::Ack | Disposition::AwaitVerdict => {}
+            }
+            Settle::Ack
+        }
+        Err(e) => {
+            inc(&shared.stats.publish_failures);
+            warn!(
+                queue = %shared.queue,
+                target = routing_key,
+                error = %e,
+                "could not store a copy of the message; returning the original to the queue"
+            );
+            Settle::Requeue
+        }
+    }
+}
+
+#[cold]
+fn unreachable_verdict() -> ! {
+    // `run` resolves AwaitVerdict before calling `apply`.
+    panic!("AwaitVerdict must be resolved before applying a disposition")
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn number(n: u32) -> AMQPValue {
+    AMQPValue::LongLongInt(i64::from(n))
+}
+
+/// The original's properties, persistent, with `edit` applied to the
+/// headers. Left out: broker death headers, the per-message `expiration` (a
+/// dead letter must not silently expire) and `user_id` (the broker rejects a
+/// user id that is not the publishing connection's).
+fn copy_properties(
+    original: &BasicProperties,
+    edit: impl FnOnce(&mut BTreeMap<ShortString, AMQPValue>),
+) -> BasicProperties {
+    let mut headers: BTreeMap<ShortString, AMQPValue> = original
+        .headers()
+        .as_ref()
+        .map(|h| h.inner().clone())
+        .unwrap_or_default();
+    for name in headers::BROKER_DEATH_HEADERS {
+        headers.remove(*name);
+    }
+    edit(&mut headers);
+    let mut props = BasicProperties::default()
+        .with_headers(FieldTable::from(headers))
+        .with_delivery_mode(2);
+    let o = original;
+    if let Some(v) = o.content_type() {
+        props = props.with_content_type(v.clone());
+    }
+    if let Some(v) = o.content_encoding() {
+        props = props.with_content_encoding(v.clone());
+    }
+    if let Some(v) = o.priority() {
+        props = props.with_priority(*v);
+    }
+    if let Some(v) = o.correlation_id() {
+        props = props.with_correlation_id(v.clone());
+    }
+    if let Some(v) = o.reply_to() {
+        props = props.with_reply_to(v.clone());
+    }
+    if let Some(v) = o.message_id() {
+        props = props.with_message_id(v.clone());
+    }
+    if let Some(v) = o.timestamp() {
+        props = props.with_timestamp(*v);
+    }
+    if let Some(v) = o.kind() {
+        props = props.with_type(v.clone());
+    }
+    if let Some(v) = o.app_id() {
+        props = props.with_app_id(v.clone());
+    }
+    props
+}

@@ -1,0 +1,121 @@
+//! The library's error type. Every message names the cause and what to do.
+
+use crate::config::ConfigError;
+
+/// What can stop the worker.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration could not be loaded or is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The broker rejected the user name or password.
+    #[error(
+        "the broker at {url} refused the login ({detail}): check the user name and password in broker.url"
+    )]
+    AccessRefused {
+        /// The broker address, password masked.
+        url: String,
+        /// What the broker said.
+        detail: String,
+    },
+    /// The virtual host does not exist or the user may not use it.
+    #[error(
+        "the broker at {url} refused the virtual host ({detail}): check the vhost at the end of broker.url (%2f is \"/\") and the user's permissions"
+    )]
+    VhostRefused {
+        /// The broker address, password masked.
+        url: String,
+        /// What the broker said.
+        detail: String,
+    },
+    /// The broker did not answer within the startup timeout (or the reconnect attempts ran out).
+    #[error(
+        "cannot reach the broker at {url} ({detail}); gave up after {attempts} attempts over {waited}: is RabbitMQ running, and is broker.url right? (wait longer with broker.startup_timeout)"
+    )]
+    Unreachable {
+        /// The broker address, password masked.
+        url: String,
+        /// The last connection error.
+        detail: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Time spent trying, human-readable.
+        waited: String,
+    },
+    /// A queue or exchange already exists with other arguments.
+    #[error(
+        "consumers[{index}]: {detail}; make the consumer's settings match the existing {kind} or delete it so it can be declared again"
+    )]
+    TopologyMismatch {
+        /// Which consumer.
+        index: usize,
+        /// `queue` or `exchange`.
+        kind: &'static str,
+        /// The broker's message, naming the queue and the differing argument.
+        detail: String,
+    },
+    /// A queue or exchange that must exist does not.
+    #[error(
+        "consumers[{index}]: {detail}; declare it, or set consumers[{index}].declare = true to let rabbit-guard declare it"
+    )]
+    TopologyMissing {
+        /// Which consumer.
+        index: usize,
+        /// The broker's message.
+        detail: String,
+    },
+    /// A handler could not be built from its settings.
+    #[error("consumers[{index}]: {message}")]
+    Handler {
+        /// Which consumer.
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Any other broker error.
+    #[error("broker error while {context}: {source}")]
+    Broker {
+        /// What was being done.
+        context: String,
+        /// The client's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// An operating-system error (signals, files).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn broker(context: impl Into<String>, source: lapin::Error) -> Self {
+        Self::Broker {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// The AMQP reply code and text of a protocol error, if it is one.
+pub(crate) fn amqp_error(e: &lapin::Error) -> Option<(u16, String)> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            Some((amqp.get_id(), amqp.get_message().as_str().to_owned()))
+        }
+        _ => None,
+    }
+}
+
+/// A one-line description of a broker error, without the crate's prefixes.
+pub(crate) fn describe(e: &lapin::Error) -> String {
+    match amqp_error(e) {
+        Some((_, text)) => text,
+        None => e.to_string(),
+    }
+}

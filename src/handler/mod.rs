@@ -1,0 +1,76 @@
+//! The [`Handler`] trait: what users implement to process a queue's messages.
+//!
+//! ```
+//! use rabbit_guard::handler::{Context, Handler, HandlerError, Json, ResultExt};
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct Order { id: u64, amount_cents: i64 }
+//!
+//! struct Billing { client: reqwest::Client }
+//!
+//! impl Handler for Billing {
+//!     type Message = Json<Order>;
+//!
+//!     async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
+//!         if order.amount_cents < 0 {
+//!             return Err(HandlerError::permanent(format!("order {} has a negative amount", order.id)));
+//!         }
+//!         self.client
+//!             .post("http://billing.internal/charge")
+//!             .header("Idempotency-Key", ctx.message_id().unwrap_or_default())
+//!             .send()
+//!             .await
+//!             .and_then(|r| r.error_for_status())
+//!             .transient()?; // the dependency failed: retry, count against the breaker
+//!         Ok(())
+//!     }
+//! }
+//! ```
+//!
+//! Outcomes: `Ok(())` acks; [`HandlerError::Transient`] retries through the
+//! delay queues and counts against the breaker; [`HandlerError::Permanent`]
+//! and bodies that fail to [`Decode`] are dead-lettered at once; a panic is
+//! caught and the message dead-lettered with reason `panic`. Every call is
+//! bounded by the breaker's `call_timeout`; a call that outlives it is a
+//! transient failure.
+
+mod context;
+mod decode;
+mod erased;
+mod error;
+
+use std::future::Future;
+
+pub use context::Context;
+pub(crate) use context::header_u64;
+pub use decode::{Decode, DecodeError, Json};
+pub(crate) use erased::{CallResult, ErasedHandler, erase};
+pub use error::{BoxError, HandlerError, ResultExt};
+
+/// Processes one queue's messages. Implement it with a plain `async fn`.
+///
+/// The handler is shared by every concurrent call (`&self`), so keep clients
+/// and pools in it and make it cheap to call.
+pub trait Handler: Send + Sync + 'static {
+    /// The decoded body: [`Json<T>`], `Vec<u8>`, `String` or `()`.
+    type Message: Decode;
+
+    /// Handles one message.
+    ///
+    /// # Errors
+    ///
+    /// A [`HandlerError`] saying whether the dependency (transient) or the
+    /// message (permanent) is at fault.
+    ///
+    /// # Cancel safety
+    ///
+    /// The future is dropped when the call outlives `call_timeout` or the
+    /// worker shuts down past its grace period; the message is then retried
+    /// or requeued, so handlers must tolerate being run again (at least once).
+    fn handle(
+        &self,
+        message: Self::Message,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}

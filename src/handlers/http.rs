@@ -1,0 +1,136 @@
+use std::time::Duration;
+
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode};
+
+use crate::config::HttpSettings;
+use crate::handler::{Context, Handler, HandlerError};
+use crate::secret::mask_url;
+
+/// Sends each message body to an HTTP endpoint.
+///
+/// The request carries the body, its `content_type` (default
+/// `application/octet-stream`), `X-Message-Id` (when the message has one),
+/// `X-Attempt`, and the configured extra headers.
+///
+/// | response | outcome |
+/// |---|---|
+/// | 2xx | success: ack |
+/// | connect error, timeout, 408, 429, 5xx | transient: counts against the breaker, retried |
+/// | any other status | permanent: dead-lettered with the status and the start of the body |
+#[derive(Debug, Clone)]
+pub struct HttpHandler {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    shown_url: String,
+    method: Method,
+    headers: HeaderMap,
+}
+
+/// How much of an error response body is kept in the error text.
+const BODY_SNIPPET: usize = 512;
+
+impl HttpHandler {
+    /// A handler for `settings`. Calls are bounded by the breaker's
+    /// `call_timeout` by the worker; `timeout` is a backstop for the
+    /// connection itself.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the bad key when the URL, method or a header is invalid.
+    pub fn new(settings: &HttpSettings, timeout: Duration) -> Result<Self, String> {
+        let url = reqwest::Url::parse(&settings.url)
+            .map_err(|e| format!("http.url {:?} is not a URL: {e}", mask_url(&settings.url)))?;
+        let method = Method::from_bytes(settings.method.as_bytes())
+            .map_err(|_| format!("http.method {:?} is not an HTTP method", settings.method))?;
+        let mut headers = HeaderMap::new();
+        for (name, value) in &settings.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("http.headers: {name:?} is not a header name"))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| format!("http.headers.{name}: not a valid header value"))?;
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Self {
+            client,
+            shown_url: mask_url(url.as_str()),
+            url,
+            method,
+            headers,
+        })
+    }
+}
+
+impl Handler for HttpHandler {
+    type Message = Vec<u8>;
+
+    async fn handle(&self, body: Vec<u8>, ctx: &Context) -> Result<(), HandlerError> {
+        let mut request = self
+            .client
+            .request(self.method.clone(), self.url.clone())
+            .headers(self.headers.clone())
+            .header(
+                CONTENT_TYPE,
+                ctx.content_type().unwrap_or("application/octet-stream"),
+            )
+            .header("X-Attempt", ctx.attempt().to_string())
+            .body(body);
+        if let Some(id) = ctx.message_id() {
+            request = request.header("X-Message-Id", id);
+        }
+        let response = request.send().await.map_err(|e| {
+            let kind = if e.is_timeout() {
+                "timed out"
+            } else if e.is_connect() {
+                "could not connect"
+            } else {
+                "request failed"
+            };
+            HandlerError::transient(format!("{} {}: {kind}: {e}", self.method, self.shown_url))
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = response.text().await.unwrap_or_default();
+        let snippet = crate::dead_letter::truncate(text.trim(), BODY_SNIPPET);
+        let message = format!("{} {}: {status}: {snippet}", self.method, self.shown_url);
+        if is_transient(status) {
+            Err(HandlerError::transient(message))
+        } else {
+            Err(HandlerError::permanent(message))
+        }
+    }
+}
+
+fn is_transient(status: StatusCode) -> bool {
+    status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        for code in [500, 502, 503, 504, 408, 429] {
+            assert!(
+                is_transient(StatusCode::from_u16(code).unwrap()),
+                "{code} should be transient"
+            );
+        }
+        for code in [400, 401, 403, 404, 409, 410, 422, 301, 304] {
+            assert!(
+                !is_transient(StatusCode::from_u16(code).unwrap()),
+                "{code} should be permanent"
+            );
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Publishing copies (to delay queues and the dead-letter exchange) with
+//! publisher confirms: the original is acked only after its copy is confirmed.
+
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Connection};
+
+/// Why a copy was not safely stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum PublishError {
+    #[error("the broker refused the copy (nack)")]
+    Nacked,
+    #[error(
+        "the copy could not be routed to {routing_key:?} via exchange {exchange:?} (does the queue exist?)"
+    )]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("{0}")]
+    Broker(lapin::Error),
+}
+
+/// A confirm-mode channel. Cheap to clone; shared by a consumer's tasks.
+#[derive(Debug, Clone)]
+pub(crate) struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub(crate) async fn open(connection: &Connection) -> Result<Self, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self { channel })
+    }
+
+    /// Publishes (mandatory) and waits for the broker's confirm.
+    pub(crate) async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await
+            .map_err(PublishError::Broker)?
+            .await
+            .map_err(PublishError::Broker)?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+            }),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+        }
+    }
+
+    pub(crate) async fn close(&self) {
+        if self.channel.status().connected() {
+            let _ = self.channel.close(200, "consumer stopped".into()).await;
+        }
+    }
+}

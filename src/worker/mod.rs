@@ -1,0 +1,374 @@
+//! Building everything from settings and running it: connections, topology,
+//! breakers and their timers, one task per consumer, and a clean shutdown.
+//!
+//! ```no_run
+//! use rabbit_guard::config::{Sources, load};
+//! use rabbit_guard::handler::{Context, Handler, HandlerError, Json};
+//! use rabbit_guard::Worker;
+//!
+//! struct Orders;
+//! impl Handler for Orders {
+//!     type Message = Json<serde_json::Value>;
+//!     async fn handle(&self, Json(order): Json<serde_json::Value>, _ctx: &Context) -> Result<(), HandlerError> {
+//!         println!("{order}");
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let settings = load(&Sources::from_env(None), &["orders"])?;
+//! Worker::builder(settings).handler("orders", Orders).run().await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::breaker::{Breaker, BreakerState, Transition};
+use crate::config::Settings;
+use crate::connection::ManagedConnection;
+use crate::consumer::{ConsumerRuntime, ConsumerStats, Shared};
+use crate::error::Error;
+use crate::handler::{ErasedHandler, Handler, erase};
+use crate::handlers::{HttpHandler, NoopHandler};
+use crate::topology::Topology;
+
+/// Extra time, beyond the grace period, that closing channels may take.
+const CLOSE_MARGIN: Duration = Duration::from_secs(10);
+
+/// Collects settings and custom handlers; [`build`](Self::build) checks them.
+#[must_use]
+pub struct WorkerBuilder {
+    settings: Settings,
+    handlers: BTreeMap<String, Arc<dyn ErasedHandler>>,
+}
+
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerBuilder {
+    /// Registers `handler` under `name`: consumers with `handler = "name"` use it.
+    pub fn handler<H: Handler>(mut self, name: impl Into<String>, handler: H) -> Self {
+        self.handlers.insert(name.into(), erase(handler));
+        self
+    }
+
+    /// The names of the handlers registered so far.
+    #[must_use]
+    pub fn handler_names(&self) -> Vec<&str> {
+        self.handlers.keys().map(String::as_str).collect()
+    }
+
+    /// Validates the settings against the registered handlers and builds the
+    /// breakers and handlers. Does not touch the network.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] listing every problem; [`Error::Handler`] when a
+    /// built-in handler cannot be built from its settings.
+    pub fn build(self) -> Result<Worker, Error> {
+        let names: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+        self.settings.validate(&names)?;
+        let breakers: BTreeMap<String, Breaker> = self
+            .settings
+            .breakers
+            .iter()
+            .map(|(name, cfg)| (name.clone(), Breaker::new(name.clone(), cfg.clone())))
+            .collect();
+        let mut consumers = Vec::new();
+        for (index, c) in self.settings.consumers.iter().enumerate() {
+            let breaker = breakers[&c.breaker].clone();
+            let handler: Arc<dyn ErasedHandler> = match self.handlers.get(&c.handler) {
+                Some(h) => h.clone(),
+                None => match c.handler.as_str() {
+                    "noop" => erase(NoopHandler),
+                    "http" => {
+                        let http = c.http.as_ref().ok_or_else(|| Error::Handler {
+                            index,
+                            message: "http.url must be set for handler = \"http\"".into(),
+                        })?;
+                        erase(
+                            HttpHandler::new(http, breaker.config().call_timeout)
+                                .map_err(|message| Error::Handler { index, message })?,
+                        )
+                    }
+                    other => {
+                        return Err(Error::Handler {
+                            index,
+                            message: format!("no handler named {other:?} is registered"),
+                        });
+                    }
+                },
+            };
+            consumers.push(Arc::new(Shared {
+                queue: Arc::from(c.queue.as_str()),
+                handler_name: Arc::from(c.handler.as_str()),
+                handler,
+                breaker,
+                topology: Topology::of(index, c),
+                stats: Arc::new(ConsumerStats::default()),
+            }));
+        }
+        Ok(Worker {
+            settings: self.settings,
+            breakers,
+            consumers,
+        })
+    }
+
+    /// Builds and runs until SIGINT or SIGTERM. See [`Worker::run`].
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build) and [`Worker::run_until`].
+    pub async fn run(self) -> Result<(), Error> {
+        self.build()?.run().await
+    }
+}
+
+/// A configured worker, ready to run.
+pub struct Worker {
+    settings: Settings,
+    breakers: BTreeMap<String, Breaker>,
+    consumers: Vec<Arc<Shared>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("breakers", &self.breakers.keys().collect::<Vec<_>>())
+            .field(
+                "consumers",
+                &self.consumers.iter().map(|c| &c.queue).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Starts building a worker from `settings`.
+    pub fn builder(settings: Settings) -> WorkerBuilder {
+        WorkerBuilder {
+            settings,
+            handlers: BTreeMap::new(),
+        }
+    }
+
+    /// The settings it runs with.
+    #[must_use]
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The breaker named `name`, shared with the running consumers.
+    #[must_use]
+    pub fn breaker(&self, name: &str) -> Option<Breaker> {
+        self.breakers.get(name).cloned()
+    }
+
+    /// Every breaker, by name.
+    #[must_use]
+    pub fn breakers(&self) -> &BTreeMap<String, Breaker> {
+        &self.breakers
+    }
+
+    /// Live counters of the consumer of `queue`.
+    #[must_use]
+    pub fn stats(&self, queue: &str) -> Option<Arc<ConsumerStats>> {
+        self.consumers
+            .iter()
+            .find(|c| &*c.queue == queue)
+            .map(|c| c.stats.clone())
+    }
+
+    /// Runs until SIGINT (Ctrl-C) or SIGTERM, then shuts down gracefully.
+    ///
+    /// # Errors
+    ///
+    /// As [`run_until`](Self::run_until), or when signal handlers cannot be installed.
+    pub async fn run(self) -> Result<(), Error> {
+        let shutdown = CancellationToken::new();
+        let signals = crate::signal::shutdown_on_signal(shutdown.clone())?;
+        let result = self.run_until(shutdown).await;
+        signals.abort();
+        result
+    }
+
+    /// Connects, declares topology, and consumes until `shutdown` is
+    /// cancelled; then stops consuming, lets running handlers finish within
+    /// `worker.shutdown_grace`, requeues the rest, and closes channels and
+    /// connections after the broker has processed the last acks.
+    ///
+    /// # Errors
+    ///
+    /// Startup errors (refused credentials, unreachable broker, topology
+    /// mismatch), or reconnection giving up after `broker.reconnect.max_attempts`.
+    pub async fn run_until(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let broker = &self.settings.broker;
+        let consume = Arc::new(ManagedConnection::new(broker, "consume")?);
+        let publish = Arc::new(ManagedConnection::new(broker, "publish")?);
+        consume.start(&shutdown).await?;
+        publish.start(&shutdown).await?;
+        if let Err(e) = self.declare_all(&consume, &shutdown).await {
+            publish.close().await;
+            consume.close().await;
+            return Err(e);
+        }
+
+        let infra = CancellationToken::new();
+        let stop = CancellationToken::new();
+        let infra_tasks = TaskTracker::new();
+        let (fatal_tx, mut fatal_rx) = mpsc::channel::<Error>(2);
+        for breaker in self.breakers.values() {
+            infra_tasks.spawn(breaker.clone().run_timer(infra.clone()));
+            infra_tasks.spawn(log_transitions(breaker.clone(), infra.clone()));
+        }
+        for conn in [&consume, &publish] {
+            let conn = conn.clone();
+            let token = infra.clone();
+            let fatal = fatal_tx.clone();
+            infra_tasks.spawn(async move {
+                if let Err(e) = conn.supervise(token).await {
+                    let _ = fatal.send(e).await;
+                }
+            });
+        }
+        drop(fatal_tx);
+
+        let consumers = TaskTracker::new();
+        let grace = self.settings.worker.shutdown_grace;
+        for (shared, settings) in self.consumers.iter().zip(&self.settings.consumers) {
+            let runtime = ConsumerRuntime {
+                settings: settings.clone(),
+                shared: shared.clone(),
+                consume: consume.clone(),
+                publish: publish.clone(),
+                grace,
+            };
+            consumers.spawn(runtime.run(stop.clone()));
+        }
+        consumers.close();
+        info!(
+            consumers = self.consumers.len(),
+            breakers = self.breakers.len(),
+            "worker running"
+        );
+
+        let fatal = tokio::select! {
+            () = shutdown.cancelled() => None,
+            Some(e) = fatal_rx.recv() => Some(e),
+        };
+        info!(grace = %humantime::format_duration(grace), "shutting down");
+        stop.cancel();
+        if tokio::time::timeout(grace + CLOSE_MARGIN, consumers.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "consumers did not stop in time; closing the connections anyway (the broker requeues unacked messages)"
+            );
+        }
+        infra.cancel();
+        infra_tasks.close();
+        infra_tasks.wait().await;
+        publish.close().await;
+        consume.close().await;
+        info!("worker stopped");
+        fatal.map_or(Ok(()), Err)
+    }
+
+    async fn declare_all(
+        &self,
+        consume: &ManagedConnection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Error> {
+        let Some((_, connection)) = consume.connection(shutdown).await else {
+            return Ok(());
+        };
+        for shared in &self.consumers {
+            // A failed declaration closes its channel: one channel each.
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| Error::broker("opening a channel to declare queues", e))?;
+            shared.topology.declare(&channel).await?;
+            let _ = channel.close(200, "declared".into()).await;
+            info!(topology = %shared.topology, "topology ready");
+        }
+        Ok(())
+    }
+}
+
+async fn log_transitions(breaker: Breaker, stop: CancellationToken) {
+    let mut rx = breaker.transitions();
+    loop {
+        let t = tokio::select! {
+            () = stop.cancelled() => return,
+            t = rx.recv() => t,
+        };
+        match t {
+            Ok(t) => log_transition(breaker.name(), &t),
+            Err(RecvError::Lagged(n)) => {
+                warn!(breaker = %breaker.name(), missed = n, "breaker transitions were not logged");
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+fn log_transition(name: &str, t: &Transition) {
+    let open_for = match t.to {
+        BreakerState::Open { until } => humantime::format_duration(Duration::from_millis(
+            u64::try_from(until.saturating_duration_since(t.at).as_millis()).unwrap_or(0),
+        ))
+        .to_string(),
+        _ => String::new(),
+    };
+    let fields = (
+        t.counts.failure_rate(),
+        t.counts.calls,
+        t.counts.failures,
+        t.counts.slow,
+        t.consecutive_failures,
+    );
+    if t.reason.opens() {
+        warn!(
+            breaker = %name,
+            from = t.from.name(),
+            to = t.to.name(),
+            reason = t.reason.name(),
+            failure_rate = fields.0,
+            calls = fields.1,
+            failures = fields.2,
+            slow_calls = fields.3,
+            consecutive_failures = fields.4,
+            open_for = %open_for,
+            "breaker opened"
+        );
+    } else {
+        info!(
+            breaker = %name,
+            from = t.from.name(),
+            to = t.to.name(),
+            reason = t.reason.name(),
+            failure_rate = fields.0,
+            calls = fields.1,
+            failures = fields.2,
+            slow_calls = fields.3,
+            consecutive_failures = fields.4,
+            "breaker state changed"
+        );
+    }
+}

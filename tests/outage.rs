@@ -1,0 +1,322 @@
+//! Promise 2 and 4: an open breaker means no consumer at the broker and no
+//! calls to the dependency; the blast radius before the pause is bounded;
+//! after recovery every message is processed and none is dead-lettered.
+
+#![allow(clippy::print_stderr)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use rabbit_guard::Worker;
+use rabbit_guard::breaker::{BreakerConfig, BreakerState, Transition, TransitionReason};
+use tokio::time::Instant;
+
+/// Calls that arrive this long after a trip were started after it (the
+/// failing downstream answers in microseconds, so in-flight calls land sooner).
+const IN_FLIGHT_SLACK: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    consumers: u32,
+    open_since: Option<Instant>,
+}
+
+/// Samples the queue's consumer count at the broker while the breaker is open.
+fn sample_consumers(
+    broker: Arc<TestBroker>,
+    queue: String,
+    running: &Running,
+) -> (Arc<Mutex<Vec<Sample>>>, tokio::task::JoinHandle<()>) {
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let sink = samples.clone();
+    let breaker = running.breaker.clone();
+    let handle = tokio::spawn(async move {
+        loop {
+            let before = breaker.snapshot();
+            let consumers = broker.consumers(&queue).await;
+            let after = breaker.snapshot();
+            let open_since = match (before.state, after.state) {
+                (BreakerState::Open { until: a }, BreakerState::Open { until: b }) if a == b => {
+                    Some(before.since)
+                }
+                _ => None,
+            };
+            sink.lock().unwrap().push(Sample {
+                at: Instant::now(),
+                consumers,
+                open_since,
+            });
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    });
+    (samples, handle)
+}
+
+fn is_open(t: &Transition) -> bool {
+    matches!(t.to, BreakerState::Open { .. })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_pauses_consumption_and_recovers_with_nothing_lost() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Failing);
+    let breaker = fast_breaker();
+    let (minimum_calls, probes) = (breaker.minimum_calls, breaker.half_open_probes);
+    let settings = with_http(settings("outage", "http", breaker), &downstream);
+    let consumer = settings.consumers[0].clone();
+    let concurrency = u32::from(consumer.concurrency);
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let ids = broker.publish_json(&consumer.queue, "o", 2_000).await;
+
+    let running = Running::start(Worker::builder(settings)).await;
+    let (samples, sampler) = sample_consumers(broker.clone(), consumer.queue.clone(), &running);
+
+    // Fail long enough for the first trip and at least two failed trials.
+    let tripped = wait_until(Duration::from_secs(10), || {
+        running
+            .transitions()
+            .iter()
+            .filter(|t| t.reason == TransitionReason::ProbeFailed)
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(
+        tripped,
+        "breaker should trip and fail two probes: {:?}",
+        running.transitions()
+    );
+    downstream.set(Mode::Healthy);
+    let recovered_at = Instant::now();
+
+    let all_done = wait_until(Duration::from_secs(60), || {
+        downstream.succeeded_ids().len() == ids.len()
+    })
+    .await;
+    sampler.abort();
+    let succeeded = downstream.succeeded_ids();
+    let missing: Vec<_> = ids
+        .iter()
+        .filter(|id| !succeeded.contains(*id))
+        .take(5)
+        .collect();
+    assert!(
+        all_done,
+        "every message must reach the downstream with a 2xx after recovery: {} of {} did, e.g. missing {missing:?}",
+        succeeded.len(),
+        ids.len()
+    );
+
+    let calls = downstream.calls();
+    let transitions = running.transitions();
+    let first_half_open = transitions
+        .iter()
+        .find(|t| matches!(t.to, BreakerState::HalfOpen { .. }))
+        .expect("went half-open")
+        .at;
+
+    // Promise 4: failing calls before the pause are bounded.
+    let failing_before_pause = calls
+        .iter()
+        .filter(|c| c.status == 503 && c.at < first_half_open)
+        .count();
+    let bound = (minimum_calls + concurrency) as usize;
+    assert!(
+        failing_before_pause <= bound,
+        "{failing_before_pause} failing calls before the pause; bound is minimum_calls + concurrency = {bound}"
+    );
+
+    // Promise 2: no calls while open (beyond calls already in flight at the trip).
+    let mut trials = 0;
+    for (i, t) in transitions.iter().enumerate() {
+        let Some(next) = transitions.get(i + 1) else {
+            break;
+        };
+        if is_open(t) {
+            let during: Vec<_> = calls
+                .iter()
+                .filter(|c| c.at >= t.at + IN_FLIGHT_SLACK && c.at < next.at)
+                .collect();
+            assert!(
+                during.is_empty(),
+                "{} calls reached the downstream while the breaker was open ({:?} .. {:?}): {during:?}",
+                during.len(),
+                t.at,
+                next.at
+            );
+            let in_flight = calls
+                .iter()
+                .filter(|c| c.at >= t.at && c.at < t.at + IN_FLIGHT_SLACK)
+                .count();
+            assert!(
+                in_flight <= concurrency as usize,
+                "{in_flight} calls right after the trip; at most {concurrency} can have been in flight"
+            );
+        }
+        if matches!(t.to, BreakerState::HalfOpen { .. }) {
+            trials += 1;
+            let probes_seen = calls
+                .iter()
+                .filter(|c| c.at >= t.at && c.at < next.at)
+                .count();
+            assert!(
+                probes_seen <= probes as usize,
+                "half-open trial {trials} let {probes_seen} calls through; half_open_probes = {probes}"
+            );
+        }
+    }
+
+    // While open, the broker shows no consumer on the queue.
+    let samples = samples.lock().unwrap().clone();
+    let open_samples: Vec<_> = samples
+        .iter()
+        .filter(|s| {
+            s.open_since
+                .is_some_and(|since| s.at >= since + IN_FLIGHT_SLACK)
+        })
+        .collect();
+    assert!(
+        !open_samples.is_empty(),
+        "no consumer-count sample was taken while the breaker was open ({} samples)",
+        samples.len()
+    );
+    let with_consumer: Vec<_> = open_samples.iter().filter(|s| s.consumers > 0).collect();
+    assert!(
+        with_consumer.is_empty(),
+        "{} of {} samples taken while open saw a consumer at the broker",
+        with_consumer.len(),
+        open_samples.len()
+    );
+
+    // Promise 3: nothing dead-lettered; everything settled.
+    let stats = running.stats.snapshot();
+    assert_eq!(
+        stats.dead_lettered, 0,
+        "no dead letters from an outage: {stats:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            matches!(TestBroker::unacked(&consumer.queue), Some(0) | None)
+        })
+        .await,
+        "nothing should stay unacked"
+    );
+    running.stop().await;
+    assert_eq!(
+        broker.ready(&consumer.queue).await,
+        0,
+        "work queue should be empty"
+    );
+    assert_eq!(
+        broker.ready(&consumer.dead_letter_queue()).await,
+        0,
+        "dead-letter queue should be empty"
+    );
+    for d in &consumer.retry.delays {
+        assert_eq!(
+            broker.ready(&consumer.delay_queue(*d)).await,
+            0,
+            "delay queue should be empty"
+        );
+    }
+    eprintln!(
+        "outage: {failing_before_pause} failing calls before the pause (bound {bound}), {trials} half-open trials, \
+         {} open samples with 0 consumers, {} total calls for {} messages, recovered in {:?}, stats {stats:?}",
+        open_samples.len(),
+        calls.len(),
+        ids.len(),
+        recovered_at.elapsed()
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_after_healthy_traffic_trips_on_consecutive_failures() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Healthy);
+    let breaker = BreakerConfig {
+        window: Duration::from_secs(60),
+        consecutive_failures: Some(20),
+        ..fast_breaker()
+    };
+    let settings = with_http(settings("consecutive", "http", breaker), &downstream);
+    let consumer = settings.consumers[0].clone();
+    let concurrency = usize::from(consumer.concurrency);
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let ids = broker.publish_json(&consumer.queue, "c", 3_000).await;
+
+    let running = Running::start(Worker::builder(settings)).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || downstream.succeeded_ids().len()
+            >= 1_000)
+        .await,
+        "healthy traffic should flow first"
+    );
+    downstream.set(Mode::Failing);
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(
+            running.state(),
+            BreakerState::Open { .. }
+        ))
+        .await,
+        "breaker should open on consecutive failures"
+    );
+    let trip = running
+        .transitions()
+        .into_iter()
+        .find(is_open)
+        .expect("a trip");
+    assert_eq!(
+        trip.reason,
+        TransitionReason::ConsecutiveFailures,
+        "{trip:?}"
+    );
+    assert!(
+        trip.counts.calls >= 1_000,
+        "the window should hold the healthy calls: {:?}",
+        trip.counts
+    );
+    tokio::time::sleep(IN_FLIGHT_SLACK).await;
+    let failing_before_pause = downstream
+        .calls()
+        .iter()
+        .filter(|c| c.status == 503)
+        .count();
+    assert!(
+        failing_before_pause <= 20 + concurrency,
+        "{failing_before_pause} failing calls before the pause; bound is consecutive_failures + concurrency = {}, \
+         with {} successes in the window",
+        20 + concurrency,
+        trip.counts.calls - trip.counts.failures
+    );
+
+    downstream.set(Mode::Healthy);
+    let all_done = wait_until(Duration::from_secs(60), || {
+        downstream.succeeded_ids().len() == ids.len()
+    })
+    .await;
+    assert!(
+        all_done,
+        "{} of {} processed",
+        downstream.succeeded_ids().len(),
+        ids.len()
+    );
+    let stats = running.stats.snapshot();
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    running.stop().await;
+    assert_eq!(broker.ready(&consumer.dead_letter_queue()).await, 0);
+    eprintln!(
+        "consecutive: {failing_before_pause} failing calls before the pause (bound {}), window at trip {:?}",
+        20 + concurrency,
+        trip.counts
+    );
+    broker.cleanup().await;
+}
