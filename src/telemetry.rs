@@ -1,5 +1,7 @@
 //! Logging setup: human-readable or JSON lines on stderr, filtered like `RUST_LOG`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
@@ -8,14 +10,23 @@ use crate::config::{LogFormat, LogSettings};
 /// `log.level`. Panics are logged through it too, so JSON output stays one
 /// object per line. Calling it twice is harmless (the second call does nothing).
 pub fn init(log: &LogSettings) {
-    let filter = std::env::var("RUST_LOG")
+    let directives = std::env::var("RUST_LOG")
         .ok()
-        .filter(|s| !s.trim().is_empty())
-        .and_then(|s| EnvFilter::try_new(s).ok())
-        .or_else(|| EnvFilter::try_new(&log.level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .filter(|s| !s.trim().is_empty() && EnvFilter::try_new(s).is_ok())
+        .unwrap_or_else(|| log.level.clone());
+    // lapin logs every connection problem at ERROR from its I/O thread,
+    // repeating what rabbit-guard already reports with context; name it in
+    // the filter to see it anyway.
+    let directives = if directives.contains("lapin") {
+        directives
+    } else {
+        format!("{directives},lapin=off")
+    };
+    let filter =
+        EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = match log.format {
         LogFormat::Text => builder.try_init().is_ok(),

@@ -200,18 +200,11 @@ async fn outage_pauses_consumption_and_recovers_with_nothing_lost() {
         stats.dead_lettered, 0,
         "no dead letters from an outage: {stats:?}"
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            matches!(TestBroker::unacked(&consumer.queue), Some(0) | None)
-        })
-        .await,
-        "nothing should stay unacked"
-    );
     running.stop().await;
     assert_eq!(
         broker.ready(&consumer.queue).await,
         0,
-        "work queue should be empty"
+        "work queue should be empty: nothing left unacked"
     );
     assert_eq!(
         broker.ready(&consumer.dead_letter_queue()).await,
@@ -244,6 +237,7 @@ async fn outage_after_healthy_traffic_trips_on_consecutive_failures() {
     let breaker = BreakerConfig {
         window: Duration::from_secs(60),
         consecutive_failures: Some(20),
+        open_timeout: Duration::from_secs(2),
         ..fast_breaker()
     };
     let settings = with_http(settings("consecutive", "http", breaker), &downstream);
@@ -262,10 +256,10 @@ async fn outage_after_healthy_traffic_trips_on_consecutive_failures() {
     );
     downstream.set(Mode::Failing);
     assert!(
-        wait_until(Duration::from_secs(10), || matches!(
-            running.state(),
-            BreakerState::Open { .. }
-        ))
+        wait_until(Duration::from_secs(10), || running
+            .transitions()
+            .iter()
+            .any(is_open))
         .await,
         "breaker should open on consecutive failures"
     );
@@ -284,11 +278,26 @@ async fn outage_after_healthy_traffic_trips_on_consecutive_failures() {
         "the window should hold the healthy calls: {:?}",
         trip.counts
     );
-    tokio::time::sleep(IN_FLIGHT_SLACK).await;
+    // Failing calls before the pause: every 503 before the first probe.
+    let half_open = |t: &Transition| matches!(t.to, BreakerState::HalfOpen { .. });
+    assert!(
+        wait_until(Duration::from_secs(10), || running
+            .transitions()
+            .iter()
+            .any(half_open))
+        .await,
+        "breaker should go half-open"
+    );
+    let probing_from = running
+        .transitions()
+        .into_iter()
+        .find(half_open)
+        .unwrap()
+        .at;
     let failing_before_pause = downstream
         .calls()
         .iter()
-        .filter(|c| c.status == 503)
+        .filter(|c| c.status == 503 && c.at < probing_from)
         .count();
     assert!(
         failing_before_pause <= 20 + concurrency,

@@ -101,6 +101,7 @@ where
     F: Fn(WorkerBuilder) -> WorkerBuilder,
 {
     crate::telemetry::init(&settings.log);
+    let json_logs = settings.log.format == crate::config::LogFormat::Json;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,7 +123,9 @@ where
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "worker failed");
+            if json_logs {
+                tracing::error!(error = %e, "worker failed");
+            }
             output::error(&e.to_string());
             ExitCode::FAILURE
         }

@@ -53,6 +53,9 @@ pub(crate) enum Disposition {
     AwaitVerdict,
 }
 
+/// Longest wait for a health verdict (shorter when the breaker's window is).
+pub(crate) const MAX_VERDICT_WAIT: Duration = Duration::from_secs(2);
+
 /// Deferrals after which a last attempt failing with no verdict either way is
 /// dead-lettered anyway, so a lone bad message in an idle queue can't cycle forever.
 pub(crate) const MAX_UNKNOWN_DEFERRALS: u32 = 3;

@@ -24,7 +24,7 @@ use super::settle::{AckTracker, Op, Settle};
 use super::stats::{add, inc};
 use super::task::{self, Finished, Shared};
 use crate::breaker::{BreakerState, Rejected};
-use crate::config::{ConsumerSettings, OnPause};
+use crate::config::{ConsumerSettings, OnPause, QueueType};
 use crate::connection::ManagedConnection;
 use crate::error::describe;
 use crate::publish::Publisher;
@@ -484,31 +484,36 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Graceful stop: cancel the subscription, requeue what has not started,
-    /// let running handlers finish within the grace period, requeue the rest,
-    /// and make sure the broker has processed every settle before closing.
+    /// Graceful stop: start nothing new, let running handlers finish within
+    /// the grace period, ack what succeeded, and make sure the broker has
+    /// applied every settle before the channel closes. Deliveries not started
+    /// are left unsettled: closing the channel returns them to the queue.
+    ///
+    /// Why the barrier: a quorum queue's client in the broker holds settles
+    /// back while more than 32 of its commands are in flight, and what it still
+    /// holds when the channel closes is lost; those acked messages would come
+    /// back (seen in tests, never with classic queues). A `basic.qos` round
+    /// trip does not wait for the queue. A synchronous queue command does:
+    /// `basic.cancel` goes through the queue's log after our acks, and by the
+    /// time it returns the channel has what it needs to send the held settles,
+    /// which it does before handling our next frame.
     async fn stop(&mut self) -> SessionResult {
-        self.unsubscribe().await?;
         let unstarted = self.pending.len();
-        while let Some(delivery) = self.pending.pop_front() {
-            inc(&self.runtime.shared.stats.requeued);
-            self.tracker.finish(delivery.delivery_tag, Settle::Requeue);
-        }
-        let running = self.running.len();
+        self.pending.clear();
         info!(
             queue = %self.queue(),
-            running,
-            requeued = unstarted,
+            running = self.running.len(),
+            unstarted,
             grace = %humantime::format_duration(self.runtime.grace),
             "consumer stopping: waiting for running handlers"
         );
-        self.flush(true).await?;
+        self.flush(false).await?;
         let deadline = Instant::now() + self.runtime.grace;
         while !self.running.is_empty() {
             tokio::select! {
                 Some(done) = self.running.join_next_with_id() => {
                     self.finished(done);
-                    self.flush(true).await?;
+                    self.flush(false).await?;
                 }
                 () = tokio::time::sleep_until(deadline) => break,
             }
@@ -526,8 +531,12 @@ impl Session<'_> {
             }
         }
         self.flush(true).await?;
-        // Acks carry no reply. A round trip on the same channel after them
-        // (qos-ok) proves the broker has processed them before we close.
+        self.settle_barrier().await?;
+        let returned = unstarted + self.pending.len();
+        self.pending.clear();
+        add(&self.runtime.shared.stats.requeued, returned as u64);
+        // Acks carry no reply: a round trip after them (qos-ok) proves the
+        // channel has processed them, and the held settles, before we close.
         self.channel
             .basic_qos(
                 self.runtime.settings.prefetch,
@@ -539,8 +548,41 @@ impl Session<'_> {
             debug!(queue = %self.queue(), error = %describe(&e), "closing the channel");
         }
         self.publisher.close().await;
-        info!(queue = %self.queue(), "consumer stopped");
+        info!(queue = %self.queue(), returned, "consumer stopped");
         Ok(())
+    }
+
+    /// A synchronous queue command after the last settle (see [`stop`](Self::stop)):
+    /// cancel the subscription, or, for a quorum queue with none (paused),
+    /// subscribe for a moment with prefetch 1 and cancel. Deliveries that
+    /// arrive meanwhile are left unsettled, returned when the channel closes.
+    async fn settle_barrier(&mut self) -> SessionResult {
+        if self.sub.is_some() {
+            return self.unsubscribe().await;
+        }
+        if self.runtime.settings.queue_type != QueueType::Quorum {
+            return Ok(());
+        }
+        self.channel
+            .basic_qos(1, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| format!("setting prefetch: {}", describe(&e)))?;
+        let consumer = self
+            .channel
+            .basic_consume(
+                ShortString::from(self.queue()),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("subscribing: {}", describe(&e)))?;
+        self.sub = Some(Subscription {
+            consumer,
+            mode: Mode::Full,
+            received: 0,
+        });
+        self.unsubscribe().await
     }
 }
 

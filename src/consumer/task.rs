@@ -11,14 +11,14 @@ use futures_util::FutureExt;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::policy::{self, Disposition, Outcome};
 use super::settle::Settle;
 use super::stats::{ConsumerStats, inc};
-use crate::breaker::{Breaker, CallOutcome, Permit};
+use crate::breaker::{Breaker, CallOutcome, HealthVerdict, Permit};
 use crate::dead_letter::{DeadLetterReason, MAX_ERROR_LEN, headers, truncate};
 use crate::handler::{CallResult, Context, ErasedHandler, HandlerError, header_u64};
 use crate::publish::Publisher;
@@ -32,6 +32,10 @@ pub(crate) struct Shared {
     pub(crate) breaker: Breaker,
     pub(crate) topology: Topology,
     pub(crate) stats: Arc<ConsumerStats>,
+    /// Deliveries that may wait for a health verdict at once: `prefetch -
+    /// concurrency`, so waiting never starves the handlers of deliveries
+    /// (and of the very successes a verdict waits for).
+    pub(crate) verdict_slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -118,11 +122,21 @@ pub(crate) async fn run(
     let delays = shared.topology.delay_queues.len();
     let mut disposition = policy::decide(&outcome, ctx.attempt(), delays, outage_suspected);
     if disposition == Disposition::AwaitVerdict {
-        let verdict = tokio::select! {
-            v = shared.breaker.health_verdict(successes_at_start, shared.breaker.config().window) => v,
-            () = session.cancelled() => return Finished { tag, settle: Settle::Requeue },
+        let deferrals = deferrals(&ctx);
+        let verdict = if shared.breaker.successes() > successes_at_start {
+            HealthVerdict::Healthy
+        } else if deferrals >= policy::MAX_UNKNOWN_DEFERRALS {
+            HealthVerdict::Unknown
+        } else if let Ok(_waiting) = shared.verdict_slots.clone().try_acquire_owned() {
+            let wait = shared.breaker.config().window.min(policy::MAX_VERDICT_WAIT);
+            tokio::select! {
+                v = shared.breaker.health_verdict(successes_at_start, wait) => v,
+                () = session.cancelled() => return Finished { tag, settle: Settle::Requeue },
+            }
+        } else {
+            HealthVerdict::Unknown
         };
-        disposition = policy::after_verdict(verdict, ctx.attempt(), deferrals(&ctx), delays);
+        disposition = policy::after_verdict(verdict, ctx.attempt(), deferrals, delays);
         debug!(queue = %shared.queue, ?verdict, ?disposition, "last attempt failed");
     }
     let settle = apply(&shared, &ctx, &outcome, &disposition, &publisher, &session).await;

@@ -119,6 +119,9 @@ impl WorkerBuilder {
                 breaker,
                 topology: Topology::of(index, c),
                 stats: Arc::new(ConsumerStats::default()),
+                verdict_slots: Arc::new(tokio::sync::Semaphore::new(usize::from(
+                    c.prefetch.saturating_sub(c.concurrency),
+                ))),
             }));
         }
         Ok(Worker {

@@ -271,25 +271,6 @@ impl TestBroker {
         let _ = ch.close(200, "ok".into()).await;
         out
     }
-
-    /// `rabbitmqctl list_queues` for unacked counts (the only place they show
-    /// without the management plugin).
-    pub fn unacked(queue: &str) -> Option<u64> {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args([
-                "list_queues",
-                "-q",
-                "--no-table-headers",
-                "name",
-                "messages_unacknowledged",
-            ])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-            let mut parts = l.split_whitespace();
-            (parts.next()? == queue).then(|| parts.next()?.parse().ok())?
-        })
-    }
 }
 
 /// How the downstream answers.
@@ -475,6 +456,14 @@ pub fn with_http(mut s: Settings, downstream: &Downstream) -> Settings {
     s
 }
 
+/// Worker logs go to the test's captured output, shown when a test fails.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info,lapin=off".into()))
+        .with_test_writer()
+        .try_init();
+}
+
 /// A worker running in this process.
 pub struct Running {
     pub token: CancellationToken,
@@ -486,6 +475,7 @@ pub struct Running {
 
 impl Running {
     pub async fn start(builder: WorkerBuilder) -> Self {
+        init_logs();
         let worker: Worker = builder.build().expect("test settings are valid");
         let breaker = worker.breakers().values().next().unwrap().clone();
         let queue = worker.settings().consumers[0].queue.clone();
@@ -533,5 +523,84 @@ impl Running {
 
     pub fn state(&self) -> BreakerState {
         self.breaker.state()
+    }
+}
+
+/// The `rabbit-guard` binary as a child process, killed when dropped.
+pub struct Child {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+impl Child {
+    /// Runs `rabbit-guard <args>` with `settings` written to a config file,
+    /// stderr captured to a file.
+    pub fn spawn(settings: &Settings, args: &[&str]) -> Self {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, toml::to_string(settings).unwrap()).unwrap();
+        Self::spawn_with_config(dir, &config, args)
+    }
+
+    pub fn spawn_with_config(
+        dir: Arc<tempfile::TempDir>,
+        config: &std::path::Path,
+        args: &[&str],
+    ) -> Self {
+        let log = dir.path().join("stderr.log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .env_remove("RUN_MODE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the rabbit-guard binary");
+        Self {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the exit status, polling, up to `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
