@@ -501,7 +501,8 @@ impl Running {
             wait_until(Duration::from_secs(10), || running
                 .stats
                 .snapshot()
-                .subscribed)
+                .subscriptions
+                >= 1)
             .await,
             "worker did not subscribe within 10s"
         );
