@@ -136,19 +136,9 @@ impl TestBroker {
     }
 
     pub async fn cleanup(&self) {
-        let ch = self.connection.create_channel().await.unwrap();
         let queues: Vec<String> = self.queues.lock().unwrap().drain(..).collect();
         let exchanges: Vec<String> = self.exchanges.lock().unwrap().drain(..).collect();
-        for q in queues {
-            let _ = ch
-                .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
-                .await;
-        }
-        for e in exchanges {
-            let _ = ch
-                .exchange_delete(ShortString::from(e.as_str()), Default::default())
-                .await;
-        }
+        delete_all(&self.connection, &queues, &exchanges).await;
     }
 
     /// Declares a plain durable queue (for tests that publish before the worker starts).
@@ -270,6 +260,62 @@ impl TestBroker {
         }
         let _ = ch.close(200, "ok".into()).await;
         out
+    }
+}
+
+async fn delete_all(connection: &Connection, queues: &[String], exchanges: &[String]) {
+    let Ok(ch) = connection.create_channel().await else {
+        return;
+    };
+    for q in queues {
+        let _ = ch
+            .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
+            .await;
+    }
+    for e in exchanges {
+        let _ = ch
+            .exchange_delete(ShortString::from(e.as_str()), Default::default())
+            .await;
+    }
+}
+
+/// A test that panics before `cleanup` still deletes its queues: the broker
+/// is shared with other tests and runs.
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let queues: Vec<String> = self
+            .queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        let exchanges: Vec<String> = self
+            .exchanges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        if queues.is_empty() && exchanges.is_empty() {
+            return;
+        }
+        // Drop may run inside the test's runtime: clean up from a thread of our own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(c) =
+                    Connection::connect(&amqp_addr(), ConnectionProperties::default()).await
+                {
+                    delete_all(&c, &queues, &exchanges).await;
+                    let _ = c.close(200, "cleanup".into()).await;
+                }
+            });
+        })
+        .join();
     }
 }
 
