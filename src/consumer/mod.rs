@@ -11,9 +11,9 @@
 //! Prefetched deliveries that have not started when the breaker opens are
 //! requeued (`on_pause = "requeue"`) or dead-lettered with reason `paused`;
 //! running handlers finish and their outcomes apply. Settles go out in tag
-//! order as `multiple` frames where possible ([`settle`]).
+//! order as `multiple` frames where possible (`settle.rs`).
 //!
-//! What happens to each message is decided by [`policy`]: success acks;
+//! What happens to each message is decided by `policy.rs`: success acks;
 //! a transient failure is copied to the next delay queue (confirmed) and then
 //! acked; a permanent error, a decode failure or a panic is copied to the
 //! dead-letter exchange with its reason; a failure while the breaker was
