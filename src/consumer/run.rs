@@ -263,12 +263,16 @@ impl Session<'_> {
             self.unsubscribe().await?;
         }
         let Some(mode) = want else {
-            info!(
-                queue = %self.queue(),
-                breaker = %self.shared().breaker.name(),
-                state = state.name(),
-                "consumer paused: no consumer at the broker, messages wait in the queue"
-            );
+            if matches!(state, BreakerState::HalfOpen { .. }) {
+                debug!(queue = %self.queue(), "took its probes; no consumer until the trial ends");
+            } else {
+                info!(
+                    queue = %self.queue(),
+                    breaker = %self.shared().breaker.name(),
+                    state = state.name(),
+                    "consumer paused: no consumer at the broker, messages wait in the queue"
+                );
+            }
             return Ok(());
         };
         let prefetch = match mode {

@@ -340,7 +340,7 @@ fn log_transition(name: &str, t: &Transition) {
         _ => String::new(),
     };
     let fields = (
-        t.counts.failure_rate(),
+        (t.counts.failure_rate() * 1000.0).round() / 1000.0,
         t.counts.calls,
         t.counts.failures,
         t.counts.slow,
