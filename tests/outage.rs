@@ -329,3 +329,136 @@ async fn outage_after_healthy_traffic_trips_on_consecutive_failures() {
     );
     broker.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_pause_dead_letter_sends_unstarted_prefetched_messages_to_the_dlq() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Failing);
+    let mut settings = with_http(settings("onpause", "http", fast_breaker()), &downstream);
+    settings.consumers[0].on_pause = rabbit_guard::config::OnPause::DeadLetter;
+    settings.consumers[0].prefetch = 100;
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let ids = broker.publish_json(&consumer.queue, "p", 300).await;
+    let running = Running::start(Worker::builder(settings)).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || running
+            .transitions()
+            .iter()
+            .any(is_open))
+        .await,
+        "breaker should trip"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || running
+            .stats
+            .snapshot()
+            .dead_lettered
+            > 0)
+        .await,
+        "prefetched messages should be dead-lettered: {:?}",
+        running.stats.snapshot()
+    );
+    downstream.set(Mode::Healthy);
+    let dead_count = || running.stats.snapshot().dead_lettered as usize;
+    assert!(
+        wait_until(Duration::from_secs(60), || downstream.succeeded_ids().len()
+            + dead_count()
+            == ids.len())
+        .await,
+        "every message processed or dead-lettered: {} + {} of {}",
+        downstream.succeeded_ids().len(),
+        dead_count(),
+        ids.len()
+    );
+    running.stop().await;
+    let dead = broker.drain(&consumer.dead_letter_queue()).await;
+    let called: std::collections::HashSet<String> =
+        downstream.calls().into_iter().map(|c| c.id).collect();
+    assert!(!dead.is_empty());
+    for d in &dead {
+        assert_eq!(
+            d.header_str("rg-reason").as_deref(),
+            Some("paused"),
+            "{}",
+            d.id
+        );
+        assert!(
+            !called.contains(&d.id),
+            "{} was dead-lettered as unstarted but reached the downstream",
+            d.id
+        );
+    }
+    let succeeded = downstream.succeeded_ids();
+    let lost: Vec<_> = ids
+        .iter()
+        .filter(|id| !succeeded.contains(*id) && !dead.iter().any(|d| &d.id == *id))
+        .collect();
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    eprintln!(
+        "on_pause: {} prefetched messages dead-lettered as paused, {} processed",
+        dead.len(),
+        succeeded.len()
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_shared_by_two_consumers_pauses_both() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Failing);
+    let mut settings = with_http(settings("shared", "http", fast_breaker()), &downstream);
+    let mut second = settings.consumers[0].clone();
+    second.queue = unique("shared-b");
+    settings.consumers.push(second);
+    let queues: Vec<_> = settings.consumers.iter().map(|c| c.queue.clone()).collect();
+    let mut ids = Vec::new();
+    for c in &settings.consumers {
+        broker.track(c);
+        broker.declare(c).await;
+        ids.extend(broker.publish_json(&c.queue, &c.queue, 200).await);
+    }
+    init_logs();
+    let worker = Worker::builder(settings).build().unwrap();
+    let breaker = worker.breaker("dep").unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let join = tokio::spawn(worker.run_until(token.clone()));
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(
+            breaker.state(),
+            BreakerState::Open { .. }
+        ))
+        .await,
+        "breaker should open"
+    );
+    let mut both_paused = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let a = broker.consumers(&queues[0]).await;
+        let b = broker.consumers(&queues[1]).await;
+        if a == 0 && b == 0 && matches!(breaker.state(), BreakerState::Open { .. }) {
+            both_paused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        both_paused,
+        "both queues should have no consumer while the shared breaker is open"
+    );
+    downstream.set(Mode::Healthy);
+    assert!(
+        wait_until(Duration::from_secs(60), || downstream.succeeded_ids().len()
+            == ids.len())
+        .await,
+        "{} of {} processed",
+        downstream.succeeded_ids().len(),
+        ids.len()
+    );
+    token.cancel();
+    join.await.unwrap().unwrap();
+    broker.cleanup().await;
+}
