@@ -23,6 +23,9 @@ use crate::secret::mask_url;
 /// enough to notice a dead peer in well under a minute.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
+/// How long a clean close may wait for the broker's close-ok.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The state of one managed connection.
 #[derive(Debug, Clone)]
 pub(crate) enum Link {
@@ -81,7 +84,19 @@ impl ManagedConnection {
 
     async fn connect_once(&self) -> Result<Connection, lapin::Error> {
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
-        Connection::connect_uri(self.uri.clone(), props).await
+        let timeout = self.settings.connect_timeout;
+        // A peer that accepts TCP but never answers would hang the handshake forever.
+        tokio::time::timeout(timeout, Connection::connect_uri(self.uri.clone(), props))
+            .await
+            .unwrap_or_else(|_| {
+                Err(lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer within broker.connect_timeout ({})",
+                        humantime::format_duration(timeout)
+                    ),
+                )))
+            })
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {
@@ -298,9 +313,15 @@ impl ManagedConnection {
         let link = self.link.send_replace(Link::Down);
         if let Link::Up { connection, .. } = link
             && connection.status().connected()
-            && let Err(e) = connection.close(200, "worker shutting down".into()).await
         {
-            debug!(connection = %self.name, error = %e, "closing the connection");
+            let close = connection.close(200, "worker shutting down".into());
+            match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(connection = %self.name, error = %e, "closing the connection"),
+                Err(_) => {
+                    warn!(connection = %self.name, "the broker did not confirm the close in time");
+                }
+            }
         }
     }
 }

@@ -37,6 +37,11 @@ impl Publisher {
         Ok(Self { channel })
     }
 
+    /// False once the channel is closed (its connection lost, or closed by the broker).
+    pub(crate) fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
     /// Publishes (mandatory) and waits for the broker's confirm.
     pub(crate) async fn publish_confirmed(
         &self,

@@ -32,9 +32,13 @@ pub struct BrokerSettings {
     /// Connection name shown in the management UI and `rabbitmqctl list_connections`;
     /// `/consume` and `/publish` are appended for the worker's two connections.
     pub connection_name: String,
-    /// How long to keep trying to reach the broker at startup before giving up.
+    /// How long to keep trying to reach the broker at startup before giving
+    /// up (`"100y"`: practically forever).
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// How long one connection attempt (TCP, TLS and AMQP handshake) may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
     /// `[broker.reconnect]`: backoff between connection attempts.
     pub reconnect: ReconnectSettings,
 }
@@ -45,6 +49,7 @@ impl Default for BrokerSettings {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
             connection_name: "rabbit-guard".to_owned(),
             startup_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
             reconnect: ReconnectSettings::default(),
         }
     }

@@ -50,6 +50,7 @@ impl Settings {
             ));
         }
         for (key, d) in [
+            ("broker.connect_timeout", b.connect_timeout),
             ("broker.reconnect.initial_delay", b.reconnect.initial_delay),
             ("broker.reconnect.max_delay", b.reconnect.max_delay),
         ] {

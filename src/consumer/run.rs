@@ -222,6 +222,12 @@ impl Session<'_> {
                     while let Some(done) = self.running.try_join_next_with_id() {
                         self.finished(done);
                     }
+                    if !self.publisher.is_open() {
+                        // Copies can't be stored: settle what we can, then start
+                        // over on a new channel rather than loop on failures.
+                        self.flush(true).await?;
+                        return Err("the publishing channel was lost".into());
+                    }
                 }
                 item = next_delivery(&mut self.sub), if self.sub.is_some() => {
                     match item {

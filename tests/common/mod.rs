@@ -3,6 +3,8 @@
 //! and a worker running in-process.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod proxy;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -650,4 +652,45 @@ impl Drop for Child {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Closes, through the broker, every connection whose client-provided name
+/// is `name` (`rabbitmqctl close_connection`). Returns how many were closed.
+pub fn close_connections_named(name: &str, reason: &str) -> usize {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("rabbitmqctl must be installed for broker-side tests");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let needle = format!("{{\"connection_name\",\"{name}\"}}");
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(&needle)) {
+        let pid = line.split_whitespace().next().unwrap();
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, reason])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        if status.success() {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// A pseudo-random number in `0..n` (tests only need variety, not quality).
+pub fn random_below(n: u64) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    u64::from(nanos.wrapping_mul(2_654_435_761)) % n.max(1)
 }
