@@ -65,6 +65,9 @@ pub enum Error {
         /// The broker's message.
         detail: String,
     },
+    /// A startup safety check found risks and `worker.safety_checks = "refuse"`.
+    #[error("refusing to start (worker.safety_checks = \"refuse\"): {}", .0.join("; "))]
+    Unsafe(Vec<String>),
     /// A handler could not be built from its settings.
     #[error("consumers[{index}]: {message}")]
     Handler {

@@ -2,6 +2,8 @@
 //! publisher confirms: the original is acked only after its copy is confirmed.
 
 use lapin::Confirmation;
+use std::time::Duration;
+
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
@@ -20,21 +22,31 @@ pub(crate) enum PublishError {
     },
     #[error("{0}")]
     Broker(lapin::Error),
+    #[error("no confirm within {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
 }
 
 /// A confirm-mode channel. Cheap to clone; shared by a consumer's tasks.
 #[derive(Debug, Clone)]
 pub(crate) struct Publisher {
     channel: Channel,
+    timeout: Duration,
 }
 
 impl Publisher {
-    pub(crate) async fn open(connection: &Connection) -> Result<Self, lapin::Error> {
+    /// A confirm-mode channel on `connection`. A copy not confirmed within
+    /// `timeout` (a broker blocked by a resource alarm for that long) is
+    /// given up, and its original returned to the queue before the broker's
+    /// consumer timeout would close the channel.
+    pub(crate) async fn open(
+        connection: &Connection,
+        timeout: Duration,
+    ) -> Result<Self, lapin::Error> {
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok(Self { channel })
+        Ok(Self { channel, timeout })
     }
 
     /// False once the channel is closed (its connection lost, or closed by the broker).
@@ -44,6 +56,21 @@ impl Publisher {
 
     /// Publishes (mandatory) and waits for the broker's confirm.
     pub(crate) async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        tokio::time::timeout(
+            self.timeout,
+            self.publish(exchange, routing_key, body, properties),
+        )
+        .await
+        .unwrap_or(Err(PublishError::TimedOut(self.timeout)))
+    }
+
+    async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,

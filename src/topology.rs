@@ -33,6 +33,8 @@ pub struct Topology {
     pub delay_queues: Vec<(Duration, String)>,
     /// Whether to declare (true) or only check that everything exists (false).
     pub declare: bool,
+    /// Quorum delivery limit to declare on the work queue.
+    pub delivery_limit: Option<u32>,
 }
 
 fn long(s: &str) -> AMQPValue {
@@ -56,6 +58,7 @@ impl Topology {
                 .map(|d| (*d, c.delay_queue(*d)))
                 .collect(),
             declare: c.declare,
+            delivery_limit: c.delivery_limit,
         }
     }
 
@@ -80,6 +83,12 @@ impl Topology {
             "x-dead-letter-routing-key".into(),
             long(&self.dead_letter_queue),
         );
+        if let (QueueType::Quorum, Some(limit)) = (self.queue_type, self.delivery_limit) {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(limit)),
+            );
+        }
         args
     }
 

@@ -424,6 +424,7 @@ async fn a_breaker_shared_by_two_consumers_pauses_both() {
     init_logs();
     let worker = Worker::builder(settings).build().unwrap();
     let breaker = worker.breaker("dep").unwrap();
+    let stats: Vec<_> = queues.iter().map(|q| worker.stats(q).unwrap()).collect();
     let token = tokio_util::sync::CancellationToken::new();
     let join = tokio::spawn(worker.run_until(token.clone()));
     assert!(
@@ -449,6 +450,25 @@ async fn a_breaker_shared_by_two_consumers_pauses_both() {
         both_paused,
         "both queues should have no consumer while the shared breaker is open"
     );
+    // Let two probe trials fail: each probe is taken by one consumer only.
+    let trials = |n| {
+        let breaker = breaker.clone();
+        move || {
+            matches!(breaker.state(), BreakerState::Open { .. })
+                && breaker.snapshot().consecutive_failures >= n
+        }
+    };
+    let rejected = || -> u64 { stats.iter().map(|s| s.snapshot().rejected_by_breaker).sum() };
+    let first_trip = breaker.snapshot().consecutive_failures;
+    assert!(
+        wait_until(Duration::from_secs(10), trials(first_trip + 1)).await,
+        "a first probe fails"
+    );
+    let rejected_after_first_probe = rejected();
+    assert!(
+        wait_until(Duration::from_secs(10), trials(first_trip + 2)).await,
+        "a second probe fails"
+    );
     downstream.set(Mode::Healthy);
     assert!(
         wait_until(Duration::from_secs(60), || downstream.succeeded_ids().len()
@@ -458,7 +478,77 @@ async fn a_breaker_shared_by_two_consumers_pauses_both() {
         downstream.succeeded_ids().len(),
         ids.len()
     );
+    assert_eq!(
+        rejected(),
+        rejected_after_first_probe,
+        "half-open trials must not take messages beyond the probes (they would be requeued)"
+    );
     token.cancel();
     join.await.unwrap().unwrap();
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_on_a_bad_message_frees_its_slot_for_another_probe() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Healthy);
+    let mut settings = with_http(settings("badprobe", "http", fast_breaker()), &downstream);
+    // One at a time, so the queue order decides which message is the probe.
+    settings.consumers[0].prefetch = 1;
+    settings.consumers[0].concurrency = 1;
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    // Ten failures trip the breaker; then a message the dependency rejects
+    // as bad (400: permanent, tells nothing about its health); then good ones.
+    let warm = broker.publish_json(&consumer.queue, "warm", 10).await;
+    for id in &warm {
+        downstream.rule(id, Rule::FailTimes(1));
+    }
+    downstream.rule("rejected", Rule::Status(400));
+    broker
+        .publish_raw(&consumer.queue, "rejected", b"{}", "application/json")
+        .await;
+    let good = broker.publish_json(&consumer.queue, "good", 10).await;
+    let running = Running::start(Worker::builder(settings)).await;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let ok = downstream.succeeded_ids();
+            good.iter().all(|id| ok.contains(id))
+        })
+        .await,
+        "the bad probe must free its slot so a good one can close the breaker: {:?}, {:?}",
+        running
+            .transitions()
+            .iter()
+            .map(|t| t.reason)
+            .collect::<Vec<_>>(),
+        running.stats.snapshot()
+    );
+    let reasons: Vec<_> = running.transitions().iter().map(|t| t.reason).collect();
+    assert_eq!(
+        reasons,
+        [
+            TransitionReason::FailureRate,
+            TransitionReason::OpenTimeElapsed,
+            TransitionReason::ProbesSucceeded
+        ],
+        "one trial: the bad message's probe is not a failure, the next probe closes it"
+    );
+    let first_probe = downstream
+        .calls()
+        .into_iter()
+        .find(|c| c.id == "rejected")
+        .unwrap();
+    let half_open = running.transitions()[1].at;
+    assert!(first_probe.at >= half_open, "the bad message was a probe");
+    running.stop().await;
+    let dead = broker.drain(&consumer.dead_letter_queue()).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].header_str("rg-reason").as_deref(),
+        Some("permanent")
+    );
     broker.cleanup().await;
 }

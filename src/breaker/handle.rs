@@ -29,6 +29,8 @@ struct Inner {
     machine: Mutex<Guarded>,
     state_tx: watch::Sender<BreakerState>,
     transitions_tx: broadcast::Sender<Transition>,
+    /// Bumped when a half-open probe slot is given back without an outcome.
+    released_tx: watch::Sender<u64>,
     successes: AtomicU64,
     verdict_waiters: AtomicUsize,
     success_notify: Notify,
@@ -79,6 +81,7 @@ impl Breaker {
         let now = Instant::now();
         let (state_tx, _) = watch::channel(BreakerState::Closed);
         let (transitions_tx, _) = broadcast::channel(256);
+        let (released_tx, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
                 name: name.into(),
@@ -90,6 +93,7 @@ impl Breaker {
                 config,
                 state_tx,
                 transitions_tx,
+                released_tx,
                 successes: AtomicU64::new(0),
                 verdict_waiters: AtomicUsize::new(0),
                 success_notify: Notify::new(),
@@ -122,6 +126,14 @@ impl Breaker {
         self.inner.state_tx.subscribe()
     }
 
+    /// Changes whenever a half-open probe slot is given back without telling
+    /// anything (the probe's message was bad, or its permit was dropped): a
+    /// consumer that stopped after taking its probes may take another.
+    #[must_use]
+    pub fn probe_releases(&self) -> watch::Receiver<u64> {
+        self.inner.released_tx.subscribe()
+    }
+
     /// A receiver of every transition, for logs and metrics.
     #[must_use]
     pub fn transitions(&self) -> broadcast::Receiver<Transition> {
@@ -131,7 +143,7 @@ impl Breaker {
     /// Successful calls recorded since the breaker was made.
     #[must_use]
     pub fn successes(&self) -> u64 {
-        self.inner.successes.load(Ordering::Acquire)
+        self.inner.successes.load(Ordering::SeqCst)
     }
 
     fn lock(&self) -> MutexGuard<'_, Guarded> {
@@ -173,20 +185,22 @@ impl Breaker {
         })
     }
 
-    fn record(&self, kind: PermitKind, outcome: CallOutcome, started: Instant) -> BreakerState {
+    fn record(&self, kind: PermitKind, outcome: CallOutcome, elapsed: Duration) -> BreakerState {
         let now = Instant::now();
         if outcome == CallOutcome::Success {
-            self.inner.successes.fetch_add(1, Ordering::AcqRel);
+            self.inner.successes.fetch_add(1, Ordering::SeqCst);
         }
         let mut guard = self.lock();
-        let transition =
-            guard
-                .machine
-                .record(kind, outcome, now.saturating_duration_since(started), now);
+        let transition = guard.machine.record(kind, outcome, elapsed, now);
         self.publish(&mut guard, transition);
         let state = guard.machine.state();
         drop(guard);
-        if outcome == CallOutcome::Success && self.inner.verdict_waiters.load(Ordering::Acquire) > 0
+        if let (PermitKind::Probe { trial }, CallOutcome::Ignored) = (kind, outcome)
+            && state == (BreakerState::HalfOpen { trial })
+        {
+            self.inner.released_tx.send_modify(|n| *n += 1);
+        }
+        if outcome == CallOutcome::Success && self.inner.verdict_waiters.load(Ordering::SeqCst) > 0
         {
             self.inner.success_notify.notify_waiters();
         }
@@ -292,10 +306,10 @@ impl Breaker {
         struct Waiter<'a>(&'a AtomicUsize);
         impl Drop for Waiter<'_> {
             fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
+                self.0.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        self.inner.verdict_waiters.fetch_add(1, Ordering::AcqRel);
+        self.inner.verdict_waiters.fetch_add(1, Ordering::SeqCst);
         let _waiter = Waiter(&self.inner.verdict_waiters);
         let deadline = Instant::now() + wait;
         let mut state_rx = self.subscribe();
@@ -354,9 +368,16 @@ impl Permit {
     }
 
     /// Records the call's outcome and returns the breaker's state right after.
-    pub fn record(mut self, outcome: CallOutcome) -> BreakerState {
+    pub fn record(self, outcome: CallOutcome) -> BreakerState {
+        let elapsed = self.started.elapsed();
+        self.record_elapsed(outcome, elapsed)
+    }
+
+    /// Records the outcome of a call that took `elapsed` (when the caller
+    /// measured the call itself, without the time the permit waited to run).
+    pub fn record_elapsed(mut self, outcome: CallOutcome, elapsed: Duration) -> BreakerState {
         match self.breaker.take() {
-            Some(breaker) => breaker.record(self.kind, outcome, self.started),
+            Some(breaker) => breaker.record(self.kind, outcome, elapsed),
             None => BreakerState::Closed,
         }
     }
@@ -365,7 +386,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(breaker) = self.breaker.take() {
-            breaker.record(self.kind, CallOutcome::Ignored, self.started);
+            breaker.record(self.kind, CallOutcome::Ignored, self.started.elapsed());
         }
     }
 }

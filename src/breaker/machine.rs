@@ -153,9 +153,10 @@ pub struct StateMachine {
     state: BreakerState,
     window: Window,
     consecutive_failures: u32,
-    /// When the latest failed call started. A success of a call that started
-    /// before it is older news and does not end the failure streak.
-    last_failure_started: Option<Instant>,
+    /// When the latest failure was recorded. Only a call that started after
+    /// it can end a failure streak: calls already in flight by then carry
+    /// older news about the dependency, whatever order they finish in.
+    last_failure_at: Option<Instant>,
     /// Open times for failed trials after the first trip; reset on close.
     backoff: backon::ExponentialBackoff,
     /// How long the breaker is staying open this time.
@@ -178,7 +179,7 @@ impl StateMachine {
             state: BreakerState::Closed,
             window,
             consecutive_failures: 0,
-            last_failure_started: None,
+            last_failure_at: None,
             backoff,
             trial: 0,
             probes_issued: 0,
@@ -293,13 +294,10 @@ impl StateMachine {
         match outcome {
             CallOutcome::Failure => {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-                self.last_failure_started = Some(
-                    self.last_failure_started
-                        .map_or(started, |last| last.max(started)),
-                );
+                self.last_failure_at = Some(now);
             }
             CallOutcome::Success => {
-                if self.last_failure_started.is_none_or(|last| started >= last) {
+                if self.last_failure_at.is_none_or(|last| started >= last) {
                     self.consecutive_failures = 0;
                 }
             }
@@ -412,7 +410,7 @@ impl StateMachine {
     fn close(&mut self, reason: TransitionReason, now: Instant) -> Transition {
         self.window.clear();
         self.consecutive_failures = 0;
-        self.last_failure_started = None;
+        self.last_failure_at = None;
         self.backoff = Self::backoff(&self.config);
         self.current_open_time = self.config.open_timeout;
         self.go(BreakerState::Closed, reason, now)

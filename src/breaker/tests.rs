@@ -224,16 +224,23 @@ fn a_success_resets_the_consecutive_run() {
         },
         now,
     );
+    // Sequential calls, each started after the previous one was recorded.
+    let mut t = now;
     for _ in 0..10 {
-        call(&mut m, now, CallOutcome::Failure);
-        call(&mut m, now, CallOutcome::Failure);
-        call(&mut m, now, CallOutcome::Success);
+        for outcome in [
+            CallOutcome::Failure,
+            CallOutcome::Failure,
+            CallOutcome::Success,
+        ] {
+            t += FAST;
+            call(&mut m, t, outcome);
+        }
     }
     assert_eq!(m.state(), BreakerState::Closed);
 }
 
 #[test]
-fn a_success_that_started_before_the_latest_failure_does_not_end_the_streak() {
+fn only_a_call_started_after_the_latest_failure_ends_the_streak() {
     let start = Instant::now();
     let mut m = StateMachine::new(
         BreakerConfig {
@@ -243,24 +250,33 @@ fn a_success_that_started_before_the_latest_failure_does_not_end_the_streak() {
         },
         start,
     );
-    let now = start + Duration::from_secs(1);
-    let (slow_ok, _) = m.try_acquire(now);
-    let later = now + Duration::from_millis(100);
-    call(&mut m, later, CallOutcome::Failure);
-    call(&mut m, later, CallOutcome::Failure);
-    // The call started at `now`, before both failures started: old news.
-    m.record(
-        slow_ok.unwrap(),
-        CallOutcome::Success,
-        Duration::from_millis(150),
-        now + Duration::from_millis(150),
-    );
+    let t0 = start + Duration::from_secs(1);
+    // A call starts at t0 and is still in flight when failures are recorded.
+    let (in_flight, _) = m.try_acquire(t0);
+    let t1 = t0 + Duration::from_millis(100);
+    call(&mut m, t1, CallOutcome::Failure);
+    call(&mut m, t1, CallOutcome::Failure);
+    // It succeeds after them, but it started before we knew: old news.
+    let t2 = t1 + Duration::from_millis(50);
+    m.record(in_flight.unwrap(), CallOutcome::Success, t2 - t0, t2);
     assert_eq!(
         m.consecutive_failures(),
         2,
-        "a stale success must not reset the streak"
+        "an in-flight success must not reset the streak"
     );
-    let t = call(&mut m, later, CallOutcome::Failure).expect("third failure in a row trips");
+    // A call started after the last failure was recorded does end it.
+    let (fresh, _) = m.try_acquire(t2);
+    let t3 = t2 + Duration::from_millis(10);
+    m.record(fresh.unwrap(), CallOutcome::Success, t3 - t2, t3);
+    assert_eq!(
+        m.consecutive_failures(),
+        0,
+        "a newer success ends the streak"
+    );
+    for _ in 0..2 {
+        call(&mut m, t3, CallOutcome::Failure);
+    }
+    let t = call(&mut m, t3, CallOutcome::Failure).expect("third failure in a row trips");
     assert_eq!(t.reason, TransitionReason::ConsecutiveFailures);
 }
 

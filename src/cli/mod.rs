@@ -86,6 +86,9 @@ fn check_config(settings: &Settings) -> ExitCode {
                 settings.consumers.len(),
                 settings.breakers.len()
             ));
+            for risk in crate::worker::safety::risks(settings) {
+                output::line(&format!("# safety check: {risk}"));
+            }
             output::line(&text);
             ExitCode::SUCCESS
         }

@@ -39,6 +39,11 @@ pub struct BrokerSettings {
     /// How long one connection attempt (TCP, TLS and AMQP handshake) may take.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// The broker's `consumer_timeout` (rabbitmq.conf; 30 minutes unless
+    /// changed there). The broker closes a channel whose delivery stays
+    /// unacked longer; used to check `call_timeout` at startup.
+    #[serde(with = "humantime_serde")]
+    pub consumer_timeout: Duration,
     /// `[broker.reconnect]`: backoff between connection attempts.
     pub reconnect: ReconnectSettings,
 }
@@ -50,6 +55,7 @@ impl Default for BrokerSettings {
             connection_name: "rabbit-guard".to_owned(),
             startup_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            consumer_timeout: Duration::from_secs(30 * 60),
             reconnect: ReconnectSettings::default(),
         }
     }
@@ -87,14 +93,32 @@ pub struct WorkerSettings {
     /// their messages are requeued.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// What to do when a startup safety check finds a risk (a low quorum
+    /// delivery limit, a call timeout beyond the broker's consumer timeout):
+    /// `warn` (log and run), `refuse` (exit with the list), or `off`.
+    pub safety_checks: SafetyChecks,
 }
 
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
             shutdown_grace: Duration::from_secs(30),
+            safety_checks: SafetyChecks::Warn,
         }
     }
+}
+
+/// `worker.safety_checks`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SafetyChecks {
+    /// Log each risk and run.
+    #[default]
+    Warn,
+    /// Exit with the list of risks.
+    Refuse,
+    /// Don't check.
+    Off,
 }
 
 /// `[log]`
@@ -171,6 +195,9 @@ pub struct ConsumerSettings {
     /// Declare the queues and exchange at startup (idempotent). When false,
     /// they must already exist.
     pub declare: bool,
+    /// Quorum queues only: the delivery limit, declared as `x-delivery-limit`.
+    /// Unset: the broker's default (none before RabbitMQ 4.0, 20 since).
+    pub delivery_limit: Option<u32>,
     /// Dead-letter exchange; default `{queue}.dlx`.
     pub dead_letter_exchange: Option<String>,
     /// Dead-letter queue; default `{queue}.dlq`.
@@ -192,6 +219,7 @@ impl Default for ConsumerSettings {
             on_pause: OnPause::Requeue,
             queue_type: QueueType::Classic,
             declare: true,
+            delivery_limit: None,
             dead_letter_exchange: None,
             dead_letter_queue: None,
             retry: RetrySettings::default(),

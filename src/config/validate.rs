@@ -51,6 +51,7 @@ impl Settings {
         }
         for (key, d) in [
             ("broker.connect_timeout", b.connect_timeout),
+            ("broker.consumer_timeout", b.consumer_timeout),
             ("broker.reconnect.initial_delay", b.reconnect.initial_delay),
             ("broker.reconnect.max_delay", b.reconnect.max_delay),
         ] {
@@ -203,6 +204,20 @@ impl Settings {
                         }
                     }
                 }
+            }
+            if c.delivery_limit.is_some() && c.queue_type != super::settings::QueueType::Quorum {
+                out.push(problem(
+                    key("delivery_limit"),
+                    c.delivery_limit.map(|n| n.to_string()),
+                    "only quorum queues have a delivery limit: set queue_type = \"quorum\" or leave it out",
+                ));
+            }
+            if c.delivery_limit == Some(0) {
+                out.push(problem(
+                    key("delivery_limit"),
+                    Some("0".into()),
+                    "must be at least 1",
+                ));
             }
             for (k, name) in [
                 ("dead_letter_exchange", &c.dead_letter_exchange),

@@ -46,8 +46,12 @@ pub(crate) enum Disposition {
     Retry { level: usize, next_attempt: u32 },
     /// Not counted (the dependency's fault): copy to delay queue `level`, or to
     /// the tail of the work queue when there are no delays, with the attempt
-    /// unchanged and `rg-deferrals` + 1, then ack.
-    Defer { level: Option<usize> },
+    /// unchanged and `rg-deferrals` + 1 (and `rg-inconclusive` + 1 when
+    /// `inconclusive`: nothing told an outage from a bad message), then ack.
+    Defer {
+        level: Option<usize>,
+        inconclusive: bool,
+    },
     /// The last attempt failed while the breaker stayed closed: ask the breaker
     /// whether the dependency is otherwise healthy, then call [`after_verdict`].
     AwaitVerdict,
@@ -56,9 +60,10 @@ pub(crate) enum Disposition {
 /// Longest wait for a health verdict (shorter when the breaker's window is).
 pub(crate) const MAX_VERDICT_WAIT: Duration = Duration::from_secs(2);
 
-/// Deferrals after which a last attempt failing with no verdict either way is
-/// dead-lettered anyway, so a lone bad message in an idle queue can't cycle forever.
-pub(crate) const MAX_UNKNOWN_DEFERRALS: u32 = 3;
+/// Inconclusive last attempts after which the message is dead-lettered
+/// anyway, so a lone bad message in an idle queue can't cycle forever. Only
+/// failures with no verdict either way count; outage deferrals never do.
+pub(crate) const MAX_INCONCLUSIVE: u32 = 3;
 
 /// Decides what to do with a message.
 ///
@@ -81,6 +86,7 @@ pub(crate) fn decide(
             if outage_suspected {
                 Disposition::Defer {
                     level: defer_level(attempt, delays),
+                    inconclusive: false,
                 }
             } else if (attempt as usize) <= delays {
                 Disposition::Retry {
@@ -101,22 +107,26 @@ pub(crate) fn defer_level(attempt: u32, delays: usize) -> Option<usize> {
 }
 
 /// The last attempt failed; `verdict` says what the neighbours saw.
+/// `inconclusive` is how many earlier last attempts ended with no verdict.
 pub(crate) fn after_verdict(
     verdict: HealthVerdict,
     attempt: u32,
-    deferrals: u32,
+    inconclusive: u32,
     delays: usize,
 ) -> Disposition {
+    let level = defer_level(attempt, delays);
     match verdict {
         HealthVerdict::Healthy => Disposition::DeadLetter(DeadLetterReason::RetriesExhausted),
         HealthVerdict::Outage => Disposition::Defer {
-            level: defer_level(attempt, delays),
+            level,
+            inconclusive: false,
         },
-        HealthVerdict::Unknown if deferrals >= MAX_UNKNOWN_DEFERRALS => {
+        HealthVerdict::Unknown if inconclusive >= MAX_INCONCLUSIVE => {
             Disposition::DeadLetter(DeadLetterReason::RetriesExhausted)
         }
         HealthVerdict::Unknown => Disposition::Defer {
-            level: defer_level(attempt, delays),
+            level,
+            inconclusive: true,
         },
     }
 }
@@ -166,20 +176,18 @@ mod tests {
         assert_eq!(decide(&transient(), 1, 0, false), Disposition::AwaitVerdict);
     }
 
+    fn defer(level: Option<usize>, inconclusive: bool) -> Disposition {
+        Disposition::Defer {
+            level,
+            inconclusive,
+        }
+    }
+
     #[test]
     fn outage_failures_are_deferred_without_counting() {
-        assert_eq!(
-            decide(&transient(), 1, 2, true),
-            Disposition::Defer { level: Some(0) }
-        );
-        assert_eq!(
-            decide(&transient(), 3, 2, true),
-            Disposition::Defer { level: Some(1) }
-        );
-        assert_eq!(
-            decide(&transient(), 1, 0, true),
-            Disposition::Defer { level: None }
-        );
+        assert_eq!(decide(&transient(), 1, 2, true), defer(Some(0), false));
+        assert_eq!(decide(&transient(), 3, 2, true), defer(Some(1), false));
+        assert_eq!(decide(&transient(), 1, 0, true), defer(None, false));
     }
 
     #[test]
@@ -189,16 +197,16 @@ mod tests {
             Disposition::DeadLetter(DeadLetterReason::RetriesExhausted)
         );
         assert_eq!(
-            after_verdict(HealthVerdict::Outage, 3, 10, 2),
-            Disposition::Defer { level: Some(1) },
+            after_verdict(HealthVerdict::Outage, 3, MAX_INCONCLUSIVE, 2),
+            defer(Some(1), false),
             "an outage never exhausts retries, however often it happened"
         );
         assert_eq!(
             after_verdict(HealthVerdict::Unknown, 3, 0, 2),
-            Disposition::Defer { level: Some(1) }
+            defer(Some(1), true)
         );
         assert_eq!(
-            after_verdict(HealthVerdict::Unknown, 3, MAX_UNKNOWN_DEFERRALS, 2),
+            after_verdict(HealthVerdict::Unknown, 3, MAX_INCONCLUSIVE, 2),
             Disposition::DeadLetter(DeadLetterReason::RetriesExhausted)
         );
     }

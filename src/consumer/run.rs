@@ -14,7 +14,7 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Consumer};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ use tracing::{debug, error, info, warn};
 use super::settle::{AckTracker, Op, Settle};
 use super::stats::{add, inc};
 use super::task::{self, Finished, Shared};
-use crate::breaker::{BreakerState, Rejected};
+use crate::breaker::{BreakerState, Permit, PermitKind, Rejected};
 use crate::config::{ConsumerSettings, OnPause, QueueType};
 use crate::connection::ManagedConnection;
 use crate::error::describe;
@@ -32,6 +32,10 @@ use crate::publish::Publisher;
 /// How long a finished delivery may wait behind an unfinished one before it
 /// is acked on its own (instead of with the run it belongs to).
 const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(5);
+
+/// With several consumers on one breaker, how long one may hold half-open
+/// probe permits on an empty queue before handing them to the others.
+const PROBE_RESERVATION_WAIT: Duration = Duration::from_secs(1);
 
 /// A session that lasted this long resets the reconnect backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
@@ -49,6 +53,8 @@ struct Subscription {
     consumer: Consumer,
     mode: Mode,
     received: u32,
+    /// Probe mode: deliveries to take before cancelling (the prefetch set).
+    quota: u32,
 }
 
 /// One consumer, alive for the worker's lifetime; each connection or channel
@@ -59,6 +65,8 @@ pub(crate) struct ConsumerRuntime {
     pub(crate) consume: Arc<ManagedConnection>,
     pub(crate) publish: Arc<ManagedConnection>,
     pub(crate) grace: Duration,
+    /// Longest wait for a copy's confirm (half the broker's consumer timeout).
+    pub(crate) publish_timeout: Duration,
 }
 
 impl std::fmt::Debug for ConsumerRuntime {
@@ -131,7 +139,7 @@ impl ConsumerRuntime {
         let Some((_, publish_connection)) = self.publish.connection(shutdown).await else {
             return Ok(());
         };
-        let publisher = Publisher::open(&publish_connection)
+        let publisher = Publisher::open(&publish_connection, self.publish_timeout)
             .await
             .map_err(|e| format!("opening the publishing channel: {}", describe(&e)))?;
         let token = CancellationToken::new();
@@ -150,9 +158,21 @@ impl ConsumerRuntime {
             ops: Vec::new(),
             probe_done: None,
             flush_at: None,
+            reserved: Vec::new(),
+            reserved_trial: None,
+            reserve_until: None,
+            released_rx: self.shared.breaker.probe_releases(),
         };
         let result = session.run(shutdown).await;
         if result.is_err() {
+            // Settle what already finished while the channel still works
+            // (the broker cancelled us, or only the publisher was lost).
+            while let Some(done) = session.running.try_join_next_with_id() {
+                session.finished(done);
+            }
+            if session.channel.status().connected() {
+                let _ = session.flush(true).await;
+            }
             let lost = session.tracker.clear();
             add(&self.shared.stats.stale, lost as u64);
             session.running.abort_all();
@@ -187,6 +207,15 @@ struct Session<'a> {
     probe_done: Option<u64>,
     /// When finished deliveries stuck behind a slow one get acked on their own.
     flush_at: Option<Instant>,
+    /// Half-open probe permits taken before subscribing, so the consumer
+    /// takes exactly as many messages as it may probe with.
+    reserved: Vec<Permit>,
+    /// The trial `reserved` belongs to.
+    reserved_trial: Option<u64>,
+    /// When an unused reservation is handed to other consumers of the breaker.
+    reserve_until: Option<Instant>,
+    /// Probe slots given back by the breaker (a probe told nothing).
+    released_rx: watch::Receiver<u64>,
 }
 
 type SessionResult = Result<(), String>;
@@ -202,6 +231,7 @@ impl Session<'_> {
 
     async fn run(&mut self, shutdown: &CancellationToken) -> SessionResult {
         let mut state_rx = self.shared().breaker.subscribe();
+        self.released_rx.borrow_and_update();
         loop {
             let state = *state_rx.borrow_and_update();
             self.reconcile(state).await?;
@@ -240,6 +270,14 @@ impl Session<'_> {
                     }
                 }
                 permit = slots.acquire_owned(), if waiting_for_slot => drop(permit),
+                changed = self.released_rx.changed() => {
+                    if changed.is_ok() {
+                        self.probe_slot_released();
+                    }
+                }
+                () = sleep_until(self.reserve_until), if self.reserve_until.is_some() => {
+                    self.reservation_expired().await?;
+                }
                 () = sleep_until(self.flush_at), if self.flush_at.is_some() => {
                     self.flush(true).await?;
                 }
@@ -257,9 +295,16 @@ impl Session<'_> {
         }
     }
 
-    /// Makes the subscription match the breaker: none while open, `probes`
-    /// prefetch while half-open, full prefetch while closed.
+    /// Makes the subscription match the breaker: none while open, as many
+    /// deliveries as it holds probe permits while half-open, full prefetch
+    /// while closed.
     async fn reconcile(&mut self, state: BreakerState) -> SessionResult {
+        if let Some(trial) = self.reserved_trial
+            && state != (BreakerState::HalfOpen { trial })
+        {
+            // That trial is over: its unused permits are worthless.
+            self.drop_reservation(false);
+        }
         let want = self.desired(state);
         let have = self.sub.as_ref().map(|s| s.mode);
         if want == have {
@@ -283,8 +328,19 @@ impl Session<'_> {
         };
         let prefetch = match mode {
             Mode::Full => self.runtime.settings.prefetch,
-            Mode::Probe(_) => {
-                u16::try_from(self.shared().breaker.config().half_open_probes).unwrap_or(u16::MAX)
+            Mode::Probe(trial) => {
+                self.reserve(trial);
+                // Deliveries already here (prefetched before the breaker
+                // opened, if this consumer saw it late) are probes too.
+                let need = self.reserved.len().saturating_sub(self.pending.len());
+                if need == 0 {
+                    self.probe_done = Some(trial);
+                    if self.reserved.is_empty() {
+                        debug!(queue = %self.queue(), trial, "another consumer holds the probes");
+                    }
+                    return Ok(());
+                }
+                u16::try_from(need).unwrap_or(u16::MAX)
             }
         };
         // Per-consumer QoS (global = false; quorum queues reject global), set
@@ -307,19 +363,85 @@ impl Session<'_> {
             consumer,
             mode,
             received: 0,
+            quota: u32::from(prefetch),
         });
         let stats = &self.shared().stats;
         stats.subscribed.store(true, Ordering::Relaxed);
         inc(&stats.subscriptions);
         match mode {
             Mode::Full => info!(queue = %self.queue(), prefetch, "consumer subscribed"),
-            Mode::Probe(trial) => info!(
-                queue = %self.queue(),
-                breaker = %self.shared().breaker.name(),
-                trial,
-                probes = prefetch,
-                "consumer subscribed for half-open probes"
-            ),
+            Mode::Probe(trial) => {
+                if self.shared().breaker_consumers > 1 {
+                    self.reserve_until = Some(Instant::now() + PROBE_RESERVATION_WAIT);
+                }
+                info!(
+                    queue = %self.queue(),
+                    breaker = %self.shared().breaker.name(),
+                    trial,
+                    probes = prefetch,
+                    "consumer subscribed for half-open probes"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes as many probe permits of `trial` as the breaker still has.
+    fn reserve(&mut self, trial: u64) {
+        let probes = self.shared().breaker.config().half_open_probes as usize;
+        while self.reserved.len() < probes {
+            match self.shared().breaker.try_acquire() {
+                Ok(permit) if permit.kind() == (PermitKind::Probe { trial }) => {
+                    self.reserved.push(permit);
+                }
+                // Another trial, or closed meanwhile: the state watch will tell.
+                Ok(_) | Err(_) => break,
+            }
+        }
+        if !self.reserved.is_empty() {
+            self.reserved_trial = Some(trial);
+        }
+    }
+
+    /// Gives unused probe permits back to the breaker. With `seen`, the
+    /// release this causes is not taken as a cue to reserve again.
+    fn drop_reservation(&mut self, seen: bool) {
+        self.reserved.clear();
+        self.reserved_trial = None;
+        self.reserve_until = None;
+        if seen {
+            self.released_rx.borrow_and_update();
+        }
+    }
+
+    /// A probe slot came free (a probe said nothing, or another consumer gave
+    /// its reservation back): if this consumer stopped after taking its
+    /// probes for the current trial, it may try again.
+    fn probe_slot_released(&mut self) {
+        if let BreakerState::HalfOpen { trial } = self.shared().breaker.state()
+            && self.probe_done == Some(trial)
+            && self.reserved.is_empty()
+        {
+            self.probe_done = None;
+        }
+    }
+
+    /// An unused reservation times out (several consumers share the breaker):
+    /// stop waiting on this queue, run anything that arrived, and give the
+    /// rest of the permits to the others.
+    async fn reservation_expired(&mut self) -> SessionResult {
+        let trial = self.reserved_trial;
+        if self
+            .sub
+            .as_ref()
+            .is_some_and(|s| matches!(s.mode, Mode::Probe(_)))
+        {
+            self.unsubscribe().await?;
+        }
+        self.dispatch();
+        self.drop_reservation(true);
+        if let Some(trial) = trial {
+            self.probe_done = Some(trial);
         }
         Ok(())
     }
@@ -358,7 +480,7 @@ impl Session<'_> {
             && let Mode::Probe(trial) = sub.mode
         {
             sub.received += 1;
-            if sub.received >= self.runtime.shared.breaker.config().half_open_probes {
+            if sub.received >= sub.quota {
                 // This consumer has its probes; take no more until the trial ends.
                 self.probe_done = Some(trial);
             }
@@ -366,20 +488,34 @@ impl Session<'_> {
         self.pending.push_back(delivery);
     }
 
-    /// Starts pending deliveries while slots and the breaker allow; settles
-    /// the ones the breaker refuses without starting them.
+    /// Starts pending deliveries while slots and the breaker allow (using
+    /// reserved probe permits first); settles the ones the breaker refuses
+    /// without starting them.
     fn dispatch(&mut self) {
         while !self.pending.is_empty() {
-            let admits = self.shared().breaker.state();
-            if matches!(
-                admits,
-                BreakerState::Closed | BreakerState::Disabled | BreakerState::HalfOpen { .. }
-            ) && self.slots.available_permits() == 0
-            {
+            let state = self.shared().breaker.state();
+            let can_run = !matches!(state, BreakerState::Open { .. } | BreakerState::ForcedOpen);
+            if can_run && self.slots.available_permits() == 0 {
                 break;
             }
+            if let Some(trial) = self.reserved_trial
+                && state != (BreakerState::HalfOpen { trial })
+            {
+                // Never call the dependency with a permit of a finished trial.
+                self.drop_reservation(false);
+            }
             let shared = self.runtime.shared.clone();
-            match shared.breaker.try_acquire() {
+            let permit = match self.reserved.pop() {
+                Some(permit) => {
+                    if self.reserved.is_empty() {
+                        self.reserved_trial = None;
+                        self.reserve_until = None;
+                    }
+                    Ok(permit)
+                }
+                None => shared.breaker.try_acquire(),
+            };
+            match permit {
                 Ok(permit) => {
                     let Ok(slot) = self.slots.clone().try_acquire_owned() else {
                         break; // the permit is dropped: counts as nothing
@@ -494,10 +630,11 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Graceful stop: start nothing new, let running handlers finish within
-    /// the grace period, ack what succeeded, and make sure the broker has
-    /// applied every settle before the channel closes. Deliveries not started
-    /// are left unsettled: closing the channel returns them to the queue.
+    /// Graceful stop: cancel the subscription, start nothing new, let running
+    /// handlers finish within the grace period, ack what succeeded, and make
+    /// sure the broker has applied every settle before the channel closes.
+    /// Deliveries not started are left unsettled: closing the channel returns
+    /// them to the queue.
     ///
     /// Why the barrier: a quorum queue's client in the broker holds settles
     /// back while more than 32 of its commands are in flight, and what it still
@@ -508,6 +645,10 @@ impl Session<'_> {
     /// time it returns the channel has what it needs to send the held settles,
     /// which it does before handling our next frame.
     async fn stop(&mut self) -> SessionResult {
+        // No new deliveries from here on, and none while the breaker may open
+        // during the grace period.
+        self.unsubscribe().await?;
+        self.drop_reservation(true);
         let unstarted = self.pending.len();
         self.pending.clear();
         info!(
@@ -563,9 +704,9 @@ impl Session<'_> {
     }
 
     /// A synchronous queue command after the last settle (see [`stop`](Self::stop)):
-    /// cancel the subscription, or, for a quorum queue with none (paused),
-    /// subscribe for a moment with prefetch 1 and cancel. Deliveries that
-    /// arrive meanwhile are left unsettled, returned when the channel closes.
+    /// for a quorum queue, subscribe for a moment with prefetch 1 and cancel.
+    /// A delivery that arrives meanwhile is left unsettled, returned when the
+    /// channel closes. Classic queues apply acks in order and need none.
     async fn settle_barrier(&mut self) -> SessionResult {
         if self.sub.is_some() {
             return self.unsubscribe().await;
@@ -591,6 +732,7 @@ impl Session<'_> {
             consumer,
             mode: Mode::Full,
             received: 0,
+            quota: 1,
         });
         self.unsubscribe().await
     }

@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     /// concurrency`, so waiting never starves the handlers of deliveries
     /// (and of the very successes a verdict waits for).
     pub(crate) verdict_slots: Arc<Semaphore>,
+    /// How many consumers share this consumer's breaker.
+    pub(crate) breaker_consumers: usize,
 }
 
 impl std::fmt::Debug for Shared {
@@ -86,7 +88,8 @@ pub(crate) async fn run(
 ) -> Finished {
     let tag = ctx.delivery_tag();
     let call_timeout = shared.breaker.config().call_timeout;
-    shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    let running = InFlight::new(&shared.stats);
+    let started = tokio::time::Instant::now();
     let call = AssertUnwindSafe(shared.handler.call(&ctx)).catch_unwind();
     let outcome = match tokio::time::timeout(call_timeout, call).await {
         Err(_) => Outcome::TimedOut(call_timeout),
@@ -98,17 +101,23 @@ pub(crate) async fn run(
         }
         Ok(Ok(CallResult::Failed(e))) => Outcome::Permanent(e.to_string()),
     };
-    shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-    // The handler is done: free its concurrency slot before any publishing.
-    drop(slot);
+    let elapsed = started.elapsed();
+    drop(running);
 
     let is_probe = permit.is_probe();
     let successes_at_start = permit.successes_at_start();
-    let state_after = permit.record(match outcome {
-        Outcome::Success => CallOutcome::Success,
-        Outcome::Transient(_) | Outcome::TimedOut(_) => CallOutcome::Failure,
-        Outcome::Permanent(_) | Outcome::Decode(_) | Outcome::Panic(_) => CallOutcome::Ignored,
-    });
+    // Record before freeing the concurrency slot: a failure that trips the
+    // breaker must be seen before the loop can start another call.
+    let state_after = permit.record_elapsed(
+        match outcome {
+            Outcome::Success => CallOutcome::Success,
+            Outcome::Transient(_) | Outcome::TimedOut(_) => CallOutcome::Failure,
+            Outcome::Permanent(_) | Outcome::Decode(_) | Outcome::Panic(_) => CallOutcome::Ignored,
+        },
+        elapsed,
+    );
+    // The handler is done: free its slot before any publishing.
+    drop(slot);
     match outcome {
         Outcome::Success => inc(&shared.stats.succeeded),
         Outcome::TimedOut(_) => {
@@ -122,10 +131,10 @@ pub(crate) async fn run(
     let delays = shared.topology.delay_queues.len();
     let mut disposition = policy::decide(&outcome, ctx.attempt(), delays, outage_suspected);
     if disposition == Disposition::AwaitVerdict {
-        let deferrals = deferrals(&ctx);
+        let inconclusive = header_count(&ctx, headers::INCONCLUSIVE);
         let verdict = if shared.breaker.successes() > successes_at_start {
             HealthVerdict::Healthy
-        } else if deferrals >= policy::MAX_UNKNOWN_DEFERRALS {
+        } else if inconclusive >= policy::MAX_INCONCLUSIVE {
             HealthVerdict::Unknown
         } else if let Ok(_waiting) = shared.verdict_slots.clone().try_acquire_owned() {
             let wait = shared.breaker.config().window.min(policy::MAX_VERDICT_WAIT);
@@ -136,7 +145,7 @@ pub(crate) async fn run(
         } else {
             HealthVerdict::Unknown
         };
-        disposition = policy::after_verdict(verdict, ctx.attempt(), deferrals, delays);
+        disposition = policy::after_verdict(verdict, ctx.attempt(), inconclusive, delays);
         debug!(queue = %shared.queue, ?verdict, ?disposition, "last attempt failed");
     }
     let settle = apply(&shared, &ctx, &outcome, &disposition, &publisher, &session).await;
@@ -160,11 +169,28 @@ pub(crate) async fn dead_letter_unstarted(
     Finished { tag, settle }
 }
 
-fn deferrals(ctx: &Context) -> u32 {
+fn header_count(ctx: &Context, name: &str) -> u32 {
     ctx.headers()
-        .and_then(|h| header_u64(h, headers::DEFERRALS))
+        .and_then(|h| header_u64(h, name))
         .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(0)
+}
+
+/// Counts a running handler in `in_flight` for as long as it lives, even
+/// when the task is aborted.
+struct InFlight<'a>(&'a ConsumerStats);
+
+impl<'a> InFlight<'a> {
+    fn new(stats: &'a ConsumerStats) -> Self {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 async fn apply(
@@ -210,11 +236,19 @@ async fn apply(
             });
             ("", shared.topology.delay_queues[*level].1.as_str(), props)
         }
-        Disposition::Defer { level } => {
-            let deferrals = deferrals(ctx) + 1;
+        Disposition::Defer {
+            level,
+            inconclusive,
+        } => {
+            let deferrals = header_count(ctx, headers::DEFERRALS) + 1;
+            let inconclusive_count =
+                header_count(ctx, headers::INCONCLUSIVE) + u32::from(*inconclusive);
             let props = copy_properties(ctx.properties(), |h| {
                 h.insert(headers::ATTEMPT.into(), number(ctx.attempt()));
                 h.insert(headers::DEFERRALS.into(), number(deferrals));
+                if inconclusive_count > 0 {
+                    h.insert(headers::INCONCLUSIVE.into(), number(inconclusive_count));
+                }
             });
             let target = match level {
                 Some(l) => shared.topology.delay_queues[*l].1.as_str(),

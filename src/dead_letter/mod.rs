@@ -17,6 +17,10 @@ pub mod headers {
     /// How many times the message was put back without counting an attempt
     /// because the dependency, not the message, was failing.
     pub const DEFERRALS: &str = "rg-deferrals";
+    /// How many times its last attempt failed with no sign either way (no
+    /// other call succeeded, the breaker did not trip); after 3 it is
+    /// dead-lettered anyway.
+    pub const INCONCLUSIVE: &str = "rg-inconclusive";
     /// Why the message was dead-lettered: see [`DeadLetterReason`](super::DeadLetterReason).
     pub const REASON: &str = "rg-reason";
     /// The error text (truncated to 4 KiB).

@@ -32,13 +32,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::breaker::{Breaker, BreakerState, Transition};
-use crate::config::Settings;
+use crate::config::{SafetyChecks, Settings};
 use crate::connection::ManagedConnection;
 use crate::consumer::{ConsumerRuntime, ConsumerStats, Shared};
 use crate::error::Error;
 use crate::handler::{ErasedHandler, Handler, erase};
 use crate::handlers::{HttpHandler, NoopHandler};
 use crate::topology::Topology;
+
+pub mod safety;
 
 /// Extra time, beyond the grace period, that closing channels may take.
 const CLOSE_MARGIN: Duration = Duration::from_secs(10);
@@ -122,6 +124,12 @@ impl WorkerBuilder {
                 verdict_slots: Arc::new(tokio::sync::Semaphore::new(usize::from(
                     c.prefetch.saturating_sub(c.concurrency),
                 ))),
+                breaker_consumers: self
+                    .settings
+                    .consumers
+                    .iter()
+                    .filter(|other| other.breaker == c.breaker)
+                    .count(),
             }));
         }
         Ok(Worker {
@@ -219,6 +227,20 @@ impl Worker {
     /// Startup errors (refused credentials, unreachable broker, topology
     /// mismatch), or reconnection giving up after `broker.reconnect.max_attempts`.
     pub async fn run_until(self, shutdown: CancellationToken) -> Result<(), Error> {
+        match self.settings.worker.safety_checks {
+            SafetyChecks::Off => {}
+            SafetyChecks::Warn => {
+                for risk in safety::risks(&self.settings) {
+                    warn!(%risk, "safety check (set worker.safety_checks = \"refuse\" to stop instead)");
+                }
+            }
+            SafetyChecks::Refuse => {
+                let risks = safety::risks(&self.settings);
+                if !risks.is_empty() {
+                    return Err(Error::Unsafe(risks));
+                }
+            }
+        }
         let broker = &self.settings.broker;
         let consume = Arc::new(ManagedConnection::new(broker, "consume")?);
         let publish = Arc::new(ManagedConnection::new(broker, "publish")?);
@@ -259,6 +281,7 @@ impl Worker {
                 consume: consume.clone(),
                 publish: publish.clone(),
                 grace,
+                publish_timeout: self.settings.broker.consumer_timeout / 2,
             };
             consumers.spawn(runtime.run(stop.clone()));
         }

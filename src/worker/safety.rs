@@ -1,0 +1,94 @@
+//! Startup safety checks: settings that are valid but risky against this
+//! broker. Each finding names the key, the risk and what to do.
+
+use crate::config::{QueueType, Settings};
+
+/// A quorum queue's delivery limit below this can dead-letter a message by
+/// requeues alone: each breaker trip may requeue a prefetched message once,
+/// and before RabbitMQ 4.3 requeues count towards the limit.
+pub const MIN_SAFE_DELIVERY_LIMIT: u32 = 100;
+
+/// Every risk found in `settings`, one sentence each.
+#[must_use]
+pub fn risks(settings: &Settings) -> Vec<String> {
+    let mut out = Vec::new();
+    let consumer_timeout = settings.broker.consumer_timeout;
+    for (i, c) in settings.consumers.iter().enumerate() {
+        if c.queue_type == QueueType::Quorum {
+            match c.delivery_limit {
+                None => out.push(format!(
+                    "consumers[{i}] (queue {:?}): quorum queue without consumers[{i}].delivery_limit; RabbitMQ 4.0+ \
+                     defaults to 20 deliveries and, before 4.3, counts requeues, so repeated breaker trips could \
+                     dead-letter messages behind your back: set delivery_limit (at least {MIN_SAFE_DELIVERY_LIMIT}) \
+                     or raise it with a policy",
+                    c.queue
+                )),
+                Some(limit) if limit < MIN_SAFE_DELIVERY_LIMIT => out.push(format!(
+                    "consumers[{i}].delivery_limit = {limit}: requeues on breaker trips count towards a quorum \
+                     queue's delivery limit (before RabbitMQ 4.3); below {MIN_SAFE_DELIVERY_LIMIT} an outage could \
+                     dead-letter messages behind your back"
+                )),
+                Some(_) => {}
+            }
+        }
+        if let Some(b) = settings.breakers.get(&c.breaker)
+            && b.call_timeout >= consumer_timeout
+        {
+            out.push(format!(
+                "breakers.{}.call_timeout = {:?} is not below the broker's consumer_timeout ({:?}, \
+                 broker.consumer_timeout): the broker would close the channel under a slow handler of queue {:?}",
+                c.breaker,
+                humantime::format_duration(b.call_timeout).to_string(),
+                humantime::format_duration(consumer_timeout).to_string(),
+                c.queue
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::breaker::BreakerConfig;
+    use crate::config::ConsumerSettings;
+
+    fn one(c: ConsumerSettings, b: BreakerConfig) -> Settings {
+        let mut s = Settings::default();
+        s.breakers.insert("dep".into(), b);
+        s.consumers.push(ConsumerSettings {
+            queue: "q".into(),
+            breaker: "dep".into(),
+            handler: "noop".into(),
+            ..c
+        });
+        s
+    }
+
+    #[test]
+    fn quorum_without_or_with_a_low_delivery_limit_is_a_risk() {
+        let quorum = |limit| ConsumerSettings {
+            queue_type: QueueType::Quorum,
+            delivery_limit: limit,
+            ..ConsumerSettings::default()
+        };
+        let r = risks(&one(quorum(None), BreakerConfig::default()));
+        assert!(r.len() == 1 && r[0].contains("delivery_limit"), "{r:?}");
+        let r = risks(&one(quorum(Some(20)), BreakerConfig::default()));
+        assert!(r.len() == 1 && r[0].contains("= 20"), "{r:?}");
+        assert!(risks(&one(quorum(Some(1_000)), BreakerConfig::default())).is_empty());
+        assert!(risks(&one(ConsumerSettings::default(), BreakerConfig::default())).is_empty());
+    }
+
+    #[test]
+    fn call_timeout_at_or_over_the_consumer_timeout_is_a_risk() {
+        let b = BreakerConfig {
+            call_timeout: Duration::from_secs(45 * 60),
+            ..BreakerConfig::default()
+        };
+        let r = risks(&one(ConsumerSettings::default(), b));
+        assert!(r.len() == 1 && r[0].contains("consumer_timeout"), "{r:?}");
+    }
+}
