@@ -329,6 +329,12 @@ pub enum Mode {
     Failing,
     /// 200 after a delay.
     Slow(Duration),
+    /// Random: 503 for `fail_percent`% of calls, and a latency between 0
+    /// and `max_latency` for every call.
+    Chaos {
+        fail_percent: u64,
+        max_latency: Duration,
+    },
 }
 
 /// A per-message-id rule that wins over the mode.
@@ -398,6 +404,22 @@ async fn downstream_handler(
         (None, Mode::Slow(d)) => {
             tokio::time::sleep(d).await;
             200
+        }
+        (
+            None,
+            Mode::Chaos {
+                fail_percent,
+                max_latency,
+            },
+        ) => {
+            let r = random_below(1_000_000);
+            let latency_ms = u64::try_from(max_latency.as_millis()).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(r % (latency_ms + 1))).await;
+            if (r / 1_000) % 100 < fail_percent {
+                503
+            } else {
+                200
+            }
         }
     };
     inner.calls.lock().unwrap().push(Call {

@@ -1,0 +1,160 @@
+//! The chaos test: 20,000 messages through a worker binary behind a TCP
+//! proxy, a dependency that fails and stalls at random, three connection
+//! cuts and two `kill -9`s. Ignored by default (about a minute); run with
+//! `cargo test --test chaos -- --ignored` (CI runs it: see README).
+#![allow(clippy::print_stderr)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::proxy::Proxy;
+use common::*;
+use rabbit_guard::breaker::BreakerConfig;
+use rabbit_guard::config::RetrySettings;
+use tokio::time::Instant;
+
+const MESSAGES: usize = 20_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "takes about a minute; run with --ignored"]
+async fn chaos_loses_nothing() {
+    let started = Instant::now();
+    let broker = Arc::new(TestBroker::connect().await);
+    let proxy = Proxy::start().await;
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Chaos {
+        fail_percent: 5,
+        max_latency: Duration::from_millis(20),
+    });
+    let breaker = BreakerConfig {
+        minimum_calls: 50,
+        ..fast_breaker()
+    };
+    let mut settings = with_http(settings("chaos", "http", breaker), &downstream);
+    settings.broker.url = proxy.url("?heartbeat=2");
+    settings.broker.reconnect.initial_delay = Duration::from_millis(200);
+    settings.broker.reconnect.max_delay = Duration::from_secs(1);
+    settings.consumers[0].prefetch = 256;
+    settings.consumers[0].concurrency = 64;
+    settings.consumers[0].retry = RetrySettings {
+        delays: vec![
+            Duration::from_millis(200),
+            Duration::from_millis(500),
+            Duration::from_secs(1),
+        ],
+    };
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let ids = broker.publish_json(&consumer.queue, "x", MESSAGES).await;
+    let dlq = consumer.dead_letter_queue();
+
+    let mut child = Child::spawn(&settings, &["run"]);
+    let mut cuts = 0;
+    let mut kills = 0;
+    // Faults at these fractions of the messages processed.
+    let plan = [
+        (0.10, "cut"),
+        (0.20, "kill"),
+        (0.35, "cut"),
+        (0.50, "kill"),
+        (0.65, "cut"),
+    ];
+    for (fraction, fault) in plan {
+        let target = (MESSAGES as f64 * fraction) as usize;
+        assert!(
+            wait_until(Duration::from_secs(90), || downstream.succeeded_ids().len()
+                >= target)
+            .await,
+            "no progress to {target} before the next fault; log:\n{}",
+            child.stderr()
+        );
+        match fault {
+            "cut" => {
+                proxy.cut_all();
+                cuts += 1;
+            }
+            _ => {
+                child.signal("KILL");
+                assert!(
+                    child.wait(Duration::from_secs(10)).await.is_some(),
+                    "killed"
+                );
+                child = Child::spawn(&settings, &["run"]);
+                kills += 1;
+            }
+        }
+    }
+    let done = {
+        let broker = broker.clone();
+        let dlq = dlq.clone();
+        let downstream = downstream.clone();
+        move || {
+            let broker = broker.clone();
+            let dlq = dlq.clone();
+            let succeeded = downstream.succeeded_ids().len();
+            async move { succeeded + broker.ready(&dlq).await as usize >= MESSAGES }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !done().await {
+        assert!(
+            Instant::now() < deadline,
+            "not finished in time; log:\n{}",
+            child.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    child.signal("TERM");
+    assert_eq!(
+        child
+            .wait(Duration::from_secs(30))
+            .await
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+
+    let calls = downstream.calls();
+    let ok_calls = calls.iter().filter(|c| c.status == 200).count();
+    let succeeded: HashSet<String> = calls
+        .iter()
+        .filter(|c| c.status == 200)
+        .map(|c| c.id.clone())
+        .collect();
+    let dead: Vec<Got> = broker.drain(&dlq).await;
+    let dead_ids: HashSet<String> = dead.iter().map(|g| g.id.clone()).collect();
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    for d in &dead {
+        *reasons
+            .entry(d.header_str("rg-reason").unwrap_or_else(|| "(none)".into()))
+            .or_default() += 1;
+    }
+    let lost: Vec<&String> = ids
+        .iter()
+        .filter(|id| !succeeded.contains(*id) && !dead_ids.contains(*id))
+        .collect();
+    let duplicates = ok_calls - succeeded.len();
+    eprintln!(
+        "chaos: published {MESSAGES} / acked-after-success {} / dead-lettered {} {reasons:?} / duplicates {duplicates} / lost {} \
+         ({cuts} cuts, {kills} kills, {} calls, {:?})",
+        succeeded.len(),
+        dead.len(),
+        lost.len(),
+        calls.len(),
+        started.elapsed()
+    );
+    assert!(
+        lost.is_empty(),
+        "lost {} messages, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    assert!(
+        !reasons.contains_key("(none)"),
+        "every dead letter carries its reason"
+    );
+    broker.cleanup().await;
+}
