@@ -213,3 +213,34 @@ async fn mismatched_queue_arguments_name_the_queue_and_argument() {
     );
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn safety_checks_refuse_names_the_risk() {
+    let queue = unique("risky");
+    let config = minimal(&amqp_addr(), &queue).replace(
+        "handler = \"noop\"",
+        "handler = \"noop\"\nqueue_type = \"quorum\"",
+    ) + "\n[worker]\nsafety_checks = \"refuse\"\n";
+    let (code, log) = run_to_exit(&config, &["run"], Duration::from_secs(15)).await;
+    assert_clean_failure(
+        &log,
+        code,
+        &["refusing to start", "delivery_limit", &queue],
+        "guest:guest@",
+    );
+    // The same check only warns by default, and check-config lists it.
+    let config = config.replace("safety_checks = \"refuse\"", "safety_checks = \"warn\"");
+    let (dir, path) = write_config(&config);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    drop(dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("# safety check:") && text.contains("delivery_limit"),
+        "{text}"
+    );
+}
