@@ -329,3 +329,27 @@ impl ManagedConnection {
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+/// One connection attempt for a command-line tool: no retries, one clear
+/// error naming the cause.
+///
+/// # Errors
+///
+/// [`Error::AccessRefused`], [`Error::VhostRefused`] or [`Error::Unreachable`].
+pub(crate) async fn connect_once(
+    settings: &BrokerSettings,
+    role: &str,
+) -> Result<Connection, Error> {
+    let managed = ManagedConnection::new(settings, role)?;
+    let started = Instant::now();
+    match managed.connect_once().await {
+        Ok(c) => Ok(c),
+        Err(e) if is_fatal_at_startup(&e) => Err(managed.fatal(&e)),
+        Err(e) => Err(Error::Unreachable {
+            url: managed.shown_url.clone(),
+            detail: describe(&e),
+            attempts: 1,
+            waited: humantime::format_duration(round_ms(started.elapsed())).to_string(),
+        }),
+    }
+}

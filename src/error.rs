@@ -68,6 +68,12 @@ pub enum Error {
     /// A startup safety check found risks and `worker.safety_checks = "refuse"`.
     #[error("refusing to start (worker.safety_checks = \"refuse\"): {}", .0.join("; "))]
     Unsafe(Vec<String>),
+    /// A queue named on the command line does not exist.
+    #[error("queue {queue:?} does not exist: check the queue name and the vhost in broker.url")]
+    QueueNotFound {
+        /// The queue.
+        queue: String,
+    },
     /// A handler could not be built from its settings.
     #[error("consumers[{index}]: {message}")]
     Handler {

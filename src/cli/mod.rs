@@ -1,4 +1,4 @@
-//! The `rabbit-guard` command line: `run`, `check-config`.
+//! The `rabbit-guard` command line: `run`, `check-config`, `dlq …`.
 //!
 //! A binary with custom handlers reuses it with [`main_with`]:
 //!
@@ -9,6 +9,8 @@
 //! }
 //! ```
 
+mod admin_client;
+pub mod dlq;
 pub mod output;
 
 use std::path::PathBuf;
@@ -42,6 +44,8 @@ pub enum Command {
     Run,
     /// Validate the configuration and print it as it will be used (password masked).
     CheckConfig,
+    /// Inspect, replay, purge, export and import dead letters.
+    Dlq(dlq::DlqArgs),
 }
 
 /// The binary's entry point with the built-in handlers only.
@@ -63,7 +67,24 @@ where
         .map(str::to_owned)
         .collect();
     let names: Vec<&str> = handler_names.iter().map(String::as_str).collect();
-    let settings = match config::load(&Sources::from_env(Some(cli.config.clone())), &names) {
+    let sources = Sources::from_env(Some(cli.config.clone()));
+    // The dlq tools need the broker and queue names, not valid handlers.
+    let loaded = match &cli.command {
+        Command::Dlq(_) => config::load_unvalidated(&sources).and_then(|s| {
+            let problems: Vec<_> = s
+                .problems(&names)
+                .into_iter()
+                .filter(|p| p.key.starts_with("broker."))
+                .collect();
+            if problems.is_empty() {
+                Ok(s)
+            } else {
+                Err(config::ConfigError::Invalid(problems))
+            }
+        }),
+        _ => config::load(&sources, &names),
+    };
+    let settings = match loaded {
         Ok(s) => s,
         Err(e) => {
             output::error(&e.to_string());
@@ -73,6 +94,7 @@ where
     match cli.command {
         Command::CheckConfig => check_config(&settings),
         Command::Run => run(settings, register),
+        Command::Dlq(args) => dlq::run(&settings, args),
     }
 }
 

@@ -1,4 +1,6 @@
-//! Dead letters: why a message was given up on, and the headers that say so.
+//! Dead letters: why a message was given up on, the headers that say so, and
+//! the operations behind `rabbit-guard dlq` (browse, replay, purge, export,
+//! import).
 //!
 //! Every message rabbit-guard dead-letters is a copy published (with
 //! publisher confirms) to the consumer's dead-letter exchange before the
@@ -8,6 +10,17 @@
 //! with the broker's `x-death` header instead.
 
 use std::fmt;
+
+mod browse;
+pub mod json;
+mod ops;
+mod record;
+mod select;
+
+pub use browse::{Browse, browse};
+pub use ops::{ImportReport, MoveReport, Moved, ReplayOptions, import, purge, purge_all, replay};
+pub use record::DeadLetter;
+pub use select::Selector;
 
 /// Header names written by rabbit-guard.
 pub mod headers {
@@ -31,6 +44,19 @@ pub mod headers {
     pub const ORIGINAL_QUEUE: &str = "rg-original-queue";
     /// When it was dead-lettered, RFC 3339 UTC with milliseconds.
     pub const DEAD_LETTERED_AT: &str = "rg-dead-lettered-at";
+    /// How many times `rabbit-guard dlq replay` sent it back to its queue.
+    pub const REPLAYS: &str = "rg-replays";
+    /// Headers a replay removes: the message starts over.
+    pub const RESET_ON_REPLAY: &[&str] = &[
+        ATTEMPT,
+        DEFERRALS,
+        INCONCLUSIVE,
+        REASON,
+        ERROR,
+        HANDLER,
+        ORIGINAL_QUEUE,
+        DEAD_LETTERED_AT,
+    ];
     /// Headers set by the broker when it dead-letters; stripped from our copies,
     /// since RabbitMQ 4 ignores (and 3.x trusts) client-set values.
     pub const BROKER_DEATH_HEADERS: &[&str] = &[

@@ -1,0 +1,773 @@
+//! `rabbit-guard dlq …`: inspect and replay dead letters.
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use lapin::Connection;
+
+use super::output;
+use crate::config::Settings;
+use crate::dead_letter::{
+    self, DeadLetter, ImportReport, MoveReport, Moved, ReplayOptions, Selector, json,
+};
+use crate::error::Error;
+
+/// `rabbit-guard dlq`
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    /// The work queue whose dead-letter queue to use (as configured). Needed
+    /// when the config has more than one consumer.
+    #[arg(long, short, global = true, conflicts_with = "dlq")]
+    pub queue: Option<String>,
+    /// A dead-letter queue by name, instead of --queue.
+    #[arg(long, global = true)]
+    pub dlq: Option<String>,
+    /// Show times in UTC instead of local time.
+    #[arg(long, global = true)]
+    pub utc: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+/// Which messages a command applies to. Every given filter must match.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Filters {
+    /// A message id (repeat for several).
+    #[arg(long = "id")]
+    pub ids: Vec<String>,
+    /// rabbit-guard's reason (permanent, decode, retries-exhausted, panic,
+    /// paused) or the broker's (rejected, expired, maxlen, delivery_limit).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Dead-lettered within this long, e.g. 30m, 2h, 1d.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+    /// Text in the error or the body (case-insensitive).
+    #[arg(long)]
+    pub grep: Option<String>,
+}
+
+impl Filters {
+    fn selector(&self) -> Selector {
+        Selector {
+            ids: self.ids.clone(),
+            reason: self.reason.clone(),
+            since: self.since,
+            grep: self.grep.clone(),
+        }
+    }
+}
+
+/// The `dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// A table of dead letters, in queue order (the queue is left as it was).
+    List {
+        /// Which messages.
+        #[command(flatten)]
+        filters: Filters,
+        /// Show at most this many.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// One JSON object per line, with every header and the body.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counts grouped by reason and error, with first and last seen.
+    Summary {
+        /// Which messages.
+        #[command(flatten)]
+        filters: Filters,
+    },
+    /// One message: every header and the body (pretty JSON when it is JSON).
+    Show {
+        /// Its message id.
+        id: String,
+    },
+    /// Send selected messages back to their original queue, with confirms.
+    Replay {
+        /// Which messages.
+        #[command(flatten)]
+        filters: Filters,
+        /// Select every message.
+        #[arg(long)]
+        all: bool,
+        /// Refuse messages already replayed this many times.
+        #[arg(long, default_value_t = 3)]
+        max_replays: u64,
+        /// Replay past --max-replays, and even while the queue's breaker is open.
+        #[arg(long)]
+        force: bool,
+        /// Print what would move; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many per second, e.g. 50/s.
+        #[arg(long, value_parser = parse_rate)]
+        rate: Option<f64>,
+        /// Stop after this many.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Delete selected messages.
+    Purge {
+        /// Which messages.
+        #[command(flatten)]
+        filters: Filters,
+        /// Empty the whole queue.
+        #[arg(long)]
+        all: bool,
+        /// Don't ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
+        /// Stop after this many.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Write selected messages (headers, properties, body) to a JSON-lines
+    /// file, leaving them in the queue.
+    Export {
+        /// Which messages.
+        #[command(flatten)]
+        filters: Filters,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Stop after this many.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Publish the messages of an export file to a queue, with confirms.
+    Import {
+        /// The file written by `dlq export`.
+        file: PathBuf,
+        /// The queue to publish them to.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let n = s.trim().trim_end_matches("/s").trim();
+    match n.parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!("expected messages per second like 50/s, got {s:?}")),
+    }
+}
+
+/// A usage error (exit 2) or a failure (exit 1).
+enum Failure {
+    Usage(String),
+    Error(String),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Error(e.to_string())
+    }
+}
+
+/// Runs a `dlq` command.
+pub(crate) fn run(settings: &Settings, args: DlqArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            output::error(&format!("cannot start the async runtime: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(settings, args)) {
+        Ok(code) => code,
+        Err(Failure::Usage(m)) => {
+            output::error(&m);
+            ExitCode::from(2)
+        }
+        Err(Failure::Error(m)) => {
+            output::error(&m);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dead_letter_queue(settings: &Settings, args: &DlqArgs) -> Result<String, Failure> {
+    if let Some(dlq) = &args.dlq {
+        return Ok(dlq.clone());
+    }
+    let queues: Vec<&str> = settings
+        .consumers
+        .iter()
+        .map(|c| c.queue.as_str())
+        .collect();
+    let consumer = match &args.queue {
+        Some(q) => settings.consumers.iter().find(|c| &c.queue == q).ok_or_else(|| {
+            Failure::Usage(format!(
+                "no consumer of queue {q:?} in the config (configured: {}); or name the dead-letter queue with --dlq",
+                queues.join(", ")
+            ))
+        })?,
+        None => match settings.consumers.as_slice() {
+            [only] => only,
+            _ => {
+                return Err(Failure::Usage(format!(
+                    "say which queue's dead letters: --queue NAME (configured: {}) or --dlq NAME",
+                    if queues.is_empty() { "none".to_owned() } else { queues.join(", ") }
+                )));
+            }
+        },
+    };
+    Ok(consumer.dead_letter_queue())
+}
+
+async fn dispatch(settings: &Settings, args: DlqArgs) -> Result<ExitCode, Failure> {
+    // Usage problems first, before touching the network.
+    let needs_dlq = !matches!(args.command, DlqCommand::Import { .. });
+    let dlq = if needs_dlq {
+        dead_letter_queue(settings, &args)?
+    } else {
+        String::new()
+    };
+    match &args.command {
+        DlqCommand::Replay { filters, all, .. } | DlqCommand::Purge { filters, all, .. }
+            if !*all && filters.selector().is_empty() =>
+        {
+            return Err(Failure::Usage(
+                "select messages with --id, --reason, --since or --grep, or pass --all".into(),
+            ));
+        }
+        _ => {}
+    }
+    let connection = crate::connection::connect_once(&settings.broker, "dlq").await?;
+    let clock = Clock { utc: args.utc };
+    let result = match args.command {
+        DlqCommand::List {
+            filters,
+            limit,
+            json,
+        } => list(&connection, &dlq, &filters.selector(), limit, json, clock).await,
+        DlqCommand::Summary { filters } => {
+            summary(&connection, &dlq, &filters.selector(), clock).await
+        }
+        DlqCommand::Show { id } => show(&connection, &dlq, &id, clock).await,
+        DlqCommand::Replay {
+            filters,
+            all: _,
+            max_replays,
+            force,
+            dry_run,
+            rate,
+            limit,
+        } => {
+            let options = ReplayOptions {
+                max_replays,
+                force,
+                dry_run,
+                rate,
+                limit,
+            };
+            replay(settings, &connection, &dlq, &filters.selector(), &options).await
+        }
+        DlqCommand::Purge {
+            filters,
+            all,
+            yes,
+            limit,
+        } => purge(&connection, &dlq, &filters.selector(), all, yes, limit).await,
+        DlqCommand::Export {
+            filters,
+            out,
+            limit,
+        } => export(&connection, &dlq, &filters.selector(), &out, limit).await,
+        DlqCommand::Import { file, to } => import(&connection, &file, &to).await,
+    };
+    let _ = connection.close(200, "done".into()).await;
+    result
+}
+
+/// How times are shown.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    utc: bool,
+}
+
+impl Clock {
+    fn show(self, t: Option<jiff::Timestamp>) -> String {
+        let Some(t) = t else { return "-".into() };
+        let zone = if self.utc {
+            jiff::tz::TimeZone::UTC
+        } else {
+            jiff::tz::TimeZone::system()
+        };
+        t.to_zoned(zone)
+            .strftime("%Y-%m-%d %H:%M:%S %:z")
+            .to_string()
+    }
+}
+
+fn age(d: Option<Duration>) -> String {
+    let Some(d) = d else { return "-".into() };
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3_600 => format!("{}m", s / 60),
+        3_600..86_400 => format!("{}h", s / 3_600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// Cuts `s` to `width` characters (one line), marking the cut with `…`.
+fn cell(s: &str, width: usize) -> String {
+    let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= width {
+        format!("{one_line:<width$}")
+    } else {
+        let cut: String = one_line.chars().take(width.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+fn progress_bar(label: &str) -> Option<ProgressBar> {
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(label.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    Some(bar)
+}
+
+async fn list(
+    connection: &Connection,
+    dlq: &str,
+    selector: &Selector,
+    limit: Option<u64>,
+    as_json: bool,
+    clock: Clock,
+) -> Result<ExitCode, Failure> {
+    let now = jiff::Timestamp::now();
+    let mut shown = 0u64;
+    let mut out = std::io::stdout().lock();
+    if !as_json {
+        let _ = writeln!(
+            out,
+            "{:>5}  {}  {}  {}  {:>3}  {}  {:>4}  {:>7}",
+            "POS",
+            cell("ID", 24),
+            cell("REASON", 17),
+            cell("ERROR", 40),
+            "ATT",
+            cell("QUEUE", 20),
+            "AGE",
+            "SIZE"
+        );
+    }
+    let seen = dead_letter::browse(connection, dlq, |dl| {
+        if !selector.matches(&dl, now) {
+            return ControlFlow::Continue(());
+        }
+        shown += 1;
+        let _ = if as_json {
+            writeln!(out, "{}", dl.to_json(now))
+        } else {
+            writeln!(
+                out,
+                "{:>5}  {}  {}  {}  {:>3}  {}  {:>4}  {:>7}",
+                dl.position,
+                cell(&dl.display_id(), 24),
+                cell(dl.reason_label(), 17),
+                cell(dl.error.as_deref().unwrap_or("-"), 40),
+                dl.attempts.map_or("-".into(), |a| a.to_string()),
+                cell(dl.original_queue.as_deref().unwrap_or("-"), 20),
+                age(dl.age(now)),
+                dl.body.len()
+            )
+        };
+        if limit.is_some_and(|l| shown >= l) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .await?;
+    drop(out);
+    if !as_json {
+        let _ = clock;
+        output::line(&format!("{shown} shown of {} in {dlq}", seen.in_queue));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Default)]
+struct Group {
+    count: u64,
+    first: Option<jiff::Timestamp>,
+    last: Option<jiff::Timestamp>,
+}
+
+/// Groups by reason and the error's first 80 characters.
+fn group_key(dl: &DeadLetter) -> (String, String) {
+    let error = dl.error.as_deref().unwrap_or("-");
+    let error: String = error.split_whitespace().collect::<Vec<_>>().join(" ");
+    let error: String = error.chars().take(80).collect();
+    (dl.reason_label().to_owned(), error)
+}
+
+async fn summary(
+    connection: &Connection,
+    dlq: &str,
+    selector: &Selector,
+    clock: Clock,
+) -> Result<ExitCode, Failure> {
+    let now = jiff::Timestamp::now();
+    let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
+    let mut total = 0u64;
+    let seen = dead_letter::browse(connection, dlq, |dl| {
+        if selector.matches(&dl, now) {
+            total += 1;
+            let g = groups.entry(group_key(&dl)).or_default();
+            g.count += 1;
+            if let Some(at) = dl.dead_lettered_at {
+                g.first = Some(g.first.map_or(at, |f| f.min(at)));
+                g.last = Some(g.last.map_or(at, |l| l.max(at)));
+            }
+        }
+        ControlFlow::Continue(())
+    })
+    .await?;
+    let mut rows: Vec<_> = groups.into_iter().collect();
+    rows.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
+    output::line(&format!(
+        "{:>6}  {}  {}  {}  {}",
+        "COUNT",
+        cell("REASON", 17),
+        cell("ERROR", 50),
+        cell("FIRST SEEN", 25),
+        "LAST SEEN"
+    ));
+    for ((reason, error), g) in rows {
+        output::line(&format!(
+            "{:>6}  {}  {}  {}  {}",
+            g.count,
+            cell(&reason, 17),
+            cell(&error, 50),
+            cell(&clock.show(g.first), 25),
+            clock.show(g.last)
+        ));
+    }
+    output::line(&format!("{total} selected of {} in {dlq}", seen.in_queue));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn show(
+    connection: &Connection,
+    dlq: &str,
+    id: &str,
+    clock: Clock,
+) -> Result<ExitCode, Failure> {
+    let mut found = None;
+    dead_letter::browse(connection, dlq, |dl| {
+        if dl.message_id.as_deref() == Some(id) {
+            found = Some(dl);
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .await?;
+    let Some(dl) = found else {
+        return Err(Failure::Error(format!(
+            "no message with id {id:?} in {dlq}"
+        )));
+    };
+    let now = jiff::Timestamp::now();
+    let field = |k: &str, v: String| output::line(&format!("{k:<18}{v}"));
+    field("position", dl.position.to_string());
+    field("message id", dl.display_id());
+    field("reason", dl.reason.clone().unwrap_or_else(|| "-".into()));
+    field(
+        "broker reason",
+        dl.broker_reason.clone().unwrap_or_else(|| "-".into()),
+    );
+    field("error", dl.error.clone().unwrap_or_else(|| "-".into()));
+    field(
+        "attempts",
+        dl.attempts.map_or("-".into(), |a| a.to_string()),
+    );
+    field("replays", dl.replays.to_string());
+    field(
+        "original queue",
+        dl.original_queue.clone().unwrap_or_else(|| "-".into()),
+    );
+    field(
+        "dead-lettered at",
+        format!(
+            "{} ({} ago)",
+            clock.show(dl.dead_lettered_at),
+            age(dl.age(now))
+        ),
+    );
+    output::line("properties:");
+    for (k, v) in json::properties_typed(&dl.properties) {
+        if k != "headers" {
+            output::line(&format!("  {k}: {v}"));
+        }
+    }
+    output::line("headers:");
+    if let Some(h) = dl.properties.headers() {
+        for (k, v) in h.inner() {
+            output::line(&format!("  {k}: {}", json::plain(v)));
+        }
+    }
+    output::line(&format!("body ({} bytes):", dl.body.len()));
+    match serde_json::from_slice::<serde_json::Value>(&dl.body) {
+        Ok(v) => output::line(&serde_json::to_string_pretty(&v).unwrap_or_default()),
+        Err(_) => match dl.body_text() {
+            Some(t) => output::line(t),
+            None => output::line(&format!("(not UTF-8; base64) {}", json::base64(&dl.body))),
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list_moved(what: &str, items: &[Moved]) {
+    for m in items {
+        output::error(&format!("{what} {}: {}", m.id, m.detail));
+    }
+}
+
+fn move_message(report: &MoveReport) -> String {
+    format!(
+        "{} done, {} skipped, {} failed",
+        report.done.len(),
+        report.skipped.len(),
+        report.failed.len()
+    )
+}
+
+async fn replay(
+    settings: &Settings,
+    connection: &Connection,
+    dlq: &str,
+    selector: &Selector,
+    options: &ReplayOptions,
+) -> Result<ExitCode, Failure> {
+    if !options.force
+        && let Some(open) = super::admin_client::open_breaker_for_dlq(settings, dlq).await
+    {
+        return Err(Failure::Error(format!(
+            "the breaker {open} is open: replaying now would only feed a failing dependency; wait for it to close or pass --force"
+        )));
+    }
+    let bar = progress_bar("replaying");
+    let report = dead_letter::replay(connection, dlq, selector, options, |r| {
+        if let Some(b) = &bar {
+            b.set_message(format!("replaying: {}", move_message(r)));
+        }
+    })
+    .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let report = report?;
+    if options.dry_run {
+        for m in &report.done {
+            output::line(&format!("would replay {} -> {}", m.id, m.detail));
+        }
+        output::line(&format!(
+            "dry run: {} would be replayed, {} skipped, {} failed; nothing moved",
+            report.done.len(),
+            report.skipped.len(),
+            report.failed.len()
+        ));
+    } else {
+        output::line(&format!(
+            "replayed {} of {} messages in {dlq}; {} skipped, {} failed",
+            report.done.len(),
+            report.in_queue,
+            report.skipped.len(),
+            report.failed.len()
+        ));
+    }
+    list_moved("skipped", &report.skipped);
+    list_moved("not moved", &report.failed);
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn purge(
+    connection: &Connection,
+    dlq: &str,
+    selector: &Selector,
+    all: bool,
+    yes: bool,
+    limit: Option<u64>,
+) -> Result<ExitCode, Failure> {
+    if !yes {
+        let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+        if !interactive {
+            return Err(Failure::Usage(
+                "refusing to delete without --yes (no terminal to confirm on)".into(),
+            ));
+        }
+        let now = jiff::Timestamp::now();
+        let mut count = 0u64;
+        dead_letter::browse(connection, dlq, |dl| {
+            if all || selector.matches(&dl, now) {
+                count += 1;
+            }
+            ControlFlow::Continue(())
+        })
+        .await?;
+        let count = limit.map_or(count, |l| count.min(l));
+        if count == 0 {
+            output::line(&format!("nothing to delete in {dlq}"));
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "delete {count} message(s) from {dlq}? [y/N] ");
+        let _ = err.flush();
+        drop(err);
+        let mut answer = String::new();
+        let _ = std::io::stdin().read_line(&mut answer);
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            output::line("nothing deleted");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    if all && selector.is_empty() && limit.is_none() {
+        let n = dead_letter::purge_all(connection, dlq).await?;
+        output::line(&format!("deleted {n} messages from {dlq}"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bar = progress_bar("deleting");
+    let report = dead_letter::purge(connection, dlq, selector, limit, |r| {
+        if let Some(b) = &bar {
+            b.set_message(format!("deleting: {}", r.done.len()));
+        }
+    })
+    .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let report = report?;
+    output::line(&format!(
+        "deleted {} of {} messages in {dlq}",
+        report.done.len(),
+        report.in_queue
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn export(
+    connection: &Connection,
+    dlq: &str,
+    selector: &Selector,
+    out: &PathBuf,
+    limit: Option<u64>,
+) -> Result<ExitCode, Failure> {
+    let file = std::fs::File::create(out)
+        .map_err(|e| Failure::Error(format!("cannot write {}: {e}", out.display())))?;
+    let mut writer = std::io::BufWriter::new(file);
+    let now = jiff::Timestamp::now();
+    let mut written = 0u64;
+    let mut write_error = None;
+    let bar = progress_bar("exporting");
+    dead_letter::browse(connection, dlq, |dl| {
+        if !selector.matches(&dl, now) {
+            return ControlFlow::Continue(());
+        }
+        if let Err(e) = writeln!(writer, "{}", dl.to_export()) {
+            write_error = Some(e);
+            return ControlFlow::Break(());
+        }
+        written += 1;
+        if let Some(b) = &bar {
+            b.set_message(format!("exporting: {written}"));
+        }
+        if limit.is_some_and(|l| written >= l) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .await?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if let Some(e) = write_error.or_else(|| writer.flush().err()) {
+        return Err(Failure::Error(format!(
+            "cannot write {}: {e}",
+            out.display()
+        )));
+    }
+    output::line(&format!(
+        "exported {written} messages from {dlq} to {} (left in the queue)",
+        out.display()
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn import(connection: &Connection, file: &PathBuf, to: &str) -> Result<ExitCode, Failure> {
+    let f = std::fs::File::open(file)
+        .map_err(|e| Failure::Error(format!("cannot read {}: {e}", file.display())))?;
+    let bar = progress_bar("importing");
+    let report = dead_letter::import(connection, BufReader::new(f), to, |r: &ImportReport| {
+        if let Some(b) = &bar {
+            b.set_message(format!("importing: {}", r.published));
+        }
+    })
+    .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let report = report?;
+    output::line(&format!(
+        "imported {} messages into {to}; {} failed",
+        report.published,
+        report.failed.len()
+    ));
+    list_moved("not imported", &report.failed);
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_are_cut_to_width_on_one_line() {
+        assert_eq!(cell("abc", 5), "abc  ");
+        assert_eq!(cell("abcdefgh", 5), "abcd…");
+        assert_eq!(cell("a\nb", 5), "a b  ");
+    }
+
+    #[test]
+    fn rates_and_ages() {
+        assert_eq!(parse_rate("50/s"), Ok(50.0));
+        assert_eq!(parse_rate("2.5"), Ok(2.5));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert_eq!(age(Some(Duration::from_secs(59))), "59s");
+        assert_eq!(age(Some(Duration::from_secs(3_600 * 5))), "5h");
+        assert_eq!(age(None), "-");
+    }
+}

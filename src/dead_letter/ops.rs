@@ -1,0 +1,420 @@
+//! Replay, purge and import: every message is either still in the dead-letter
+//! queue or safely somewhere else, whenever the command stops (even by
+//! `kill -9`): a message is acked from the queue only after its copy is
+//! confirmed, and everything not acked goes back when the channel closes.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::time::Instant;
+
+use super::browse::{close_reader, message_count, next, open_reader};
+use super::json::{from_base64, properties_from_typed};
+use super::{DeadLetter, Selector, headers};
+use crate::error::{Error, describe};
+
+/// How `replay` treats each message.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Refuse messages already replayed this many times (unless `force`).
+    pub max_replays: u64,
+    /// Replay even past `max_replays`.
+    pub force: bool,
+    /// Report what would move; move nothing.
+    pub dry_run: bool,
+    /// At most this many messages per second.
+    pub rate: Option<f64>,
+    /// Stop after this many selected messages.
+    pub limit: Option<u64>,
+}
+
+/// One message handled by a move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    /// Its id (message id, or `#position`).
+    pub id: String,
+    /// Where it went (or would go), or why not.
+    pub detail: String,
+}
+
+/// What a replay or purge did.
+#[derive(Debug, Clone, Default)]
+pub struct MoveReport {
+    /// Messages in the queue when it began.
+    pub in_queue: u32,
+    /// Moved (or deleted; or, in a dry run, would be).
+    pub done: Vec<Moved>,
+    /// Selected but refused by a rule (loop guard), left in place.
+    pub skipped: Vec<Moved>,
+    /// Selected but not moved because of an error, left in place.
+    pub failed: Vec<Moved>,
+}
+
+async fn confirm_channel(connection: &Connection) -> Result<Channel, Error> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| Error::broker("opening a channel", e))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| Error::broker("enabling publisher confirms", e))?;
+    Ok(channel)
+}
+
+/// Publishes with `mandatory` and waits for the confirm; `Err` says why not.
+async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), String> {
+    let confirm = channel
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(queue),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .map_err(|e| describe(&e))?
+        .await
+        .map_err(|e| describe(&e))?;
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(format!(
+            "queue {queue:?} does not exist (returned unroutable)"
+        )),
+        Confirmation::Nack(_) => Err("the broker refused it (nack)".to_owned()),
+    }
+}
+
+/// `user_id` must be the publishing connection's user, or the broker closes
+/// the channel: keep it only when it is.
+fn keep_user_id(properties: BasicProperties, user: &str) -> BasicProperties {
+    match properties.user_id() {
+        Some(id) if id.as_str() != user => rebuild_without_user_id(&properties),
+        _ => properties,
+    }
+}
+
+fn rebuild_without_user_id(p: &BasicProperties) -> BasicProperties {
+    let mut typed = super::json::properties_typed(p);
+    typed.remove("user_id");
+    properties_from_typed(&typed).unwrap_or_default()
+}
+
+/// The properties of a replayed copy: attempt count and dead-letter headers
+/// reset, `rg-replays` + 1, everything else kept.
+fn replay_properties(dl: &DeadLetter, user: &str) -> BasicProperties {
+    let mut map: BTreeMap<ShortString, AMQPValue> = dl
+        .properties
+        .headers()
+        .as_ref()
+        .map(|h| h.inner().clone())
+        .unwrap_or_default();
+    for name in headers::RESET_ON_REPLAY
+        .iter()
+        .chain(headers::BROKER_DEATH_HEADERS)
+    {
+        map.remove(*name);
+    }
+    map.remove("x-delivery-count");
+    map.insert(
+        headers::REPLAYS.into(),
+        AMQPValue::LongLongInt(i64::try_from(dl.replays + 1).unwrap_or(i64::MAX)),
+    );
+    let props = dl.properties.clone().with_headers(FieldTable::from(map));
+    keep_user_id(props, user)
+}
+
+/// Waits so that at most `rate` messages per second go out.
+struct Pace {
+    every: Option<Duration>,
+    next: Instant,
+}
+
+impl Pace {
+    fn new(rate: Option<f64>) -> Self {
+        Self {
+            every: rate
+                .filter(|r| *r > 0.0)
+                .map(|r| Duration::from_secs_f64(1.0 / r)),
+            next: Instant::now(),
+        }
+    }
+
+    async fn wait(&mut self) {
+        if let Some(every) = self.every {
+            tokio::time::sleep_until(self.next).await;
+            self.next = self.next.max(Instant::now()) + every;
+        }
+    }
+}
+
+/// Sends selected messages back to their original queue (from
+/// `rg-original-queue`, else the broker's `x-death`), acking each from the
+/// dead-letter queue only after its copy is confirmed. `progress` is called
+/// after each selected message.
+///
+/// # Errors
+///
+/// [`Error::QueueNotFound`] or a broker error; messages not moved by then
+/// stay in the dead-letter queue.
+pub async fn replay(
+    connection: &Connection,
+    dlq: &str,
+    selector: &Selector,
+    options: &ReplayOptions,
+    mut progress: impl FnMut(&MoveReport),
+) -> Result<MoveReport, Error> {
+    let user = connection.status().username();
+    let mut report = MoveReport {
+        in_queue: message_count(connection, dlq).await?,
+        ..MoveReport::default()
+    };
+    if report.in_queue == 0 {
+        return Ok(report);
+    }
+    let publisher = confirm_channel(connection).await?;
+    let (reader, mut consumer) = open_reader(connection, dlq).await?;
+    let now = jiff::Timestamp::now();
+    let mut pace = Pace::new(options.rate);
+    let mut position = 0u64;
+    let mut broken = None;
+    while position < u64::from(report.in_queue) {
+        let Some(delivery) = next(&mut consumer).await? else {
+            break;
+        };
+        position += 1;
+        let dl = DeadLetter::from_delivery(position, delivery);
+        if !selector.matches(&dl, now) {
+            continue;
+        }
+        let handled = (report.done.len() + report.skipped.len() + report.failed.len()) as u64;
+        if options.limit.is_some_and(|limit| handled >= limit) {
+            break;
+        }
+        let id = dl.display_id();
+        let Some(target) = dl.original_queue.clone() else {
+            report.failed.push(Moved {
+                id,
+                detail: "no original queue (no rg-original-queue or x-death header)".into(),
+            });
+            progress(&report);
+            continue;
+        };
+        if dl.replays >= options.max_replays && !options.force {
+            report.skipped.push(Moved {
+                id,
+                detail: format!(
+                    "already replayed {} times (--max-replays {}); --force to replay anyway",
+                    dl.replays, options.max_replays
+                ),
+            });
+            progress(&report);
+            continue;
+        }
+        if options.dry_run {
+            report.done.push(Moved { id, detail: target });
+            progress(&report);
+            continue;
+        }
+        pace.wait().await;
+        match publish_confirmed(&publisher, &target, &dl.body, replay_properties(&dl, &user)).await
+        {
+            Ok(()) => {
+                if let Err(e) = reader
+                    .basic_ack(dl.delivery_tag, BasicAckOptions::default())
+                    .await
+                {
+                    // The copy is in place; the original stays too (a duplicate, never a loss).
+                    broken = Some(Error::broker("removing a replayed message", e));
+                    report.failed.push(Moved {
+                        id,
+                        detail: "copied, but could not be removed from the dead-letter queue"
+                            .into(),
+                    });
+                    break;
+                }
+                report.done.push(Moved { id, detail: target });
+            }
+            Err(why) => {
+                report.failed.push(Moved { id, detail: why });
+                if !publisher.status().connected() {
+                    break;
+                }
+            }
+        }
+        progress(&report);
+    }
+    drop(consumer);
+    let moved = if options.dry_run {
+        0
+    } else {
+        report.done.len()
+    };
+    let expect = report
+        .in_queue
+        .saturating_sub(u32::try_from(moved).unwrap_or(u32::MAX));
+    close_reader(connection, reader, dlq, expect).await?;
+    let _ = publisher.close(200, "replayed".into()).await;
+    broken.map_or(Ok(report), Err)
+}
+
+/// Deletes the selected messages (acks them without a copy).
+///
+/// # Errors
+///
+/// [`Error::QueueNotFound`] or a broker error.
+pub async fn purge(
+    connection: &Connection,
+    dlq: &str,
+    selector: &Selector,
+    limit: Option<u64>,
+    mut progress: impl FnMut(&MoveReport),
+) -> Result<MoveReport, Error> {
+    let mut report = MoveReport {
+        in_queue: message_count(connection, dlq).await?,
+        ..MoveReport::default()
+    };
+    if report.in_queue == 0 {
+        return Ok(report);
+    }
+    let (reader, mut consumer) = open_reader(connection, dlq).await?;
+    let now = jiff::Timestamp::now();
+    let mut position = 0u64;
+    while position < u64::from(report.in_queue) {
+        let Some(delivery) = next(&mut consumer).await? else {
+            break;
+        };
+        position += 1;
+        let dl = DeadLetter::from_delivery(position, delivery);
+        if !selector.matches(&dl, now) {
+            continue;
+        }
+        if limit.is_some_and(|l| report.done.len() as u64 >= l) {
+            break;
+        }
+        reader
+            .basic_ack(dl.delivery_tag, BasicAckOptions::default())
+            .await
+            .map_err(|e| Error::broker("deleting a message", e))?;
+        report.done.push(Moved {
+            id: dl.display_id(),
+            detail: "deleted".into(),
+        });
+        progress(&report);
+    }
+    drop(consumer);
+    let expect = report
+        .in_queue
+        .saturating_sub(u32::try_from(report.done.len()).unwrap_or(u32::MAX));
+    close_reader(connection, reader, dlq, expect).await?;
+    Ok(report)
+}
+
+/// Empties the queue (`queue.purge`); returns how many messages it held.
+///
+/// # Errors
+///
+/// [`Error::QueueNotFound`] or a broker error.
+pub async fn purge_all(connection: &Connection, dlq: &str) -> Result<u32, Error> {
+    message_count(connection, dlq).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| Error::broker("opening a channel", e))?;
+    let n = channel
+        .queue_purge(ShortString::from(dlq), QueuePurgeOptions::default())
+        .await
+        .map_err(|e| Error::broker(format!("purging {dlq}"), e))?;
+    let _ = channel.close(200, "purged".into()).await;
+    Ok(n)
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Default)]
+pub struct ImportReport {
+    /// Messages published and confirmed.
+    pub published: u64,
+    /// Lines that were not published, with the line number and why.
+    pub failed: Vec<Moved>,
+}
+
+/// Publishes every message of an export file (one JSON object per line, as
+/// written by `dlq export`) to `queue`, each confirmed.
+///
+/// # Errors
+///
+/// A broker error that ends the import (lines already confirmed stay published).
+pub async fn import(
+    connection: &Connection,
+    lines: impl BufRead,
+    queue: &str,
+    mut progress: impl FnMut(&ImportReport),
+) -> Result<ImportReport, Error> {
+    message_count(connection, queue).await?;
+    let user = connection.status().username();
+    let channel = confirm_channel(connection).await?;
+    let mut report = ImportReport::default();
+    for (n, line) in lines.lines().enumerate() {
+        let line_no = format!("line {}", n + 1);
+        let line = line.map_err(|e| Error::Io {
+            context: format!("reading the import file ({line_no})"),
+            source: e,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = parse_export_line(&line);
+        let (properties, body) = match parsed {
+            Ok(p) => p,
+            Err(why) => {
+                report.failed.push(Moved {
+                    id: line_no,
+                    detail: why,
+                });
+                continue;
+            }
+        };
+        match publish_confirmed(&channel, queue, &body, keep_user_id(properties, &user)).await {
+            Ok(()) => report.published += 1,
+            Err(why) => {
+                report.failed.push(Moved {
+                    id: line_no,
+                    detail: why,
+                });
+                if !channel.status().connected() {
+                    break;
+                }
+            }
+        }
+        progress(&report);
+    }
+    let _ = channel.close(200, "imported".into()).await;
+    Ok(report)
+}
+
+fn parse_export_line(line: &str) -> Result<(BasicProperties, Vec<u8>), String> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let props = v
+        .get("properties")
+        .and_then(serde_json::Value::as_object)
+        .ok_or("no \"properties\" object")?;
+    let body = v
+        .get("body_base64")
+        .and_then(serde_json::Value::as_str)
+        .ok_or("no \"body_base64\"")?;
+    Ok((properties_from_typed(props)?, from_base64(body)?))
+}

@@ -1,0 +1,742 @@
+//! `rabbit-guard dlq`, run as an operator would, against dead letters made
+//! by the real runtime.
+#![allow(clippy::print_stderr)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use rabbit_guard::Worker;
+use rabbit_guard::config::{RetrySettings, Settings};
+use rabbit_guard::handler::{Context, Handler, HandlerError, Json};
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Deserialize)]
+struct Msg {
+    kind: String,
+}
+
+/// "ok" succeeds; "bad" is permanent; "flaky" fails transiently; "boom" panics.
+struct Picky;
+
+impl Handler for Picky {
+    type Message = Json<Msg>;
+
+    async fn handle(&self, Json(msg): Json<Msg>, _ctx: &Context) -> Result<(), HandlerError> {
+        match msg.kind.as_str() {
+            "ok" => Ok(()),
+            "bad" => Err(HandlerError::permanent("amount is negative")),
+            "flaky" => Err(HandlerError::transient("billing timed out")),
+            "boom" => panic!("handler exploded"),
+            other => Err(HandlerError::permanent(format!("unknown kind {other}"))),
+        }
+    }
+}
+
+/// Writes `settings` to a config file and runs `rabbit-guard dlq <args>`.
+struct Cli {
+    dir: tempfile::TempDir,
+    queue: String,
+}
+
+impl Cli {
+    fn new(settings: &Settings) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("c.toml"),
+            toml::to_string(settings).unwrap(),
+        )
+        .unwrap();
+        Self {
+            dir,
+            queue: settings.consumers[0].queue.clone(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+            .arg("dlq")
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("c.toml"))
+            .arg("--queue")
+            .arg(&self.queue)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run rabbit-guard dlq")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "dlq {args:?} failed ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Vec<Value> {
+        let mut all = vec!["list", "--json"];
+        all.extend(args);
+        self.ok(&all)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn ids(lines: &[Value]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|v| v["message_id"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn settings_for(prefix: &str) -> Settings {
+    let mut s = settings(prefix, "picky", fast_breaker());
+    s.consumers[0].retry = RetrySettings {
+        delays: vec![Duration::from_millis(100), Duration::from_millis(200)],
+    };
+    s
+}
+
+/// Runs the real worker over a mix of messages until `dead` are dead-lettered.
+async fn make_dead_letters(
+    broker: &TestBroker,
+    settings: &Settings,
+) -> HashMap<String, &'static str> {
+    let q = settings.consumers[0].queue.clone();
+    let mut expected = HashMap::new();
+    for (kind, reason, n) in [
+        ("bad", "permanent", 3),
+        ("garbled", "decode", 2),
+        ("flaky", "retries-exhausted", 2),
+        ("boom", "panic", 1),
+    ] {
+        for i in 0..n {
+            let id = format!("{kind}-{i}");
+            let body = if kind == "garbled" {
+                b"{not json".to_vec()
+            } else {
+                format!("{{\"kind\":\"{kind}\",\"i\":{i}}}").into_bytes()
+            };
+            broker.publish_raw(&q, &id, &body, "application/json").await;
+            expected.insert(id, reason);
+        }
+    }
+    let running = Running::start(Worker::builder(settings.clone()).handler("picky", Picky)).await;
+    // Healthy neighbours, so the last retries are judged "otherwise healthy".
+    let mut n = 0;
+    let done = loop {
+        if running.stats.snapshot().dead_lettered as usize == expected.len() {
+            break true;
+        }
+        if n > 300 {
+            break false;
+        }
+        broker
+            .publish_raw(
+                &q,
+                &format!("ok-{n}"),
+                br#"{"kind":"ok"}"#,
+                "application/json",
+            )
+            .await;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    };
+    assert!(done, "dead letters: {:?}", running.stats.snapshot());
+    running.stop().await;
+    expected
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_and_summary_show_real_dead_letters_and_leave_the_queue_as_it_was() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let settings = settings_for("dlqlist");
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let expected = make_dead_letters(&broker, &settings).await;
+    let cli = Cli::new(&settings);
+
+    let lines = cli.json(&[]);
+    assert_eq!(lines.len(), expected.len(), "{lines:#?}");
+    for v in &lines {
+        let id = v["message_id"].as_str().unwrap();
+        assert_eq!(
+            v["reason"].as_str(),
+            Some(expected[id]),
+            "reason of {id}: {v}"
+        );
+        assert_eq!(
+            v["original_queue"].as_str(),
+            Some(consumer.queue.as_str()),
+            "{v}"
+        );
+        let attempts = v["attempts"].as_u64().unwrap();
+        if expected[id] == "retries-exhausted" {
+            assert_eq!(attempts, 3, "1 + two delay levels: {v}");
+            assert!(
+                v["error"].as_str().unwrap().contains("billing timed out"),
+                "{v}"
+            );
+        } else {
+            assert_eq!(attempts, 1, "{v}");
+        }
+        assert!(v["headers"]["rg-handler"] == "picky", "{v}");
+        assert!(v["age_seconds"].as_u64().is_some(), "{v}");
+    }
+    let garbled = lines
+        .iter()
+        .find(|v| v["message_id"] == "garbled-0")
+        .unwrap();
+    assert_eq!(garbled["body"], "{not json");
+
+    // Browsing changes nothing: same output, same order, same headers.
+    let strip = |text: String| -> Vec<String> {
+        text.lines()
+            .map(|l| {
+                let cols: Vec<&str> = l.split("  ").filter(|c| !c.is_empty()).collect();
+                // Drop the AGE column (second to last): time passes.
+                let mut cols: Vec<String> = cols.iter().map(|c| c.trim().to_owned()).collect();
+                if cols.len() > 2 {
+                    cols.remove(cols.len() - 2);
+                }
+                cols.join("|")
+            })
+            .collect()
+    };
+    let first = strip(cli.ok(&["list"]));
+    let second = strip(cli.ok(&["list"]));
+    assert_eq!(first, second, "two lists in a row print the same");
+    let again = cli.json(&[]);
+    assert_eq!(ids(&again), ids(&lines), "same messages in the same order");
+    for (a, b) in lines.iter().zip(&again) {
+        assert_eq!(a["headers"], b["headers"], "headers unchanged");
+        assert_eq!(a["body"], b["body"]);
+    }
+
+    // Filters and limit.
+    let bad = cli.json(&["--reason", "permanent"]);
+    assert_eq!(ids(&bad).len(), 3);
+    assert!(ids(&bad).iter().all(|i| i.starts_with("bad-")));
+    assert_eq!(
+        cli.json(&["--grep", "EXPLODED"]).len(),
+        1,
+        "grep is case-insensitive, on the error"
+    );
+    assert_eq!(
+        cli.json(&["--grep", "not json"]).len(),
+        2,
+        "grep searches bodies too"
+    );
+    assert_eq!(cli.json(&["--limit", "2"]).len(), 2);
+    assert_eq!(cli.json(&["--since", "1h"]).len(), expected.len());
+
+    // Summary groups by reason and error.
+    let summary = cli.ok(&["summary"]);
+    let count_of = |reason: &str| -> u64 {
+        summary
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some(reason))
+            .map(|l| l.split_whitespace().next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!(count_of("permanent"), 3, "{summary}");
+    assert_eq!(count_of("decode"), 2, "{summary}");
+    assert_eq!(count_of("retries-exhausted"), 2, "{summary}");
+    assert_eq!(count_of("panic"), 1, "{summary}");
+    assert!(summary.contains("8 selected of 8"), "{summary}");
+
+    // Show: every header and the body, pretty JSON.
+    let shown = cli.ok(&["show", "bad-1", "--utc"]);
+    assert!(shown.contains("rg-reason: \"permanent\""), "{shown}");
+    assert!(
+        shown.contains("\"kind\": \"bad\""),
+        "pretty JSON body: {shown}"
+    );
+    assert!(shown.contains("+00:00"), "UTC time with offset: {shown}");
+    let missing = cli.run(&["show", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+
+    // The queue itself still holds everything, in order.
+    let drained = broker.drain(&consumer.dead_letter_queue()).await;
+    let drained_ids: Vec<String> = drained.iter().map(|g| g.id.clone()).collect();
+    assert_eq!(drained_ids, ids(&lines), "queue order after browsing");
+    broker.cleanup().await;
+}
+
+/// Publishes `n` dead letters straight into `dlq`, as the runtime writes them.
+async fn publish_dead_letters(
+    broker: &TestBroker,
+    dlq: &str,
+    original: &str,
+    n: usize,
+    body_size: usize,
+    reason: &str,
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    let mut confirms = Vec::new();
+    let filler = "x".repeat(body_size.saturating_sub(20));
+    for i in 0..n {
+        let id = format!("{reason}-{i}");
+        let mut h = FieldTable::default();
+        h.insert(
+            "rg-reason".into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        h.insert(
+            "rg-error".into(),
+            AMQPValue::LongString(LongString::from(format!("error {}", i % 3))),
+        );
+        h.insert(
+            "rg-original-queue".into(),
+            AMQPValue::LongString(LongString::from(original)),
+        );
+        h.insert("rg-attempt".into(), AMQPValue::LongLongInt(3));
+        h.insert(
+            "rg-dead-lettered-at".into(),
+            AMQPValue::LongString(LongString::from("2026-01-01T00:00:00.000Z")),
+        );
+        let body = format!("{{\"i\":{i},\"pad\":\"{filler}\"}}");
+        confirms.push(
+            broker
+                .channel
+                .basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(dlq),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default()
+                        .with_message_id(ShortString::from(id.as_str()))
+                        .with_content_type(ShortString::from("application/json"))
+                        .with_delivery_mode(2)
+                        .with_headers(h),
+                )
+                .await
+                .unwrap(),
+        );
+        if confirms.len() >= 1_000 {
+            for c in confirms.drain(..) {
+                assert!(c.await.unwrap().is_ack());
+            }
+        }
+        ids.push(id);
+    }
+    for c in confirms {
+        assert!(c.await.unwrap().is_ack());
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_by_id_reason_and_all_feeds_a_healthy_worker_with_a_loop_guard() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let settings = settings_for("replay");
+    let consumer = settings.consumers[0].clone();
+    let (q, dlq) = (consumer.queue.clone(), consumer.dead_letter_queue());
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let mut all = publish_dead_letters(&broker, &dlq, &q, 4, 50, "permanent").await;
+    all.extend(publish_dead_letters(&broker, &dlq, &q, 3, 50, "retries-exhausted").await);
+    let cli = Cli::new(&settings);
+
+    let usage = cli.run(&["replay"]);
+    assert_eq!(
+        usage.status.code(),
+        Some(2),
+        "replay without a selection is a usage error"
+    );
+    let dry = cli.ok(&["replay", "--reason", "permanent", "--dry-run"]);
+    assert!(dry.contains("would replay permanent-0 -> "), "{dry}");
+    assert_eq!(broker.ready(&q).await, 0, "a dry run moves nothing");
+
+    cli.ok(&["replay", "--id", "permanent-1"]);
+    cli.ok(&["replay", "--reason", "retries-exhausted"]);
+    assert_eq!(broker.ready(&q).await, 4, "one by id, three by reason");
+    let left = ids(&cli.json(&[]));
+    assert_eq!(
+        left,
+        ["permanent-0", "permanent-2", "permanent-3"],
+        "the DLQ holds exactly the rest, in order"
+    );
+
+    // Back in the work queue: a healthy worker processes them.
+    let moved = broker.drain(&q).await;
+    for m in &moved {
+        assert_eq!(m.header_u64("rg-replays"), Some(1), "{}", m.id);
+        assert!(
+            m.header_str("rg-reason").is_none(),
+            "dead-letter headers reset: {}",
+            m.id
+        );
+        assert!(
+            m.header_u64("rg-attempt").is_none(),
+            "attempt count reset: {}",
+            m.id
+        );
+    }
+    for m in &moved {
+        broker
+            .publish_raw(&q, &m.id, br#"{"kind":"ok"}"#, "application/json")
+            .await;
+    }
+    let running = Running::start(Worker::builder(settings.clone()).handler("picky", Picky)).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || running
+            .stats
+            .snapshot()
+            .succeeded
+            == 4)
+        .await
+    );
+    running.stop().await;
+
+    cli.ok(&["replay", "--all", "--rate", "100/s"]);
+    assert_eq!(broker.ready(&dlq).await, 0, "--all empties the DLQ");
+    assert_eq!(broker.ready(&q).await, 3);
+
+    // Loop guard: a message replayed 3 times already is refused.
+    broker.drain(&q).await;
+    let mut h = FieldTable::default();
+    h.insert(
+        "rg-original-queue".into(),
+        AMQPValue::LongString(LongString::from(q.as_str())),
+    );
+    h.insert(
+        "rg-reason".into(),
+        AMQPValue::LongString(LongString::from("permanent")),
+    );
+    h.insert("rg-replays".into(), AMQPValue::LongLongInt(3));
+    broker
+        .channel
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(dlq.as_str()),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default()
+                .with_message_id("looping".into())
+                .with_headers(h),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let refused = cli.run(&["replay", "--all"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("looping") && stderr.contains("already replayed 3 times"),
+        "{stderr}"
+    );
+    assert_eq!(
+        broker.ready(&dlq).await,
+        1,
+        "the refused message stays in the DLQ"
+    );
+    cli.ok(&["replay", "--all", "--force"]);
+    assert_eq!(broker.ready(&dlq).await, 0, "--force replays it");
+    let forced = broker.drain(&q).await;
+    assert_eq!(forced[0].header_u64("rg-replays"), Some(4));
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_5000_message_replay_loses_nothing() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let settings = settings_for("killreplay");
+    let consumer = settings.consumers[0].clone();
+    let (q, dlq) = (consumer.queue.clone(), consumer.dead_letter_queue());
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let ids = publish_dead_letters(&broker, &dlq, &q, 5_000, 100, "permanent").await;
+    let cli = Cli::new(&settings);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args(["dlq", "replay", "--all", "--config"])
+        .arg(cli.path("c.toml"))
+        .args(["--queue", &q])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let kill_at = 1_000 + random_below(2_000) as u32;
+    let mut moved = 0;
+    for _ in 0..600 {
+        moved = broker.ready(&q).await;
+        if moved >= kill_at {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        moved >= kill_at,
+        "the replay made too little progress: {moved}"
+    );
+    // Wait for the broker to return the killed reader's unacked messages.
+    let settled = wait_until_async(Duration::from_secs(15), || async {
+        let total = broker.ready(&q).await + broker.ready(&dlq).await;
+        total >= 5_000
+    })
+    .await;
+    assert!(settled, "messages should be back in a queue");
+    let in_queue: Vec<String> = broker.drain(&q).await.into_iter().map(|g| g.id).collect();
+    let in_dlq: Vec<String> = broker.drain(&dlq).await.into_iter().map(|g| g.id).collect();
+    let a: HashSet<&String> = in_queue.iter().collect();
+    let b: HashSet<&String> = in_dlq.iter().collect();
+    let lost: Vec<&String> = ids
+        .iter()
+        .filter(|id| !a.contains(id) && !b.contains(id))
+        .collect();
+    let both = a.intersection(&b).count();
+    eprintln!(
+        "replay kill: killed after {moved} moved; work queue {}, DLQ {}, in both (duplicates) {both}, lost {}",
+        in_queue.len(),
+        in_dlq.len(),
+        lost.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "{} lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    broker.cleanup().await;
+}
+
+async fn wait_until_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_removes_exactly_the_selection_and_needs_yes() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let settings = settings_for("purge");
+    let consumer = settings.consumers[0].clone();
+    let (q, dlq) = (consumer.queue.clone(), consumer.dead_letter_queue());
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    publish_dead_letters(&broker, &dlq, &q, 5, 50, "permanent").await;
+    publish_dead_letters(&broker, &dlq, &q, 4, 50, "decode").await;
+    let cli = Cli::new(&settings);
+
+    let refused = cli.run(&["purge", "--reason", "decode"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "without --yes and a terminal: refuse"
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    assert_eq!(broker.ready(&dlq).await, 9, "nothing deleted");
+
+    cli.ok(&["purge", "--reason", "decode", "--yes"]);
+    cli.ok(&["purge", "--id", "permanent-3", "--yes"]);
+    let left = ids(&cli.json(&[]));
+    assert_eq!(
+        left,
+        ["permanent-0", "permanent-1", "permanent-2", "permanent-4"],
+        "exactly the rest, in order"
+    );
+    cli.ok(&["purge", "--all", "--yes"]);
+    assert_eq!(broker.ready(&dlq).await, 0);
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_then_import_round_trips_byte_for_byte() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let settings = settings_for("export");
+    let consumer = settings.consumers[0].clone();
+    let (q, dlq) = (consumer.queue.clone(), consumer.dead_letter_queue());
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let target = unique("imported");
+    broker.track_queue(&target);
+    broker
+        .channel
+        .queue_declare(
+            ShortString::from(target.as_str()),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // Every header type, odd properties, a binary body.
+    let mut nested = FieldTable::default();
+    nested.insert("deep".into(), AMQPValue::LongInt(-5));
+    let mut h = FieldTable::default();
+    h.insert(
+        "rg-reason".into(),
+        AMQPValue::LongString(LongString::from("permanent")),
+    );
+    h.insert("flag".into(), AMQPValue::Boolean(true));
+    h.insert("small".into(), AMQPValue::ShortShortInt(-3));
+    h.insert("count".into(), AMQPValue::LongLongInt(1 << 40));
+    h.insert("ratio".into(), AMQPValue::Double(0.125));
+    h.insert("when".into(), AMQPValue::Timestamp(1_700_000_000));
+    h.insert("table".into(), AMQPValue::FieldTable(nested));
+    h.insert(
+        "raw".into(),
+        AMQPValue::LongString(LongString::from(vec![0u8, 159, 146, 150])),
+    );
+    let props = BasicProperties::default()
+        .with_message_id("exported-1".into())
+        .with_content_type("application/octet-stream".into())
+        .with_content_encoding("gzip".into())
+        .with_correlation_id("corr".into())
+        .with_priority(4)
+        .with_timestamp(1_700_000_123)
+        .with_type("order.created".into())
+        .with_app_id("shop".into())
+        .with_delivery_mode(2)
+        .with_headers(h);
+    let body: Vec<u8> = (0..=255u8).chain([0, 0, 255]).collect();
+    broker
+        .channel
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(dlq.as_str()),
+            BasicPublishOptions::default(),
+            &body,
+            props.clone(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    publish_dead_letters(&broker, &dlq, &q, 3, 40, "decode").await;
+    let cli = Cli::new(&settings);
+    let file = cli.path("export.jsonl");
+    cli.ok(&["export", "--out", file.to_str().unwrap()]);
+    assert_eq!(
+        broker.ready(&dlq).await,
+        4,
+        "export leaves the messages in place"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args(["dlq", "import"])
+        .arg(&file)
+        .args(["--to", &target, "--config"])
+        .arg(cli.path("c.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let originals = raw_messages(&broker, &dlq).await;
+    let imported = raw_messages(&broker, &target).await;
+    assert_eq!(imported.len(), 4);
+    assert_eq!(
+        imported, originals,
+        "properties, headers and bodies identical, in order"
+    );
+    assert_eq!(imported[0].0, props, "every property kept");
+    assert_eq!(imported[0].1, body, "binary body kept byte for byte");
+    broker.cleanup().await;
+}
+
+/// (properties, body) of every message in `queue`, in order (removes them).
+async fn raw_messages(broker: &TestBroker, queue: &str) -> Vec<(BasicProperties, Vec<u8>)> {
+    let ch = broker.connection.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(ShortString::from(queue), Default::default())
+        .await
+        .unwrap()
+    {
+        let d = m.delivery;
+        out.push((d.properties.clone(), d.data.clone()));
+        d.acker.ack(Default::default()).await.unwrap();
+    }
+    out
+}
+
+/// Peak resident memory (kB) of a process, sampled until it exits.
+async fn peak_rss_kb(mut child: std::process::Child) -> (u64, std::process::ExitStatus) {
+    let pid = child.id();
+    let mut peak = 0;
+    loop {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            for line in status.lines() {
+                if let Some(v) = line.strip_prefix("VmHWM:") {
+                    peak = peak.max(v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0));
+                }
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return (peak, status);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsing_50000_messages_streams_in_bounded_memory() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let settings = settings_for("bigdlq");
+    let consumer = settings.consumers[0].clone();
+    let (q, dlq) = (consumer.queue.clone(), consumer.dead_letter_queue());
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let cli = Cli::new(&settings);
+    let summarize = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+            .args(["dlq", "summary", "--config"])
+            .arg(cli.path("c.toml"))
+            .args(["--queue", &q])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // 1 KiB bodies: holding 50,000 of them would take 50 MB.
+    publish_dead_letters(&broker, &dlq, &q, 5_000, 1_024, "small").await;
+    let (small, status) = peak_rss_kb(summarize()).await;
+    assert!(status.success());
+    publish_dead_letters(&broker, &dlq, &q, 45_000, 1_024, "large").await;
+    assert_eq!(broker.ready(&dlq).await, 50_000);
+    let child = summarize();
+    let (large, status) = peak_rss_kb(child).await;
+    assert!(status.success());
+    eprintln!("browse memory: peak RSS {small} kB for 5,000 messages, {large} kB for 50,000");
+    assert!(
+        large < small + 20_000,
+        "memory must not grow with the queue: {small} kB for 5,000 vs {large} kB for 50,000 (1 KiB each)"
+    );
+    assert_eq!(
+        broker.ready(&dlq).await,
+        50_000,
+        "summary leaves all 50,000 in place"
+    );
+    broker.cleanup().await;
+}
