@@ -3,7 +3,7 @@
 //! that a broker blocking publishers (memory or disk alarm) never stalls acks.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -44,10 +44,12 @@ pub(crate) struct ManagedConnection {
     uri: AMQPUri,
     shown_url: String,
     name: String,
+    role: &'static str,
     settings: BrokerSettings,
     link: watch::Sender<Link>,
     suspect: Notify,
     blocked: AtomicBool,
+    reconnects: AtomicU64,
 }
 
 fn is_fatal_at_startup(e: &lapin::Error) -> bool {
@@ -57,7 +59,7 @@ fn is_fatal_at_startup(e: &lapin::Error) -> bool {
 
 impl ManagedConnection {
     /// `role` is appended to the connection name: `rabbit-guard/consume`.
-    pub(crate) fn new(settings: &BrokerSettings, role: &str) -> Result<Self, Error> {
+    pub(crate) fn new(settings: &BrokerSettings, role: &'static str) -> Result<Self, Error> {
         let mut uri: AMQPUri = settings.url.parse().map_err(|e: String| {
             Error::Config(crate::config::ConfigError::Invalid(vec![
                 crate::config::Problem {
@@ -75,11 +77,38 @@ impl ManagedConnection {
             uri,
             shown_url: mask_url(&settings.url),
             name: format!("{}/{role}", settings.connection_name),
+            role,
             settings: settings.clone(),
             link,
             suspect: Notify::new(),
             blocked: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
         })
+    }
+
+    /// The connection name the broker shows.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `consume` or `publish`.
+    pub(crate) fn role(&self) -> &'static str {
+        self.role
+    }
+
+    /// True while connected.
+    pub(crate) fn is_up(&self) -> bool {
+        matches!(*self.link.borrow(), Link::Up { .. })
+    }
+
+    /// True while the broker blocks this connection (resource alarm).
+    pub(crate) fn is_blocked(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed)
+    }
+
+    /// Successful reconnections so far.
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
     }
 
     async fn connect_once(&self) -> Result<Connection, lapin::Error> {
@@ -277,6 +306,7 @@ impl ManagedConnection {
                         down_for = %humantime::format_duration(round_ms(started.elapsed())),
                         "reconnected to the broker"
                     );
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
                     self.up(connection);
                     return Ok(());
                 }
@@ -338,7 +368,7 @@ fn round_ms(d: Duration) -> Duration {
 /// [`Error::AccessRefused`], [`Error::VhostRefused`] or [`Error::Unreachable`].
 pub(crate) async fn connect_once(
     settings: &BrokerSettings,
-    role: &str,
+    role: &'static str,
 ) -> Result<Connection, Error> {
     let managed = ManagedConnection::new(settings, role)?;
     let started = Instant::now();

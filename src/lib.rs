@@ -52,6 +52,7 @@
 //! [`dead_letter`] (reasons and headers), [`cli`] (the `rabbit-guard` binary).
 #![forbid(unsafe_code)]
 
+mod admin;
 pub mod breaker;
 pub mod cli;
 pub mod config;
@@ -61,6 +62,7 @@ pub mod dead_letter;
 mod error;
 pub mod handler;
 pub mod handlers;
+mod metrics;
 mod publish;
 pub mod secret;
 pub mod signal;

@@ -32,6 +32,9 @@ struct Inner {
     /// Bumped when a half-open probe slot is given back without an outcome.
     released_tx: watch::Sender<u64>,
     successes: AtomicU64,
+    failures: AtomicU64,
+    slow_calls: AtomicU64,
+    rejected: AtomicU64,
     verdict_waiters: AtomicUsize,
     success_notify: Notify,
 }
@@ -95,6 +98,9 @@ impl Breaker {
                 transitions_tx,
                 released_tx,
                 successes: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                slow_calls: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
                 verdict_waiters: AtomicUsize::new(0),
                 success_notify: Notify::new(),
             }),
@@ -146,6 +152,18 @@ impl Breaker {
         self.inner.successes.load(Ordering::SeqCst)
     }
 
+    /// Calls recorded since the breaker was made: (successes, failures,
+    /// slow calls, calls refused).
+    #[must_use]
+    pub fn call_counts(&self) -> (u64, u64, u64, u64) {
+        (
+            self.inner.successes.load(Ordering::Relaxed),
+            self.inner.failures.load(Ordering::Relaxed),
+            self.inner.slow_calls.load(Ordering::Relaxed),
+            self.inner.rejected.load(Ordering::Relaxed),
+        )
+    }
+
     fn lock(&self) -> MutexGuard<'_, Guarded> {
         // The machine has no invariants a panic half-way could break that
         // matter more than keeping the worker alive.
@@ -177,6 +195,9 @@ impl Breaker {
         let (result, transition) = guard.machine.try_acquire(now);
         self.publish(&mut guard, transition);
         drop(guard);
+        if result.is_err() {
+            self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+        }
         result.map(|kind| Permit {
             breaker: Some(self.clone()),
             kind,
@@ -187,8 +208,17 @@ impl Breaker {
 
     fn record(&self, kind: PermitKind, outcome: CallOutcome, elapsed: Duration) -> BreakerState {
         let now = Instant::now();
-        if outcome == CallOutcome::Success {
-            self.inner.successes.fetch_add(1, Ordering::SeqCst);
+        match outcome {
+            CallOutcome::Success => {
+                self.inner.successes.fetch_add(1, Ordering::SeqCst);
+            }
+            CallOutcome::Failure => {
+                self.inner.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            CallOutcome::Ignored => {}
+        }
+        if outcome != CallOutcome::Ignored && elapsed > self.inner.config.slow_call_duration {
+            self.inner.slow_calls.fetch_add(1, Ordering::Relaxed);
         }
         let mut guard = self.lock();
         let transition = guard.machine.record(kind, outcome, elapsed, now);

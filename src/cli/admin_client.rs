@@ -1,11 +1,78 @@
-//! Asking a running worker's admin endpoint about its breakers.
+//! Asking a running worker's admin endpoint (`rabbit-guard status`, and the
+//! breaker check before `dlq replay`).
 
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::output;
 use crate::config::Settings;
 
+/// The admin endpoint's base URL: `--admin` if given, else `admin.listen`
+/// (an unspecified address like `0.0.0.0` is asked on loopback).
+pub(crate) fn base_url(settings: &Settings, given: Option<&str>) -> Option<String> {
+    if let Some(url) = given {
+        return Some(url.trim_end_matches('/').to_owned());
+    }
+    let listen: std::net::SocketAddr = settings.admin.listen.as_deref()?.parse().ok()?;
+    let host = match listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_owned(),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    Some(format!("http://{host}:{}", listen.port()))
+}
+
+/// GET `base/path` as JSON.
+pub(crate) async fn get_json(base: &str, path: &str) -> Result<Value, String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("{base}{path}");
+    let response = client.get(&url).send().await.map_err(|e| {
+        if e.is_connect() {
+            format!("no worker answers at {base} (is it running, with admin.listen set?)")
+        } else {
+            format!("asking {url}: {e}")
+        }
+    })?;
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| format!("reading {url}: {e}"))?;
+    serde_json::from_str(&text)
+        .map_err(|e| format!("{url} answered {status} with something that is not JSON: {e}"))
+}
+
 /// The name of an open breaker guarding the work queue whose dead-letter
-/// queue is `dlq`, as reported by the worker's admin endpoint. `None` when
-/// no admin endpoint is configured or reachable, or the breaker is not open.
+/// queue is `dlq`, as the worker's admin endpoint reports it. `None` when
+/// the breaker is not open, or no admin endpoint is configured or answering
+/// (then nobody consumes the work queue, and replaying feeds nothing).
 pub(crate) async fn open_breaker_for_dlq(settings: &Settings, dlq: &str) -> Option<String> {
-    let _ = (settings, dlq);
-    None
+    let consumer = settings
+        .consumers
+        .iter()
+        .find(|c| c.dead_letter_queue() == dlq)?;
+    let base = base_url(settings, None)?;
+    match get_json(&base, "/breakers").await {
+        Ok(v) => v["breakers"].as_array()?.iter().find_map(|b| {
+            let open = matches!(b["state"].as_str(), Some("open" | "forced-open"));
+            (b["name"].as_str() == Some(consumer.breaker.as_str()) && open).then(|| {
+                format!(
+                    "{} ({})",
+                    consumer.breaker,
+                    b["state"].as_str().unwrap_or("open")
+                )
+            })
+        }),
+        Err(e) => {
+            output::error(&format!(
+                "note: could not check the breaker before replaying: {e}"
+            ));
+            None
+        }
+    }
 }

@@ -12,6 +12,7 @@
 mod admin_client;
 pub mod dlq;
 pub mod output;
+pub mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ pub enum Command {
     CheckConfig,
     /// Inspect, replay, purge, export and import dead letters.
     Dlq(dlq::DlqArgs),
+    /// Show a running worker's breakers, consumers and connections (from its admin endpoint).
+    Status(status::StatusArgs),
 }
 
 /// The binary's entry point with the built-in handlers only.
@@ -70,11 +73,11 @@ where
     let sources = Sources::from_env(Some(cli.config.clone()));
     // The dlq tools need the broker and queue names, not valid handlers.
     let loaded = match &cli.command {
-        Command::Dlq(_) => config::load_unvalidated(&sources).and_then(|s| {
+        Command::Dlq(_) | Command::Status(_) => config::load_unvalidated(&sources).and_then(|s| {
             let problems: Vec<_> = s
                 .problems(&names)
                 .into_iter()
-                .filter(|p| p.key.starts_with("broker."))
+                .filter(|p| p.key.starts_with("broker.") || p.key.starts_with("admin."))
                 .collect();
             if problems.is_empty() {
                 Ok(s)
@@ -95,12 +98,16 @@ where
         Command::CheckConfig => check_config(&settings),
         Command::Run => run(settings, register),
         Command::Dlq(args) => dlq::run(&settings, args),
+        Command::Status(args) => status::run(&settings, &args),
     }
 }
 
 fn check_config(settings: &Settings) -> ExitCode {
     let mut shown = settings.clone();
     shown.broker.url = mask_url(&shown.broker.url);
+    if shown.admin.token.is_some() {
+        shown.admin.token = Some("***".into());
+    }
     match toml::to_string_pretty(&shown) {
         Ok(text) => {
             output::line(&format!(

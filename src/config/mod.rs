@@ -20,8 +20,9 @@ mod validate;
 pub use error::{ConfigError, Problem};
 pub use load::{DEFAULT_CONFIG_FILE, ENV_PREFIX, Sources, load, load_unvalidated};
 pub use settings::{
-    BrokerSettings, ConsumerSettings, HttpSettings, LogFormat, LogSettings, OnPause, QueueType,
-    ReconnectSettings, RetrySettings, SafetyChecks, Settings, WorkerSettings, compact_duration,
+    AdminSettings, BrokerSettings, ConsumerSettings, HttpSettings, LogFormat, LogSettings, OnPause,
+    QueueType, ReconnectSettings, RetrySettings, SafetyChecks, Settings, WorkerSettings,
+    compact_duration,
 };
 pub use validate::BUILTIN_HANDLERS;
 

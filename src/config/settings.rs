@@ -17,6 +17,8 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// `[log]`: log format and level.
     pub log: LogSettings,
+    /// `[admin]`: the metrics, health and breaker-control endpoint.
+    pub admin: AdminSettings,
     /// `[breakers.NAME]`: one breaker per guarded dependency.
     pub breakers: BTreeMap<String, BreakerConfig>,
     /// `[[consumers]]`: one per queue.
@@ -119,6 +121,19 @@ pub enum SafetyChecks {
     Refuse,
     /// Don't check.
     Off,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address of the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`,
+    /// `/breakers`, `/status`, manual breaker control), e.g. `127.0.0.1:9090`.
+    /// Unset: no endpoint.
+    pub listen: Option<String>,
+    /// Bearer token required for manual breaker control. Without one, manual
+    /// control is refused unless `listen` is a loopback address.
+    pub token: Option<String>,
 }
 
 /// `[log]`

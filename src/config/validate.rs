@@ -73,6 +73,27 @@ impl Settings {
                 "must be at least 1 (leave it out to retry forever)",
             ));
         }
+        if let Some(listen) = &self.admin.listen
+            && listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            out.push(problem(
+                "admin.listen",
+                quoted(listen),
+                "not an address:port; e.g. \"127.0.0.1:9090\" (\"0.0.0.0:9090\" for every interface, with admin.token)",
+            ));
+        }
+        if self
+            .admin
+            .token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            out.push(problem(
+                "admin.token",
+                quoted(""),
+                "must not be empty (leave it out for none)",
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             out.push(problem(
                 "log.level",

@@ -163,7 +163,15 @@ impl ConsumerRuntime {
             reserve_until: None,
             released_rx: self.shared.breaker.probe_releases(),
         };
+        self.shared
+            .stats
+            .session_active
+            .store(true, Ordering::Relaxed);
         let result = session.run(shutdown).await;
+        self.shared
+            .stats
+            .session_active
+            .store(false, Ordering::Relaxed);
         if result.is_err() {
             // Settle what already finished while the channel still works
             // (the broker cancelled us, or only the publisher was lost).

@@ -5,6 +5,14 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 /// Live counters of one consumer.
 #[derive(Debug, Default)]
 pub struct ConsumerStats {
+    /// Dead letters by reason, in [`DeadLetterReason::ALL`](crate::dead_letter::DeadLetterReason::ALL) order.
+    pub(crate) dead_lettered_by_reason: [AtomicU64; 5],
+    /// Copies to each delay level (counted retries and deferrals).
+    pub(crate) delayed_by_level: Vec<AtomicU64>,
+    /// True while a session (channel and publisher) is established.
+    pub(crate) session_active: AtomicBool,
+    /// Handler durations, in seconds.
+    pub(crate) handler_seconds: Option<metrics::Histogram>,
     pub(crate) received: AtomicU64,
     pub(crate) redelivered: AtomicU64,
     pub(crate) succeeded: AtomicU64,
@@ -58,6 +66,42 @@ pub struct StatsSnapshot {
 }
 
 impl ConsumerStats {
+    /// Counters for a consumer with `delay_levels` retry delays, recording
+    /// handler durations into `handler_seconds`.
+    #[must_use]
+    pub fn new(delay_levels: usize, handler_seconds: Option<metrics::Histogram>) -> Self {
+        Self {
+            delayed_by_level: (0..delay_levels).map(|_| AtomicU64::new(0)).collect(),
+            handler_seconds,
+            ..Self::default()
+        }
+    }
+
+    /// Dead letters by reason name.
+    #[must_use]
+    pub fn dead_lettered_by_reason(&self) -> Vec<(&'static str, u64)> {
+        crate::dead_letter::DeadLetterReason::ALL
+            .iter()
+            .zip(&self.dead_lettered_by_reason)
+            .map(|(r, n)| (r.as_str(), n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Copies per delay level (0-based).
+    #[must_use]
+    pub fn delayed_by_level(&self) -> Vec<u64> {
+        self.delayed_by_level
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// True while the consumer has a working channel (paused or not).
+    #[must_use]
+    pub fn session_active(&self) -> bool {
+        self.session_active.load(Ordering::Relaxed)
+    }
+
     /// Reads every counter.
     #[must_use]
     pub fn snapshot(&self) -> StatsSnapshot {

@@ -103,6 +103,9 @@ pub(crate) async fn run(
     };
     let elapsed = started.elapsed();
     drop(running);
+    if let Some(h) = &shared.stats.handler_seconds {
+        h.record(elapsed.as_secs_f64());
+    }
 
     let is_probe = permit.is_probe();
     let successes_at_start = permit.successes_at_start();
@@ -267,10 +270,24 @@ async fn apply(
         .await
     {
         Ok(()) => {
+            let stats = &shared.stats;
             match disposition {
-                Disposition::DeadLetter(_) => inc(&shared.stats.dead_lettered),
-                Disposition::Retry { .. } => inc(&shared.stats.retried),
-                Disposition::Defer { .. } => inc(&shared.stats.deferred),
+                Disposition::DeadLetter(reason) => {
+                    inc(&stats.dead_lettered);
+                    inc(&stats.dead_lettered_by_reason[reason.index()]);
+                }
+                Disposition::Retry { level, .. } => {
+                    inc(&stats.retried);
+                    if let Some(n) = stats.delayed_by_level.get(*level) {
+                        inc(n);
+                    }
+                }
+                Disposition::Defer { level, .. } => {
+                    inc(&stats.deferred);
+                    if let Some(n) = level.and_then(|l| stats.delayed_by_level.get(l)) {
+                        inc(n);
+                    }
+                }
                 Disposition::Ack | Disposition::AwaitVerdict => {}
             }
             Settle::Ack

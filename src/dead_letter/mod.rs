@@ -102,6 +102,18 @@ impl DeadLetterReason {
         }
     }
 
+    /// Index in [`ALL`](Self::ALL).
+    #[must_use]
+    pub fn index(&self) -> usize {
+        match self {
+            Self::Permanent => 0,
+            Self::Decode => 1,
+            Self::RetriesExhausted => 2,
+            Self::Panic => 3,
+            Self::Paused => 4,
+        }
+    }
+
     /// All reasons, for help texts and metrics.
     pub const ALL: [DeadLetterReason; 5] = [
         Self::Permanent,

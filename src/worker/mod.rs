@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::{self, WorkerView};
 use crate::breaker::{Breaker, BreakerState, Transition};
 use crate::config::{SafetyChecks, Settings};
 use crate::connection::ManagedConnection;
@@ -38,6 +39,7 @@ use crate::consumer::{ConsumerRuntime, ConsumerStats, Shared};
 use crate::error::Error;
 use crate::handler::{ErasedHandler, Handler, erase};
 use crate::handlers::{HttpHandler, NoopHandler};
+use crate::metrics::Metrics;
 use crate::topology::Topology;
 
 pub mod safety;
@@ -89,6 +91,7 @@ impl WorkerBuilder {
             .iter()
             .map(|(name, cfg)| (name.clone(), Breaker::new(name.clone(), cfg.clone())))
             .collect();
+        let metrics = Metrics::new();
         let mut consumers = Vec::new();
         for (index, c) in self.settings.consumers.iter().enumerate() {
             let breaker = breakers[&c.breaker].clone();
@@ -120,7 +123,10 @@ impl WorkerBuilder {
                 handler,
                 breaker,
                 topology: Topology::of(index, c),
-                stats: Arc::new(ConsumerStats::default()),
+                stats: Arc::new(ConsumerStats::new(
+                    c.retry.delays.len(),
+                    Some(metrics.handler_histogram(&c.queue)),
+                )),
                 verdict_slots: Arc::new(tokio::sync::Semaphore::new(usize::from(
                     c.prefetch.saturating_sub(c.concurrency),
                 ))),
@@ -136,6 +142,7 @@ impl WorkerBuilder {
             settings: self.settings,
             breakers,
             consumers,
+            metrics,
         })
     }
 
@@ -154,6 +161,7 @@ pub struct Worker {
     settings: Settings,
     breakers: BTreeMap<String, Breaker>,
     consumers: Vec<Arc<Shared>>,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Worker {
@@ -241,12 +249,43 @@ impl Worker {
                 }
             }
         }
+        // Bind the admin address first: a taken port fails fast, before any
+        // broker work, and health checks can see the worker waiting for it.
+        let admin = match &self.settings.admin.listen {
+            Some(listen) => Some(admin::bind(listen).await?),
+            None => None,
+        };
         let broker = &self.settings.broker;
         let consume = Arc::new(ManagedConnection::new(broker, "consume")?);
         let publish = Arc::new(ManagedConnection::new(broker, "publish")?);
+        let view = WorkerView::new(
+            self.breakers.clone(),
+            self.consumers.clone(),
+            vec![consume.clone(), publish.clone()],
+            self.metrics.clone(),
+            self.settings.admin.clone(),
+        );
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin.map(|(listener, _)| {
+            tokio::spawn(admin::serve(listener, view.clone(), admin_stop.clone()))
+        });
+        let result = self.run_connected(&consume, &publish, shutdown).await;
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        result
+    }
+
+    async fn run_connected(
+        &self,
+        consume: &Arc<ManagedConnection>,
+        publish: &Arc<ManagedConnection>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
         consume.start(&shutdown).await?;
         publish.start(&shutdown).await?;
-        if let Err(e) = self.declare_all(&consume, &shutdown).await {
+        if let Err(e) = self.declare_all(consume, &shutdown).await {
             publish.close().await;
             consume.close().await;
             return Err(e);
@@ -258,9 +297,13 @@ impl Worker {
         let (fatal_tx, mut fatal_rx) = mpsc::channel::<Error>(2);
         for breaker in self.breakers.values() {
             infra_tasks.spawn(breaker.clone().run_timer(infra.clone()));
-            infra_tasks.spawn(log_transitions(breaker.clone(), infra.clone()));
+            infra_tasks.spawn(log_transitions(
+                breaker.clone(),
+                self.metrics.clone(),
+                infra.clone(),
+            ));
         }
-        for conn in [&consume, &publish] {
+        for conn in [consume, publish] {
             let conn = conn.clone();
             let token = infra.clone();
             let fatal = fatal_tx.clone();
@@ -337,7 +380,7 @@ impl Worker {
     }
 }
 
-async fn log_transitions(breaker: Breaker, stop: CancellationToken) {
+async fn log_transitions(breaker: Breaker, metrics: Metrics, stop: CancellationToken) {
     let mut rx = breaker.transitions();
     loop {
         let t = tokio::select! {
@@ -345,7 +388,10 @@ async fn log_transitions(breaker: Breaker, stop: CancellationToken) {
             t = rx.recv() => t,
         };
         match t {
-            Ok(t) => log_transition(breaker.name(), &t),
+            Ok(t) => {
+                metrics.transition(breaker.name(), &t);
+                log_transition(breaker.name(), &t);
+            }
             Err(RecvError::Lagged(n)) => {
                 warn!(breaker = %breaker.name(), missed = n, "breaker transitions were not logged");
             }

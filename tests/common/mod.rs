@@ -3,6 +3,7 @@
 //! and a worker running in-process.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod prom;
 pub mod proxy;
 
 use std::collections::{BTreeMap, HashMap};

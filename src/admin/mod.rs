@@ -1,0 +1,157 @@
+//! The admin HTTP endpoint: Prometheus metrics, liveness and readiness,
+//! breaker status, and manual breaker control.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 when connected and every consumer has a working channel (a consumer paused by its breaker is ready; the body says so); 503 otherwise |
+//! | `GET /breakers` | every breaker: state, since, why, window counts, next probe time, consumers |
+//! | `GET /status` | breakers, consumers and connections (what `rabbit-guard status` shows) |
+//! | `POST /breakers/{name}/{open,close,disable,reset}` | manual control (bearer token when `admin.token` is set) |
+
+mod view;
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::breaker::ManualAction;
+use crate::error::Error;
+pub(crate) use view::WorkerView;
+
+/// Binds the admin address.
+///
+/// # Errors
+///
+/// [`Error::Io`] naming the address when it cannot be bound.
+pub(crate) async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), Error> {
+    let addr: SocketAddr = listen.parse().map_err(|_| Error::Io {
+        context: format!("admin.listen {listen:?} is not an address:port"),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })?;
+    let listener = TcpListener::bind(addr).await.map_err(|source| Error::Io {
+        context: format!("cannot listen on admin.listen {addr}"),
+        source,
+    })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    Ok((listener, local))
+}
+
+/// Serves the endpoint until `shutdown`.
+pub(crate) async fn serve(listener: TcpListener, view: WorkerView, shutdown: CancellationToken) {
+    let addr = listener.local_addr().ok();
+    if let Some(addr) = addr {
+        let control = if view.admin().token.is_some() {
+            "bearer token"
+        } else if addr.ip().is_loopback() {
+            "loopback only"
+        } else {
+            "off: set admin.token to allow it"
+        };
+        info!(%addr, manual_control = control, "admin endpoint listening");
+    }
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/breakers", get(breakers))
+        .route("/status", get(status))
+        .route("/breakers/{name}/{action}", post(control))
+        .with_state((view, addr));
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
+        warn!(error = %e, "admin endpoint stopped");
+    }
+}
+
+type AppState = (WorkerView, Option<SocketAddr>);
+
+async fn metrics(State((view, _)): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        view.render_metrics(),
+    )
+        .into_response()
+}
+
+async fn readyz(State((view, _)): State<AppState>) -> Response {
+    let (ready, body) = view.readiness();
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
+}
+
+async fn breakers(State((view, _)): State<AppState>) -> Response {
+    axum::Json(json!({ "breakers": view.breakers_json() })).into_response()
+}
+
+async fn status(State((view, _)): State<AppState>) -> Response {
+    axum::Json(view.status_json()).into_response()
+}
+
+fn error(code: StatusCode, message: &str) -> Response {
+    (code, axum::Json(json!({ "error": message }))).into_response()
+}
+
+async fn control(
+    State((view, addr)): State<AppState>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    match &view.admin().token {
+        Some(token) => {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if given != Some(token.as_str()) {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong bearer token (Authorization: Bearer …)",
+                );
+            }
+        }
+        None if !addr.is_some_and(|a| a.ip().is_loopback()) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "manual control is off: admin.listen is not a loopback address and admin.token is not set",
+            );
+        }
+        None => {}
+    }
+    let action = match action.as_str() {
+        "open" => ManualAction::Open,
+        "close" => ManualAction::Close,
+        "disable" => ManualAction::Disable,
+        "reset" => ManualAction::Reset,
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("unknown action {other:?}: use open, close, disable or reset"),
+            );
+        }
+    };
+    let Some(breaker) = view.breaker(&name) else {
+        return error(StatusCode::NOT_FOUND, &format!("no breaker named {name:?}"));
+    };
+    let state = breaker.apply(action);
+    info!(breaker = %name, action = ?action, state = state.name(), "breaker changed by hand");
+    axum::Json(json!({ "breaker": name, "state": state.name() })).into_response()
+}

@@ -1,0 +1,203 @@
+//! What the admin endpoint sees of a running worker.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::breaker::{Breaker, BreakerState};
+use crate::config::AdminSettings;
+use crate::connection::ManagedConnection;
+use crate::consumer::Shared;
+use crate::metrics::Metrics;
+
+/// A cheap, cloneable view of the worker's breakers, consumers and connections.
+#[derive(Clone, Debug)]
+pub(crate) struct WorkerView(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    breakers: BTreeMap<String, Breaker>,
+    consumers: Vec<Arc<Shared>>,
+    connections: Vec<Arc<ManagedConnection>>,
+    metrics: Metrics,
+    admin: AdminSettings,
+}
+
+/// An instant of tokio's clock as wall-clock time, RFC 3339.
+fn wall(at: Instant) -> String {
+    let now = Instant::now();
+    let system = if at <= now {
+        SystemTime::now() - (now - at)
+    } else {
+        SystemTime::now() + (at - now)
+    };
+    humantime::format_rfc3339_millis(system).to_string()
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+impl WorkerView {
+    pub(crate) fn new(
+        breakers: BTreeMap<String, Breaker>,
+        consumers: Vec<Arc<Shared>>,
+        connections: Vec<Arc<ManagedConnection>>,
+        metrics: Metrics,
+        admin: AdminSettings,
+    ) -> Self {
+        Self(Arc::new(Inner {
+            breakers,
+            consumers,
+            connections,
+            metrics,
+            admin,
+        }))
+    }
+
+    pub(crate) fn admin(&self) -> &AdminSettings {
+        &self.0.admin
+    }
+
+    pub(crate) fn breaker(&self, name: &str) -> Option<&Breaker> {
+        self.0.breakers.get(name)
+    }
+
+    pub(crate) fn render_metrics(&self) -> String {
+        let breakers: Vec<(&str, &Breaker)> = self
+            .0
+            .breakers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        self.0
+            .metrics
+            .render(&breakers, &self.0.consumers, &self.0.connections)
+    }
+
+    /// Ready when every connection is up and every consumer has a working
+    /// channel; a consumer paused by its breaker is ready (and reported).
+    pub(crate) fn readiness(&self) -> (bool, Value) {
+        let mut problems = Vec::new();
+        for c in &self.0.connections {
+            if !c.is_up() {
+                problems.push(format!("connection {} is down", c.name()));
+            }
+        }
+        let mut paused = Vec::new();
+        for s in &self.0.consumers {
+            if !s.stats.session_active() {
+                problems.push(format!("consumer of {} has no channel", s.queue));
+            }
+            let state = s.breaker.state();
+            if !state.admits_all() {
+                paused.push(json!({
+                    "queue": &*s.queue,
+                    "breaker": s.breaker.name(),
+                    "state": state.name(),
+                }));
+            }
+        }
+        let ready = problems.is_empty();
+        (
+            ready,
+            json!({ "ready": ready, "problems": problems, "paused_by_breaker": paused }),
+        )
+    }
+
+    pub(crate) fn breakers_json(&self) -> Vec<Value> {
+        self.0
+            .breakers
+            .iter()
+            .map(|(name, b)| {
+                let s = b.snapshot();
+                let now = Instant::now();
+                let next_probe = match s.state {
+                    BreakerState::Open { until } => Some(wall(until)),
+                    _ => None,
+                };
+                let consumers: Vec<&str> = self
+                    .0
+                    .consumers
+                    .iter()
+                    .filter(|c| c.breaker.name() == name)
+                    .map(|c| &*c.queue)
+                    .collect();
+                json!({
+                    "name": name,
+                    "state": s.state.name(),
+                    "since": wall(s.since),
+                    "for_seconds": secs(now.saturating_duration_since(s.since)),
+                    "last_change": s.last_transition.map(|t| json!({
+                        "from": t.from.name(),
+                        "to": t.to.name(),
+                        "reason": t.reason.name(),
+                        "at": wall(t.at),
+                        "failure_rate": t.counts.failure_rate(),
+                        "calls": t.counts.calls,
+                        "failures": t.counts.failures,
+                        "slow_calls": t.counts.slow,
+                        "consecutive_failures": t.consecutive_failures,
+                    })),
+                    "window": {
+                        "calls": s.counts.calls,
+                        "failures": s.counts.failures,
+                        "slow_calls": s.counts.slow,
+                        "failure_rate": s.counts.failure_rate(),
+                    },
+                    "consecutive_failures": s.consecutive_failures,
+                    "open_time_seconds": secs(s.open_time),
+                    "next_half_open": next_probe,
+                    "consumers": consumers,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) fn status_json(&self) -> Value {
+        let consumers: Vec<Value> = self
+            .0
+            .consumers
+            .iter()
+            .map(|c| {
+                let s = c.stats.snapshot();
+                json!({
+                    "queue": &*c.queue,
+                    "breaker": c.breaker.name(),
+                    "subscribed": s.subscribed,
+                    "channel": c.stats.session_active(),
+                    "in_flight": s.in_flight,
+                    "received": s.received,
+                    "acked": s.succeeded,
+                    "failed": s.failed,
+                    "retried": s.retried,
+                    "deferred": s.deferred,
+                    "dead_lettered": s.dead_lettered,
+                    "requeued": s.requeued,
+                    "redelivered": s.redelivered,
+                })
+            })
+            .collect();
+        let connections: Vec<Value> = self
+            .0
+            .connections
+            .iter()
+            .map(|c| {
+                json!({
+                    "name": c.name(),
+                    "up": c.is_up(),
+                    "blocked": c.is_blocked(),
+                    "reconnects": c.reconnects(),
+                })
+            })
+            .collect();
+        json!({
+            "breakers": self.breakers_json(),
+            "consumers": consumers,
+            "connections": connections,
+        })
+    }
+}

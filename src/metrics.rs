@@ -1,0 +1,314 @@
+//! Prometheus metrics. Counters live in the runtime's own atomics
+//! ([`ConsumerStats`], breaker and connection counters) and are copied into
+//! the exporter when `/metrics` is scraped, so the message path never counts
+//! twice. Handler durations go to a histogram recorded per message.
+
+use std::sync::Arc;
+
+use metrics::{Key, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::breaker::{Breaker, Transition};
+use crate::connection::ManagedConnection;
+use crate::consumer::{ConsumerStats, Shared};
+
+const META: Metadata<'static> = Metadata::new("rabbit_guard", Level::INFO, Some(module_path!()));
+
+/// Handler duration buckets, in seconds.
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+const STATES: &[&str] = &["closed", "open", "half-open", "forced-open", "disabled"];
+
+/// One worker's metrics (not the process-global recorder, so several
+/// workers in one process keep theirs apart).
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    Key::from_parts(
+        name,
+        labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, (*v).to_owned()))
+            .collect::<Vec<_>>(),
+    )
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("rabbit_guard_handler_duration_seconds".into()),
+                DURATION_BUCKETS,
+            )
+            .map_or_else(
+                |_| PrometheusBuilder::new().build_recorder(),
+                PrometheusBuilder::build_recorder,
+            );
+        let handle = recorder.handle();
+        let m = Self {
+            recorder: Arc::new(recorder),
+            handle,
+        };
+        m.describe();
+        m
+    }
+
+    fn describe(&self) {
+        let r = &self.recorder;
+        let c = |name: &'static str, help: &'static str| {
+            r.describe_counter(name.into(), None, SharedString::const_str(help));
+        };
+        let g = |name: &'static str, help: &'static str| {
+            r.describe_gauge(name.into(), None, SharedString::const_str(help));
+        };
+        g(
+            "rabbit_guard_breaker_state",
+            "1 for the state each breaker is in, 0 for the others",
+        );
+        c(
+            "rabbit_guard_breaker_transitions_total",
+            "Breaker state changes, by from, to and reason",
+        );
+        c(
+            "rabbit_guard_breaker_calls_total",
+            "Calls through each breaker by outcome: success, failure (timeouts included), timeout, slow, rejected",
+        );
+        g(
+            "rabbit_guard_breaker_failure_rate",
+            "Failures / calls in the breaker's window now",
+        );
+        g(
+            "rabbit_guard_breaker_window_calls",
+            "Calls in the breaker's window now",
+        );
+        c(
+            "rabbit_guard_messages_received_total",
+            "Deliveries received from the broker",
+        );
+        c(
+            "rabbit_guard_messages_redelivered_total",
+            "Deliveries the broker marked redelivered",
+        );
+        c(
+            "rabbit_guard_messages_acked_total",
+            "Messages handled successfully and acked",
+        );
+        c(
+            "rabbit_guard_messages_failed_total",
+            "Transient handler failures, timeouts included",
+        );
+        c(
+            "rabbit_guard_messages_requeued_total",
+            "Messages returned to the queue unstarted",
+        );
+        c(
+            "rabbit_guard_messages_delayed_total",
+            "Copies to a delay queue, by delay level",
+        );
+        c(
+            "rabbit_guard_messages_deferred_total",
+            "Messages put back without counting an attempt (the dependency's fault)",
+        );
+        c(
+            "rabbit_guard_messages_dead_lettered_total",
+            "Messages copied to the dead-letter queue, by reason",
+        );
+        c(
+            "rabbit_guard_settles_dropped_total",
+            "Settles not sent because their channel was gone (the broker requeued the message)",
+        );
+        c(
+            "rabbit_guard_copy_failures_total",
+            "Copies the broker did not confirm (the original was requeued)",
+        );
+        g("rabbit_guard_messages_in_flight", "Handlers running now");
+        g(
+            "rabbit_guard_consumer_subscribed",
+            "1 while the queue has this worker's consumer at the broker",
+        );
+        r.describe_histogram(
+            "rabbit_guard_handler_duration_seconds".into(),
+            Some(Unit::Seconds),
+            SharedString::const_str("Handler call duration"),
+        );
+        g(
+            "rabbit_guard_connection_up",
+            "1 while the connection is open",
+        );
+        g(
+            "rabbit_guard_connection_blocked",
+            "1 while the broker blocks the connection (resource alarm)",
+        );
+        c("rabbit_guard_reconnects_total", "Successful reconnections");
+    }
+
+    /// The handler-duration histogram of `queue`.
+    pub(crate) fn handler_histogram(&self, queue: &str) -> metrics::Histogram {
+        self.recorder.register_histogram(
+            &key("rabbit_guard_handler_duration_seconds", &[("queue", queue)]),
+            &META,
+        )
+    }
+
+    /// Counts one breaker transition.
+    pub(crate) fn transition(&self, breaker: &str, t: &Transition) {
+        self.recorder
+            .register_counter(
+                &key(
+                    "rabbit_guard_breaker_transitions_total",
+                    &[
+                        ("breaker", breaker),
+                        ("from", t.from.name()),
+                        ("to", t.to.name()),
+                        ("reason", t.reason.name()),
+                    ],
+                ),
+                &META,
+            )
+            .increment(1);
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)], value: u64) {
+        self.recorder
+            .register_counter(&key(name, labels), &META)
+            .absolute(value);
+    }
+
+    #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+    fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)], value: f64) {
+        self.recorder
+            .register_gauge(&key(name, labels), &META)
+            .set(value);
+    }
+
+    /// The exposition text, with every counter and gauge brought up to date.
+    pub(crate) fn render(
+        &self,
+        breakers: &[(&str, &Breaker)],
+        consumers: &[Arc<Shared>],
+        connections: &[Arc<ManagedConnection>],
+    ) -> String {
+        for (name, breaker) in breakers {
+            self.breaker(name, breaker, consumers);
+        }
+        for shared in consumers {
+            self.consumer(&shared.queue, &shared.stats, shared);
+        }
+        for c in connections {
+            let role = c.role();
+            self.gauge(
+                "rabbit_guard_connection_up",
+                &[("connection", role)],
+                f64::from(u8::from(c.is_up())),
+            );
+            self.gauge(
+                "rabbit_guard_connection_blocked",
+                &[("connection", role)],
+                f64::from(u8::from(c.is_blocked())),
+            );
+            self.counter(
+                "rabbit_guard_reconnects_total",
+                &[("connection", role)],
+                c.reconnects(),
+            );
+        }
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    fn breaker(&self, name: &str, breaker: &Breaker, consumers: &[Arc<Shared>]) {
+        let snapshot = breaker.snapshot();
+        let current = snapshot.state.name();
+        for state in STATES {
+            self.gauge(
+                "rabbit_guard_breaker_state",
+                &[("breaker", name), ("state", state)],
+                f64::from(u8::from(*state == current)),
+            );
+        }
+        let (success, failure, slow, rejected) = breaker.call_counts();
+        let timeout: u64 = consumers
+            .iter()
+            .filter(|c| c.breaker.name() == name)
+            .map(|c| c.stats.snapshot().timed_out)
+            .sum();
+        for (outcome, n) in [
+            ("success", success),
+            ("failure", failure),
+            ("timeout", timeout),
+            ("slow", slow),
+            ("rejected", rejected),
+        ] {
+            self.counter(
+                "rabbit_guard_breaker_calls_total",
+                &[("breaker", name), ("outcome", outcome)],
+                n,
+            );
+        }
+        self.gauge(
+            "rabbit_guard_breaker_failure_rate",
+            &[("breaker", name)],
+            snapshot.counts.failure_rate(),
+        );
+        self.gauge(
+            "rabbit_guard_breaker_window_calls",
+            &[("breaker", name)],
+            snapshot.counts.calls as f64,
+        );
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    fn consumer(&self, queue: &str, stats: &ConsumerStats, shared: &Shared) {
+        let s = stats.snapshot();
+        let q = [("queue", queue)];
+        self.counter("rabbit_guard_messages_received_total", &q, s.received);
+        self.counter("rabbit_guard_messages_redelivered_total", &q, s.redelivered);
+        self.counter("rabbit_guard_messages_acked_total", &q, s.succeeded);
+        self.counter("rabbit_guard_messages_failed_total", &q, s.failed);
+        self.counter("rabbit_guard_messages_requeued_total", &q, s.requeued);
+        self.counter("rabbit_guard_messages_deferred_total", &q, s.deferred);
+        self.counter("rabbit_guard_settles_dropped_total", &q, s.stale);
+        self.counter("rabbit_guard_copy_failures_total", &q, s.publish_failures);
+        for ((delay, _), n) in shared
+            .topology
+            .delay_queues
+            .iter()
+            .zip(stats.delayed_by_level())
+        {
+            let level = crate::config::compact_duration(*delay);
+            self.counter(
+                "rabbit_guard_messages_delayed_total",
+                &[("queue", queue), ("level", &level)],
+                n,
+            );
+        }
+        for (reason, n) in stats.dead_lettered_by_reason() {
+            self.counter(
+                "rabbit_guard_messages_dead_lettered_total",
+                &[("queue", queue), ("reason", reason)],
+                n,
+            );
+        }
+        self.gauge("rabbit_guard_messages_in_flight", &q, s.in_flight as f64);
+        self.gauge(
+            "rabbit_guard_consumer_subscribed",
+            &q,
+            f64::from(u8::from(s.subscribed)),
+        );
+    }
+}

@@ -1,0 +1,546 @@
+//! The admin endpoint: metrics through an outage, readiness, manual breaker
+//! control with a token, status, and the breaker check before a replay.
+#![allow(clippy::print_stderr)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::prom::{self, Sample};
+use common::proxy::{Proxy, free_port};
+use common::*;
+use rabbit_guard::Worker;
+use rabbit_guard::breaker::{BreakerConfig, BreakerState};
+use rabbit_guard::config::Settings;
+
+fn with_admin(mut s: Settings, token: Option<&str>) -> (Settings, String) {
+    let port = free_port();
+    s.admin.listen = Some(format!("127.0.0.1:{port}"));
+    s.admin.token = token.map(str::to_owned);
+    (s, format!("http://127.0.0.1:{port}"))
+}
+
+async fn scrape(base: &str) -> Vec<Sample> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    prom::parse(&text)
+        .unwrap_or_else(|e| panic!("/metrics is not valid exposition format: {e}\n{text}"))
+}
+
+fn state_of(samples: &[Sample], breaker: &str) -> Option<String> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == "rabbit_guard_breaker_state"
+                && s.labels["breaker"] == breaker
+                && s.value == 1.0
+        })
+        .map(|s| s.labels["state"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Healthy);
+    let breaker = BreakerConfig {
+        open_timeout: Duration::from_millis(800),
+        ..fast_breaker()
+    };
+    let (settings, base) = with_admin(
+        with_http(settings("metrics", "http", breaker), &downstream),
+        None,
+    );
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let running = Running::start(Worker::builder(settings)).await;
+
+    // Scrape all along, noting each state the gauge shows.
+    let states = Arc::new(Mutex::new(Vec::<String>::new()));
+    let scraper = {
+        let (states, base) = (states.clone(), base.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Some(state) = state_of(&scrape(&base).await, "dep") {
+                    let mut s = states.lock().unwrap();
+                    if s.last() != Some(&state) {
+                        s.push(state);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    let first = broker.publish_json(&consumer.queue, "m1", 100).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || downstream.succeeded_ids().len()
+            == first.len())
+        .await
+    );
+    downstream.set(Mode::Failing);
+    let second = broker.publish_json(&consumer.queue, "m2", 100).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(
+            running.state(),
+            BreakerState::Open { .. }
+        ))
+        .await
+    );
+    // Recover slowly, so half-open lasts long enough to be scraped.
+    downstream.set(Mode::Slow(Duration::from_millis(600)));
+    assert!(
+        wait_until(Duration::from_secs(30), || downstream.succeeded_ids().len()
+            == first.len() + second.len())
+        .await,
+        "everything processed after recovery"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || states
+            .lock()
+            .unwrap()
+            .last()
+            .map(String::as_str)
+            == Some("closed"))
+        .await
+    );
+    scraper.abort();
+    let seen = states.lock().unwrap().clone();
+    let want = ["closed", "open", "half-open", "closed"];
+    let mut it = seen.iter();
+    assert!(
+        want.iter().all(|w| it.any(|s| s == w)),
+        "the state gauge should move closed -> open -> half-open -> closed; scraped {seen:?}"
+    );
+
+    let samples = scrape(&base).await;
+    let calls = downstream.calls();
+    let ok = calls.iter().filter(|c| c.status == 200).count() as f64;
+    let failed = calls.iter().filter(|c| c.status == 503).count() as f64;
+    let outcome = |o: &str| {
+        prom::value(
+            &samples,
+            "rabbit_guard_breaker_calls_total",
+            &[("breaker", "dep"), ("outcome", o)],
+        )
+    };
+    assert_eq!(
+        outcome("success"),
+        Some(ok),
+        "successes agree with the downstream"
+    );
+    assert_eq!(
+        outcome("failure"),
+        Some(failed),
+        "failures agree with the downstream"
+    );
+    let q = consumer.queue.as_str();
+    assert_eq!(
+        prom::value(
+            &samples,
+            "rabbit_guard_messages_acked_total",
+            &[("queue", q)]
+        ),
+        Some(ok)
+    );
+    assert_eq!(
+        prom::value(
+            &samples,
+            "rabbit_guard_messages_dead_lettered_total",
+            &[("queue", q), ("reason", "retries-exhausted")]
+        ),
+        Some(0.0)
+    );
+    let count = prom::value(
+        &samples,
+        "rabbit_guard_handler_duration_seconds_count",
+        &[("queue", q)],
+    );
+    assert_eq!(count, Some(ok + failed), "one duration per call");
+    let transitions: f64 = samples
+        .iter()
+        .filter(|s| s.name == "rabbit_guard_breaker_transitions_total" && s.labels["to"] == "open")
+        .map(|s| s.value)
+        .sum();
+    assert!(transitions >= 1.0, "transitions to open are counted");
+    assert_eq!(
+        prom::value(
+            &samples,
+            "rabbit_guard_connection_up",
+            &[("connection", "consume")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        prom::value(
+            &samples,
+            "rabbit_guard_consumer_subscribed",
+            &[("queue", q)]
+        ),
+        Some(1.0)
+    );
+    eprintln!("metrics: states scraped {seen:?}; {ok} successes, {failed} failures");
+    running.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_200_while_paused_and_503_while_disconnected() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let proxy = Proxy::start().await;
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Failing);
+    let breaker = BreakerConfig {
+        open_timeout: Duration::from_secs(30),
+        max_open_timeout: Duration::from_secs(30),
+        ..fast_breaker()
+    };
+    let mut settings = with_http(settings("ready", "http", breaker), &downstream);
+    settings.broker.url = proxy.url("?heartbeat=2");
+    settings.broker.reconnect.initial_delay = Duration::from_millis(200);
+    settings.broker.reconnect.max_delay = Duration::from_millis(500);
+    let (settings, base) = with_admin(settings, None);
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    broker.publish_json(&consumer.queue, "r", 50).await;
+    let running = Running::start(Worker::builder(settings)).await;
+    let ready = || async {
+        let r = reqwest::get(format!("{base}/readyz")).await.unwrap();
+        (
+            r.status().as_u16(),
+            serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap(),
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(
+            running.state(),
+            BreakerState::Open { .. }
+        ))
+        .await
+    );
+    let (code, body) = ready().await;
+    assert_eq!(code, 200, "paused by its breaker is ready: {body}");
+    assert_eq!(body["paused_by_breaker"][0]["state"], "open", "{body}");
+    assert_eq!(
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    proxy.shut();
+    let mut down = None;
+    for _ in 0..100 {
+        let (code, body) = ready().await;
+        if code == 503 {
+            down = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let down = down.expect("readyz should turn 503 while the connection is down");
+    assert!(down["problems"].to_string().contains("down"), "{down}");
+    proxy.listen().await;
+    let mut back = false;
+    for _ in 0..200 {
+        if ready().await.0 == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "readyz returns to 200 after reconnecting");
+    running.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Healthy);
+    let (settings, base) = with_admin(
+        with_http(settings("forced", "http", fast_breaker()), &downstream),
+        Some("t0ken"),
+    );
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let running = Running::start(Worker::builder(settings.clone())).await;
+    let client = reqwest::Client::new();
+    let post = |path: &str, token: Option<&str>| {
+        let mut r = client.post(format!("{base}{path}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(
+        post("/breakers/dep/open", None).await.unwrap().status(),
+        401,
+        "no token"
+    );
+    assert_eq!(
+        post("/breakers/dep/open", Some("wrong"))
+            .await
+            .unwrap()
+            .status(),
+        401,
+        "wrong token"
+    );
+    assert_eq!(running.state(), BreakerState::Closed);
+    let r = post("/breakers/dep/open", Some("t0ken")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap()["state"],
+        "forced-open"
+    );
+    assert_eq!(
+        post("/breakers/nope/open", Some("t0ken"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        post("/breakers/dep/explode", Some("t0ken"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    assert!(
+        wait_until_consumers(&broker, &consumer.queue, 0).await,
+        "forced open: no consumer at the broker"
+    );
+    let ids = broker.publish_json(&consumer.queue, "f", 30).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // long past any open timeout
+    assert_eq!(
+        downstream.call_count(),
+        0,
+        "no calls while forced open, however long"
+    );
+    assert_eq!(broker.consumers(&consumer.queue).await, 0);
+
+    // `rabbit-guard status` shows it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.toml"),
+        toml::to_string(&settings).unwrap(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args(["status", "--config"])
+        .arg(dir.path().join("c.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("forced-open") && text.contains(&consumer.queue),
+        "{text}"
+    );
+
+    // A replay into a queue whose breaker is open is refused unless forced.
+    let dlq = consumer.dead_letter_queue();
+    let mut h = lapin::types::FieldTable::default();
+    h.insert(
+        "rg-original-queue".into(),
+        lapin::types::AMQPValue::LongString(consumer.queue.as_str().into()),
+    );
+    h.insert(
+        "rg-reason".into(),
+        lapin::types::AMQPValue::LongString("permanent".into()),
+    );
+    broker
+        .channel
+        .basic_publish(
+            "".into(),
+            dlq.as_str().into(),
+            Default::default(),
+            b"{}",
+            lapin::BasicProperties::default()
+                .with_message_id("dead-1".into())
+                .with_headers(h),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let replay = |force: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"));
+        c.args(["dlq", "replay", "--all", "--config"])
+            .arg(dir.path().join("c.toml"));
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    let refused = replay(false);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is open"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(broker.ready(&dlq).await, 1, "nothing replayed");
+
+    let r = post("/breakers/dep/close", Some("t0ken")).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap()["state"],
+        "closed"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || downstream.succeeded_ids().len()
+            == ids.len())
+        .await,
+        "closing by hand resumes consumption"
+    );
+    assert!(replay(true).status.success());
+    running.stop().await;
+    broker.cleanup().await;
+}
+
+async fn wait_until_consumers(broker: &TestBroker, queue: &str, want: u32) -> bool {
+    for _ in 0..200 {
+        if broker.consumers(queue).await == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_control_is_refused_on_a_public_address_without_a_token() {
+    let downstream = Downstream::start().await;
+    let port = free_port();
+    let mut settings = with_http(settings("public", "http", fast_breaker()), &downstream);
+    settings.admin.listen = Some(format!("0.0.0.0:{port}"));
+    let broker = Arc::new(TestBroker::connect().await);
+    broker.track(&settings.consumers[0]);
+    let running = Running::start(Worker::builder(settings)).await;
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/breakers/dep/open"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        403,
+        "no token on 0.0.0.0: manual control refused"
+    );
+    assert_eq!(running.state(), BreakerState::Closed);
+    assert_eq!(
+        reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    running.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_parse_and_never_show_the_password() {
+    let broker = Arc::new(TestBroker::connect().await);
+    // A user of our own, so its password appears nowhere else.
+    let user = unique("user").replace('.', "-");
+    let password = format!("pw-{}-secret", random_below(1_000_000_000));
+    let ctl = |args: &[&str]| {
+        std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl")
+    };
+    assert!(ctl(&["add_user", &user, &password]).status.success());
+    assert!(
+        ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"])
+            .status
+            .success()
+    );
+    struct DropUser(String);
+    impl Drop for DropUser {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["delete_user", &self.0])
+                .output();
+        }
+    }
+    let _cleanup = DropUser(user.clone());
+
+    let proxy = Proxy::start().await;
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Healthy);
+    let mut settings = with_http(settings("jsonlog", "http", fast_breaker()), &downstream);
+    settings.broker.url = format!(
+        "amqp://{user}:{password}@127.0.0.1:{}/%2f?heartbeat=2",
+        proxy.port
+    );
+    settings.broker.reconnect.initial_delay = Duration::from_millis(200);
+    settings.log.format = rabbit_guard::config::LogFormat::Json;
+    settings.log.level = "debug,lapin=debug".into();
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let mut child = Child::spawn(&settings, &["run"]);
+    let first = broker.publish_json(&consumer.queue, "j1", 20).await;
+    assert!(
+        wait_until(Duration::from_secs(15), || downstream.succeeded_ids().len()
+            == first.len())
+        .await,
+        "{}",
+        child.stderr()
+    );
+    proxy.cut_all();
+    assert!(
+        wait_until(Duration::from_secs(15), || child
+            .stderr()
+            .contains("reconnected to the broker"))
+        .await,
+        "{}",
+        child.stderr()
+    );
+    child.signal("TERM");
+    assert_eq!(
+        child
+            .wait(Duration::from_secs(20))
+            .await
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+    let log = child.stderr();
+    let mut lines = 0;
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"].is_object()
+                || v["message"].is_string()
+                || v["level"].is_string(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines > 5, "{log}");
+    assert!(
+        !log.contains(&password),
+        "the password appeared in the logs"
+    );
+    assert!(log.contains("***"), "the URL is logged masked");
+    eprintln!("json logs: {lines} lines, all JSON, no password");
+    broker.cleanup().await;
+}
