@@ -59,6 +59,7 @@ pub mod config;
 mod connection;
 pub mod consumer;
 pub mod dead_letter;
+pub mod demo;
 mod error;
 pub mod handler;
 pub mod handlers;

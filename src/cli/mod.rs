@@ -13,6 +13,7 @@ mod admin_client;
 pub mod dlq;
 pub mod output;
 pub mod status;
+pub mod tools;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +50,12 @@ pub enum Command {
     Dlq(dlq::DlqArgs),
     /// Show a running worker's breakers, consumers and connections (from its admin endpoint).
     Status(status::StatusArgs),
+    /// Watch the idea work: a flaky dependency, a breaker that pauses consumption, nothing lost.
+    Demo(tools::DemoArgs),
+    /// Run a stand-in dependency that alternates between healthy (200) and failing (503).
+    FlakyServer(tools::FlakyArgs),
+    /// Publish a steady stream of numbered JSON messages to a queue.
+    Publish(tools::PublishArgs),
 }
 
 /// The binary's entry point with the built-in handlers only.
@@ -71,9 +78,27 @@ where
         .collect();
     let names: Vec<&str> = handler_names.iter().map(String::as_str).collect();
     let sources = Sources::from_env(Some(cli.config.clone()));
+    // The demo and the helpers run without a config file, on defaults.
+    let optional = matches!(
+        cli.command,
+        Command::Demo(_) | Command::FlakyServer(_) | Command::Publish(_)
+    );
+    if optional && !cli.config.is_file() {
+        let settings = Settings::default();
+        return match &cli.command {
+            Command::Demo(args) => tools::demo(&settings, args),
+            Command::FlakyServer(args) => tools::flaky_server(&settings, args),
+            Command::Publish(args) => tools::publish(&settings, args),
+            _ => ExitCode::FAILURE,
+        };
+    }
     // The dlq tools need the broker and queue names, not valid handlers.
     let loaded = match &cli.command {
-        Command::Dlq(_) | Command::Status(_) => config::load_unvalidated(&sources).and_then(|s| {
+        Command::Dlq(_)
+        | Command::Status(_)
+        | Command::Demo(_)
+        | Command::FlakyServer(_)
+        | Command::Publish(_) => config::load_unvalidated(&sources).and_then(|s| {
             let problems: Vec<_> = s
                 .problems(&names)
                 .into_iter()
@@ -99,6 +124,9 @@ where
         Command::Run => run(settings, register),
         Command::Dlq(args) => dlq::run(&settings, args),
         Command::Status(args) => status::run(&settings, &args),
+        Command::Demo(args) => tools::demo(&settings, &args),
+        Command::FlakyServer(args) => tools::flaky_server(&settings, &args),
+        Command::Publish(args) => tools::publish(&settings, &args),
     }
 }
 

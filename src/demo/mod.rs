@@ -1,0 +1,515 @@
+//! `rabbit-guard demo`: the whole idea in under a minute, against a real
+//! broker. It declares throwaway queues, runs a worker with the `http`
+//! handler against a built-in flaky dependency, publishes a steady stream,
+//! makes the dependency fail for a while and recover, shows what happens
+//! live, and ends with a summary. Its queues are removed on exit, Ctrl-C
+//! included.
+
+mod flaky;
+mod publish;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use lapin::Connection;
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{FieldTable, ShortString};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use flaky::{Call, FlakyServer};
+pub use publish::steady;
+
+use crate::Worker;
+use crate::breaker::{BreakerConfig, BreakerState, Transition, TransitionReason};
+use crate::config::{BrokerSettings, ConsumerSettings, HttpSettings, RetrySettings, Settings};
+use crate::error::Error;
+
+/// The demo's timeline.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeline {
+    /// Healthy at first, for this long.
+    pub healthy: Duration,
+    /// Then failing (503) for this long.
+    pub failing: Duration,
+    /// Publishing stops this long after the dependency recovers.
+    pub publish_after: Duration,
+    /// Messages per second.
+    pub rate: f64,
+}
+
+impl Default for Timeline {
+    fn default() -> Self {
+        Self {
+            healthy: Duration::from_secs(6),
+            failing: Duration::from_secs(12),
+            publish_after: Duration::from_secs(6),
+            rate: 40.0,
+        }
+    }
+}
+
+/// What the demo saw.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Messages published (and confirmed).
+    pub published: u64,
+    /// Distinct messages the dependency accepted.
+    pub processed: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Calls that failed before consumption paused.
+    pub failing_before_pause: u64,
+    /// The breaker's trip rule (`minimum_calls` or `consecutive_failures`).
+    pub trip_after: u64,
+    /// How long consumption was paused or probing.
+    pub paused_for: Duration,
+    /// Half-open trials.
+    pub probes: u64,
+    /// Most messages waiting in the queue at once.
+    pub peak_depth: u32,
+    /// Calls to the dependency while the breaker was open (must be 0).
+    pub calls_while_open: u64,
+    /// Cut short by Ctrl-C.
+    pub interrupted: bool,
+    /// How long it ran.
+    pub ran_for: Duration,
+}
+
+impl Report {
+    /// Published messages neither processed nor dead-lettered.
+    #[must_use]
+    pub fn lost(&self) -> u64 {
+        self.published
+            .saturating_sub(self.processed + self.dead_lettered)
+    }
+
+    /// The closing paragraph.
+    #[must_use]
+    pub fn summary(&self, timeline: &Timeline) -> String {
+        let mut s = String::new();
+        if self.interrupted {
+            let _ = write!(
+                s,
+                "Interrupted after {:.1}s. Of {} messages published, {} were processed and {} \
+                 dead-lettered; {} were still queued when the demo removed its queues.",
+                self.ran_for.as_secs_f64(),
+                self.published,
+                self.processed,
+                self.dead_lettered,
+                self.lost()
+            );
+            return s;
+        }
+        let _ = write!(
+            s,
+            "The dependency failed for {}. The breaker opened after {} failing calls \
+             ({} to trip it{}), and consumption stopped at the broker: \
+             no consumer on the queue and {} calls to the dependency while open, while up to {} \
+             messages waited in the queue. It stayed paused or probing for {} ({} half-open \
+             trial{}), then resumed at full speed. Of {} messages published, {} were processed, \
+             {} dead-lettered and {} lost.",
+            humantime::format_duration(timeline.failing),
+            self.failing_before_pause,
+            self.trip_after,
+            match self.failing_before_pause.saturating_sub(self.trip_after) {
+                0 => String::new(),
+                n => format!(", {n} more already in flight"),
+            },
+            self.calls_while_open,
+            self.peak_depth,
+            humantime::format_duration(Duration::from_millis(
+                u64::try_from(self.paused_for.as_millis()).unwrap_or(0) / 100 * 100
+            )),
+            self.probes,
+            if self.probes == 1 { "" } else { "s" },
+            self.published,
+            self.processed,
+            self.dead_lettered,
+            self.lost()
+        );
+        s
+    }
+}
+
+fn demo_settings(broker: &BrokerSettings, prefix: &str, url: String) -> Settings {
+    let mut s = Settings {
+        broker: broker.clone(),
+        ..Settings::default()
+    };
+    s.broker.connection_name = prefix.to_owned();
+    s.broker.startup_timeout = Duration::from_secs(10);
+    s.worker.shutdown_grace = Duration::from_secs(5);
+    s.breakers.insert(
+        "demo-api".into(),
+        BreakerConfig {
+            failure_rate: 0.5,
+            minimum_calls: 10,
+            window: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(2),
+            open_timeout: Duration::from_secs(2),
+            max_open_timeout: Duration::from_secs(5),
+            half_open_probes: 1,
+            consecutive_failures: Some(10),
+            ..BreakerConfig::default()
+        },
+    );
+    s.consumers.push(ConsumerSettings {
+        queue: format!("{prefix}.orders"),
+        breaker: "demo-api".into(),
+        handler: "http".into(),
+        prefetch: 20,
+        concurrency: 4,
+        retry: RetrySettings {
+            delays: vec![Duration::from_secs(1), Duration::from_secs(3)],
+        },
+        http: Some(HttpSettings {
+            url,
+            method: "POST".into(),
+            headers: BTreeMap::new(),
+        }),
+        ..ConsumerSettings::default()
+    });
+    s
+}
+
+async fn queue_counts(connection: &Connection, queue: &str) -> Option<(u32, u32)> {
+    let channel = connection.create_channel().await.ok()?;
+    let q = channel
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok();
+    let _ = channel.close(200, "counted".into()).await;
+    q.map(|q| (q.message_count(), q.consumer_count()))
+}
+
+async fn cleanup(connection: &Connection, consumer: &ConsumerSettings) -> Result<(), Error> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| Error::broker("opening a channel to clean up", e))?;
+    let mut queues = vec![consumer.queue.clone(), consumer.dead_letter_queue()];
+    queues.extend(
+        consumer
+            .retry
+            .delays
+            .iter()
+            .map(|d| consumer.delay_queue(*d)),
+    );
+    for q in queues {
+        channel
+            .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
+            .await
+            .map_err(|e| Error::broker(format!("deleting demo queue {q}"), e))?;
+    }
+    channel
+        .exchange_delete(
+            ShortString::from(consumer.dead_letter_exchange().as_str()),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+        .map_err(|e| Error::broker("deleting the demo exchange", e))?;
+    let _ = channel.close(200, "cleaned up".into()).await;
+    Ok(())
+}
+
+/// One line (or screen) of the live view.
+struct Frame<'a> {
+    elapsed: Duration,
+    failing: bool,
+    state: BreakerState,
+    since: Duration,
+    ok_per_s: u64,
+    failed_per_s: u64,
+    depth: u32,
+    consumers: u32,
+    in_flight: i64,
+    published: u64,
+    processed: u64,
+    dead: u64,
+    history: &'a str,
+}
+
+fn render(f: &Frame<'_>, live: bool) -> String {
+    let dependency = if f.failing {
+        "FAILING (503)"
+    } else {
+        "healthy (200)"
+    };
+    let breaker = match f.state {
+        BreakerState::Open { until } => format!(
+            "OPEN, probe in {:.1}s",
+            until
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64()
+        ),
+        other => other.name().to_uppercase(),
+    };
+    if !live {
+        return format!(
+            "{:>5.1}s dependency {dependency:<13} breaker {breaker:<22} calls/s ok {:>3} failed {:>3}  queue {:>4}  consumers {}  dead letters {}",
+            f.elapsed.as_secs_f64(),
+            f.ok_per_s,
+            f.failed_per_s,
+            f.depth,
+            f.consumers,
+            f.dead
+        );
+    }
+    let mut s = String::from("\x1b[H\x1b[2J");
+    let _ = writeln!(
+        s,
+        "rabbit-guard demo  {:>5.1}s   (Ctrl-C stops it and cleans up)\n",
+        f.elapsed.as_secs_f64()
+    );
+    let _ = writeln!(s, "  dependency        {dependency}");
+    let _ = writeln!(
+        s,
+        "  breaker           {breaker} (for {:.1}s)",
+        f.since.as_secs_f64()
+    );
+    let _ = writeln!(s, "  consumers at the broker  {}", f.consumers);
+    let _ = writeln!(
+        s,
+        "  calls per second  ok {:>4}   failed {:>4}",
+        f.ok_per_s, f.failed_per_s
+    );
+    let _ = writeln!(
+        s,
+        "  queue depth       {:>4}   in flight {}",
+        f.depth, f.in_flight
+    );
+    let _ = writeln!(
+        s,
+        "  published         {:>5}   processed {:>5}   dead letters {}",
+        f.published, f.processed, f.dead
+    );
+    let _ = writeln!(s, "\n  breaker over time: {}", f.history);
+    let _ = writeln!(s, "                     C closed  O open  H half-open");
+    s
+}
+
+/// Runs the demo against `broker` and returns what happened. `live` draws a
+/// refreshing screen (a terminal); otherwise a plain line per second.
+///
+/// # Errors
+///
+/// Broker errors (unreachable, refused login), with the queues cleaned up.
+pub async fn run(
+    broker: &BrokerSettings,
+    timeline: Timeline,
+    live: bool,
+    stop: CancellationToken,
+    mut out: impl Write,
+) -> Result<Report, Error> {
+    let flaky = FlakyServer::start("127.0.0.1:0", true).await?;
+    let prefix = format!("rabbit-guard-demo.{}", std::process::id());
+    let settings = demo_settings(broker, &prefix, format!("http://{}/orders", flaky.addr()));
+    let consumer = settings.consumers[0].clone();
+    let connection = crate::connection::connect_once(&settings.broker, "demo").await?;
+    let worker = Worker::builder(settings).build()?;
+    let breaker = worker.breaker("demo-api").ok_or_else(|| Error::Io {
+        context: "the demo's breaker is missing".into(),
+        source: std::io::Error::other("internal"),
+    })?;
+    let stats = worker.stats(&consumer.queue).unwrap_or_default();
+    let mut transitions_rx = breaker.transitions();
+    let worker_stop = CancellationToken::new();
+    let worker_task = tokio::spawn(worker.run_until(worker_stop.clone()));
+
+    let started = Instant::now();
+    let published = Arc::new(AtomicU64::new(0));
+    let publish_stop = CancellationToken::new();
+    // Wait for the worker to declare its queue before publishing.
+    let mut ready = false;
+    for _ in 0..200 {
+        if queue_counts(&connection, &consumer.queue).await.is_some() || worker_task.is_finished() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let publisher = {
+        let (connection, queue, published, stop) = (
+            crate::connection::connect_once(&broker.clone(), "demo").await?,
+            consumer.queue.clone(),
+            published.clone(),
+            publish_stop.clone(),
+        );
+        tokio::spawn(async move {
+            let r = steady(
+                &connection,
+                &queue,
+                "demo",
+                timeline.rate,
+                None,
+                stop,
+                |n| {
+                    published.store(n, Ordering::Relaxed);
+                },
+            )
+            .await;
+            let _ = connection.close(200, "done".into()).await;
+            r
+        })
+    };
+
+    let mut transitions: Vec<Transition> = Vec::new();
+    let mut history = String::new();
+    let mut report = Report {
+        trip_after: 10,
+        ..Report::default()
+    };
+    let mut last_counts = (0, 0);
+    let mut last_tick = Instant::now();
+    let tick = if live {
+        Duration::from_millis(250)
+    } else {
+        Duration::from_secs(1)
+    };
+    let fail_at = started + timeline.healthy;
+    let recover_at = fail_at + timeline.failing;
+    let stop_publishing_at = recover_at + timeline.publish_after;
+    let deadline = stop_publishing_at + Duration::from_secs(25);
+    let mut next_history = started;
+    while ready {
+        let now = Instant::now();
+        ready = !worker_task.is_finished();
+        flaky.set_failing(now >= fail_at && now < recover_at);
+        if now >= stop_publishing_at {
+            publish_stop.cancel();
+        }
+        while let Ok(t) = transitions_rx.try_recv() {
+            transitions.push(t);
+        }
+        let s = stats.snapshot();
+        let (depth, consumers) = queue_counts(&connection, &consumer.queue)
+            .await
+            .unwrap_or((0, 0));
+        report.peak_depth = report.peak_depth.max(depth);
+        let counts = flaky.counts();
+        let secs = now.duration_since(last_tick).as_secs_f64().max(0.001);
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let rate = |a: u64, b: u64| ((a - b) as f64 / secs).round() as u64;
+        let snapshot = breaker.snapshot();
+        if now >= next_history {
+            history.push(match snapshot.state {
+                BreakerState::Closed | BreakerState::Disabled => 'C',
+                BreakerState::Open { .. } | BreakerState::ForcedOpen => 'O',
+                BreakerState::HalfOpen { .. } => 'H',
+            });
+            next_history += Duration::from_secs(1);
+        }
+        let processed = distinct_ok(&flaky);
+        let frame = Frame {
+            elapsed: now - started,
+            failing: flaky.failing(),
+            state: snapshot.state,
+            since: now.saturating_duration_since(snapshot.since),
+            ok_per_s: rate(counts.0, last_counts.0),
+            failed_per_s: rate(counts.1, last_counts.1),
+            depth,
+            consumers,
+            in_flight: s.in_flight,
+            published: published.load(Ordering::Relaxed),
+            processed,
+            dead: s.dead_lettered,
+            history: &history,
+        };
+        let _ = writeln!(out, "{}", render(&frame, live));
+        let _ = out.flush();
+        last_counts = counts;
+        last_tick = now;
+        let done = publish_stop.is_cancelled()
+            && publisher.is_finished()
+            && processed + s.dead_lettered >= published.load(Ordering::Relaxed);
+        if done || now >= deadline || worker_task.is_finished() {
+            break;
+        }
+        tokio::select! {
+            () = stop.cancelled() => {
+                report.interrupted = true;
+                break;
+            }
+            () = tokio::time::sleep(tick) => {}
+        }
+    }
+    publish_stop.cancel();
+    let published_result = publisher.await;
+    worker_stop.cancel();
+    let worker_result = worker_task.await;
+    while let Ok(t) = transitions_rx.try_recv() {
+        transitions.push(t);
+    }
+    let cleaned = cleanup(&connection, &consumer).await;
+    let _ = connection.close(200, "demo done".into()).await;
+    if let Ok(Err(e)) = worker_result {
+        return Err(e);
+    }
+    if let Ok(Err(e)) = published_result {
+        return Err(e);
+    }
+    cleaned?;
+
+    let calls = flaky.calls();
+    let first_probe = transitions
+        .iter()
+        .find(|t| matches!(t.to, BreakerState::HalfOpen { .. }))
+        .map(|t| t.at);
+    report.failing_before_pause = calls
+        .iter()
+        .filter(|c| c.status == 503 && first_probe.is_none_or(|p| c.at < p))
+        .count() as u64;
+    report.probes = transitions
+        .iter()
+        .filter(|t| t.reason == TransitionReason::OpenTimeElapsed)
+        .count() as u64;
+    let opened = transitions
+        .iter()
+        .find(|t| matches!(t.to, BreakerState::Open { .. }))
+        .map(|t| t.at);
+    let closed = transitions
+        .iter()
+        .rev()
+        .find(|t| t.reason == TransitionReason::ProbesSucceeded)
+        .map(|t| t.at);
+    if let (Some(o), Some(c)) = (opened, closed) {
+        report.paused_for = c.saturating_duration_since(o);
+    }
+    // Calls that arrived while open (after the in-flight ones landed).
+    for (i, t) in transitions.iter().enumerate() {
+        if let BreakerState::Open { .. } = t.to {
+            let end = transitions.get(i + 1).map(|n| n.at);
+            report.calls_while_open += calls
+                .iter()
+                .filter(|c| {
+                    c.at > t.at + Duration::from_millis(200) && end.is_none_or(|e| c.at < e)
+                })
+                .count() as u64;
+        }
+    }
+    report.ran_for = started.elapsed();
+    report.published = published.load(Ordering::Relaxed);
+    report.processed = distinct_ok(&flaky);
+    report.dead_lettered = stats.snapshot().dead_lettered;
+    Ok(report)
+}
+
+fn distinct_ok(flaky: &FlakyServer) -> u64 {
+    flaky.distinct_accepted()
+}

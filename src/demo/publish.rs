@@ -1,0 +1,86 @@
+//! A steady publisher: numbered JSON messages at a fixed rate, each confirmed.
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, describe};
+
+/// Publishes to `queue` at `rate` per second until `stop` or `count`
+/// messages, with ids `{prefix}-{n}`. Returns how many were confirmed.
+///
+/// # Errors
+///
+/// A broker error, or the queue missing (messages came back unroutable).
+pub async fn steady(
+    connection: &Connection,
+    queue: &str,
+    prefix: &str,
+    rate: f64,
+    count: Option<u64>,
+    stop: CancellationToken,
+    mut on_confirm: impl FnMut(u64),
+) -> Result<u64, Error> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| Error::broker("opening a channel", e))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| Error::broker("enabling publisher confirms", e))?;
+    let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let mut ticks = tokio::time::interval_at(Instant::now(), every);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut sent = 0u64;
+    while count.is_none_or(|c| sent < c) {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        publish_one(&channel, queue, &format!("{prefix}-{sent}"), sent).await?;
+        sent += 1;
+        on_confirm(sent);
+    }
+    let _ = channel.close(200, "published".into()).await;
+    Ok(sent)
+}
+
+async fn publish_one(channel: &Channel, queue: &str, id: &str, n: u64) -> Result<(), Error> {
+    let body = format!(
+        "{{\"id\":\"{id}\",\"n\":{n},\"amount_cents\":{}}}",
+        100 + n % 900
+    );
+    let confirm = channel
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(queue),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body.as_bytes(),
+            BasicProperties::default()
+                .with_message_id(ShortString::from(id))
+                .with_content_type(ShortString::from("application/json"))
+                .with_delivery_mode(2),
+        )
+        .await
+        .map_err(|e| Error::broker(format!("publishing to {queue}"), e))?
+        .await
+        .map_err(|e| Error::broker(format!("publishing to {queue}: {}", describe(&e)), e))?;
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(Error::QueueNotFound {
+            queue: queue.to_owned(),
+        }),
+        Confirmation::Nack(_) => Err(Error::Io {
+            context: format!("the broker refused a message for {queue} (nack)"),
+            source: std::io::Error::other("nack"),
+        }),
+    }
+}

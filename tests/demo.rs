@@ -1,0 +1,145 @@
+//! `rabbit-guard demo`, non-interactively: it must finish in under a
+//! minute, print plain progress lines, report nothing lost, and remove its
+//! queues (also when interrupted).
+#![allow(clippy::print_stderr)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{FieldTable, ShortString};
+
+async fn queue_exists(broker: &TestBroker, name: &str) -> bool {
+    let ch = broker.connection.create_channel().await.unwrap();
+    let found = ch
+        .queue_declare(
+            ShortString::from(name),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = ch.close(200, "ok".into()).await;
+    found
+}
+
+fn demo_queues(pid: u32) -> Vec<String> {
+    let q = format!("rabbit-guard-demo.{pid}.orders");
+    vec![
+        q.clone(),
+        format!("{q}.dlq"),
+        format!("{q}.delay.1s"),
+        format!("{q}.delay.3s"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_to_completion_under_a_minute_and_cleans_up() {
+    let broker = TestBroker::connect().await;
+    let started = Instant::now();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args([
+            "demo",
+            "--config",
+            "/nonexistent/rg.toml",
+            "--url",
+            &amqp_addr(),
+        ])
+        .args(["--healthy-for", "3s", "--fail-for", "6s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(60), "the demo took {took:?}");
+    assert!(
+        !stdout.contains("\x1b["),
+        "no screen control codes when stdout is not a terminal"
+    );
+    let progress = stdout.lines().filter(|l| l.contains("breaker")).count();
+    assert!(progress >= 5, "periodic plain lines: {stdout}");
+    assert!(
+        stdout.lines().any(|l| l.contains("OPEN")),
+        "the breaker opened: {stdout}"
+    );
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(summary.contains("0 dead-lettered and 0 lost"), "{summary}");
+    assert!(
+        summary.contains("0 calls to the dependency while open"),
+        "{summary}"
+    );
+    for q in demo_queues(pid) {
+        assert!(
+            !queue_exists(&broker, &q).await,
+            "demo queue {q} was left behind"
+        );
+    }
+    eprintln!("demo: {took:?}\n{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_demo_still_removes_its_queues() {
+    let broker = TestBroker::connect().await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args([
+            "demo",
+            "--config",
+            "/nonexistent/rg.toml",
+            "--url",
+            &amqp_addr(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let queue = demo_queues(pid)[0].clone();
+    assert!(
+        wait_until_async(Duration::from_secs(15), || queue_exists(&broker, &queue)).await,
+        "the demo should declare its queue"
+    );
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the demo did not stop on Ctrl-C");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for q in demo_queues(pid) {
+        assert!(
+            !queue_exists(&broker, &q).await,
+            "demo queue {q} was left behind after Ctrl-C"
+        );
+    }
+}
+
+async fn wait_until_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
