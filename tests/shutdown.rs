@@ -162,3 +162,40 @@ async fn no_acked_message_reappears_after_a_clean_exit_classic() {
 async fn no_acked_message_reappears_after_a_clean_exit_quorum() {
     no_acked_message_reappears(QueueType::Quorum).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_prefetch_of_instant_handlers_leaves_nothing_behind() {
+    // Prefetch far above the batch a consumer takes from its buffer at once,
+    // handlers that finish instantly: every delivery must be handled and
+    // acked while the worker runs, none left waiting for a channel close.
+    let broker = Arc::new(TestBroker::connect().await);
+    let mut settings = settings("bigprefetch", "recorder", fast_breaker());
+    settings.consumers[0].prefetch = 2_000;
+    settings.consumers[0].concurrency = 64;
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let ids = broker.publish_json(&consumer.queue, "p", 20_000).await;
+    let recorder = Recorder::default();
+    let running =
+        Running::start(Worker::builder(settings).handler("recorder", recorder.clone())).await;
+    let all = wait_until(Duration::from_secs(60), || {
+        recorder.seen.lock().unwrap().len() == ids.len()
+    })
+    .await;
+    let stats = running.stats.snapshot();
+    assert!(
+        all,
+        "handled {} of {}: {stats:?}",
+        recorder.seen.lock().unwrap().len(),
+        ids.len()
+    );
+    assert_eq!(
+        stats.received,
+        ids.len() as u64,
+        "no delivery left unread in the buffer: {stats:?}"
+    );
+    running.stop().await;
+    assert_eq!(broker.ready(&consumer.queue).await, 0);
+    broker.cleanup().await;
+}

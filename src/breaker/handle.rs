@@ -1,7 +1,7 @@
 //! The shared breaker: the state machine behind a lock, with its state
 //! published on a `watch` channel and every transition on a `broadcast`.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -13,7 +13,23 @@ use super::config::BreakerConfig;
 use super::machine::{
     BreakerState, CallOutcome, PermitKind, Rejected, StateMachine, Transition, TransitionReason,
 };
-use super::window::Counts;
+use super::window::{Counters, Counts};
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+const FORCED_OPEN: u8 = 3;
+const DISABLED: u8 = 4;
+
+fn kind_of(state: BreakerState) -> u8 {
+    match state {
+        BreakerState::Closed => CLOSED,
+        BreakerState::Open { .. } => OPEN,
+        BreakerState::HalfOpen { .. } => HALF_OPEN,
+        BreakerState::ForcedOpen => FORCED_OPEN,
+        BreakerState::Disabled => DISABLED,
+    }
+}
 
 /// A circuit breaker guarding one named dependency. Cheap to clone; every
 /// consumer that names the same breaker shares one.
@@ -31,6 +47,10 @@ struct Inner {
     transitions_tx: broadcast::Sender<Transition>,
     /// Bumped when a half-open probe slot is given back without an outcome.
     released_tx: watch::Sender<u64>,
+    /// The state's kind, mirrored for lock-free reads on the message path.
+    kind: AtomicU8,
+    /// The machine's window and streak, shared for lock-free successes.
+    counters: Arc<Counters>,
     successes: AtomicU64,
     failures: AtomicU64,
     slow_calls: AtomicU64,
@@ -82,6 +102,8 @@ impl Breaker {
     #[must_use]
     pub fn new(name: impl Into<String>, config: BreakerConfig) -> Self {
         let now = Instant::now();
+        let machine = StateMachine::new(config.clone(), now);
+        let counters = machine.counters().clone();
         let (state_tx, _) = watch::channel(BreakerState::Closed);
         let (transitions_tx, _) = broadcast::channel(256);
         let (released_tx, _) = watch::channel(0);
@@ -89,10 +111,12 @@ impl Breaker {
             inner: Arc::new(Inner {
                 name: name.into(),
                 machine: Mutex::new(Guarded {
-                    machine: StateMachine::new(config.clone(), now),
+                    machine,
                     since: now,
                     last: None,
                 }),
+                kind: AtomicU8::new(CLOSED),
+                counters,
                 config,
                 state_tx,
                 transitions_tx,
@@ -175,6 +199,7 @@ impl Breaker {
 
     fn publish(&self, guard: &mut Guarded, transition: Option<Transition>) {
         if let Some(t) = transition {
+            self.inner.kind.store(kind_of(t.to), Ordering::Release);
             guard.since = t.at;
             guard.last = Some(t);
             self.inner.state_tx.send_replace(t.to);
@@ -191,6 +216,15 @@ impl Breaker {
     pub fn try_acquire(&self) -> Result<Permit, Rejected> {
         let now = Instant::now();
         let successes = self.successes();
+        if matches!(self.inner.kind.load(Ordering::Acquire), CLOSED | DISABLED) {
+            // Closed (or disabled): every call is admitted, no lock needed.
+            return Ok(Permit {
+                breaker: Some(self.clone()),
+                kind: PermitKind::Normal,
+                started: now,
+                successes_at_start: successes,
+            });
+        }
         let mut guard = self.lock();
         let (result, transition) = guard.machine.try_acquire(now);
         self.publish(&mut guard, transition);
@@ -206,8 +240,45 @@ impl Breaker {
         })
     }
 
+    /// True while the breaker admits every call (closed or disabled), read
+    /// without a lock.
+    #[must_use]
+    pub fn admits_all_now(&self) -> bool {
+        matches!(self.inner.kind.load(Ordering::Acquire), CLOSED | DISABLED)
+    }
+
     fn record(&self, kind: PermitKind, outcome: CallOutcome, elapsed: Duration) -> BreakerState {
         let now = Instant::now();
+        let config = &self.inner.config;
+        if kind == PermitKind::Normal {
+            let state = self.inner.kind.load(Ordering::Acquire);
+            let fast_success = outcome == CallOutcome::Success
+                && elapsed <= config.call_timeout
+                && elapsed <= config.slow_call_duration;
+            if outcome == CallOutcome::Ignored {
+                // Says nothing, changes nothing for a normal call.
+                return self.state();
+            }
+            if fast_success && matches!(state, CLOSED | DISABLED) {
+                // The message path's common case: a success can't trip the
+                // breaker, so it only needs the atomic counters.
+                self.inner.successes.fetch_add(1, Ordering::SeqCst);
+                if state == CLOSED {
+                    self.inner.counters.window.record(now, false, false);
+                    self.inner
+                        .counters
+                        .streak(false, now.checked_sub(elapsed).unwrap_or(now), now);
+                }
+                if self.inner.verdict_waiters.load(Ordering::SeqCst) > 0 {
+                    self.inner.success_notify.notify_waiters();
+                }
+                return if state == CLOSED {
+                    BreakerState::Closed
+                } else {
+                    BreakerState::Disabled
+                };
+            }
+        }
         match outcome {
             CallOutcome::Success => {
                 self.inner.successes.fetch_add(1, Ordering::SeqCst);

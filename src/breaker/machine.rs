@@ -7,7 +7,9 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::Instant;
 
 use super::config::BreakerConfig;
-use super::window::{Counts, Window};
+use std::sync::Arc;
+
+use super::window::{Counters, Counts, Window};
 
 /// Where a breaker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,12 +153,9 @@ pub enum Rejected {
 pub struct StateMachine {
     config: BreakerConfig,
     state: BreakerState,
-    window: Window,
-    consecutive_failures: u32,
-    /// When the latest failure was recorded. Only a call that started after
-    /// it can end a failure streak: calls already in flight by then carry
-    /// older news about the dependency, whatever order they finish in.
-    last_failure_at: Option<Instant>,
+    /// Window and failure streak, on atomics: the breaker handle records a
+    /// success while closed through them without taking its lock.
+    counters: Arc<Counters>,
     /// Open times for failed trials after the first trip; reset on close.
     backoff: backon::ExponentialBackoff,
     /// How long the breaker is staying open this time.
@@ -172,14 +171,13 @@ impl StateMachine {
     #[must_use]
     pub fn new(config: BreakerConfig, now: Instant) -> Self {
         let window = Window::new(config.window, config.window_buckets, now);
+        let counters = Arc::new(Counters::new(window));
         let backoff = Self::backoff(&config);
         Self {
             current_open_time: config.open_timeout,
             config,
             state: BreakerState::Closed,
-            window,
-            consecutive_failures: 0,
-            last_failure_at: None,
+            counters,
             backoff,
             trial: 0,
             probes_issued: 0,
@@ -215,13 +213,17 @@ impl StateMachine {
     /// Counts in the window at `now`.
     #[must_use]
     pub fn counts(&self, now: Instant) -> Counts {
-        self.window.counts(now)
+        self.counters.window.counts(now)
     }
 
     /// Failures in a row so far.
     #[must_use]
     pub fn consecutive_failures(&self) -> u32 {
-        self.consecutive_failures
+        self.counters.consecutive()
+    }
+
+    pub(crate) fn counters(&self) -> &Arc<Counters> {
+        &self.counters
     }
 
     /// The open time used for the current (or last) open period.
@@ -291,17 +293,9 @@ impl StateMachine {
         };
         let slow = elapsed > self.config.slow_call_duration;
         let started = now.checked_sub(elapsed).unwrap_or(now);
-        match outcome {
-            CallOutcome::Failure => {
-                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-                self.last_failure_at = Some(now);
-            }
-            CallOutcome::Success => {
-                if self.last_failure_at.is_none_or(|last| started >= last) {
-                    self.consecutive_failures = 0;
-                }
-            }
-            CallOutcome::Ignored => {}
+        if outcome != CallOutcome::Ignored {
+            self.counters
+                .streak(outcome == CallOutcome::Failure, started, now);
         }
         match kind {
             PermitKind::Normal => self.record_normal(outcome, slow, now),
@@ -325,16 +319,16 @@ impl StateMachine {
         }
         // Calls admitted while closed may finish after the breaker opened; they
         // still count in the window, but only a closed breaker can trip.
-        self.window.record(now, failed, slow);
+        self.counters.window.record(now, failed, slow);
         if self.state != BreakerState::Closed {
             return None;
         }
-        let counts = self.window.counts(now);
+        let counts = self.counters.window.counts(now);
         let reason = if failed
             && self
                 .config
                 .consecutive_failures
-                .is_some_and(|n| self.consecutive_failures >= n)
+                .is_some_and(|n| self.counters.consecutive() >= n)
         {
             Some(TransitionReason::ConsecutiveFailures)
         } else if counts.calls >= u64::from(self.config.minimum_calls) {
@@ -408,9 +402,7 @@ impl StateMachine {
     }
 
     fn close(&mut self, reason: TransitionReason, now: Instant) -> Transition {
-        self.window.clear();
-        self.consecutive_failures = 0;
-        self.last_failure_at = None;
+        self.counters.reset();
         self.backoff = Self::backoff(&self.config);
         self.current_open_time = self.config.open_timeout;
         self.go(BreakerState::Closed, reason, now)
@@ -421,8 +413,8 @@ impl StateMachine {
             from: self.state,
             to,
             reason,
-            counts: self.window.counts(now),
-            consecutive_failures: self.consecutive_failures,
+            counts: self.counters.window.counts(now),
+            consecutive_failures: self.counters.consecutive(),
             at: now,
         };
         self.state = to;

@@ -1,5 +1,8 @@
-//! The rolling time window: a ring of buckets, each covering `window / buckets`.
+//! The rolling time window (a ring of buckets, each covering
+//! `window / buckets`) and the failure streak, both on atomics so a success
+//! in the closed state is recorded without a lock.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -27,12 +30,6 @@ impl Counts {
     pub fn slow_rate(&self) -> f64 {
         ratio(self.slow, self.calls)
     }
-
-    fn add(&mut self, other: &Counts) {
-        self.calls += other.calls;
-        self.failures += other.failures;
-        self.slow += other.slow;
-    }
 }
 
 #[allow(clippy::cast_precision_loss)] // counts far below 2^52
@@ -44,17 +41,21 @@ fn ratio(part: u64, whole: u64) -> f64 {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 struct Bucket {
-    /// Which bucket-width slot since `origin` this bucket currently holds.
-    slot: u64,
-    counts: Counts,
+    /// Which bucket-width slot since `origin` this bucket holds (0: never used).
+    slot: AtomicU64,
+    calls: AtomicU64,
+    failures: AtomicU64,
+    slow: AtomicU64,
 }
 
-/// A rolling window of call counts. Old buckets are recycled lazily when a
-/// call lands in their ring position, so recording is O(1) and reading is
-/// O(buckets).
-#[derive(Debug, Clone)]
+/// A rolling window of call counts. Recording is a few relaxed atomic adds;
+/// a bucket is recycled (with one compare-and-swap) the first time a call
+/// lands in it after it fell out of the window, at most once per bucket
+/// width. A call racing that recycle may be counted in the old period: the
+/// window is a statistic, not a ledger.
+#[derive(Debug)]
 pub(crate) struct Window {
     origin: Instant,
     bucket_width: Duration,
@@ -68,29 +69,38 @@ impl Window {
         Self {
             origin,
             bucket_width,
-            buckets: vec![Bucket::default(); buckets as usize],
+            buckets: (0..buckets).map(|_| Bucket::default()).collect(),
         }
     }
 
     fn slot(&self, now: Instant) -> u64 {
         let elapsed = now.saturating_duration_since(self.origin);
-        // Slot 0 is reserved for "never used", so live slots start at 1.
         u64::try_from(elapsed.as_nanos() / self.bucket_width.as_nanos()).unwrap_or(u64::MAX - 1) + 1
     }
 
-    pub(crate) fn record(&mut self, now: Instant, failed: bool, slow: bool) {
+    pub(crate) fn record(&self, now: Instant, failed: bool, slow: bool) {
         let slot = self.slot(now);
         let len = self.buckets.len() as u64;
-        let bucket = &mut self.buckets[(slot % len) as usize];
-        if bucket.slot != slot {
-            *bucket = Bucket {
-                slot,
-                counts: Counts::default(),
-            };
+        let bucket = &self.buckets[(slot % len) as usize];
+        let held = bucket.slot.load(Ordering::Acquire);
+        if held != slot
+            && held < slot
+            && bucket
+                .slot
+                .compare_exchange(held, slot, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            bucket.calls.store(0, Ordering::Relaxed);
+            bucket.failures.store(0, Ordering::Relaxed);
+            bucket.slow.store(0, Ordering::Relaxed);
         }
-        bucket.counts.calls += 1;
-        bucket.counts.failures += u64::from(failed);
-        bucket.counts.slow += u64::from(slow);
+        bucket.calls.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            bucket.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if slow {
+            bucket.slow.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn counts(&self, now: Instant) -> Counts {
@@ -98,15 +108,75 @@ impl Window {
         let len = self.buckets.len() as u64;
         let mut total = Counts::default();
         for bucket in &self.buckets {
-            if bucket.slot != 0 && bucket.slot <= slot && slot - bucket.slot < len {
-                total.add(&bucket.counts);
+            let held = bucket.slot.load(Ordering::Acquire);
+            if held != 0 && held <= slot && slot - held < len {
+                total.calls += bucket.calls.load(Ordering::Relaxed);
+                total.failures += bucket.failures.load(Ordering::Relaxed);
+                total.slow += bucket.slow.load(Ordering::Relaxed);
             }
         }
         total
     }
 
-    pub(crate) fn clear(&mut self) {
-        self.buckets.fill(Bucket::default());
+    pub(crate) fn clear(&self) {
+        for bucket in &self.buckets {
+            bucket.slot.store(0, Ordering::Release);
+            bucket.calls.store(0, Ordering::Relaxed);
+            bucket.failures.store(0, Ordering::Relaxed);
+            bucket.slow.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Everything about recent calls that a success in the closed state needs
+/// to update: the window and the failure streak.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub(crate) window: Window,
+    consecutive: AtomicU32,
+    /// Nanoseconds after the window's origin, plus one, when the latest
+    /// failure was recorded; 0: none since the last reset.
+    last_failure_at: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn new(window: Window) -> Self {
+        Self {
+            window,
+            consecutive: AtomicU32::new(0),
+            last_failure_at: AtomicU64::new(0),
+        }
+    }
+
+    fn stamp(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.window.origin).as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            + 1
+    }
+
+    /// Updates the failure streak. Only a call that started after the
+    /// latest failure was recorded ends it: calls already in flight by then
+    /// carry older news about the dependency, whatever order they finish in.
+    pub(crate) fn streak(&self, failed: bool, started: Instant, now: Instant) {
+        if failed {
+            self.consecutive.fetch_add(1, Ordering::AcqRel);
+            self.last_failure_at
+                .fetch_max(self.stamp(now), Ordering::AcqRel);
+        } else if self.consecutive.load(Ordering::Acquire) != 0
+            && self.stamp(started) >= self.last_failure_at.load(Ordering::Acquire)
+        {
+            self.consecutive.store(0, Ordering::Release);
+        }
+    }
+
+    pub(crate) fn consecutive(&self) -> u32 {
+        self.consecutive.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn reset(&self) {
+        self.window.clear();
+        self.consecutive.store(0, Ordering::Release);
+        self.last_failure_at.store(0, Ordering::Release);
     }
 }
 
@@ -117,7 +187,7 @@ mod tests {
     #[test]
     fn counts_roll_out_of_the_window_bucket_by_bucket() {
         let start = Instant::now();
-        let mut w = Window::new(Duration::from_secs(10), 10, start);
+        let w = Window::new(Duration::from_secs(10), 10, start);
         w.record(start, true, false);
         w.record(start + Duration::from_millis(5_500), false, true);
         let c = w.counts(start + Duration::from_secs(6));
@@ -140,12 +210,33 @@ mod tests {
     #[test]
     fn recycled_bucket_starts_from_zero() {
         let start = Instant::now();
-        let mut w = Window::new(Duration::from_secs(2), 2, start);
+        let w = Window::new(Duration::from_secs(2), 2, start);
         w.record(start, true, false);
         // Same ring position two laps later.
         w.record(start + Duration::from_secs(4), false, false);
         let c = w.counts(start + Duration::from_secs(4));
         assert_eq!(c.calls, 1, "{c:?}");
         assert_eq!(c.failures, 0, "{c:?}");
+    }
+
+    #[test]
+    fn concurrent_records_in_one_bucket_are_all_counted() {
+        let start = Instant::now();
+        let w = std::sync::Arc::new(Window::new(Duration::from_secs(10), 10, start));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let w = w.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10_000 {
+                        w.record(start, i % 4 == 0, false);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let c = w.counts(start);
+        assert_eq!((c.calls, c.failures), (80_000, 20_000), "{c:?}");
     }
 }

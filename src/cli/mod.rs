@@ -162,10 +162,7 @@ where
 {
     crate::telemetry::init(&settings.log);
     let json_logs = settings.log.format == crate::config::LogFormat::Json;
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match worker_runtime(settings.worker.threads) {
         Ok(rt) => rt,
         Err(e) => {
             output::error(&format!("cannot start the async runtime: {e}"));
@@ -189,6 +186,25 @@ where
             output::error(&e.to_string());
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The runtime `worker.threads` asks for: one thread (current-thread
+/// runtime) or a pool.
+///
+/// # Errors
+///
+/// When the runtime cannot be built.
+pub fn worker_runtime(threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(threads))
+            .enable_all()
+            .build()
     }
 }
 

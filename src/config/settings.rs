@@ -95,6 +95,11 @@ pub struct WorkerSettings {
     /// their messages are requeued.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Threads running the worker. `1` (the default): everything on one
+    /// thread, which costs the least CPU per message (no cross-thread
+    /// wake-ups); raise it for handlers that do real CPU work (or move that
+    /// work to `tokio::task::spawn_blocking`).
+    pub threads: u16,
     /// What to do when a startup safety check finds a risk (a low quorum
     /// delivery limit, a call timeout beyond the broker's consumer timeout):
     /// `warn` (log and run), `refuse` (exit with the list), or `off`.
@@ -105,6 +110,7 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
             shutdown_grace: Duration::from_secs(30),
+            threads: 1,
             safety_checks: SafetyChecks::Warn,
         }
     }

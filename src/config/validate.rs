@@ -73,6 +73,13 @@ impl Settings {
                 "must be at least 1 (leave it out to retry forever)",
             ));
         }
+        if self.worker.threads == 0 {
+            out.push(problem(
+                "worker.threads",
+                Some("0".into()),
+                "must be at least 1",
+            ));
+        }
         if let Some(listen) = &self.admin.listen
             && listen.parse::<std::net::SocketAddr>().is_err()
         {

@@ -1,21 +1,25 @@
 //! One queue's loop: subscribe in the state the breaker is in, dispatch under
 //! the concurrency limit, settle in order, and stop cleanly.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Consumer};
+use std::task::Poll;
 use tokio::sync::{Semaphore, watch};
-use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -33,6 +37,9 @@ use crate::publish::Publisher;
 /// is acked on its own (instead of with the run it belongs to).
 const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(5);
 
+/// Most deliveries taken from the buffer in one go.
+const MAX_BATCH: usize = 256;
+
 /// With several consumers on one breaker, how long one may hold half-open
 /// probe permits on an empty queue before handing them to the others.
 const PROBE_RESERVATION_WAIT: Duration = Duration::from_secs(1);
@@ -47,6 +54,58 @@ enum Mode {
     Full,
     /// Half-open: prefetch = probes, for this trial only.
     Probe(u64),
+}
+
+/// What a message's future yields: its tag, and how to settle it (or the
+/// panic that escaped it, which settles it as a requeue).
+type TaskOutput = (u64, std::thread::Result<Finished>);
+
+/// The handlers running now, polled by the consumer task itself: no task is
+/// spawned per message, so nothing crosses threads on the message path.
+/// (`worker.threads` > 1 still spreads consumers and I/O over threads; a
+/// handler that burns CPU should move that work to `spawn_blocking`.)
+#[derive(Default)]
+struct Running {
+    futures: FuturesUnordered<BoxFuture<'static, TaskOutput>>,
+    tags: HashSet<u64>,
+}
+
+impl Running {
+    fn push(&mut self, tag: u64, task: impl Future<Output = Finished> + Send + 'static) {
+        self.tags.insert(tag);
+        self.futures.push(Box::pin(async move {
+            (tag, AssertUnwindSafe(task).catch_unwind().await)
+        }));
+    }
+
+    fn len(&self) -> usize {
+        self.futures.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.futures.is_empty()
+    }
+
+    async fn next(&mut self) -> Option<TaskOutput> {
+        self.futures.next().await
+    }
+
+    /// A finished task, if one is ready without waiting. Polls with the
+    /// caller's own waker: polling with a dummy one (`now_or_never`) would
+    /// leave the set waking nobody when its next task finishes.
+    async fn try_next(&mut self) -> Option<TaskOutput> {
+        std::future::poll_fn(|cx| match self.futures.poll_next_unpin(cx) {
+            Poll::Ready(done) => Poll::Ready(done),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await
+    }
+
+    /// Cancels every task; returns their tags.
+    fn abort_all(&mut self) -> Vec<u64> {
+        self.futures = FuturesUnordered::new();
+        self.tags.drain().collect()
+    }
 }
 
 struct Subscription {
@@ -151,8 +210,7 @@ impl ConsumerRuntime {
             token,
             sub: None,
             pending: VecDeque::new(),
-            running: JoinSet::new(),
-            tags: HashMap::new(),
+            running: Running::default(),
             slots: Arc::new(Semaphore::new(usize::from(self.settings.concurrency))),
             tracker: AckTracker::default(),
             ops: Vec::new(),
@@ -175,7 +233,7 @@ impl ConsumerRuntime {
         if result.is_err() {
             // Settle what already finished while the channel still works
             // (the broker cancelled us, or only the publisher was lost).
-            while let Some(done) = session.running.try_join_next_with_id() {
+            while let Some(done) = session.running.try_next().await {
                 session.finished(done);
             }
             if session.channel.status().connected() {
@@ -183,7 +241,7 @@ impl ConsumerRuntime {
             }
             let lost = session.tracker.clear();
             add(&self.shared.stats.stale, lost as u64);
-            session.running.abort_all();
+            let _ = session.running.abort_all();
             if lost > 0 {
                 warn!(
                     queue = %self.settings.queue,
@@ -206,8 +264,7 @@ struct Session<'a> {
     sub: Option<Subscription>,
     /// Received, not started.
     pending: VecDeque<Delivery>,
-    running: JoinSet<Finished>,
-    tags: HashMap<Id, u64>,
+    running: Running,
     slots: Arc<Semaphore>,
     tracker: AckTracker,
     ops: Vec<Op>,
@@ -255,9 +312,9 @@ impl Session<'_> {
                         return Err("breaker dropped".into());
                     }
                 }
-                Some(done) = self.running.join_next_with_id(), if !self.running.is_empty() => {
+                Some(done) = self.running.next(), if !self.running.is_empty() => {
                     self.finished(done);
-                    while let Some(done) = self.running.try_join_next_with_id() {
+                    while let Some(done) = self.running.try_next().await {
                         self.finished(done);
                     }
                     if !self.publisher.is_open() {
@@ -268,12 +325,27 @@ impl Session<'_> {
                     }
                 }
                 item = next_delivery(&mut self.sub), if self.sub.is_some() => {
-                    match item {
-                        Some(Ok(delivery)) => self.received(delivery),
-                        Some(Err(e)) => return Err(format!("consumer stream failed: {}", describe(&e))),
-                        None => {
-                            self.sub = None;
-                            return Err("the broker cancelled the consumer (queue deleted, or a node went down)".into());
+                    let mut item = item;
+                    let mut taken = 0;
+                    // Take everything already buffered before dispatching and
+                    // settling: a batch of deliveries finishes together and is
+                    // acked with one frame.
+                    loop {
+                        match item {
+                            Some(Ok(delivery)) => self.received(delivery),
+                            Some(Err(e)) => return Err(format!("consumer stream failed: {}", describe(&e))),
+                            None => {
+                                self.sub = None;
+                                return Err("the broker cancelled the consumer (queue deleted, or a node went down)".into());
+                            }
+                        }
+                        taken += 1;
+                        if taken >= MAX_BATCH {
+                            break;
+                        }
+                        match ready_delivery(&mut self.sub).await {
+                            Some(next) => item = next,
+                            None => break,
                         }
                     }
                 }
@@ -501,16 +573,24 @@ impl Session<'_> {
     /// without starting them.
     fn dispatch(&mut self) {
         while !self.pending.is_empty() {
-            let state = self.shared().breaker.state();
-            let can_run = !matches!(state, BreakerState::Open { .. } | BreakerState::ForcedOpen);
-            if can_run && self.slots.available_permits() == 0 {
-                break;
-            }
-            if let Some(trial) = self.reserved_trial
-                && state != (BreakerState::HalfOpen { trial })
-            {
-                // Never call the dependency with a permit of a finished trial.
-                self.drop_reservation(false);
+            if self.reserved.is_empty() && self.shared().breaker.admits_all_now() {
+                // The common case, read without a lock: closed, no probes held.
+                if self.slots.available_permits() == 0 {
+                    break;
+                }
+            } else {
+                let state = self.shared().breaker.state();
+                let can_run =
+                    !matches!(state, BreakerState::Open { .. } | BreakerState::ForcedOpen);
+                if can_run && self.slots.available_permits() == 0 {
+                    break;
+                }
+                if let Some(trial) = self.reserved_trial
+                    && state != (BreakerState::HalfOpen { trial })
+                {
+                    // Never call the dependency with a permit of a finished trial.
+                    self.drop_reservation(false);
+                }
             }
             let shared = self.runtime.shared.clone();
             let permit = match self.reserved.pop() {
@@ -533,15 +613,17 @@ impl Session<'_> {
                     };
                     let ctx = task::context(&shared, delivery);
                     let tag = ctx.delivery_tag();
-                    let handle = self.running.spawn(task::run(
-                        shared,
-                        ctx,
-                        permit,
-                        slot,
-                        self.publisher.clone(),
-                        self.token.clone(),
-                    ));
-                    self.tags.insert(handle.id(), tag);
+                    self.running.push(
+                        tag,
+                        task::run(
+                            shared,
+                            ctx,
+                            permit,
+                            slot,
+                            self.publisher.clone(),
+                            self.token.clone(),
+                        ),
+                    );
                 }
                 Err(rejected) => {
                     let Some(delivery) = self.pending.pop_front() else {
@@ -564,13 +646,15 @@ impl Session<'_> {
         if rejected == Rejected::Open && self.runtime.settings.on_pause == OnPause::DeadLetter {
             let ctx = task::context(&shared, delivery);
             let tag = ctx.delivery_tag();
-            let handle = self.running.spawn(task::dead_letter_unstarted(
-                shared,
-                ctx,
-                self.publisher.clone(),
-                self.token.clone(),
-            ));
-            self.tags.insert(handle.id(), tag);
+            self.running.push(
+                tag,
+                task::dead_letter_unstarted(
+                    shared,
+                    ctx,
+                    self.publisher.clone(),
+                    self.token.clone(),
+                ),
+            );
         } else {
             // Not an attempt: back to the queue for a later probe or resume.
             inc(&shared.stats.requeued);
@@ -578,26 +662,22 @@ impl Session<'_> {
         }
     }
 
-    fn finished(&mut self, done: Result<(Id, Finished), JoinError>) {
-        let (tag, settle) = match done {
-            Ok((id, finished)) => {
-                self.tags.remove(&id);
-                (Some(finished.tag), finished.settle)
+    fn finished(&mut self, (tag, done): TaskOutput) {
+        self.running.tags.remove(&tag);
+        let settle = match done {
+            Ok(finished) => {
+                debug_assert_eq!(finished.tag, tag, "a task settles its own delivery");
+                finished.settle
             }
-            Err(e) => {
-                let tag = self.tags.remove(&e.id());
-                if !e.is_cancelled() {
-                    error!(queue = %self.queue(), error = %e, "message task failed; requeueing its message");
-                }
-                (tag, Settle::Requeue)
+            Err(_) => {
+                error!(queue = %self.queue(), delivery_tag = tag, "message task panicked outside the handler; requeueing its message");
+                Settle::Requeue
             }
         };
-        if let Some(tag) = tag {
-            if settle == Settle::Requeue {
-                inc(&self.runtime.shared.stats.requeued);
-            }
-            self.tracker.finish(tag, settle);
+        if settle == Settle::Requeue {
+            inc(&self.runtime.shared.stats.requeued);
         }
+        self.tracker.finish(tag, settle);
     }
 
     /// Sends the settle frames that are due. With `out_of_order`, also those
@@ -670,7 +750,7 @@ impl Session<'_> {
         let deadline = Instant::now() + self.runtime.grace;
         while !self.running.is_empty() {
             tokio::select! {
-                Some(done) = self.running.join_next_with_id() => {
+                Some(done) = self.running.next() => {
                     self.finished(done);
                     self.flush(false).await?;
                 }
@@ -684,9 +764,9 @@ impl Session<'_> {
                 handlers = cut_short,
                 "grace period over: cancelling running handlers and requeueing their messages"
             );
-            self.running.abort_all();
-            while let Some(done) = self.running.join_next_with_id().await {
-                self.finished(done);
+            for tag in self.running.abort_all() {
+                inc(&self.runtime.shared.stats.requeued);
+                self.tracker.finish(tag, Settle::Requeue);
             }
         }
         self.flush(true).await?;
@@ -744,6 +824,19 @@ impl Session<'_> {
         });
         self.unsubscribe().await
     }
+}
+
+/// The next delivery if one is buffered, without waiting (polled with the
+/// task's own waker).
+async fn ready_delivery(
+    sub: &mut Option<Subscription>,
+) -> Option<Option<Result<Delivery, lapin::Error>>> {
+    let s = sub.as_mut()?;
+    std::future::poll_fn(|cx| match s.consumer.poll_next_unpin(cx) {
+        Poll::Ready(item) => Poll::Ready(Some(item)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await
 }
 
 async fn next_delivery(sub: &mut Option<Subscription>) -> Option<Result<Delivery, lapin::Error>> {
