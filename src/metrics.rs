@@ -164,6 +164,15 @@ impl Metrics {
         )
     }
 
+    /// Folds recorded durations into their histograms every `every`, forever.
+    pub(crate) async fn run_upkeep_every(&self, every: std::time::Duration) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            self.handle.run_upkeep();
+        }
+    }
+
     /// Counts one breaker transition.
     pub(crate) fn transition(&self, breaker: &str, t: &Transition) {
         self.recorder

@@ -214,8 +214,17 @@ impl Breaker {
     ///
     /// [`Rejected`] when the breaker is open, or half-open with every probe taken.
     pub fn try_acquire(&self) -> Result<Permit, Rejected> {
-        let now = Instant::now();
-        let successes = self.successes();
+        self.try_acquire_at(Instant::now())
+    }
+
+    /// [`try_acquire`](Self::try_acquire) with the time given by the caller
+    /// (who may read the clock once for a batch of calls).
+    ///
+    /// # Errors
+    ///
+    /// As [`try_acquire`](Self::try_acquire).
+    pub fn try_acquire_at(&self, now: Instant) -> Result<Permit, Rejected> {
+        let successes = self.inner.successes.load(Ordering::Acquire);
         if matches!(self.inner.kind.load(Ordering::Acquire), CLOSED | DISABLED) {
             // Closed (or disabled): every call is admitted, no lock needed.
             return Ok(Permit {
@@ -247,8 +256,13 @@ impl Breaker {
         matches!(self.inner.kind.load(Ordering::Acquire), CLOSED | DISABLED)
     }
 
-    fn record(&self, kind: PermitKind, outcome: CallOutcome, elapsed: Duration) -> BreakerState {
-        let now = Instant::now();
+    fn record(
+        &self,
+        kind: PermitKind,
+        outcome: CallOutcome,
+        elapsed: Duration,
+        now: Instant,
+    ) -> BreakerState {
         let config = &self.inner.config;
         if kind == PermitKind::Normal {
             let state = self.inner.kind.load(Ordering::Acquire);
@@ -265,9 +279,7 @@ impl Breaker {
                 self.inner.successes.fetch_add(1, Ordering::SeqCst);
                 if state == CLOSED {
                     self.inner.counters.window.record(now, false, false);
-                    self.inner
-                        .counters
-                        .streak(false, now.checked_sub(elapsed).unwrap_or(now), now);
+                    self.inner.counters.streak(false, elapsed, now);
                 }
                 if self.inner.verdict_waiters.load(Ordering::SeqCst) > 0 {
                     self.inner.success_notify.notify_waiters();
@@ -470,15 +482,35 @@ impl Permit {
 
     /// Records the call's outcome and returns the breaker's state right after.
     pub fn record(self, outcome: CallOutcome) -> BreakerState {
-        let elapsed = self.started.elapsed();
-        self.record_elapsed(outcome, elapsed)
+        self.record_at(outcome, Instant::now())
+    }
+
+    /// [`record`](Self::record) for a call that ended at `now` (a time the
+    /// caller read anyway).
+    pub fn record_at(mut self, outcome: CallOutcome, now: Instant) -> BreakerState {
+        let elapsed = now.saturating_duration_since(self.started);
+        match self.breaker.take() {
+            Some(breaker) => breaker.record(self.kind, outcome, elapsed, now),
+            None => BreakerState::Closed,
+        }
     }
 
     /// Records the outcome of a call that took `elapsed` (when the caller
     /// measured the call itself, without the time the permit waited to run).
-    pub fn record_elapsed(mut self, outcome: CallOutcome, elapsed: Duration) -> BreakerState {
+    pub fn record_elapsed(self, outcome: CallOutcome, elapsed: Duration) -> BreakerState {
+        self.record_measured(outcome, elapsed, Instant::now())
+    }
+
+    /// Records a call that the caller timed itself: it took `elapsed` and
+    /// ended at `now`.
+    pub fn record_measured(
+        mut self,
+        outcome: CallOutcome,
+        elapsed: Duration,
+        now: Instant,
+    ) -> BreakerState {
         match self.breaker.take() {
-            Some(breaker) => breaker.record(self.kind, outcome, elapsed),
+            Some(breaker) => breaker.record(self.kind, outcome, elapsed, now),
             None => BreakerState::Closed,
         }
     }
@@ -487,7 +519,13 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(breaker) = self.breaker.take() {
-            breaker.record(self.kind, CallOutcome::Ignored, self.started.elapsed());
+            let now = Instant::now();
+            breaker.record(
+                self.kind,
+                CallOutcome::Ignored,
+                now.saturating_duration_since(self.started),
+                now,
+            );
         }
     }
 }

@@ -292,10 +292,9 @@ impl StateMachine {
             outcome
         };
         let slow = elapsed > self.config.slow_call_duration;
-        let started = now.checked_sub(elapsed).unwrap_or(now);
         if outcome != CallOutcome::Ignored {
             self.counters
-                .streak(outcome == CallOutcome::Failure, started, now);
+                .streak(outcome == CallOutcome::Failure, elapsed, now);
         }
         match kind {
             PermitKind::Normal => self.record_normal(outcome, slow, now),

@@ -41,6 +41,14 @@ fn ratio(part: u64, whole: u64) -> f64 {
     }
 }
 
+/// Nanoseconds from `origin` to `t` (0 before it), without u128 math.
+fn nanos_since(origin: Instant, t: Instant) -> u64 {
+    let d = t.saturating_duration_since(origin);
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
+}
+
 #[derive(Debug, Default)]
 struct Bucket {
     /// Which bucket-width slot since `origin` this bucket holds (0: never used).
@@ -58,7 +66,9 @@ struct Bucket {
 #[derive(Debug)]
 pub(crate) struct Window {
     origin: Instant,
-    bucket_width: Duration,
+    /// `2^64 / bucket width in ns`, rounded up: a slot is one multiply
+    /// instead of a division on the hot path.
+    per_bucket: u128,
     buckets: Vec<Bucket>,
 }
 
@@ -66,16 +76,18 @@ impl Window {
     pub(crate) fn new(window: Duration, buckets: u32, origin: Instant) -> Self {
         let buckets = buckets.max(1);
         let bucket_width = (window / buckets).max(Duration::from_millis(1));
+        let nanos = u128::from(u64::try_from(bucket_width.as_nanos()).unwrap_or(u64::MAX));
         Self {
             origin,
-            bucket_width,
+            per_bucket: (1u128 << 64).div_ceil(nanos),
             buckets: (0..buckets).map(|_| Bucket::default()).collect(),
         }
     }
 
     fn slot(&self, now: Instant) -> u64 {
-        let elapsed = now.saturating_duration_since(self.origin);
-        u64::try_from(elapsed.as_nanos() / self.bucket_width.as_nanos()).unwrap_or(u64::MAX - 1) + 1
+        // floor(nanos / width), exact for any span a process lives through.
+        let quotient = (u128::from(nanos_since(self.origin, now)) * self.per_bucket) >> 64;
+        u64::try_from(quotient).unwrap_or(u64::MAX - 1) + 1
     }
 
     pub(crate) fn record(&self, now: Instant, failed: bool, slow: bool) {
@@ -149,23 +161,24 @@ impl Counters {
     }
 
     fn stamp(&self, t: Instant) -> u64 {
-        u64::try_from(t.saturating_duration_since(self.window.origin).as_nanos())
-            .unwrap_or(u64::MAX - 1)
-            + 1
+        nanos_since(self.window.origin, t).saturating_add(1)
     }
 
     /// Updates the failure streak. Only a call that started after the
     /// latest failure was recorded ends it: calls already in flight by then
     /// carry older news about the dependency, whatever order they finish in.
-    pub(crate) fn streak(&self, failed: bool, started: Instant, now: Instant) {
+    /// `elapsed` is how long the call took, ending at `now`.
+    pub(crate) fn streak(&self, failed: bool, elapsed: Duration, now: Instant) {
         if failed {
             self.consecutive.fetch_add(1, Ordering::AcqRel);
             self.last_failure_at
                 .fetch_max(self.stamp(now), Ordering::AcqRel);
-        } else if self.consecutive.load(Ordering::Acquire) != 0
-            && self.stamp(started) >= self.last_failure_at.load(Ordering::Acquire)
-        {
-            self.consecutive.store(0, Ordering::Release);
+        } else if self.consecutive.load(Ordering::Acquire) != 0 {
+            // Only now is the call's start worth computing.
+            let started = now.checked_sub(elapsed).unwrap_or(now);
+            if self.stamp(started) >= self.last_failure_at.load(Ordering::Acquire) {
+                self.consecutive.store(0, Ordering::Release);
+            }
         }
     }
 
@@ -205,6 +218,33 @@ mod tests {
         assert_eq!(c.failures, 0);
         let c = w.counts(start + Duration::from_millis(15_600));
         assert_eq!(c.calls, 0, "everything should have rolled out: {c:?}");
+    }
+
+    #[test]
+    fn slots_match_plain_division() {
+        let start = Instant::now();
+        for (window, buckets) in [(10_000u64, 10u32), (1_000, 7), (60_000, 60), (3, 3)] {
+            let w = Window::new(Duration::from_millis(window), buckets, start);
+            let width = (Duration::from_millis(window) / buckets).max(Duration::from_millis(1));
+            let width = u64::try_from(width.as_nanos()).unwrap();
+            for offset in [
+                0u64,
+                1,
+                width - 1,
+                width,
+                width + 1,
+                7 * width - 1,
+                123_456_789_013,
+                86_400_000_000_000,
+            ] {
+                let t = start + Duration::from_nanos(offset);
+                assert_eq!(
+                    w.slot(t),
+                    offset / width + 1,
+                    "window {window}ms/{buckets}, offset {offset}ns"
+                );
+            }
+        }
     }
 
     #[test]

@@ -572,6 +572,8 @@ impl Session<'_> {
     /// reserved probe permits first); settles the ones the breaker refuses
     /// without starting them.
     fn dispatch(&mut self) {
+        // One clock read for the whole batch of permits.
+        let now = Instant::now();
         while !self.pending.is_empty() {
             if self.reserved.is_empty() && self.shared().breaker.admits_all_now() {
                 // The common case, read without a lock: closed, no probes held.
@@ -601,7 +603,7 @@ impl Session<'_> {
                     }
                     Ok(permit)
                 }
-                None => shared.breaker.try_acquire(),
+                None => shared.breaker.try_acquire_at(now),
             };
             match permit {
                 Ok(permit) => {

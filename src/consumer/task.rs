@@ -101,7 +101,8 @@ pub(crate) async fn run(
         }
         Ok(Ok(CallResult::Failed(e))) => Outcome::Permanent(e.to_string()),
     };
-    let elapsed = started.elapsed();
+    let ended = tokio::time::Instant::now();
+    let elapsed = ended.saturating_duration_since(started);
     drop(running);
     if let Some(h) = &shared.stats.handler_seconds {
         h.record(elapsed.as_secs_f64());
@@ -111,13 +112,14 @@ pub(crate) async fn run(
     let successes_at_start = permit.successes_at_start();
     // Record before freeing the concurrency slot: a failure that trips the
     // breaker must be seen before the loop can start another call.
-    let state_after = permit.record_elapsed(
+    let state_after = permit.record_measured(
         match outcome {
             Outcome::Success => CallOutcome::Success,
             Outcome::Transient(_) | Outcome::TimedOut(_) => CallOutcome::Failure,
             Outcome::Permanent(_) | Outcome::Decode(_) | Outcome::Panic(_) => CallOutcome::Ignored,
         },
         elapsed,
+        ended,
     );
     // The handler is done: free its slot before any publishing.
     drop(slot);

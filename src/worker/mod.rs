@@ -44,6 +44,9 @@ use crate::topology::Topology;
 
 pub mod safety;
 
+/// How often recorded handler durations are folded into their histogram.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Extra time, beyond the grace period, that closing channels may take.
 const CLOSE_MARGIN: Duration = Duration::from_secs(10);
 
@@ -125,7 +128,12 @@ impl WorkerBuilder {
                 topology: Topology::of(index, c),
                 stats: Arc::new(ConsumerStats::new(
                     c.retry.delays.len(),
-                    Some(metrics.handler_histogram(&c.queue)),
+                    // Durations are only kept for an endpoint that can serve them.
+                    self.settings
+                        .admin
+                        .listen
+                        .is_some()
+                        .then(|| metrics.handler_histogram(&c.queue)),
                 )),
                 verdict_slots: Arc::new(tokio::sync::Semaphore::new(usize::from(
                     c.prefetch.saturating_sub(c.concurrency),
@@ -267,6 +275,16 @@ impl Worker {
         );
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|(listener, _)| {
+            let upkeep = self.metrics.clone();
+            let stop = admin_stop.clone();
+            tokio::spawn(async move {
+                // Drain recorded durations into their buckets even when
+                // nobody scrapes, so memory stays flat.
+                tokio::select! {
+                    () = upkeep.run_upkeep_every(UPKEEP_EVERY) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
             tokio::spawn(admin::serve(listener, view.clone(), admin_stop.clone()))
         });
         let result = self.run_connected(&consume, &publish, shutdown).await;
