@@ -1,7 +1,7 @@
 //! `rabbit-guard dlq …`: inspect and replay dead letters.
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, IsTerminal, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -334,18 +334,45 @@ fn cell(s: &str, width: usize) -> String {
     }
 }
 
-fn progress_bar(label: &str) -> Option<ProgressBar> {
+/// A progress bar on stdout's terminal (none when piped): `len` messages
+/// when known, else a spinner that counts.
+fn progress_bar(label: &str, len: Option<u64>) -> Option<ProgressBar> {
     if !std::io::stdout().is_terminal() {
         return None;
     }
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
+    let bar = match len {
+        Some(len) => {
+            let bar = ProgressBar::new(len);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:25}] {pos}/{len} {elapsed} {prefix}",
+                )
+                .map_or_else(|_| ProgressStyle::default_bar(), |s| s.progress_chars("=> ")),
+            );
+            bar
+        }
+        None => {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed} {msg} {prefix}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar
+        }
+    };
     bar.set_message(label.to_owned());
     bar.enable_steady_tick(Duration::from_millis(120));
     Some(bar)
+}
+
+/// Moves a bar to a move report's position: scanned of in-queue, and the
+/// counts so far.
+fn show_move(bar: Option<&ProgressBar>, report: &MoveReport) {
+    if let Some(b) = bar {
+        b.set_length(u64::from(report.in_queue));
+        b.set_position(report.scanned);
+        b.set_prefix(move_message(report));
+    }
 }
 
 async fn list(
@@ -570,11 +597,10 @@ async fn replay(
             "the breaker {open} is open: replaying now would only feed a failing dependency; wait for it to close or pass --force"
         )));
     }
-    let bar = progress_bar("replaying");
+    let in_queue = dead_letter::message_count(connection, dlq).await?;
+    let bar = progress_bar("replaying", Some(u64::from(in_queue)));
     let report = dead_letter::replay(connection, dlq, selector, options, |r| {
-        if let Some(b) = &bar {
-            b.set_message(format!("replaying: {}", move_message(r)));
-        }
+        show_move(bar.as_ref(), r);
     })
     .await;
     if let Some(b) = bar {
@@ -654,11 +680,10 @@ async fn purge(
         output::line(&format!("deleted {n} messages from {dlq}"));
         return Ok(ExitCode::SUCCESS);
     }
-    let bar = progress_bar("deleting");
+    let in_queue = dead_letter::message_count(connection, dlq).await?;
+    let bar = progress_bar("deleting", Some(u64::from(in_queue)));
     let report = dead_letter::purge(connection, dlq, selector, limit, |r| {
-        if let Some(b) = &bar {
-            b.set_message(format!("deleting: {}", r.done.len()));
-        }
+        show_move(bar.as_ref(), r);
     })
     .await;
     if let Some(b) = bar {
@@ -686,8 +711,12 @@ async fn export(
     let now = jiff::Timestamp::now();
     let mut written = 0u64;
     let mut write_error = None;
-    let bar = progress_bar("exporting");
+    let in_queue = dead_letter::message_count(connection, dlq).await?;
+    let bar = progress_bar("exporting", Some(u64::from(in_queue)));
     dead_letter::browse(connection, dlq, |dl| {
+        if let Some(b) = &bar {
+            b.set_position(dl.position);
+        }
         if !selector.matches(&dl, now) {
             return ControlFlow::Continue(());
         }
@@ -697,7 +726,7 @@ async fn export(
         }
         written += 1;
         if let Some(b) = &bar {
-            b.set_message(format!("exporting: {written}"));
+            b.set_prefix(format!("{written} written"));
         }
         if limit.is_some_and(|l| written >= l) {
             ControlFlow::Break(())
@@ -725,10 +754,24 @@ async fn export(
 async fn import(connection: &Connection, file: &PathBuf, to: &str) -> Result<ExitCode, Failure> {
     let f = std::fs::File::open(file)
         .map_err(|e| Failure::Error(format!("cannot read {}: {e}", file.display())))?;
-    let bar = progress_bar("importing");
+    // Count the lines first (a streaming pass) so the bar knows its length.
+    let lines = if std::io::stdout().is_terminal() {
+        let counted = std::fs::File::open(file)
+            .map_err(|e| Failure::Error(format!("cannot read {}: {e}", file.display())))?;
+        Some(
+            BufReader::new(counted)
+                .lines()
+                .filter(|l| l.as_ref().is_ok_and(|l| !l.trim().is_empty()))
+                .count() as u64,
+        )
+    } else {
+        None
+    };
+    let bar = progress_bar("importing", lines);
     let report = dead_letter::import(connection, BufReader::new(f), to, |r: &ImportReport| {
         if let Some(b) = &bar {
-            b.set_message(format!("importing: {}", r.published));
+            b.set_position(r.published + r.failed.len() as u64);
+            b.set_prefix(format!("{} failed", r.failed.len()));
         }
     })
     .await;

@@ -48,6 +48,8 @@ pub struct Moved {
 pub struct MoveReport {
     /// Messages in the queue when it began.
     pub in_queue: u32,
+    /// Messages looked at so far (selected or not), out of `in_queue`.
+    pub scanned: u64,
     /// Moved (or deleted; or, in a dry run, would be).
     pub done: Vec<Moved>,
     /// Selected but refused by a rule (loop guard), left in place.
@@ -165,7 +167,7 @@ impl Pace {
 /// Sends selected messages back to their original queue (from
 /// `rg-original-queue`, else the broker's `x-death`), acking each from the
 /// dead-letter queue only after its copy is confirmed. `progress` is called
-/// after each selected message.
+/// after each message looked at.
 ///
 /// # Errors
 ///
@@ -197,8 +199,10 @@ pub async fn replay(
             break;
         };
         position += 1;
+        report.scanned = position;
         let dl = DeadLetter::from_delivery(position, delivery);
         if !selector.matches(&dl, now) {
+            progress(&report);
             continue;
         }
         let handled = (report.done.len() + report.skipped.len() + report.failed.len()) as u64;
@@ -272,7 +276,8 @@ pub async fn replay(
     broken.map_or(Ok(report), Err)
 }
 
-/// Deletes the selected messages (acks them without a copy).
+/// Deletes the selected messages (acks them without a copy). `progress` is
+/// called after each message looked at.
 ///
 /// # Errors
 ///
@@ -299,8 +304,10 @@ pub async fn purge(
             break;
         };
         position += 1;
+        report.scanned = position;
         let dl = DeadLetter::from_delivery(position, delivery);
         if !selector.matches(&dl, now) {
+            progress(&report);
             continue;
         }
         if limit.is_some_and(|l| report.done.len() as u64 >= l) {
@@ -385,6 +392,7 @@ pub async fn import(
                     id: line_no,
                     detail: why,
                 });
+                progress(&report);
                 continue;
             }
         };
