@@ -344,10 +344,11 @@ fn progress_bar(label: &str, len: Option<u64>) -> Option<ProgressBar> {
         Some(len) => {
             let bar = ProgressBar::new(len);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{msg} [{bar:25}] {pos}/{len} {elapsed} {prefix}",
-                )
-                .map_or_else(|_| ProgressStyle::default_bar(), |s| s.progress_chars("=> ")),
+                ProgressStyle::with_template("{msg} [{bar:25}] {pos}/{len} {elapsed} {prefix}")
+                    .map_or_else(
+                        |_| ProgressStyle::default_bar(),
+                        |s| s.progress_chars("=> "),
+                    ),
             );
             bar
         }

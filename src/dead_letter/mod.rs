@@ -17,8 +17,8 @@ mod ops;
 mod record;
 mod select;
 
-pub use browse::{Browse, browse};
 pub(crate) use browse::message_count;
+pub use browse::{Browse, browse};
 pub use ops::{ImportReport, MoveReport, Moved, ReplayOptions, import, purge, purge_all, replay};
 pub use record::DeadLetter;
 pub use select::Selector;
