@@ -86,6 +86,27 @@ impl Cli {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `dlq list --json` of any queue (`--dlq NAME`): a look without consuming.
+    fn peek(&self, queue: &str) -> Vec<Value> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+            .args(["dlq", "list", "--json", "--dlq", queue, "--config"])
+            .arg(self.dir.path().join("c.toml"))
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run rabbit-guard dlq list");
+        assert!(
+            out.status.success(),
+            "dlq list --dlq {queue} failed ({:?}): {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
     fn json(&self, args: &[&str]) -> Vec<Value> {
         let mut all = vec!["list", "--json"];
         all.extend(args);
@@ -314,7 +335,8 @@ async fn publish_dead_letters(
             "rg-dead-lettered-at".into(),
             AMQPValue::LongString(LongString::from("2026-01-01T00:00:00.000Z")),
         );
-        let body = format!("{{\"i\":{i},\"pad\":\"{filler}\"}}");
+        // A body the test handler accepts: replayed, it is processed.
+        let body = format!("{{\"kind\":\"ok\",\"i\":{i},\"pad\":\"{filler}\"}}");
         confirms.push(
             broker
                 .channel
@@ -377,36 +399,47 @@ async fn replay_by_id_reason_and_all_feeds_a_healthy_worker_with_a_loop_guard() 
         "the DLQ holds exactly the rest, in order"
     );
 
-    // Back in the work queue: a healthy worker processes them.
-    let moved = broker.drain(&q).await;
+    // Back in the work queue (looked at without consuming): the copies start
+    // over, and a healthy worker processes them.
+    let moved = cli.peek(&q);
+    assert_eq!(
+        ids(&moved),
+        [
+            "permanent-1",
+            "retries-exhausted-0",
+            "retries-exhausted-1",
+            "retries-exhausted-2"
+        ],
+        "the work queue holds the replayed messages, in order"
+    );
     for m in &moved {
-        assert_eq!(m.header_u64("rg-replays"), Some(1), "{}", m.id);
+        let (id, headers) = (&m["message_id"], &m["headers"]);
+        assert_eq!(headers["rg-replays"], 1, "{id}: {headers}");
         assert!(
-            m.header_str("rg-reason").is_none(),
-            "dead-letter headers reset: {}",
-            m.id
+            headers.get("rg-reason").is_none(),
+            "dead-letter headers reset: {id}: {headers}"
         );
         assert!(
-            m.header_u64("rg-attempt").is_none(),
-            "attempt count reset: {}",
-            m.id
+            headers.get("rg-attempt").is_none(),
+            "attempt count reset: {id}: {headers}"
         );
-    }
-    for m in &moved {
-        broker
-            .publish_raw(&q, &m.id, br#"{"kind":"ok"}"#, "application/json")
-            .await;
     }
     let running = Running::start(Worker::builder(settings.clone()).handler("picky", Picky)).await;
-    assert!(
-        wait_until(Duration::from_secs(10), || running
-            .stats
-            .snapshot()
-            .succeeded
-            == 4)
-        .await
-    );
+    let processed = wait_until(Duration::from_secs(10), || {
+        running.stats.snapshot().succeeded == 4
+    })
+    .await;
+    let after = running.stats.snapshot();
     running.stop().await;
+    assert!(
+        processed,
+        "the worker should process the 4 replayed messages: {after:?}"
+    );
+    assert_eq!(
+        (broker.ready(&q).await, broker.ready(&dlq).await),
+        (0, 3),
+        "(work queue, DLQ) after the worker ran"
+    );
 
     cli.ok(&["replay", "--all", "--rate", "100/s"]);
     assert_eq!(broker.ready(&dlq).await, 0, "--all empties the DLQ");
@@ -484,11 +517,16 @@ async fn kill_9_during_a_5000_message_replay_loses_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let finished_early = child.try_wait().unwrap();
     let _ = child.kill();
     let _ = child.wait();
     assert!(
         moved >= kill_at,
-        "the replay made too little progress: {moved}"
+        "the replay made too little progress: {moved} moved, kill planned at {kill_at}"
+    );
+    assert!(
+        finished_early.is_none() && moved < 5_000,
+        "the kill must land mid-replay: {moved} of 5000 moved, replay exit {finished_early:?}"
     );
     // Wait for the broker to return the killed reader's unacked messages.
     let settled = wait_until_async(Duration::from_secs(15), || async {
@@ -738,5 +776,138 @@ async fn browsing_50000_messages_streams_in_bounded_memory() {
         50_000,
         "summary leaves all 50,000 in place"
     );
+    broker.cleanup().await;
+}
+
+/// Dead letters the broker made itself (a rejected message, an expired one),
+/// without any rg-* header: listed from `x-death`, bodies that are not UTF-8
+/// shown in base64, replayed to the queue named in `x-death`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_made_dead_letters_are_read_from_x_death() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let settings = settings_for("xdeath");
+    let consumer = settings.consumers[0].clone();
+    let dlq = consumer.dead_letter_queue();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    // A queue of someone else's that dead-letters straight into our DLQ.
+    let source = unique("xdeath-source");
+    broker.track_queue(&source);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(dlq.as_str())),
+    );
+    broker
+        .channel
+        .queue_declare(ShortString::from(source.as_str()), Default::default(), args)
+        .await
+        .unwrap();
+    let binary: &[u8] = &[0xff, 0x00, 0xfe, 0x80];
+    for (id, body, expiration) in [
+        ("rejected-1", &b"{\"kind\":\"ok\"}"[..], None),
+        ("expired-1", binary, Some("0")),
+    ] {
+        let mut props = BasicProperties::default().with_message_id(ShortString::from(id));
+        if let Some(e) = expiration {
+            props = props.with_expiration(ShortString::from(e));
+        }
+        broker
+            .channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(source.as_str()),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // Reject the one that did not expire.
+    let got = broker
+        .channel
+        .basic_get(
+            ShortString::from(source.as_str()),
+            lapin::options::BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .expect("the unexpired message is in the source queue");
+    assert_eq!(
+        got.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("rejected-1")
+    );
+    got.delivery
+        .acker
+        .reject(lapin::options::BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    let arrived = wait_until_async(Duration::from_secs(10), || async {
+        broker.ready(&dlq).await == 2
+    })
+    .await;
+    assert!(
+        arrived,
+        "both should be dead-lettered by the broker: {} in the DLQ",
+        broker.ready(&dlq).await
+    );
+
+    let cli = Cli::new(&settings);
+    let listed = cli.json(&[]);
+    let by_id: HashMap<String, &Value> = listed
+        .iter()
+        .map(|v| (v["message_id"].as_str().unwrap_or_default().to_owned(), v))
+        .collect();
+    for (id, reason) in [("rejected-1", "rejected"), ("expired-1", "expired")] {
+        let m = by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} missing from {listed:?}"));
+        assert_eq!(m["broker_reason"], reason, "{id}: {m}");
+        assert_eq!(m["original_queue"], source.as_str(), "{id}: {m}");
+    }
+    let expired = by_id["expired-1"];
+    assert!(
+        expired.get("body").is_none(),
+        "a binary body is not shown as text: {expired}"
+    );
+    assert_eq!(
+        rabbit_guard::dead_letter::json::from_base64(expired["body_base64"].as_str().unwrap_or(""))
+            .ok()
+            .as_deref(),
+        Some(binary),
+        "body_base64 decodes to the body: {expired}"
+    );
+    assert_eq!(by_id["rejected-1"]["body"], "{\"kind\":\"ok\"}");
+    assert_eq!(ids(&cli.json(&["--reason", "expired"])), ["expired-1"]);
+    let table = cli.ok(&["list"]);
+    assert!(
+        table.contains("rejected") && table.contains("expired"),
+        "the table shows the broker's reasons:\n{table}"
+    );
+
+    cli.ok(&["replay", "--all"]);
+    let back: Vec<String> = broker
+        .drain(&source)
+        .await
+        .into_iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(
+        back,
+        ids(&listed),
+        "replayed to the queue x-death names, in the DLQ's order (and the expired one did not expire again)"
+    );
+    assert_eq!(broker.ready(&dlq).await, 0);
     broker.cleanup().await;
 }

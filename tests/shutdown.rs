@@ -29,11 +29,13 @@ async fn sigterm_with_50_in_flight_exits_0_and_loses_nothing() {
 
     let mut child = Child::spawn(&settings, &["run"]);
     assert!(
-        wait_until(Duration::from_secs(20), || downstream.call_count() >= 50).await,
-        "50 handlers should be in flight; log:\n{}",
+        wait_until(Duration::from_secs(20), || downstream.in_progress() >= 50).await,
+        "50 handlers should be in flight, {} are; log:\n{}",
+        downstream.in_progress(),
         child.stderr()
     );
-    let in_flight = downstream.call_count();
+    let done_before = downstream.call_count();
+    let in_flight = downstream.in_progress();
     child.signal("TERM");
     let status = child.wait(Duration::from_secs(30)).await;
     let log = child.stderr();
@@ -65,9 +67,16 @@ async fn sigterm_with_50_in_flight_exits_0_and_loses_nothing() {
         "a message acked after success must not come back after a clean exit"
     );
     assert!(
-        succeeded.len() >= 50,
-        "the running handlers finish within the grace period: {} succeeded, {in_flight} were in flight",
+        succeeded.len() >= done_before + in_flight,
+        "the running handlers finish within the grace period: {} succeeded, {done_before} had before SIGTERM and {in_flight} were in flight",
         succeeded.len()
+    );
+    assert_eq!(
+        downstream.arrived_count(),
+        downstream.call_count(),
+        "no running handler may be cut off: {} calls arrived at the dependency, {} were answered",
+        downstream.arrived_count(),
+        downstream.call_count()
     );
     assert_eq!(broker.ready(&consumer.dead_letter_queue()).await, 0);
     assert!(log.contains("consumer stopped"), "log:\n{log}");

@@ -361,6 +361,8 @@ struct DownstreamInner {
     rules: Mutex<HashMap<String, Rule>>,
     seen: Mutex<HashMap<String, u32>>,
     calls: Mutex<Vec<Call>>,
+    /// Requests that arrived (answered or not yet).
+    arrived: std::sync::atomic::AtomicUsize,
 }
 
 /// The dependency under test: an HTTP server on 127.0.0.1 that can be
@@ -388,6 +390,9 @@ async fn downstream_handler(
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let at = Instant::now();
+    inner
+        .arrived
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let nth = {
         let mut seen = inner.seen.lock().unwrap();
         let n = seen.entry(id.clone()).or_default();
@@ -468,6 +473,17 @@ impl Downstream {
 
     pub fn call_count(&self) -> usize {
         self.inner.calls.lock().unwrap().len()
+    }
+
+    /// Requests that arrived, answered or not (a request whose client went
+    /// away before the answer is never answered).
+    pub fn arrived_count(&self) -> usize {
+        self.inner.arrived.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Requests being served right now.
+    pub fn in_progress(&self) -> usize {
+        self.arrived_count().saturating_sub(self.call_count())
     }
 
     /// Ids that got a 2xx at least once.
