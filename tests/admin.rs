@@ -330,6 +330,22 @@ async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
     );
     assert_eq!(broker.consumers(&consumer.queue).await, 0);
 
+    // GET /breakers says what it is, why, and what it guards.
+    let breakers = get_breakers(&base).await;
+    let dep = &breakers["breakers"][0];
+    assert_eq!(dep["name"], "dep", "{breakers}");
+    assert_eq!(dep["state"], "forced-open", "{breakers}");
+    assert_eq!(dep["consumers"][0], consumer.queue.as_str(), "{breakers}");
+    assert_eq!(dep["last_change"]["from"], "closed", "{breakers}");
+    assert_eq!(dep["last_change"]["to"], "forced-open", "{breakers}");
+    assert!(
+        dep["last_change"]["reason"].is_string()
+            && dep["since"].is_string()
+            && dep["window"]["calls"].is_u64()
+            && dep["window"]["failure_rate"].is_number(),
+        "state, reason, since and window counts: {breakers}"
+    );
+
     // `rabbit-guard status` shows it.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -409,8 +425,56 @@ async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
         "closing by hand resumes consumption"
     );
     assert!(replay(true).status.success());
+
+    // Disabled: everything goes through and nothing trips it, however many
+    // calls fail (fast_breaker trips at 50% of 10 calls).
+    let r = post("/breakers/dep/disable", Some("t0ken")).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap()["state"],
+        "disabled"
+    );
+    downstream.set(Mode::Failing);
+    let before = downstream.call_count();
+    broker.publish_json(&consumer.queue, "d", 30).await;
+    let failed_through = wait_until(Duration::from_secs(15), || {
+        downstream.call_count() >= before + 30
+    })
+    .await;
+    assert!(
+        failed_through,
+        "a disabled breaker lets every call through: {} calls of 30",
+        downstream.call_count() - before
+    );
+    assert_eq!(running.state(), BreakerState::Disabled);
+    assert_eq!(
+        broker.consumers(&consumer.queue).await,
+        1,
+        "a disabled breaker never pauses the consumer"
+    );
+
+    // Reset: closed, with the window and backoff cleared.
+    downstream.set(Mode::Healthy);
+    let r = post("/breakers/dep/reset", Some("t0ken")).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap()["state"],
+        "closed"
+    );
+    let breakers = get_breakers(&base).await;
+    let dep = &breakers["breakers"][0];
+    assert_eq!(dep["state"], "closed", "{breakers}");
+    assert_eq!(dep["window"]["failures"], 0, "reset clears the window: {breakers}");
     running.stop().await;
     broker.cleanup().await;
+}
+
+async fn get_breakers(base: &str) -> serde_json::Value {
+    let text = reqwest::get(format!("{base}/breakers"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("/breakers is not JSON ({e}): {text}"))
 }
 
 async fn wait_until_consumers(broker: &TestBroker, queue: &str, want: u32) -> bool {

@@ -28,6 +28,39 @@ async fn queue_exists(broker: &TestBroker, name: &str) -> bool {
     found
 }
 
+async fn exchange_exists(broker: &TestBroker, name: &str) -> bool {
+    let ch = broker.connection.create_channel().await.unwrap();
+    let found = ch
+        .exchange_declare(
+            ShortString::from(name),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = ch.close(200, "ok".into()).await;
+    found
+}
+
+/// Kills the demo if a test fails before it exits (disarmed once it has
+/// exited, so a reused pid is never hit).
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 fn demo_queues(pid: u32) -> Vec<String> {
     let q = format!("rabbit-guard-demo.{pid}.orders");
     vec![
@@ -56,7 +89,16 @@ async fn demo_runs_to_completion_under_a_minute_and_cleans_up() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let out = child.wait_with_output().unwrap();
+    let mut kill = KillOnDrop(Some(pid));
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the demo did not finish within 120 s"))
+    .unwrap()
+    .unwrap();
+    kill.0 = None;
     let took = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -87,6 +129,11 @@ async fn demo_runs_to_completion_under_a_minute_and_cleans_up() {
             "demo queue {q} was left behind"
         );
     }
+    let dlx = format!("{}.dlx", demo_queues(pid)[0]);
+    assert!(
+        !exchange_exists(&broker, &dlx).await,
+        "demo exchange {dlx} was left behind"
+    );
     eprintln!("demo: {took:?}\n{summary}");
 }
 
@@ -106,6 +153,7 @@ async fn an_interrupted_demo_still_removes_its_queues() {
         .spawn()
         .unwrap();
     let pid = child.id();
+    let mut kill = KillOnDrop(Some(pid));
     let queue = demo_queues(pid)[0].clone();
     assert!(
         wait_until_async(Duration::from_secs(15), || queue_exists(&broker, &queue)).await,
@@ -121,6 +169,7 @@ async fn an_interrupted_demo_still_removes_its_queues() {
         assert!(Instant::now() < deadline, "the demo did not stop on Ctrl-C");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    kill.0 = None;
     for q in demo_queues(pid) {
         assert!(
             !queue_exists(&broker, &q).await,
