@@ -81,7 +81,10 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
     assert!(
         wait_until(Duration::from_secs(10), || downstream.succeeded_ids().len()
             == first.len())
-        .await
+        .await,
+        "all {} first messages should succeed within 10 s: {} did",
+        first.len(),
+        downstream.succeeded_ids().len()
     );
     downstream.set(Mode::Failing);
     let second = broker.publish_json(&consumer.queue, "m2", 100).await;
@@ -90,7 +93,11 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
             running.state(),
             BreakerState::Open { .. }
         ))
-        .await
+        .await,
+        "the breaker should open within 10 s of the downstream failing: {:?} after {} calls; {:?}",
+        running.state(),
+        downstream.call_count(),
+        running.transitions()
     );
     // Recover slowly, so half-open lasts long enough to be scraped.
     downstream.set(Mode::Slow(Duration::from_millis(600)));
@@ -98,7 +105,10 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
         wait_until(Duration::from_secs(30), || downstream.succeeded_ids().len()
             == first.len() + second.len())
         .await,
-        "everything processed after recovery"
+        "everything processed after recovery: {} of {} succeeded within 30 s, breaker {:?}",
+        downstream.succeeded_ids().len(),
+        first.len() + second.len(),
+        running.state()
     );
     assert!(
         wait_until(Duration::from_secs(5), || states
@@ -107,7 +117,9 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
             .last()
             .map(String::as_str)
             == Some("closed"))
-        .await
+        .await,
+        "the state gauge should show closed again within 5 s; scraped {:?}",
+        states.lock().unwrap().clone()
     );
     scraper.abort();
     let seen = states.lock().unwrap().clone();
@@ -146,7 +158,8 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
             "rabbit_guard_messages_acked_total",
             &[("queue", q)]
         ),
-        Some(ok)
+        Some(ok),
+        "every success is acked: {ok} successes"
     );
     assert_eq!(
         prom::value(
@@ -154,7 +167,8 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
             "rabbit_guard_messages_dead_lettered_total",
             &[("queue", q), ("reason", "retries-exhausted")]
         ),
-        Some(0.0)
+        Some(0.0),
+        "an outage dead-letters nothing as retries-exhausted"
     );
     let count = prom::value(
         &samples,
@@ -167,14 +181,19 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
         .filter(|s| s.name == "rabbit_guard_breaker_transitions_total" && s.labels["to"] == "open")
         .map(|s| s.value)
         .sum();
-    assert!(transitions >= 1.0, "transitions to open are counted");
+    assert!(
+        transitions >= 1.0,
+        "transitions to open are counted: {transitions} counted, breaker went {:?}",
+        running.transitions()
+    );
     assert_eq!(
         prom::value(
             &samples,
             "rabbit_guard_connection_up",
             &[("connection", "consume")]
         ),
-        Some(1.0)
+        Some(1.0),
+        "the consume connection is up"
     );
     assert_eq!(
         prom::value(
@@ -182,7 +201,8 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
             "rabbit_guard_consumer_subscribed",
             &[("queue", q)]
         ),
-        Some(1.0)
+        Some(1.0),
+        "the consumer is subscribed again after recovery"
     );
     eprintln!("metrics: states scraped {seen:?}; {ok} successes, {failed} failures");
     running.stop().await;
@@ -222,17 +242,24 @@ async fn readyz_is_200_while_paused_and_503_while_disconnected() {
             running.state(),
             BreakerState::Open { .. }
         ))
-        .await
+        .await,
+        "the breaker should open within 10 s of the downstream failing: {:?} after {} calls",
+        running.state(),
+        downstream.call_count()
     );
     let (code, body) = ready().await;
     assert_eq!(code, 200, "paused by its breaker is ready: {body}");
-    assert_eq!(body["paused_by_breaker"][0]["state"], "open", "{body}");
+    assert_eq!(
+        body["paused_by_breaker"][0]["state"], "open",
+        "readyz lists the consumer paused by its open breaker: {body}"
+    );
     assert_eq!(
         reqwest::get(format!("{base}/healthz"))
             .await
             .unwrap()
             .status(),
-        200
+        200,
+        "healthz is 200 while paused by the breaker"
     );
 
     proxy.shut();
@@ -246,7 +273,10 @@ async fn readyz_is_200_while_paused_and_503_while_disconnected() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let down = down.expect("readyz should turn 503 while the connection is down");
-    assert!(down["problems"].to_string().contains("down"), "{down}");
+    assert!(
+        down["problems"].to_string().contains("down"),
+        "readyz names the connection that is down: {down}"
+    );
     proxy.listen().await;
     let mut back = false;
     for _ in 0..200 {
@@ -256,7 +286,11 @@ async fn readyz_is_200_while_paused_and_503_while_disconnected() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(back, "readyz returns to 200 after reconnecting");
+    assert!(
+        back,
+        "readyz returns to 200 after reconnecting; now {:?}",
+        ready().await
+    );
     running.stop().await;
     broker.cleanup().await;
 }
@@ -295,26 +329,37 @@ async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
         401,
         "wrong token"
     );
-    assert_eq!(running.state(), BreakerState::Closed);
+    assert_eq!(
+        running.state(),
+        BreakerState::Closed,
+        "refused requests leave the breaker closed"
+    );
     let r = post("/breakers/dep/open", Some("t0ken")).await.unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.status(),
+        200,
+        "the right token may force the breaker open"
+    );
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap()["state"],
-        "forced-open"
+        "forced-open",
+        "POST /breakers/dep/open answers the new state"
     );
     assert_eq!(
         post("/breakers/nope/open", Some("t0ken"))
             .await
             .unwrap()
             .status(),
-        404
+        404,
+        "an unknown breaker is 404"
     );
     assert_eq!(
         post("/breakers/dep/explode", Some("t0ken"))
             .await
             .unwrap()
             .status(),
-        404
+        404,
+        "an unknown action is 404"
     );
 
     assert!(
@@ -328,7 +373,11 @@ async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
         0,
         "no calls while forced open, however long"
     );
-    assert_eq!(broker.consumers(&consumer.queue).await, 0);
+    assert_eq!(
+        broker.consumers(&consumer.queue).await,
+        0,
+        "still no consumer at the broker after 2 s forced open"
+    );
 
     // GET /breakers says what it is, why, and what it guards.
     let breakers = get_breakers(&base).await;
@@ -361,12 +410,14 @@ async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "{}",
+        "rabbit-guard status should succeed (exit {:?}): {}",
+        out.status.code(),
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
         text.contains("forced-open") && text.contains(&consumer.queue),
-        "{text}"
+        "rabbit-guard status shows forced-open and the queue {}: {text}",
+        consumer.queue
     );
 
     // A replay into a queue whose breaker is open is refused unless forced.
@@ -405,10 +456,15 @@ async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
         c.output().unwrap()
     };
     let refused = replay(false);
-    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "a replay into the queue of an open breaker is refused: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("is open"),
-        "{}",
+        "the refusal says the breaker is open: {}",
         String::from_utf8_lossy(&refused.stderr)
     );
     assert_eq!(broker.ready(&dlq).await, 1, "nothing replayed");
@@ -416,22 +472,32 @@ async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
     let r = post("/breakers/dep/close", Some("t0ken")).await.unwrap();
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap()["state"],
-        "closed"
+        "closed",
+        "POST /breakers/dep/close answers the new state"
     );
     assert!(
         wait_until(Duration::from_secs(10), || downstream.succeeded_ids().len()
             == ids.len())
         .await,
-        "closing by hand resumes consumption"
+        "closing by hand resumes consumption: {} of {} succeeded within 10 s",
+        downstream.succeeded_ids().len(),
+        ids.len()
     );
-    assert!(replay(true).status.success());
+    let forced = replay(true);
+    assert!(
+        forced.status.success(),
+        "a forced replay succeeds (exit {:?}): {}",
+        forced.status.code(),
+        String::from_utf8_lossy(&forced.stderr)
+    );
 
     // Disabled: everything goes through and nothing trips it, however many
     // calls fail (fast_breaker trips at 50% of 10 calls).
     let r = post("/breakers/dep/disable", Some("t0ken")).await.unwrap();
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap()["state"],
-        "disabled"
+        "disabled",
+        "POST /breakers/dep/disable answers the new state"
     );
     downstream.set(Mode::Failing);
     let before = downstream.call_count();
@@ -445,7 +511,12 @@ async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
         "a disabled breaker lets every call through: {} calls of 30",
         downstream.call_count() - before
     );
-    assert_eq!(running.state(), BreakerState::Disabled);
+    assert_eq!(
+        running.state(),
+        BreakerState::Disabled,
+        "30 failing calls do not move a disabled breaker: {:?}",
+        running.transitions()
+    );
     assert_eq!(
         broker.consumers(&consumer.queue).await,
         1,
@@ -457,12 +528,16 @@ async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
     let r = post("/breakers/dep/reset", Some("t0ken")).await.unwrap();
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&r.text().await.unwrap()).unwrap()["state"],
-        "closed"
+        "closed",
+        "POST /breakers/dep/reset answers the new state"
     );
     let breakers = get_breakers(&base).await;
     let dep = &breakers["breakers"][0];
     assert_eq!(dep["state"], "closed", "{breakers}");
-    assert_eq!(dep["window"]["failures"], 0, "reset clears the window: {breakers}");
+    assert_eq!(
+        dep["window"]["failures"], 0,
+        "reset clears the window: {breakers}"
+    );
     running.stop().await;
     broker.cleanup().await;
 }
@@ -506,13 +581,18 @@ async fn manual_control_is_refused_on_a_public_address_without_a_token() {
         403,
         "no token on 0.0.0.0: manual control refused"
     );
-    assert_eq!(running.state(), BreakerState::Closed);
+    assert_eq!(
+        running.state(),
+        BreakerState::Closed,
+        "a refused request leaves the breaker closed"
+    );
     assert_eq!(
         reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
             .await
             .unwrap()
             .status(),
-        200
+        200,
+        "healthz is 200 on the public address"
     );
     running.stop().await;
     broker.cleanup().await;
@@ -530,11 +610,19 @@ async fn json_logs_parse_and_never_show_the_password() {
             .output()
             .expect("rabbitmqctl")
     };
-    assert!(ctl(&["add_user", &user, &password]).status.success());
+    let added = ctl(&["add_user", &user, &password]);
     assert!(
-        ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"])
-            .status
-            .success()
+        added.status.success(),
+        "rabbitmqctl add_user {user} failed (exit {:?}): {}",
+        added.status.code(),
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let permitted = ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    assert!(
+        permitted.status.success(),
+        "rabbitmqctl set_permissions for {user} failed (exit {:?}): {}",
+        permitted.status.code(),
+        String::from_utf8_lossy(&permitted.stderr)
     );
     struct DropUser(String);
     impl Drop for DropUser {
@@ -566,7 +654,9 @@ async fn json_logs_parse_and_never_show_the_password() {
         wait_until(Duration::from_secs(15), || downstream.succeeded_ids().len()
             == first.len())
         .await,
-        "{}",
+        "all {} first messages should succeed within 15 s: {} did; log:\n{}",
+        first.len(),
+        downstream.succeeded_ids().len(),
         child.stderr()
     );
     proxy.cut_all();
@@ -575,7 +665,7 @@ async fn json_logs_parse_and_never_show_the_password() {
             .stderr()
             .contains("reconnected to the broker"))
         .await,
-        "{}",
+        "the worker should log that it reconnected within 15 s of the cut; log:\n{}",
         child.stderr()
     );
     child.signal("TERM");
@@ -584,7 +674,9 @@ async fn json_logs_parse_and_never_show_the_password() {
             .wait(Duration::from_secs(20))
             .await
             .and_then(|s| s.code()),
-        Some(0)
+        Some(0),
+        "SIGTERM should exit 0 within 20 s; log:\n{}",
+        child.stderr()
     );
     let log = child.stderr();
     let mut lines = 0;
@@ -595,16 +687,23 @@ async fn json_logs_parse_and_never_show_the_password() {
             v["level"].is_string() && v["fields"].is_object()
                 || v["message"].is_string()
                 || v["level"].is_string(),
-            "{line}"
+            "every log line has a level or a message: {line}"
         );
         lines += 1;
     }
-    assert!(lines > 5, "{log}");
+    assert!(
+        lines > 5,
+        "more than 5 log lines expected, got {lines}:\n{log}"
+    );
     assert!(
         !log.contains(&password),
-        "the password appeared in the logs"
+        "the password appeared in the logs, {} times",
+        log.matches(&password).count()
     );
-    assert!(log.contains("***"), "the URL is logged masked");
+    assert!(
+        log.contains("***"),
+        "the URL is logged masked; no \"***\" in {lines} lines:\n{log}"
+    );
     eprintln!("json logs: {lines} lines, all JSON, no password");
     broker.cleanup().await;
 }

@@ -119,10 +119,25 @@ async fn copies_wait_while_the_broker_blocks_publishers_then_move() {
     let after = running.stats.snapshot();
     running.stop().await;
     drop(alarm);
-    assert_eq!(after.retried, ids.len() as u64, "{after:?}");
-    assert_eq!(after.publish_failures, 0, "{after:?}");
-    assert_eq!(broker.ready(&consumer.queue).await, 0);
-    assert_eq!(broker.ready(&consumer.dead_letter_queue()).await, 0);
+    assert_eq!(
+        after.retried,
+        ids.len() as u64,
+        "every held copy goes out after the alarm: {after:?}"
+    );
+    assert_eq!(
+        after.publish_failures, 0,
+        "a blocked publish is not a failure: {after:?}"
+    );
+    assert_eq!(
+        broker.ready(&consumer.queue).await,
+        0,
+        "work queue empty after the alarm"
+    );
+    assert_eq!(
+        broker.ready(&consumer.dead_letter_queue()).await,
+        0,
+        "the alarm dead-letters nothing"
+    );
     eprintln!(
         "blocked: {} copies held during the alarm, all moved after it; {after:?}",
         ids.len()

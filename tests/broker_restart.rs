@@ -22,7 +22,7 @@ impl Stopped {
             .arg("stop_app")
             .status()
             .expect("rabbitmqctl");
-        assert!(ok.success(), "rabbitmqctl stop_app failed");
+        assert!(ok.success(), "rabbitmqctl stop_app failed: {ok}");
         Self
     }
 }
@@ -51,7 +51,12 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     broker.declare(&consumer).await;
     let ids = broker.publish_json(&consumer.queue, "r", 3_000).await;
     let running = Running::start(Worker::builder(settings)).await;
-    assert!(wait_until(Duration::from_secs(30), || downstream.call_count() >= 500).await);
+    assert!(
+        wait_until(Duration::from_secs(30), || downstream.call_count() >= 500).await,
+        "at least 500 calls should be made within 30 s before the restart: {} were; {:?}",
+        downstream.call_count(),
+        running.stats.snapshot()
+    );
 
     let stopped_at = Instant::now();
     let stopped = Stopped::broker();
@@ -81,7 +86,11 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     running.stop().await;
     // The test's own connection died with the broker: use a new one.
     let after = TestBroker::connect().await;
-    assert_eq!(after.ready(&consumer.queue).await, 0);
+    assert_eq!(
+        after.ready(&consumer.queue).await,
+        0,
+        "work queue empty after the restart"
+    );
     assert_eq!(
         after.ready(&consumer.dead_letter_queue()).await,
         0,

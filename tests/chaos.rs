@@ -81,7 +81,8 @@ async fn chaos_loses_nothing() {
                 child.signal("KILL");
                 assert!(
                     child.wait(Duration::from_secs(10)).await.is_some(),
-                    "killed"
+                    "kill -9 should end worker {} within 10 s",
+                    child.pid()
                 );
                 child = Child::spawn(&settings, &["run"]);
                 kills += 1;
@@ -114,7 +115,9 @@ async fn chaos_loses_nothing() {
             .wait(Duration::from_secs(30))
             .await
             .and_then(|s| s.code()),
-        Some(0)
+        Some(0),
+        "SIGTERM should exit 0 within 30 s; log:\n{}",
+        child.stderr()
     );
 
     let calls = downstream.calls();
@@ -154,7 +157,8 @@ async fn chaos_loses_nothing() {
     );
     assert!(
         !reasons.contains_key("(none)"),
-        "every dead letter carries its reason"
+        "every dead letter carries its reason: {} dead letters by reason {reasons:?}",
+        dead.len()
     );
     broker.cleanup().await;
 }

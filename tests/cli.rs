@@ -84,10 +84,14 @@ async fn missing_config_file_says_what_to_do() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a missing config exits 1: {err}"
+    );
     assert!(
         err.contains("/nonexistent/rg.toml") && err.contains("--config"),
-        "{err}"
+        "the error names the file and --config: {err}"
     );
 }
 
@@ -97,7 +101,12 @@ async fn usage_errors_exit_2() {
         .arg("frobnicate")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown subcommand is a usage error: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -114,11 +123,18 @@ async fn check_config_prints_the_effective_config_with_the_password_masked() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "{}",
+        "check-config should succeed (exit {:?}): {}",
+        out.status.code(),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("guest:***@"), "{text}");
-    assert!(!text.contains("s3cret-pw"), "{text}");
+    assert!(
+        text.contains("guest:***@"),
+        "the password is shown masked: {text}"
+    );
+    assert!(
+        !text.contains("s3cret-pw"),
+        "the password never appears: {text}"
+    );
     assert!(
         text.contains("prefetch = 77"),
         "environment override shows in the effective config: {text}"
@@ -171,7 +187,8 @@ async fn unreachable_broker_retries_then_fails_with_one_line() {
     );
     assert!(
         started.elapsed() < Duration::from_secs(10),
-        "gives up after startup_timeout (2s)"
+        "gives up after startup_timeout (2s); took {:?}",
+        started.elapsed()
     );
 }
 
@@ -238,9 +255,14 @@ async fn safety_checks_refuse_names_the_risk() {
         .unwrap();
     drop(dir);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "check-config with safety_checks = \"warn\" should succeed (exit {:?}): {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         text.contains("# safety check:") && text.contains("delivery_limit"),
-        "{text}"
+        "check-config lists the safety check on delivery_limit: {text}"
     );
 }

@@ -109,19 +109,26 @@ async fn demo_runs_to_completion_under_a_minute_and_cleans_up() {
     assert!(took < Duration::from_secs(60), "the demo took {took:?}");
     assert!(
         !stdout.contains("\x1b["),
-        "no screen control codes when stdout is not a terminal"
+        "no screen control codes when stdout is not a terminal: {} found",
+        stdout.matches("\x1b[").count()
     );
     let progress = stdout.lines().filter(|l| l.contains("breaker")).count();
-    assert!(progress >= 5, "periodic plain lines: {stdout}");
+    assert!(
+        progress >= 5,
+        "at least 5 periodic plain lines, got {progress}: {stdout}"
+    );
     assert!(
         stdout.lines().any(|l| l.contains("OPEN")),
         "the breaker opened: {stdout}"
     );
     let summary = stdout.lines().last().unwrap_or_default();
-    assert!(summary.contains("0 dead-lettered and 0 lost"), "{summary}");
+    assert!(
+        summary.contains("0 dead-lettered and 0 lost"),
+        "the summary reports nothing dead-lettered or lost: {summary}"
+    );
     assert!(
         summary.contains("0 calls to the dependency while open"),
-        "{summary}"
+        "the summary reports no calls while open: {summary}"
     );
     for q in demo_queues(pid) {
         assert!(
@@ -157,16 +164,19 @@ async fn an_interrupted_demo_still_removes_its_queues() {
     let queue = demo_queues(pid)[0].clone();
     assert!(
         wait_until_async(Duration::from_secs(15), || queue_exists(&broker, &queue)).await,
-        "the demo should declare its queue"
+        "the demo should declare its queue {queue} within 15 s"
     );
     let status = std::process::Command::new("kill")
         .args(["-INT", &pid.to_string()])
         .status()
         .unwrap();
-    assert!(status.success());
+    assert!(status.success(), "kill -INT {pid} failed: {status}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the demo did not stop on Ctrl-C");
+        assert!(
+            Instant::now() < deadline,
+            "the demo (pid {pid}) did not stop within 30 s of Ctrl-C"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     kill.0 = None;

@@ -181,7 +181,12 @@ async fn make_dead_letters(
         n += 1;
         tokio::time::sleep(Duration::from_millis(30)).await;
     };
-    assert!(done, "dead letters: {:?}", running.stats.snapshot());
+    assert!(
+        done,
+        "all {} expected dead letters should be made, after {n} healthy neighbours: {:?}",
+        expected.len(),
+        running.stats.snapshot()
+    );
     running.stop().await;
     expected
 }
@@ -197,7 +202,11 @@ async fn list_and_summary_show_real_dead_letters_and_leave_the_queue_as_it_was()
     let cli = Cli::new(&settings);
 
     let lines = cli.json(&[]);
-    assert_eq!(lines.len(), expected.len(), "{lines:#?}");
+    assert_eq!(
+        lines.len(),
+        expected.len(),
+        "one line per dead letter: {lines:#?}"
+    );
     for v in &lines {
         let id = v["message_id"].as_str().unwrap();
         assert_eq!(
@@ -208,26 +217,35 @@ async fn list_and_summary_show_real_dead_letters_and_leave_the_queue_as_it_was()
         assert_eq!(
             v["original_queue"].as_str(),
             Some(consumer.queue.as_str()),
-            "{v}"
+            "original queue of {id}: {v}"
         );
         let attempts = v["attempts"].as_u64().unwrap();
         if expected[id] == "retries-exhausted" {
             assert_eq!(attempts, 3, "1 + two delay levels: {v}");
             assert!(
                 v["error"].as_str().unwrap().contains("billing timed out"),
-                "{v}"
+                "the last error of {id} is kept: {v}"
             );
         } else {
-            assert_eq!(attempts, 1, "{v}");
+            assert_eq!(attempts, 1, "one attempt for {id}: {v}");
         }
-        assert!(v["headers"]["rg-handler"] == "picky", "{v}");
-        assert!(v["age_seconds"].as_u64().is_some(), "{v}");
+        assert!(
+            v["headers"]["rg-handler"] == "picky",
+            "rg-handler of {id} is picky: {v}"
+        );
+        assert!(
+            v["age_seconds"].as_u64().is_some(),
+            "age of {id} in whole seconds: {v}"
+        );
     }
     let garbled = lines
         .iter()
         .find(|v| v["message_id"] == "garbled-0")
         .unwrap();
-    assert_eq!(garbled["body"], "{not json");
+    assert_eq!(
+        garbled["body"], "{not json",
+        "a body that is not JSON is shown as text: {garbled}"
+    );
 
     // Browsing changes nothing: same output, same order, same headers.
     let strip = |text: String| -> Vec<String> {
@@ -249,14 +267,31 @@ async fn list_and_summary_show_real_dead_letters_and_leave_the_queue_as_it_was()
     let again = cli.json(&[]);
     assert_eq!(ids(&again), ids(&lines), "same messages in the same order");
     for (a, b) in lines.iter().zip(&again) {
-        assert_eq!(a["headers"], b["headers"], "headers unchanged");
-        assert_eq!(a["body"], b["body"]);
+        assert_eq!(
+            a["headers"], b["headers"],
+            "headers of {} unchanged",
+            a["message_id"]
+        );
+        assert_eq!(
+            a["body"], b["body"],
+            "body of {} unchanged",
+            a["message_id"]
+        );
     }
 
     // Filters and limit.
     let bad = cli.json(&["--reason", "permanent"]);
-    assert_eq!(ids(&bad).len(), 3);
-    assert!(ids(&bad).iter().all(|i| i.starts_with("bad-")));
+    assert_eq!(
+        ids(&bad).len(),
+        3,
+        "--reason permanent selects the 3 permanent ones: {:?}",
+        ids(&bad)
+    );
+    assert!(
+        ids(&bad).iter().all(|i| i.starts_with("bad-")),
+        "--reason permanent selects only bad-*: {:?}",
+        ids(&bad)
+    );
     assert_eq!(
         cli.json(&["--grep", "EXPLODED"]).len(),
         1,
@@ -267,8 +302,12 @@ async fn list_and_summary_show_real_dead_letters_and_leave_the_queue_as_it_was()
         2,
         "grep searches bodies too"
     );
-    assert_eq!(cli.json(&["--limit", "2"]).len(), 2);
-    assert_eq!(cli.json(&["--since", "1h"]).len(), expected.len());
+    assert_eq!(cli.json(&["--limit", "2"]).len(), 2, "--limit 2 lists two");
+    assert_eq!(
+        cli.json(&["--since", "1h"]).len(),
+        expected.len(),
+        "--since 1h lists every dead letter made just now"
+    );
 
     // Summary groups by reason and error.
     let summary = cli.ok(&["summary"]);
@@ -279,22 +318,41 @@ async fn list_and_summary_show_real_dead_letters_and_leave_the_queue_as_it_was()
             .map(|l| l.split_whitespace().next().unwrap().parse::<u64>().unwrap())
             .sum()
     };
-    assert_eq!(count_of("permanent"), 3, "{summary}");
-    assert_eq!(count_of("decode"), 2, "{summary}");
-    assert_eq!(count_of("retries-exhausted"), 2, "{summary}");
-    assert_eq!(count_of("panic"), 1, "{summary}");
-    assert!(summary.contains("8 selected of 8"), "{summary}");
+    assert_eq!(
+        count_of("permanent"),
+        3,
+        "permanent in the summary:\n{summary}"
+    );
+    assert_eq!(count_of("decode"), 2, "decode in the summary:\n{summary}");
+    assert_eq!(
+        count_of("retries-exhausted"),
+        2,
+        "retries-exhausted in the summary:\n{summary}"
+    );
+    assert_eq!(count_of("panic"), 1, "panic in the summary:\n{summary}");
+    assert!(
+        summary.contains("8 selected of 8"),
+        "the summary counts all 8:\n{summary}"
+    );
 
     // Show: every header and the body, pretty JSON.
     let shown = cli.ok(&["show", "bad-1", "--utc"]);
-    assert!(shown.contains("rg-reason: \"permanent\""), "{shown}");
+    assert!(
+        shown.contains("rg-reason: \"permanent\""),
+        "show prints every header: {shown}"
+    );
     assert!(
         shown.contains("\"kind\": \"bad\""),
         "pretty JSON body: {shown}"
     );
     assert!(shown.contains("+00:00"), "UTC time with offset: {shown}");
     let missing = cli.run(&["show", "nope"]);
-    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        missing.status.code(),
+        Some(1),
+        "show of an unknown id exits 1: {}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
 
     // The queue itself still holds everything, in order.
     let drained = broker.drain(&consumer.dead_letter_queue()).await;
@@ -356,13 +414,21 @@ async fn publish_dead_letters(
         );
         if confirms.len() >= 1_000 {
             for c in confirms.drain(..) {
-                assert!(c.await.unwrap().is_ack());
+                let confirm = c.await.unwrap();
+                assert!(
+                    confirm.is_ack(),
+                    "the broker should confirm a dead letter published to {dlq}: {confirm:?}"
+                );
             }
         }
         ids.push(id);
     }
     for c in confirms {
-        assert!(c.await.unwrap().is_ack());
+        let confirm = c.await.unwrap();
+        assert!(
+            confirm.is_ack(),
+            "the broker should confirm a dead letter published to {dlq}: {confirm:?}"
+        );
     }
     ids
 }
@@ -386,7 +452,10 @@ async fn replay_by_id_reason_and_all_feeds_a_healthy_worker_with_a_loop_guard() 
         "replay without a selection is a usage error"
     );
     let dry = cli.ok(&["replay", "--reason", "permanent", "--dry-run"]);
-    assert!(dry.contains("would replay permanent-0 -> "), "{dry}");
+    assert!(
+        dry.contains("would replay permanent-0 -> "),
+        "the dry run names what it would replay: {dry}"
+    );
     assert_eq!(broker.ready(&q).await, 0, "a dry run moves nothing");
 
     cli.ok(&["replay", "--id", "permanent-1"]);
@@ -414,7 +483,7 @@ async fn replay_by_id_reason_and_all_feeds_a_healthy_worker_with_a_loop_guard() 
     );
     for m in &moved {
         let (id, headers) = (&m["message_id"], &m["headers"]);
-        assert_eq!(headers["rg-replays"], 1, "{id}: {headers}");
+        assert_eq!(headers["rg-replays"], 1, "replay count of {id}: {headers}");
         assert!(
             headers.get("rg-reason").is_none(),
             "dead-letter headers reset: {id}: {headers}"
@@ -443,7 +512,11 @@ async fn replay_by_id_reason_and_all_feeds_a_healthy_worker_with_a_loop_guard() 
 
     cli.ok(&["replay", "--all", "--rate", "100/s"]);
     assert_eq!(broker.ready(&dlq).await, 0, "--all empties the DLQ");
-    assert_eq!(broker.ready(&q).await, 3);
+    assert_eq!(
+        broker.ready(&q).await,
+        3,
+        "the three left are in the work queue"
+    );
 
     // Loop guard: a message replayed 3 times already is refused.
     broker.drain(&q).await;
@@ -476,7 +549,7 @@ async fn replay_by_id_reason_and_all_feeds_a_healthy_worker_with_a_loop_guard() 
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
         stderr.contains("looping") && stderr.contains("already replayed 3 times"),
-        "{stderr}"
+        "the loop guard names the message and its replays: {stderr}"
     );
     assert_eq!(
         broker.ready(&dlq).await,
@@ -486,7 +559,12 @@ async fn replay_by_id_reason_and_all_feeds_a_healthy_worker_with_a_loop_guard() 
     cli.ok(&["replay", "--all", "--force"]);
     assert_eq!(broker.ready(&dlq).await, 0, "--force replays it");
     let forced = broker.drain(&q).await;
-    assert_eq!(forced[0].header_u64("rg-replays"), Some(4));
+    assert_eq!(
+        forced[0].header_u64("rg-replays"),
+        Some(4),
+        "a forced replay is counted: {:?}",
+        forced[0]
+    );
     broker.cleanup().await;
 }
 
@@ -534,7 +612,12 @@ async fn kill_9_during_a_5000_message_replay_loses_nothing() {
         total >= 5_000
     })
     .await;
-    assert!(settled, "messages should be back in a queue");
+    assert!(
+        settled,
+        "all 5000 messages should be back in a queue within 15 s: {} in the work queue, {} in the DLQ",
+        broker.ready(&q).await,
+        broker.ready(&dlq).await
+    );
     let in_queue: Vec<String> = broker.drain(&q).await.into_iter().map(|g| g.id).collect();
     let in_dlq: Vec<String> = broker.drain(&dlq).await.into_iter().map(|g| g.id).collect();
     let a: HashSet<&String> = in_queue.iter().collect();
@@ -592,7 +675,11 @@ async fn purge_removes_exactly_the_selection_and_needs_yes() {
         Some(2),
         "without --yes and a terminal: refuse"
     );
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--yes"),
+        "the refusal mentions --yes: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     assert_eq!(broker.ready(&dlq).await, 9, "nothing deleted");
 
     cli.ok(&["purge", "--reason", "decode", "--yes"]);
@@ -604,7 +691,7 @@ async fn purge_removes_exactly_the_selection_and_needs_yes() {
         "exactly the rest, in order"
     );
     cli.ok(&["purge", "--all", "--yes"]);
-    assert_eq!(broker.ready(&dlq).await, 0);
+    assert_eq!(broker.ready(&dlq).await, 0, "--all --yes purges everything");
     broker.cleanup().await;
 }
 
@@ -688,12 +775,13 @@ async fn export_then_import_round_trips_byte_for_byte() {
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "dlq import should succeed (exit {:?}): {}",
+        out.status.code(),
         String::from_utf8_lossy(&out.stderr)
     );
     let originals = raw_messages(&broker, &dlq).await;
     let imported = raw_messages(&broker, &target).await;
-    assert_eq!(imported.len(), 4);
+    assert_eq!(imported.len(), 4, "all 4 exported messages are imported");
     assert_eq!(
         imported, originals,
         "properties, headers and bodies identical, in order"
@@ -760,12 +848,22 @@ async fn browsing_50000_messages_streams_in_bounded_memory() {
     // 1 KiB bodies: holding 50,000 of them would take 50 MB.
     publish_dead_letters(&broker, &dlq, &q, 5_000, 1_024, "small").await;
     let (small, status) = peak_rss_kb(summarize()).await;
-    assert!(status.success());
+    assert!(
+        status.success(),
+        "dlq summary of 5,000 messages should succeed: {status}"
+    );
     publish_dead_letters(&broker, &dlq, &q, 45_000, 1_024, "large").await;
-    assert_eq!(broker.ready(&dlq).await, 50_000);
+    assert_eq!(
+        broker.ready(&dlq).await,
+        50_000,
+        "50,000 dead letters published"
+    );
     let child = summarize();
     let (large, status) = peak_rss_kb(child).await;
-    assert!(status.success());
+    assert!(
+        status.success(),
+        "dlq summary of 50,000 messages should succeed: {status}"
+    );
     eprintln!("browse memory: peak RSS {small} kB for 5,000 messages, {large} kB for 50,000");
     assert!(
         large < small + 20_000,
@@ -846,7 +944,8 @@ async fn broker_made_dead_letters_are_read_from_x_death() {
             .message_id()
             .as_ref()
             .map(|s| s.as_str()),
-        Some("rejected-1")
+        Some("rejected-1"),
+        "the unexpired message is the one to reject"
     );
     got.delivery
         .acker
@@ -888,8 +987,16 @@ async fn broker_made_dead_letters_are_read_from_x_death() {
         Some(binary),
         "body_base64 decodes to the body: {expired}"
     );
-    assert_eq!(by_id["rejected-1"]["body"], "{\"kind\":\"ok\"}");
-    assert_eq!(ids(&cli.json(&["--reason", "expired"])), ["expired-1"]);
+    assert_eq!(
+        by_id["rejected-1"]["body"], "{\"kind\":\"ok\"}",
+        "a UTF-8 body is shown as text: {}",
+        by_id["rejected-1"]
+    );
+    assert_eq!(
+        ids(&cli.json(&["--reason", "expired"])),
+        ["expired-1"],
+        "--reason filters on the broker's reason"
+    );
     let table = cli.ok(&["list"]);
     assert!(
         table.contains("rejected") && table.contains("expired"),
@@ -908,6 +1015,6 @@ async fn broker_made_dead_letters_are_read_from_x_death() {
         ids(&listed),
         "replayed to the queue x-death names, in the DLQ's order (and the expired one did not expire again)"
     );
-    assert_eq!(broker.ready(&dlq).await, 0);
+    assert_eq!(broker.ready(&dlq).await, 0, "replay --all empties the DLQ");
     broker.cleanup().await;
 }

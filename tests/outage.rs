@@ -215,7 +215,7 @@ async fn outage_pauses_consumption_and_recovers_with_nothing_lost() {
         assert_eq!(
             broker.ready(&consumer.delay_queue(*d)).await,
             0,
-            "delay queue should be empty"
+            "delay queue {d:?} should be empty"
         );
     }
     eprintln!(
@@ -252,7 +252,8 @@ async fn outage_after_healthy_traffic_trips_on_consecutive_failures() {
         wait_until(Duration::from_secs(30), || downstream.succeeded_ids().len()
             >= 1_000)
         .await,
-        "healthy traffic should flow first"
+        "healthy traffic should flow first: {} of 1000 succeeded within 30 s",
+        downstream.succeeded_ids().len()
     );
     downstream.set(Mode::Failing);
     assert!(
@@ -261,7 +262,9 @@ async fn outage_after_healthy_traffic_trips_on_consecutive_failures() {
             .iter()
             .any(is_open))
         .await,
-        "breaker should open on consecutive failures"
+        "breaker should open on consecutive failures within 10 s: {:?}, {:?}",
+        running.state(),
+        running.transitions()
     );
     let trip = running
         .transitions()
@@ -286,7 +289,9 @@ async fn outage_after_healthy_traffic_trips_on_consecutive_failures() {
             .iter()
             .any(half_open))
         .await,
-        "breaker should go half-open"
+        "breaker should go half-open within 10 s: {:?}, {:?}",
+        running.state(),
+        running.transitions()
     );
     let probing_from = running
         .transitions()
@@ -319,9 +324,16 @@ async fn outage_after_healthy_traffic_trips_on_consecutive_failures() {
         ids.len()
     );
     let stats = running.stats.snapshot();
-    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    assert_eq!(
+        stats.dead_lettered, 0,
+        "no dead letters from an outage: {stats:?}"
+    );
     running.stop().await;
-    assert_eq!(broker.ready(&consumer.dead_letter_queue()).await, 0);
+    assert_eq!(
+        broker.ready(&consumer.dead_letter_queue()).await,
+        0,
+        "dead-letter queue should be empty"
+    );
     eprintln!(
         "consecutive: {failing_before_pause} failing calls before the pause (bound {}), window at trip {:?}",
         20 + concurrency,
@@ -349,7 +361,9 @@ async fn on_pause_dead_letter_sends_unstarted_prefetched_messages_to_the_dlq() {
             .iter()
             .any(is_open))
         .await,
-        "breaker should trip"
+        "breaker should trip within 10 s: {:?} after {} calls",
+        running.state(),
+        downstream.call_count()
     );
     assert!(
         wait_until(Duration::from_secs(10), || running
@@ -377,12 +391,18 @@ async fn on_pause_dead_letter_sends_unstarted_prefetched_messages_to_the_dlq() {
     let dead = broker.drain(&consumer.dead_letter_queue()).await;
     let called: std::collections::HashSet<String> =
         downstream.calls().into_iter().map(|c| c.id).collect();
-    assert!(!dead.is_empty());
+    assert!(
+        !dead.is_empty(),
+        "prefetched messages should be dead-lettered as paused: got {} dead letters, {} of {} processed",
+        dead.len(),
+        downstream.succeeded_ids().len(),
+        ids.len()
+    );
     for d in &dead {
         assert_eq!(
             d.header_str("rg-reason").as_deref(),
             Some("paused"),
-            "{}",
+            "rg-reason of {}",
             d.id
         );
         assert!(
@@ -433,7 +453,9 @@ async fn a_breaker_shared_by_two_consumers_pauses_both() {
             BreakerState::Open { .. }
         ))
         .await,
-        "breaker should open"
+        "breaker should open within 10 s: {:?} after {} calls",
+        breaker.state(),
+        downstream.call_count()
     );
     let mut both_paused = false;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -448,7 +470,11 @@ async fn a_breaker_shared_by_two_consumers_pauses_both() {
     }
     assert!(
         both_paused,
-        "both queues should have no consumer while the shared breaker is open"
+        "both queues should have no consumer within 5 s while the shared breaker is open: \
+         now {} and {} consumers, breaker {:?}",
+        broker.consumers(&queues[0]).await,
+        broker.consumers(&queues[1]).await,
+        breaker.state()
     );
     // Let two probe trials fail: each probe is taken by one consumer only.
     let trials = |n| {
@@ -462,12 +488,14 @@ async fn a_breaker_shared_by_two_consumers_pauses_both() {
     let first_trip = breaker.snapshot().consecutive_failures;
     assert!(
         wait_until(Duration::from_secs(10), trials(first_trip + 1)).await,
-        "a first probe fails"
+        "a first probe should fail within 10 s ({first_trip} consecutive failures at the trip): {:?}",
+        breaker.snapshot()
     );
     let rejected_after_first_probe = rejected();
     assert!(
         wait_until(Duration::from_secs(10), trials(first_trip + 2)).await,
-        "a second probe fails"
+        "a second probe should fail within 10 s ({first_trip} consecutive failures at the trip): {:?}",
+        breaker.snapshot()
     );
     downstream.set(Mode::Healthy);
     assert!(
@@ -542,13 +570,23 @@ async fn a_probe_on_a_bad_message_frees_its_slot_for_another_probe() {
         .find(|c| c.id == "rejected")
         .unwrap();
     let half_open = running.transitions()[1].at;
-    assert!(first_probe.at >= half_open, "the bad message was a probe");
+    assert!(
+        first_probe.at >= half_open,
+        "the bad message was a probe: called {first_probe:?}, half-open from {half_open:?}"
+    );
     running.stop().await;
     let dead = broker.drain(&consumer.dead_letter_queue()).await;
-    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead.len(),
+        1,
+        "only the bad message is dead-lettered: {:?}",
+        dead.iter().map(|d| &d.id).collect::<Vec<_>>()
+    );
     assert_eq!(
         dead[0].header_str("rg-reason").as_deref(),
-        Some("permanent")
+        Some("permanent"),
+        "a 400 is dead-lettered as permanent: {:?}",
+        dead[0]
     );
     broker.cleanup().await;
 }

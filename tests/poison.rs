@@ -139,18 +139,33 @@ async fn permanent_errors_bad_bodies_and_panics_are_dead_lettered_with_their_rea
         );
         assert_eq!(
             d.header_str("rg-original-queue").as_deref(),
-            Some(q.as_str())
+            Some(q.as_str()),
+            "original queue of {}",
+            d.id
         );
         assert_eq!(d.header_u64("rg-attempt"), Some(1), "attempt of {}", d.id);
         assert!(
             d.header_str("rg-dead-lettered-at")
-                .is_some_and(|t| t.ends_with('Z'))
+                .is_some_and(|t| t.ends_with('Z')),
+            "rg-dead-lettered-at of {} should be a UTC time: {:?}",
+            d.id,
+            d.header_str("rg-dead-lettered-at")
         );
         let error = d.header_str("rg-error").unwrap_or_default();
+        let id = &d.id;
         match *want {
-            "permanent" => assert!(error.contains("negative"), "{error}"),
-            "decode" => assert!(error.contains("JSON"), "{error}"),
-            "panic" => assert!(error.contains("blew up on purpose"), "{error}"),
+            "permanent" => assert!(
+                error.contains("negative"),
+                "the handler's error is kept for {id}: {error}"
+            ),
+            "decode" => assert!(
+                error.contains("JSON"),
+                "the decode error names JSON for {id}: {error}"
+            ),
+            "panic" => assert!(
+                error.contains("blew up on purpose"),
+                "the panic message is kept for {id}: {error}"
+            ),
             _ => unreachable!(),
         }
     }
@@ -188,7 +203,9 @@ async fn http_handler_dead_letters_4xx_and_retries_5xx() {
             s.dead_lettered == 2 && downstream.succeeded_ids().len() == ids.len() + 1
         })
         .await,
-        "{:?}",
+        "2 dead-lettered and all {} + 1 succeeded within 20 s: {} succeeded, {:?}",
+        ids.len(),
+        downstream.succeeded_ids().len(),
         running.stats.snapshot()
     );
     running.stop().await;
@@ -204,17 +221,29 @@ async fn http_handler_dead_letters_4xx_and_retries_5xx() {
         })
         .collect();
     reasons.sort();
-    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(
+        reasons.len(),
+        2,
+        "the two 4xx are dead-lettered: {reasons:?}"
+    );
     assert_eq!(
         (reasons[0].0.as_str(), reasons[0].1.as_str()),
-        ("missing", "permanent")
+        ("missing", "permanent"),
+        "a 404 is permanent: {reasons:?}"
     );
-    assert!(reasons[0].2.contains("404"), "{reasons:?}");
+    assert!(
+        reasons[0].2.contains("404"),
+        "the error names the 404: {reasons:?}"
+    );
     assert_eq!(
         (reasons[1].0.as_str(), reasons[1].1.as_str()),
-        ("rejected", "permanent")
+        ("rejected", "permanent"),
+        "a 422 is permanent: {reasons:?}"
     );
-    assert!(reasons[1].2.contains("422"), "{reasons:?}");
+    assert!(
+        reasons[1].2.contains("422"),
+        "the error names the 422: {reasons:?}"
+    );
     let throttled: Vec<_> = downstream
         .calls()
         .into_iter()

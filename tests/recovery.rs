@@ -108,7 +108,7 @@ async fn cutting_the_connection_with_500_in_flight_loses_nothing() {
     // a few attempts at most.
     assert!(
         recovered_in < Duration::from_secs(5),
-        "recovery took {recovered_in:?}"
+        "the worker should resubscribe within 5 s of the cut; it took {recovered_in:?}"
     );
     assert!(
         wait_until(Duration::from_secs(90), || downstream.succeeded_ids().len()
@@ -120,7 +120,11 @@ async fn cutting_the_connection_with_500_in_flight_loses_nothing() {
     );
     let stats = running.stats.snapshot();
     running.stop().await;
-    assert_eq!(broker.ready(&consumer.queue).await, 0);
+    assert_eq!(
+        broker.ready(&consumer.queue).await,
+        0,
+        "work queue empty after the cut: {stats:?}"
+    );
     let (ok, dead, duplicates) =
         account(&broker, &downstream, &consumer.dead_letter_queue(), &ids).await;
     assert_eq!(dead, 0, "a connection cut must not dead-letter anything");
@@ -150,7 +154,12 @@ async fn a_connection_closed_by_the_broker_is_reopened() {
     broker.declare(&consumer).await;
     let ids = broker.publish_json(&consumer.queue, "closed", 2_000).await;
     let running = Running::start(Worker::builder(settings)).await;
-    assert!(wait_until(Duration::from_secs(30), || downstream.call_count() >= 300).await);
+    assert!(
+        wait_until(Duration::from_secs(30), || downstream.call_count() >= 300).await,
+        "at least 300 calls should be made within 30 s before the close: {} were; {:?}",
+        downstream.call_count(),
+        running.stats.snapshot()
+    );
     let closed = close_connections_named(&format!("{name}/consume"), "closed by the recovery test")
         + close_connections_named(&format!("{name}/publish"), "closed by the recovery test");
     assert_eq!(
@@ -178,7 +187,10 @@ async fn a_connection_closed_by_the_broker_is_reopened() {
     running.stop().await;
     let (ok, dead, duplicates) =
         account(&broker, &downstream, &consumer.dead_letter_queue(), &ids).await;
-    assert_eq!(dead, 0);
+    assert_eq!(
+        dead, 0,
+        "a broker-side close must not dead-letter anything ({ok} processed)"
+    );
     eprintln!("broker close: {ok} processed, {duplicates} duplicates");
     broker.cleanup().await;
 }
@@ -218,20 +230,26 @@ async fn after_a_cut_while_open_there_is_no_consumer_until_the_probe_time() {
         wait_until(Duration::from_secs(3), || proxy.accepted()
             >= accepted_before + 2)
         .await,
-        "the worker should reconnect while the breaker is open"
+        "the worker should reconnect within 3 s while the breaker is open: \
+         {} connections accepted, {accepted_before} before the cut",
+        proxy.accepted()
     );
     let reconnected_at = Instant::now();
     assert!(
         reconnected_at < until,
-        "reconnected only after the open time; make open_timeout longer"
+        "reconnected only after the open time; make open_timeout longer: \
+         reconnected at {reconnected_at:?}, open until {until:?}"
     );
     // ...but subscribes to nothing until then.
     let mut samples = 0;
     while Instant::now() + Duration::from_millis(300) < until {
         let consumers = broker.consumers(&consumer.queue).await;
         assert_eq!(
-            consumers, 0,
-            "a consumer appeared while the breaker was open, after reconnecting"
+            consumers,
+            0,
+            "a consumer appeared while the breaker was open, after reconnecting (sample {samples}, \
+             {:?} before the probe time)",
+            until.saturating_duration_since(Instant::now())
         );
         samples += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -257,7 +275,10 @@ async fn after_a_cut_while_open_there_is_no_consumer_until_the_probe_time() {
     );
     running.stop().await;
     let (_, dead, _) = account(&broker, &downstream, &consumer.dead_letter_queue(), &ids).await;
-    assert_eq!(dead, 0);
+    assert_eq!(
+        dead, 0,
+        "an outage with a connection cut must not dead-letter anything"
+    );
     eprintln!("open-cut: {samples} samples with no consumer between reconnect and probe time");
     broker.cleanup().await;
 }
@@ -280,7 +301,10 @@ async fn a_black_holed_connection_is_detected_by_heartbeat_and_replaced() {
     assert!(
         wait_until(Duration::from_secs(10), || downstream.succeeded_ids().len()
             == first.len())
-        .await
+        .await,
+        "all {} messages before the black hole should succeed within 10 s: {} did",
+        first.len(),
+        downstream.succeeded_ids().len()
     );
     proxy.set(Fault::BlackHole);
     let holed_at = Instant::now();
@@ -293,7 +317,9 @@ async fn a_black_holed_connection_is_detected_by_heartbeat_and_replaced() {
         wait_until(Duration::from_secs(20), || proxy.accepted()
             > accepted_before)
         .await,
-        "a silent connection must be noticed by its heartbeat: {:?}",
+        "a silent connection must be noticed by its heartbeat within 20 s: \
+         {} connections accepted, {accepted_before} before the black hole; {:?}",
+        proxy.accepted(),
         running.stats.snapshot()
     );
     let detected_in = holed_at.elapsed();
@@ -302,7 +328,10 @@ async fn a_black_holed_connection_is_detected_by_heartbeat_and_replaced() {
         wait_until(Duration::from_secs(30), || downstream.succeeded_ids().len()
             == first.len() + second.len())
         .await,
-        "messages published during the black hole are processed after recovery: {:?}",
+        "messages published during the black hole are processed after recovery: \
+         {} of {} succeeded within 30 s; {:?}",
+        downstream.succeeded_ids().len(),
+        first.len() + second.len(),
         running.stats.snapshot()
     );
     eprintln!(
@@ -362,7 +391,8 @@ async fn startup_waits_for_the_broker_then_consumes() {
     );
     assert!(
         child.child.try_wait().unwrap().is_none(),
-        "the worker keeps waiting"
+        "the worker keeps waiting, but exited: {:?}; log:\n{log}",
+        child.child.try_wait()
     );
     proxy.listen().await;
     assert!(
@@ -412,7 +442,7 @@ async fn kill_9_twice_over_5000_messages_loses_nothing() {
         let status = child.wait(Duration::from_secs(10)).await;
         assert!(
             status.is_some_and(|s| s.code().is_none()),
-            "round {round}: killed by a signal"
+            "round {round}: killed by a signal within 10 s, got {status:?}"
         );
         kills.push(downstream.call_count());
     }
@@ -434,9 +464,15 @@ async fn kill_9_twice_over_5000_messages_loses_nothing() {
             .wait(Duration::from_secs(30))
             .await
             .and_then(|s| s.code()),
-        Some(0)
+        Some(0),
+        "SIGTERM should exit 0 within 30 s; log:\n{}",
+        child.stderr()
     );
-    assert_eq!(broker.ready(&consumer.queue).await, 0);
+    assert_eq!(
+        broker.ready(&consumer.queue).await,
+        0,
+        "work queue empty after the kills"
+    );
     let (ok, dead, duplicates) =
         account(&broker, &downstream, &consumer.dead_letter_queue(), &ids).await;
     let mut per_id: HashMap<String, usize> = HashMap::new();

@@ -65,7 +65,12 @@ async fn a_failing_message_walks_each_delay_level_in_order_then_is_dead_lettered
         "the message should end in the dead-letter queue: {:?}",
         running.stats.snapshot()
     );
-    assert_eq!(running.state(), BreakerState::Closed);
+    assert_eq!(
+        running.state(),
+        BreakerState::Closed,
+        "one failing message among healthy neighbours leaves the breaker closed: {:?}",
+        running.transitions()
+    );
     running.stop().await;
 
     let attempts: Vec<_> = downstream
@@ -91,12 +96,20 @@ async fn a_failing_message_walks_each_delay_level_in_order_then_is_dead_lettered
         );
     }
     let dlq = broker.drain(&consumer.dead_letter_queue()).await;
-    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(
+        dlq.len(),
+        1,
+        "only the doomed message is dead-lettered: {dlq:?}"
+    );
     let d = &dlq[0];
-    assert_eq!(d.id, "doomed");
+    assert_eq!(
+        d.id, "doomed",
+        "the dead letter is the doomed message: {d:?}"
+    );
     assert_eq!(
         d.header_str("rg-reason").as_deref(),
-        Some("retries-exhausted")
+        Some("retries-exhausted"),
+        "reason of the dead letter: {d:?}"
     );
     assert_eq!(
         d.header_u64("rg-attempt"),
@@ -105,15 +118,20 @@ async fn a_failing_message_walks_each_delay_level_in_order_then_is_dead_lettered
     );
     assert!(
         d.header_str("rg-error").unwrap_or_default().contains("503"),
-        "{:?}",
+        "the error names the 503: {:?}",
         d.header_str("rg-error")
     );
     assert!(
         !d.headers.contains_key("x-death"),
-        "broker death headers are not copied"
+        "broker death headers are not copied: {:?}",
+        d.headers.get("x-death")
     );
     for delay in delays {
-        assert_eq!(broker.ready(&consumer.delay_queue(delay)).await, 0);
+        assert_eq!(
+            broker.ready(&consumer.delay_queue(delay)).await,
+            0,
+            "delay queue {delay:?} should be empty"
+        );
     }
     eprintln!(
         "retry: gaps {:?} for delays {delays:?}; {neighbours_sent} neighbour messages",
@@ -159,10 +177,22 @@ async fn a_message_that_fails_once_then_succeeds_is_acked_once() {
         [503, 200],
         "one failure, one success, no duplicate"
     );
-    assert_eq!(broker.ready(&consumer.queue).await, 0);
-    assert_eq!(broker.ready(&consumer.dead_letter_queue()).await, 0);
+    assert_eq!(
+        broker.ready(&consumer.queue).await,
+        0,
+        "work queue should be empty"
+    );
+    assert_eq!(
+        broker.ready(&consumer.dead_letter_queue()).await,
+        0,
+        "a message that succeeds on retry is not dead-lettered"
+    );
     for d in &consumer.retry.delays {
-        assert_eq!(broker.ready(&consumer.delay_queue(*d)).await, 0);
+        assert_eq!(
+            broker.ready(&consumer.delay_queue(*d)).await,
+            0,
+            "delay queue {d:?} should be empty"
+        );
     }
     broker.cleanup().await;
 }
@@ -199,16 +229,24 @@ async fn a_lone_failing_message_in_an_idle_queue_still_ends_dead_lettered() {
     );
     assert!(
         running.transitions().is_empty(),
-        "one message never trips minimum_calls = 10"
+        "one message never trips minimum_calls = 10: {:?}",
+        running.transitions()
     );
     running.stop().await;
     let dlq = broker.drain(&consumer.dead_letter_queue()).await;
-    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq.len(), 1, "the lonely message is dead-lettered: {dlq:?}");
     assert_eq!(
         dlq[0].header_str("rg-reason").as_deref(),
-        Some("retries-exhausted")
+        Some("retries-exhausted"),
+        "reason of the dead letter: {:?}",
+        dlq[0]
     );
-    assert_eq!(dlq[0].header_u64("rg-attempt"), Some(3));
+    assert_eq!(
+        dlq[0].header_u64("rg-attempt"),
+        Some(3),
+        "1 + one attempt per delay level: {:?}",
+        dlq[0]
+    );
     assert_eq!(
         dlq[0].header_u64("rg-deferrals"),
         Some(3),
@@ -289,11 +327,12 @@ async fn a_bad_message_picked_as_probe_does_not_keep_the_breaker_open() {
     let first_bad = bad_calls()[0].clone();
     assert!(
         first_bad.at >= half_open,
-        "the bad message was the first probe: {first_bad:?}"
+        "the bad message was the first probe: {first_bad:?}, half-open from {half_open:?}"
     );
     assert!(
         wait_until(Duration::from_secs(10), || bad_calls().len() >= 2).await,
-        "the bad message comes back from its delay queue"
+        "the bad message comes back from its delay queue within 10 s: {:?}",
+        bad_calls()
     );
     let attempts: Vec<u32> = bad_calls().iter().map(|c| c.attempt).collect();
     assert_eq!(

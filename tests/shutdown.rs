@@ -78,8 +78,15 @@ async fn sigterm_with_50_in_flight_exits_0_and_loses_nothing() {
         downstream.arrived_count(),
         downstream.call_count()
     );
-    assert_eq!(broker.ready(&consumer.dead_letter_queue()).await, 0);
-    assert!(log.contains("consumer stopped"), "log:\n{log}");
+    assert_eq!(
+        broker.ready(&consumer.dead_letter_queue()).await,
+        0,
+        "a clean shutdown dead-letters nothing"
+    );
+    assert!(
+        log.contains("consumer stopped"),
+        "the log says the consumer stopped; log:\n{log}"
+    );
     eprintln!(
         "sigterm: {in_flight} in flight at SIGTERM, {} processed, {} requeued, 0 lost, 0 duplicates",
         succeeded.len(),
@@ -205,6 +212,10 @@ async fn a_large_prefetch_of_instant_handlers_leaves_nothing_behind() {
         "no delivery left unread in the buffer: {stats:?}"
     );
     running.stop().await;
-    assert_eq!(broker.ready(&consumer.queue).await, 0);
+    assert_eq!(
+        broker.ready(&consumer.queue).await,
+        0,
+        "nothing left in the work queue: {stats:?}"
+    );
     broker.cleanup().await;
 }

@@ -176,8 +176,12 @@ impl TestBroker {
             );
             ids.push(id);
         }
-        for c in confirms {
-            assert!(c.await.unwrap().is_ack(), "publish not confirmed");
+        for (id, c) in ids.iter().zip(confirms) {
+            let confirm = c.await.unwrap();
+            assert!(
+                confirm.is_ack(),
+                "the broker should confirm {id} published to {queue}: {confirm:?}"
+            );
         }
         ids
     }
@@ -199,7 +203,10 @@ impl TestBroker {
             .unwrap()
             .await
             .unwrap();
-        assert!(confirm.is_ack());
+        assert!(
+            confirm.is_ack(),
+            "the broker should confirm {id} published to {queue}: {confirm:?}"
+        );
     }
 
     /// (ready messages, consumers) of a queue, from a passive declare.
@@ -591,7 +598,8 @@ impl Running {
                 .subscriptions
                 >= 1)
             .await,
-            "worker did not subscribe within 10s"
+            "worker did not subscribe within 10s: {:?}",
+            running.stats.snapshot()
         );
         running
     }
@@ -664,7 +672,11 @@ impl Child {
             .arg(self.pid().to_string())
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed");
+        assert!(
+            status.success(),
+            "kill -{signal} {} failed: {status}",
+            self.pid()
+        );
     }
 
     /// Waits for the exit status, polling, up to `timeout`.

@@ -160,10 +160,29 @@ fn parser_rejects_garbage_and_reads_labels() {
         "# HELP a_total x\n# TYPE a_total counter\na_total{q=\"x\\\"y\",r=\"z\"} 3\nb 1.5e3\n",
     )
     .unwrap();
-    assert_eq!(ok.len(), 2);
-    assert_eq!(ok[0].labels["q"], "x\"y");
-    assert_eq!(value(&ok, "b", &[]), Some(1500.0));
-    assert!(parse("a{q=x} 1\n").is_err());
-    assert!(parse("1a 2\n").is_err());
-    assert!(parse("a 1\n# TYPE a wat\n").is_err());
+    assert_eq!(ok.len(), 2, "two samples parsed: {ok:?}");
+    assert_eq!(
+        ok[0].labels["q"], "x\"y",
+        "an escaped quote in a label value is unescaped: {ok:?}"
+    );
+    assert_eq!(
+        value(&ok, "b", &[]),
+        Some(1500.0),
+        "a value with an exponent is read: {ok:?}"
+    );
+    assert!(
+        parse("a{q=x} 1\n").is_err(),
+        "an unquoted label value is rejected: {:?}",
+        parse("a{q=x} 1\n")
+    );
+    assert!(
+        parse("1a 2\n").is_err(),
+        "a name starting with a digit is rejected: {:?}",
+        parse("1a 2\n")
+    );
+    assert!(
+        parse("a 1\n# TYPE a wat\n").is_err(),
+        "an unknown metric type is rejected: {:?}",
+        parse("a 1\n# TYPE a wat\n")
+    );
 }
