@@ -447,6 +447,7 @@ async fn kill_9_twice_over_5000_messages_loses_nothing() {
         kills.push(downstream.call_count());
     }
     let mut child = Child::spawn(&settings, &["run"]);
+    let calls_before_last_run = downstream.call_count();
     assert!(
         wait_until(Duration::from_secs(120), || downstream
             .succeeded_ids()
@@ -467,6 +468,14 @@ async fn kill_9_twice_over_5000_messages_loses_nothing() {
         Some(0),
         "SIGTERM should exit 0 within 30 s; log:\n{}",
         child.stderr()
+    );
+    // The default log level (info) has no line per message.
+    let log = child.stderr();
+    let handled = downstream.call_count() - calls_before_last_run;
+    assert!(
+        log.lines().count() < 50,
+        "{} log lines for {handled} messages handled by the last run; log:\n{log}",
+        log.lines().count()
     );
     assert_eq!(
         broker.ready(&consumer.queue).await,
