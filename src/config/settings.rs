@@ -324,10 +324,35 @@ pub struct HttpSettings {
     /// Extra request headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Statuses below 500 that mean the dependency failed rather than the
+    /// message: like 5xx and connection errors they count against the
+    /// breaker and are retried. Any other non-2xx status dead-letters the
+    /// message at once.
+    #[serde(default = "default_transient_statuses")]
+    pub transient_statuses: Vec<u16>,
+}
+
+impl HttpSettings {
+    /// Settings for `url` with every other key at its default.
+    pub fn to(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            method: default_method(),
+            headers: BTreeMap::new(),
+            transient_statuses: default_transient_statuses(),
+        }
+    }
 }
 
 fn default_method() -> String {
     "POST".to_owned()
+}
+
+/// Rejected credentials (401, 403, 407) are the consumer's problem, not the
+/// message's: dead-lettering every message while a key is rotated is the
+/// pile this tool exists to prevent. 408, 425 and 429 ask to come back later.
+fn default_transient_statuses() -> Vec<u16> {
+    vec![401, 403, 407, 408, 425, 429]
 }
 
 /// `["1s", "5s"]` as a `Vec<Duration>`.

@@ -268,7 +268,22 @@ fn negative_duration_is_rejected_with_its_key() {
         &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nopen_timeout = \"-5s\""),
     );
     let msg = load(&sources(file), &[]).unwrap_err().to_string();
-    assert!(msg.contains("open_timeout"), "{msg}");
+    assert!(
+        msg.contains("open_timeout") && msg.contains("-5s"),
+        "names the key and the bad value: {msg}"
+    );
+}
+
+#[test]
+fn http_transient_statuses_outside_3xx_4xx() {
+    assert_problem(
+        &MINIMAL.replace(
+            "handler = \"noop\"",
+            "handler = \"http\"\nhttp.url = \"http://127.0.0.1:8080/x\"\nhttp.transient_statuses = [404, 200]",
+        ),
+        "consumers[0].http.transient_statuses[1]",
+        &["= 200", "3xx or 4xx"],
+    );
 }
 
 #[test]

@@ -230,6 +230,15 @@ impl Settings {
                                 "not an HTTP method",
                             ));
                         }
+                        for (j, status) in h.transient_statuses.iter().enumerate() {
+                            if !(300..500).contains(status) {
+                                out.push(problem(
+                                    key(&format!("http.transient_statuses[{j}]")),
+                                    Some(status.to_string()),
+                                    "must be a 3xx or 4xx status (2xx is success, 5xx always transient)",
+                                ));
+                            }
+                        }
                     }
                 }
             }

@@ -8,7 +8,6 @@
 mod flaky;
 mod publish;
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write;
 use std::sync::Arc;
@@ -167,11 +166,7 @@ fn demo_settings(broker: &BrokerSettings, prefix: &str, url: String) -> Settings
         retry: RetrySettings {
             delays: vec![Duration::from_secs(1), Duration::from_secs(3)],
         },
-        http: Some(HttpSettings {
-            url,
-            method: "POST".into(),
-            headers: BTreeMap::new(),
-        }),
+        http: Some(HttpSettings::to(url)),
         ..ConsumerSettings::default()
     });
     s

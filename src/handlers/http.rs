@@ -16,7 +16,7 @@ use crate::secret::mask_url;
 /// | response | outcome |
 /// |---|---|
 /// | 2xx | success: ack |
-/// | connect error, timeout, 408, 429, 5xx | transient: counts against the breaker, retried |
+/// | connect error, timeout, 5xx, `http.transient_statuses` (default 401, 403, 407, 408, 425, 429) | transient: counts against the breaker, retried |
 /// | any other status | permanent: dead-lettered with the status and the start of the body |
 #[derive(Debug, Clone)]
 pub struct HttpHandler {
@@ -25,6 +25,7 @@ pub struct HttpHandler {
     shown_url: String,
     method: Method,
     headers: HeaderMap,
+    transient: Vec<StatusCode>,
 }
 
 /// How much of an error response body is kept in the error text.
@@ -56,12 +57,21 @@ impl HttpHandler {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let transient = settings
+            .transient_statuses
+            .iter()
+            .map(|&code| {
+                StatusCode::from_u16(code)
+                    .map_err(|_| format!("http.transient_statuses: {code} is not an HTTP status"))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             client,
             shown_url: mask_url(url.as_str()),
             url,
             method,
             headers,
+            transient,
         })
     }
 }
@@ -100,7 +110,7 @@ impl Handler for HttpHandler {
         let text = response.text().await.unwrap_or_default();
         let snippet = crate::dead_letter::truncate(text.trim(), BODY_SNIPPET);
         let message = format!("{} {}: {status}: {snippet}", self.method, self.shown_url);
-        if is_transient(status) {
+        if status.is_server_error() || self.transient.contains(&status) {
             Err(HandlerError::transient(message))
         } else {
             Err(HandlerError::permanent(message))
@@ -108,29 +118,32 @@ impl Handler for HttpHandler {
     }
 }
 
-fn is_transient(status: StatusCode) -> bool {
-    status.is_server_error()
-        || status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HttpSettings;
+
+    fn transient(handler: &HttpHandler, code: u16) -> bool {
+        let status = StatusCode::from_u16(code).unwrap();
+        status.is_server_error() || handler.transient.contains(&status)
+    }
 
     #[test]
     fn status_classes() {
-        for code in [500, 502, 503, 504, 408, 429] {
-            assert!(
-                is_transient(StatusCode::from_u16(code).unwrap()),
-                "{code} should be transient"
-            );
+        let h = HttpHandler::new(
+            &HttpSettings::to("http://127.0.0.1:1/x"),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        for code in [500, 502, 503, 504, 401, 403, 407, 408, 425, 429] {
+            assert!(transient(&h, code), "{code} should be transient");
         }
-        for code in [400, 401, 403, 404, 409, 410, 422, 301, 304] {
-            assert!(
-                !is_transient(StatusCode::from_u16(code).unwrap()),
-                "{code} should be permanent"
-            );
+        for code in [400, 404, 409, 410, 422, 301, 304] {
+            assert!(!transient(&h, code), "{code} should be permanent");
         }
+        let mut settings = HttpSettings::to("http://127.0.0.1:1/x");
+        settings.transient_statuses = vec![404];
+        let h = HttpHandler::new(&settings, Duration::from_secs(1)).unwrap();
+        assert!(transient(&h, 404) && transient(&h, 503) && !transient(&h, 401));
     }
 }

@@ -335,6 +335,8 @@ pub enum Mode {
     Healthy,
     /// 503 to everything.
     Failing,
+    /// This status to everything.
+    Status(u16),
     /// 200 after a delay.
     Slow(Duration),
     /// Random: 503 for `fail_percent`% of calls, and a latency between 0
@@ -360,6 +362,7 @@ pub struct Call {
     pub status: u16,
     pub at: Instant,
     pub attempt: u32,
+    pub content_type: String,
 }
 
 #[derive(Default)]
@@ -396,6 +399,11 @@ async fn downstream_handler(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let at = Instant::now();
     inner
         .arrived
@@ -414,6 +422,7 @@ async fn downstream_handler(
         (Some(Rule::FailTimes(_)), _) => 200,
         (None, Mode::Healthy) => 200,
         (None, Mode::Failing) => 503,
+        (None, Mode::Status(s)) => s,
         (None, Mode::Slow(d)) => {
             tokio::time::sleep(d).await;
             200
@@ -440,17 +449,23 @@ async fn downstream_handler(
         status,
         at,
         attempt,
+        content_type,
     });
     StatusCode::from_u16(status).unwrap()
 }
 
 impl Downstream {
     pub async fn start() -> Self {
+        Self::start_at("127.0.0.1:0").await
+    }
+
+    /// A downstream on a given address (a port that was closed until now).
+    pub async fn start_at(addr: &str) -> Self {
         let inner = Arc::new(DownstreamInner::default());
         let app = Router::new()
             .fallback(downstream_handler)
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
@@ -542,11 +557,7 @@ pub fn settings(prefix: &str, handler: &str, breaker: BreakerConfig) -> Settings
 }
 
 pub fn with_http(mut s: Settings, downstream: &Downstream) -> Settings {
-    s.consumers[0].http = Some(HttpSettings {
-        url: downstream.url(),
-        method: "POST".into(),
-        headers: BTreeMap::new(),
-    });
+    s.consumers[0].http = Some(HttpSettings::to(downstream.url()));
     s
 }
 

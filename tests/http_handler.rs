@@ -1,0 +1,253 @@
+//! The built-in `http` handler against a real HTTP dependency: what each
+//! kind of answer does to the message, and that a dependency that refuses
+//! every message (down, or rejecting our credentials) pauses the queue
+//! instead of filling the dead-letter queue.
+#![allow(clippy::print_stderr)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::proxy::free_port;
+use common::*;
+use rabbit_guard::Worker;
+use rabbit_guard::breaker::BreakerState;
+use rabbit_guard::config::{HttpSettings, Settings};
+
+/// Waits until the breaker is open and the queue has no consumer at the
+/// broker; then checks the dependency gets no call for a while.
+async fn assert_paused(
+    broker: &TestBroker,
+    running: &Running,
+    downstream_calls: impl Fn() -> usize,
+    queue: &str,
+) {
+    assert!(
+        wait_until(Duration::from_secs(15), || matches!(
+            running.state(),
+            BreakerState::Open { .. }
+        ))
+        .await,
+        "the breaker should open: {:?}, {:?}",
+        running.state(),
+        running.stats.snapshot()
+    );
+    let mut consumers = broker.consumers(queue).await;
+    for _ in 0..100 {
+        if consumers == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        consumers = broker.consumers(queue).await;
+    }
+    assert_eq!(
+        consumers, 0,
+        "consumption stops at the broker while the breaker is open"
+    );
+    let (calls, state) = (downstream_calls(), running.state());
+    if let BreakerState::Open { until } = state {
+        // Up to the half-open time, the dependency hears nothing.
+        tokio::time::sleep_until(until - Duration::from_millis(50)).await;
+        assert_eq!(downstream_calls(), calls, "no call while open ({state:?})");
+    }
+}
+
+fn http_settings(prefix: &str, url: &str) -> Settings {
+    let mut s = settings(prefix, "http", fast_breaker());
+    s.consumers[0].http = Some(HttpSettings::to(url));
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_credentials_pause_the_queue_instead_of_dead_lettering_it() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    // The API key was rotated: every call is 401.
+    downstream.set(Mode::Status(401));
+    let settings = http_settings("auth", &downstream.url());
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let ids = broker.publish_json(&consumer.queue, "a", 60).await;
+    let running = Running::start(Worker::builder(settings)).await;
+    assert_paused(
+        &broker,
+        &running,
+        || downstream.call_count(),
+        &consumer.queue,
+    )
+    .await;
+    let dlq = consumer.dead_letter_queue();
+    assert_eq!(
+        broker.ready(&dlq).await,
+        0,
+        "a 401 is the consumer's problem: nothing dead-lettered ({} calls so far)",
+        downstream.call_count()
+    );
+
+    // The key is fixed: everything goes through, nothing was lost.
+    downstream.set(Mode::Healthy);
+    assert!(
+        wait_until(Duration::from_secs(30), || downstream.succeeded_ids().len()
+            == ids.len())
+        .await,
+        "all {} messages processed after the fix: {} were; {:?}",
+        ids.len(),
+        downstream.succeeded_ids().len(),
+        running.stats.snapshot()
+    );
+    let stats = running.stats.snapshot();
+    running.stop().await;
+    assert_eq!(
+        (
+            broker.ready(&consumer.queue).await,
+            broker.ready(&dlq).await
+        ),
+        (0, 0),
+        "(work queue, DLQ) at the end: {stats:?}"
+    );
+    assert!(
+        downstream
+            .calls()
+            .iter()
+            .all(|c| c.content_type == "application/json"),
+        "the message's content type is forwarded"
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_that_is_down_pauses_the_queue_until_it_listens_again() {
+    let broker = Arc::new(TestBroker::connect().await);
+    // Nothing listens on this port yet: connection refused.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let settings = http_settings("down", &format!("http://{addr}/work"));
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let ids = broker.publish_json(&consumer.queue, "d", 40).await;
+    let running = Running::start(Worker::builder(settings)).await;
+    assert_paused(&broker, &running, || 0, &consumer.queue).await;
+    let dlq = consumer.dead_letter_queue();
+    assert_eq!(
+        broker.ready(&dlq).await,
+        0,
+        "connection refused is an outage: nothing dead-lettered"
+    );
+
+    let downstream = Downstream::start_at(&addr).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || downstream.succeeded_ids().len()
+            == ids.len())
+        .await,
+        "all {} processed once the dependency listens: {} were; {:?}",
+        ids.len(),
+        downstream.succeeded_ids().len(),
+        running.stats.snapshot()
+    );
+    running.stop().await;
+    assert_eq!(
+        (
+            broker.ready(&consumer.queue).await,
+            broker.ready(&dlq).await
+        ),
+        (0, 0),
+        "(work queue, DLQ) at the end"
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_sort_messages_into_done_retried_and_dead_lettered() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Healthy);
+    let mut settings = http_settings("statuses", &downstream.url());
+    // The retry ladder is short; the breaker must not trip on a few failures.
+    settings.breakers.get_mut("dep").unwrap().minimum_calls = 1_000;
+    if let Some(http) = settings.consumers[0].http.as_mut() {
+        // This API answers 404 while a referenced record is still being
+        // written: retry it.
+        http.transient_statuses.push(404);
+    }
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let ids = broker.publish_json(&consumer.queue, "s", 40).await;
+    downstream.rule("s-0", Rule::Status(400));
+    downstream.rule("s-1", Rule::Status(422));
+    downstream.rule("s-2", Rule::FailTimes(2)); // 503, 503, 200
+    downstream.rule("s-3", Rule::Status(429)); // never gets better
+    let running = Running::start(Worker::builder(settings)).await;
+    let dlq = consumer.dead_letter_queue();
+    // 36 plain successes + s-2 after two retries; s-0, s-1 at once and s-3
+    // after its retries end in the DLQ.
+    assert!(
+        wait_until_async(Duration::from_secs(30), || async {
+            downstream.succeeded_ids().len() == ids.len() - 3 && broker.ready(&dlq).await == 3
+        })
+        .await,
+        "expected 37 successes and 3 dead letters: {} and {}; {:?}",
+        downstream.succeeded_ids().len(),
+        broker.ready(&dlq).await,
+        running.stats.snapshot()
+    );
+    running.stop().await;
+    let dead = broker.drain(&dlq).await;
+    let reason = |id: &str| {
+        dead.iter()
+            .find(|d| d.id == id)
+            .map(|d| {
+                (
+                    d.header_str("rg-reason").unwrap_or_default(),
+                    d.header_str("rg-error").unwrap_or_default(),
+                )
+            })
+            .unwrap_or_else(|| panic!("{id} not in the DLQ: {dead:?}"))
+    };
+    for (id, status) in [("s-0", "400"), ("s-1", "422")] {
+        let (why, error) = reason(id);
+        assert_eq!(why, "permanent", "{id}: {error}");
+        assert!(
+            error.contains(status),
+            "{id}'s error names {status}: {error}"
+        );
+    }
+    let (why, error) = reason("s-3");
+    assert_eq!(why, "retries-exhausted", "s-3 (429): {error}");
+    let calls_for = |id: &str| downstream.calls().iter().filter(|c| c.id == id).count();
+    assert_eq!(
+        (calls_for("s-0"), calls_for("s-1"), calls_for("s-2")),
+        (1, 1, 3),
+        "a permanent status is not retried; a transient one is, until it succeeds"
+    );
+    // Every retry level, plus the last attempts that could not tell a bad
+    // message from a failing dependency (nothing else was being called).
+    let inconclusive = dead
+        .iter()
+        .find(|d| d.id == "s-3")
+        .and_then(|d| d.header_u64("rg-inconclusive"))
+        .unwrap_or(0);
+    assert_eq!(
+        calls_for("s-3") as u64,
+        1 + consumer.retry.delays.len() as u64 + inconclusive,
+        "a transient status walks every retry level ({inconclusive} inconclusive last attempts)"
+    );
+    broker.cleanup().await;
+}
+
+async fn wait_until_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
