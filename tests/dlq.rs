@@ -692,6 +692,26 @@ async fn purge_removes_exactly_the_selection_and_needs_yes() {
     );
     cli.ok(&["purge", "--all", "--yes"]);
     assert_eq!(broker.ready(&dlq).await, 0, "--all --yes purges everything");
+
+    // A selection spread over more messages than the reader lets the broker
+    // send ahead (500): the unselected ones pile up unacked, and the reader
+    // must hand over to a new consumer without skipping or reordering any.
+    let all = publish_dead_letters(&broker, &dlq, &q, 1_500, 50, "many").await;
+    let out = cli.ok(&["purge", "--grep", "error 1", "--yes"]);
+    assert!(out.contains("deleted 500 of 1500"), "{out}");
+    let left = ids(&cli.json(&[]));
+    let expected: Vec<String> = all
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 1)
+        .map(|(_, id)| id.clone())
+        .collect();
+    let first_difference = left.iter().zip(&expected).position(|(a, b)| a != b);
+    assert!(
+        left.len() == 1_000 && first_difference.is_none(),
+        "exactly the 1000 unselected left, in order: {} left, first out of place at {first_difference:?}",
+        left.len()
+    );
     broker.cleanup().await;
 }
 
@@ -826,6 +846,16 @@ async fn peak_rss_kb(mut child: std::process::Child) -> (u64, std::process::Exit
     }
 }
 
+/// The `message_id` of a `list --json` line, without parsing all of it
+/// (65 MB of JSON is slow to parse in a debug build).
+fn message_id_of(line: &str) -> String {
+    line.split("\"message_id\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no message_id in {line}"))
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsing_50000_messages_streams_in_bounded_memory() {
     let broker = Arc::new(TestBroker::connect().await);
@@ -873,6 +903,84 @@ async fn browsing_50000_messages_streams_in_bounded_memory() {
         broker.ready(&dlq).await,
         50_000,
         "summary leaves all 50,000 in place"
+    );
+
+    // A slow reader (`dlq list --json | less`): the output is not read for a
+    // while, so the command blocks on stdout; the broker must not pile the
+    // rest of the queue into its memory meanwhile.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args(["dlq", "list", "--json", "--config"])
+        .arg(cli.path("c.toml"))
+        .args(["--queue", &q])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let rss = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    // Unread for 3 s: enough for the whole queue to arrive if nothing holds
+    // it back (it takes the broker about 1 s to send 50,000).
+    let stalled_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut stalled_peak = 0;
+    while tokio::time::Instant::now() < stalled_until {
+        stalled_peak = stalled_peak.max(rss());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut stdout = child.stdout.take().unwrap();
+    let listed = tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+        out.lines().map(message_id_of).collect::<Vec<String>>()
+    });
+    let (slow_peak, status) = peak_rss_kb(child).await;
+    let listed = listed.await.unwrap();
+    let lines = listed.len();
+    eprintln!(
+        "browse memory, slow reader: peak RSS {stalled_peak} kB while stalled, {slow_peak} kB in all"
+    );
+    assert!(
+        status.success() && lines == 50_000,
+        "dlq list --json should print all 50,000: {lines} lines, {status}"
+    );
+    assert!(
+        slow_peak.max(stalled_peak) < small + 20_000,
+        "a slow reader must not make memory grow with the queue: {small} kB for a 5,000 summary, \
+         {stalled_peak} kB while stalled, {slow_peak} kB in all"
+    );
+    let published: Vec<String> = (0..5_000)
+        .map(|i| format!("small-{i}"))
+        .chain((0..45_000).map(|i| format!("large-{i}")))
+        .collect();
+    let first_difference = listed.iter().zip(&published).position(|(a, b)| a != b);
+    assert_eq!(
+        first_difference, None,
+        "listed in queue order across every consumer hand-over"
+    );
+    // Read again: the first list put everything back where it was.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args(["dlq", "list", "--json", "--config"])
+        .arg(cli.path("c.toml"))
+        .args(["--queue", &q])
+        .output()
+        .unwrap();
+    let after: Vec<String> = String::from_utf8_lossy(&again.stdout)
+        .lines()
+        .map(message_id_of)
+        .collect();
+    let first_difference = after.iter().zip(&published).position(|(a, b)| a != b);
+    assert!(
+        after.len() == 50_000 && first_difference.is_none(),
+        "list leaves all 50,000 in place and in order: {} left, first out of place at {first_difference:?}",
+        after.len()
     );
     broker.cleanup().await;
 }

@@ -5,7 +5,9 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, Consumer};
 use tokio::time::Instant;
@@ -54,21 +56,98 @@ pub(crate) async fn message_count(connection: &Connection, queue: &str) -> Resul
     }
 }
 
-/// A channel consuming `queue` without acks and unlimited prefetch, so
-/// nothing is removed until it is acked.
-pub(crate) async fn open_reader(
-    connection: &Connection,
-    queue: &str,
-) -> Result<(Channel, Consumer), Error> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| Error::broker("opening a channel", e))?;
+/// Deliveries one consumer may hold unacked. A browse acks nothing, so
+/// once a consumer holds this many the reader cancels it (its messages stay
+/// unacked on the channel, in order) and consumes again: the next consumer
+/// gets the next messages. The broker never sends more than this ahead of
+/// the reader, so memory stays bounded however slowly the output is read.
+const WINDOW: u16 = 500;
+
+/// Reads a queue in order without removing anything: every delivery stays
+/// unacked (unless acked through [`Reader::ack`]) until the channel closes,
+/// which puts the rest back where they were.
+pub(crate) struct Reader {
+    channel: Channel,
+    queue: String,
+    consumer: Consumer,
+    /// Deliveries of the current consumer taken and not acked.
+    outstanding: u16,
+    /// The current consumer's first delivery tag (tags grow on a channel).
+    first_tag: Option<u64>,
+}
+
+impl Reader {
+    pub(crate) async fn open(connection: &Connection, queue: &str) -> Result<Self, Error> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| Error::broker("opening a channel", e))?;
+        channel
+            .basic_qos(WINDOW, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| Error::broker("setting prefetch", e))?;
+        let consumer = consume(&channel, queue).await?;
+        Ok(Self {
+            channel,
+            queue: queue.to_owned(),
+            consumer,
+            outstanding: 0,
+            first_tag: None,
+        })
+    }
+
+    /// The next delivery, or `None` at the end of the stream or after [`IDLE`].
+    pub(crate) async fn next(&mut self) -> Result<Option<lapin::message::Delivery>, Error> {
+        if self.outstanding >= WINDOW {
+            // The broker sends this consumer nothing more, and everything it
+            // sent has been taken: hand over to a fresh consumer.
+            self.channel
+                .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+                .await
+                .map_err(|e| Error::broker(format!("reading queue {}", self.queue), e))?;
+            self.consumer = consume(&self.channel, &self.queue).await?;
+            self.outstanding = 0;
+            self.first_tag = None;
+        }
+        match tokio::time::timeout(IDLE, self.consumer.next()).await {
+            Err(_) | Ok(None) => Ok(None),
+            Ok(Some(Ok(d))) => {
+                self.first_tag.get_or_insert(d.delivery_tag);
+                self.outstanding += 1;
+                Ok(Some(d))
+            }
+            Ok(Some(Err(e))) => Err(Error::broker("reading messages", e)),
+        }
+    }
+
+    /// Acks (removes) one delivery taken from this reader.
+    pub(crate) async fn ack(&mut self, delivery_tag: u64) -> Result<(), lapin::Error> {
+        self.channel
+            .basic_ack(delivery_tag, BasicAckOptions::default())
+            .await?;
+        if self.first_tag.is_some_and(|first| delivery_tag >= first) {
+            self.outstanding = self.outstanding.saturating_sub(1);
+        }
+        Ok(())
+    }
+
+    /// Closes the channel, which returns every unacked message to its
+    /// place, then waits (up to [`SETTLE`]) until the queue holds at least
+    /// `expect` messages again, so the next command sees them all.
+    pub(crate) async fn close(self, connection: &Connection, expect: u32) -> Result<(), Error> {
+        let Self {
+            channel,
+            queue,
+            consumer,
+            ..
+        } = self;
+        drop(consumer);
+        close_reader(connection, channel, &queue, expect).await
+    }
+}
+
+async fn consume(channel: &Channel, queue: &str) -> Result<Consumer, Error> {
     channel
-        .basic_qos(0, BasicQosOptions { global: false })
-        .await
-        .map_err(|e| Error::broker("setting prefetch", e))?;
-    let consumer = channel
         .basic_consume(
             ShortString::from(queue),
             ShortString::from(""),
@@ -76,25 +155,10 @@ pub(crate) async fn open_reader(
             FieldTable::default(),
         )
         .await
-        .map_err(|e| Error::broker(format!("reading queue {queue}"), e))?;
-    Ok((channel, consumer))
+        .map_err(|e| Error::broker(format!("reading queue {queue}"), e))
 }
 
-/// The next delivery, or `None` at the end of the stream or after [`IDLE`].
-pub(crate) async fn next(
-    consumer: &mut Consumer,
-) -> Result<Option<lapin::message::Delivery>, Error> {
-    match tokio::time::timeout(IDLE, consumer.next()).await {
-        Err(_) | Ok(None) => Ok(None),
-        Ok(Some(Ok(d))) => Ok(Some(d)),
-        Ok(Some(Err(e))) => Err(Error::broker("reading messages", e)),
-    }
-}
-
-/// Closes the reader, which returns every unacked message to its place,
-/// then waits (up to [`SETTLE`]) until the queue holds at least `expect`
-/// messages again, so the next command sees them all.
-pub(crate) async fn close_reader(
+async fn close_reader(
     connection: &Connection,
     channel: Channel,
     queue: &str,
@@ -115,8 +179,9 @@ pub(crate) async fn close_reader(
 
 /// Calls `visit` for each message of `queue` in order, without removing,
 /// reordering or changing any (they are read unacked and returned when the
-/// channel closes). Memory stays bounded: each message is handed to `visit`
-/// and dropped. Stops early when `visit` breaks.
+/// channel closes). Memory stays bounded: the broker sends at most 500
+/// messages ahead of `visit`, however slow it is. Stops early when `visit`
+/// breaks.
 ///
 /// # Errors
 ///
@@ -131,9 +196,9 @@ pub async fn browse(
     if in_queue == 0 {
         return Ok(seen);
     }
-    let (channel, mut consumer) = open_reader(connection, queue).await?;
+    let mut reader = Reader::open(connection, queue).await?;
     while seen.read < u64::from(in_queue) {
-        let Some(delivery) = next(&mut consumer).await? else {
+        let Some(delivery) = reader.next().await? else {
             break;
         };
         seen.read += 1;
@@ -141,7 +206,6 @@ pub async fn browse(
             break;
         }
     }
-    drop(consumer);
-    close_reader(connection, channel, queue, in_queue).await?;
+    reader.close(connection, in_queue).await?;
     Ok(seen)
 }

@@ -7,14 +7,12 @@ use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::time::Duration;
 
-use lapin::options::{
-    BasicAckOptions, BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::time::Instant;
 
-use super::browse::{close_reader, message_count, next, open_reader};
+use super::browse::{Reader, message_count};
 use super::json::{from_base64, properties_from_typed};
 use super::{DeadLetter, Selector, headers};
 use crate::error::{Error, describe};
@@ -189,13 +187,13 @@ pub async fn replay(
         return Ok(report);
     }
     let publisher = confirm_channel(connection).await?;
-    let (reader, mut consumer) = open_reader(connection, dlq).await?;
+    let mut reader = Reader::open(connection, dlq).await?;
     let now = jiff::Timestamp::now();
     let mut pace = Pace::new(options.rate);
     let mut position = 0u64;
     let mut broken = None;
     while position < u64::from(report.in_queue) {
-        let Some(delivery) = next(&mut consumer).await? else {
+        let Some(delivery) = reader.next().await? else {
             break;
         };
         position += 1;
@@ -238,10 +236,7 @@ pub async fn replay(
         match publish_confirmed(&publisher, &target, &dl.body, replay_properties(&dl, &user)).await
         {
             Ok(()) => {
-                if let Err(e) = reader
-                    .basic_ack(dl.delivery_tag, BasicAckOptions::default())
-                    .await
-                {
+                if let Err(e) = reader.ack(dl.delivery_tag).await {
                     // The copy is in place; the original stays too (a duplicate, never a loss).
                     broken = Some(Error::broker("removing a replayed message", e));
                     report.failed.push(Moved {
@@ -262,7 +257,6 @@ pub async fn replay(
         }
         progress(&report);
     }
-    drop(consumer);
     let moved = if options.dry_run {
         0
     } else {
@@ -271,7 +265,7 @@ pub async fn replay(
     let expect = report
         .in_queue
         .saturating_sub(u32::try_from(moved).unwrap_or(u32::MAX));
-    close_reader(connection, reader, dlq, expect).await?;
+    reader.close(connection, expect).await?;
     let _ = publisher.close(200, "replayed".into()).await;
     broken.map_or(Ok(report), Err)
 }
@@ -296,11 +290,11 @@ pub async fn purge(
     if report.in_queue == 0 {
         return Ok(report);
     }
-    let (reader, mut consumer) = open_reader(connection, dlq).await?;
+    let mut reader = Reader::open(connection, dlq).await?;
     let now = jiff::Timestamp::now();
     let mut position = 0u64;
     while position < u64::from(report.in_queue) {
-        let Some(delivery) = next(&mut consumer).await? else {
+        let Some(delivery) = reader.next().await? else {
             break;
         };
         position += 1;
@@ -314,7 +308,7 @@ pub async fn purge(
             break;
         }
         reader
-            .basic_ack(dl.delivery_tag, BasicAckOptions::default())
+            .ack(dl.delivery_tag)
             .await
             .map_err(|e| Error::broker("deleting a message", e))?;
         report.done.push(Moved {
@@ -323,11 +317,10 @@ pub async fn purge(
         });
         progress(&report);
     }
-    drop(consumer);
     let expect = report
         .in_queue
         .saturating_sub(u32::try_from(report.done.len()).unwrap_or(u32::MAX));
-    close_reader(connection, reader, dlq, expect).await?;
+    reader.close(connection, expect).await?;
     Ok(report)
 }
 
