@@ -1,7 +1,7 @@
 //! The built-in `http` handler against a real HTTP dependency: what each
 //! kind of answer does to the message, and that a dependency that refuses
-//! every message (down, or rejecting our credentials) pauses the queue
-//! instead of filling the dead-letter queue.
+//! every message (down, or rejecting our credentials when 401 is declared
+//! transient) pauses the queue instead of filling the dead-letter queue.
 #![allow(clippy::print_stderr)]
 
 mod common;
@@ -63,9 +63,13 @@ fn http_settings(prefix: &str, url: &str) -> Settings {
 async fn rejected_credentials_pause_the_queue_instead_of_dead_lettering_it() {
     let broker = Arc::new(TestBroker::connect().await);
     let downstream = Downstream::start().await;
-    // The API key was rotated: every call is 401.
+    // The API key was rotated: every call is 401. With 401 declared
+    // transient, that is an outage of the dependency, not bad messages.
     downstream.set(Mode::Status(401));
-    let settings = http_settings("auth", &downstream.url());
+    let mut settings = http_settings("auth", &downstream.url());
+    if let Some(http) = settings.consumers[0].http.as_mut() {
+        http.transient_statuses = vec![401, 403, 408, 429];
+    }
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);
     broker.declare(&consumer).await;
@@ -82,7 +86,7 @@ async fn rejected_credentials_pause_the_queue_instead_of_dead_lettering_it() {
     assert_eq!(
         broker.ready(&dlq).await,
         0,
-        "a 401 is the consumer's problem: nothing dead-lettered ({} calls so far)",
+        "a 401 declared transient pauses instead: nothing dead-lettered ({} calls so far)",
         downstream.call_count()
     );
 
@@ -179,16 +183,17 @@ async fn statuses_sort_messages_into_done_retried_and_dead_lettered() {
     downstream.rule("s-1", Rule::Status(422));
     downstream.rule("s-2", Rule::FailTimes(2)); // 503, 503, 200
     downstream.rule("s-3", Rule::Status(429)); // never gets better
+    downstream.rule("s-4", Rule::Status(401)); // permanent unless declared
     let running = Running::start(Worker::builder(settings)).await;
     let dlq = consumer.dead_letter_queue();
-    // 36 plain successes + s-2 after two retries; s-0, s-1 at once and s-3
-    // after its retries end in the DLQ.
+    // 35 plain successes + s-2 after two retries; s-0, s-1, s-4 at once and
+    // s-3 after its retries end in the DLQ.
     assert!(
         wait_until_async(Duration::from_secs(30), || async {
-            downstream.succeeded_ids().len() == ids.len() - 3 && broker.ready(&dlq).await == 3
+            downstream.succeeded_ids().len() == ids.len() - 4 && broker.ready(&dlq).await == 4
         })
         .await,
-        "expected 37 successes and 3 dead letters: {} and {}; {:?}",
+        "expected 36 successes and 4 dead letters: {} and {}; {:?}",
         downstream.succeeded_ids().len(),
         broker.ready(&dlq).await,
         running.stats.snapshot()
@@ -206,7 +211,7 @@ async fn statuses_sort_messages_into_done_retried_and_dead_lettered() {
             })
             .unwrap_or_else(|| panic!("{id} not in the DLQ: {dead:?}"))
     };
-    for (id, status) in [("s-0", "400"), ("s-1", "422")] {
+    for (id, status) in [("s-0", "400"), ("s-1", "422"), ("s-4", "401")] {
         let (why, error) = reason(id);
         assert_eq!(why, "permanent", "{id}: {error}");
         assert!(

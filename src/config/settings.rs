@@ -348,11 +348,9 @@ fn default_method() -> String {
     "POST".to_owned()
 }
 
-/// Rejected credentials (401, 403, 407) are the consumer's problem, not the
-/// message's: dead-lettering every message while a key is rotated is the
-/// pile this tool exists to prevent. 408, 425 and 429 ask to come back later.
+/// 408 and 429 ask to come back later.
 fn default_transient_statuses() -> Vec<u16> {
-    vec![401, 403, 407, 408, 425, 429]
+    vec![408, 429]
 }
 
 /// `["1s", "5s"]` as a `Vec<Duration>`.

@@ -16,7 +16,7 @@ use crate::secret::mask_url;
 /// | response | outcome |
 /// |---|---|
 /// | 2xx | success: ack |
-/// | connect error, timeout, 5xx, `http.transient_statuses` (default 401, 403, 407, 408, 425, 429) | transient: counts against the breaker, retried |
+/// | connect error, timeout, 5xx, `http.transient_statuses` (default 408, 429) | transient: counts against the breaker, retried |
 /// | any other status | permanent: dead-lettered with the status and the start of the body |
 #[derive(Debug, Clone)]
 pub struct HttpHandler {
@@ -135,15 +135,18 @@ mod tests {
             Duration::from_secs(1),
         )
         .unwrap();
-        for code in [500, 502, 503, 504, 401, 403, 407, 408, 425, 429] {
+        for code in [500, 502, 503, 504, 408, 429] {
             assert!(transient(&h, code), "{code} should be transient");
         }
-        for code in [400, 404, 409, 410, 422, 301, 304] {
+        for code in [400, 401, 403, 404, 409, 410, 422, 301, 304] {
             assert!(!transient(&h, code), "{code} should be permanent");
         }
         let mut settings = HttpSettings::to("http://127.0.0.1:1/x");
-        settings.transient_statuses = vec![404];
+        settings.transient_statuses = vec![401, 403];
         let h = HttpHandler::new(&settings, Duration::from_secs(1)).unwrap();
-        assert!(transient(&h, 404) && transient(&h, 503) && !transient(&h, 401));
+        assert!(
+            transient(&h, 401) && transient(&h, 403) && transient(&h, 503) && !transient(&h, 429),
+            "the list replaces the default; 5xx stay transient"
+        );
     }
 }
