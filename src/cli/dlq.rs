@@ -755,16 +755,16 @@ async fn export(
 async fn import(connection: &Connection, file: &PathBuf, to: &str) -> Result<ExitCode, Failure> {
     let f = std::fs::File::open(file)
         .map_err(|e| Failure::Error(format!("cannot read {}: {e}", file.display())))?;
-    // Count the lines first (a streaming pass) so the bar knows its length.
-    let lines = if std::io::stdout().is_terminal() {
-        let counted = std::fs::File::open(file)
-            .map_err(|e| Failure::Error(format!("cannot read {}: {e}", file.display())))?;
-        Some(
+    // Count the lines of a regular file first (a streaming pass) so the bar
+    // knows its length; a pipe can be read only once: a spinner then.
+    let lines = if std::io::stdout().is_terminal() && f.metadata().is_ok_and(|m| m.is_file()) {
+        std::fs::File::open(file).ok().map(|counted| {
             BufReader::new(counted)
                 .lines()
-                .filter(|l| l.as_ref().is_ok_and(|l| !l.trim().is_empty()))
-                .count() as u64,
-        )
+                .map_while(Result::ok)
+                .filter(|l| !l.trim().is_empty())
+                .count() as u64
+        })
     } else {
         None
     };

@@ -1,10 +1,11 @@
 //! Reading a queue without changing it: consume without acking, then close
 //! the channel, which puts every message back where it was.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
 };
@@ -59,8 +60,10 @@ pub(crate) async fn message_count(connection: &Connection, queue: &str) -> Resul
 /// Deliveries one consumer may hold unacked. A browse acks nothing, so
 /// once a consumer holds this many the reader cancels it (its messages stay
 /// unacked on the channel, in order) and consumes again: the next consumer
-/// gets the next messages. The broker never sends more than this ahead of
-/// the reader, so memory stays bounded however slowly the output is read.
+/// gets the next messages (RabbitMQ applies `basic.qos` with
+/// `global = false` to each consumer). The broker never sends more than
+/// this ahead of the reader, so memory stays bounded however slowly the
+/// output is read.
 const WINDOW: u16 = 500;
 
 /// Reads a queue in order without removing anything: every delivery stays
@@ -70,6 +73,9 @@ pub(crate) struct Reader {
     channel: Channel,
     queue: String,
     consumer: Consumer,
+    /// Deliveries a cancelled consumer still held (none, when the broker
+    /// kept to the prefetch), handed out before the next consumer's.
+    leftovers: VecDeque<lapin::message::Delivery>,
     /// Deliveries of the current consumer taken and not acked.
     outstanding: u16,
     /// The current consumer's first delivery tag (tags grow on a channel).
@@ -91,6 +97,7 @@ impl Reader {
             channel,
             queue: queue.to_owned(),
             consumer,
+            leftovers: VecDeque::new(),
             outstanding: 0,
             first_tag: None,
         })
@@ -98,6 +105,9 @@ impl Reader {
 
     /// The next delivery, or `None` at the end of the stream or after [`IDLE`].
     pub(crate) async fn next(&mut self) -> Result<Option<lapin::message::Delivery>, Error> {
+        if let Some(d) = self.leftovers.pop_front() {
+            return Ok(Some(d));
+        }
         if self.outstanding >= WINDOW {
             // The broker sends this consumer nothing more, and everything it
             // sent has been taken: hand over to a fresh consumer.
@@ -105,9 +115,18 @@ impl Reader {
                 .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
                 .await
                 .map_err(|e| Error::broker(format!("reading queue {}", self.queue), e))?;
+            // lapin still yields what it buffered before the cancel: keep
+            // it, in order, so the scan skips nothing.
+            while let Some(Some(item)) = self.consumer.next().now_or_never() {
+                self.leftovers
+                    .push_back(item.map_err(|e| Error::broker("reading messages", e))?);
+            }
             self.consumer = consume(&self.channel, &self.queue).await?;
             self.outstanding = 0;
             self.first_tag = None;
+            if let Some(d) = self.leftovers.pop_front() {
+                return Ok(Some(d));
+            }
         }
         match tokio::time::timeout(IDLE, self.consumer.next()).await {
             Err(_) | Ok(None) => Ok(None),
