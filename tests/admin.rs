@@ -419,6 +419,24 @@ async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
         "rabbit-guard status shows forced-open and the queue {}: {text}",
         consumer.queue
     );
+    // From anywhere, with only the endpoint's address (no config file).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args(["status", "--json", "--admin", &base])
+        .current_dir(dir.path())
+        .env_remove("RABBIT_GUARD_CONFIG")
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json --admin should print JSON without a config file ({e}), exit {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(
+        json["breakers"][0]["state"], "forced-open",
+        "status --admin without a config file: {json}"
+    );
 
     // A replay into a queue whose breaker is open is refused unless forced.
     let dlq = consumer.dead_letter_queue();

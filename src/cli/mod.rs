@@ -78,17 +78,20 @@ where
         .collect();
     let names: Vec<&str> = handler_names.iter().map(String::as_str).collect();
     let sources = Sources::from_env(Some(cli.config.clone()));
-    // The demo and the helpers run without a config file, on defaults.
-    let optional = matches!(
-        cli.command,
-        Command::Demo(_) | Command::FlakyServer(_) | Command::Publish(_)
-    );
+    // The demo, the helpers and `status --admin URL` run without a config
+    // file, on defaults.
+    let optional = match &cli.command {
+        Command::Demo(_) | Command::FlakyServer(_) | Command::Publish(_) => true,
+        Command::Status(args) => args.admin.is_some(),
+        _ => false,
+    };
     if optional && !cli.config.is_file() {
         let settings = Settings::default();
         return match &cli.command {
             Command::Demo(args) => tools::demo(&settings, args),
             Command::FlakyServer(args) => tools::flaky_server(&settings, args),
             Command::Publish(args) => tools::publish(&settings, args),
+            Command::Status(args) => status::run(&settings, args),
             _ => ExitCode::FAILURE,
         };
     }
