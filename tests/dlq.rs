@@ -642,21 +642,6 @@ async fn kill_9_during_a_5000_message_replay_loses_nothing() {
     broker.cleanup().await;
 }
 
-async fn wait_until_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_removes_exactly_the_selection_and_needs_yes() {
     let broker = Arc::new(TestBroker::connect().await);

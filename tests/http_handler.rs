@@ -241,18 +241,3 @@ async fn statuses_sort_messages_into_done_retried_and_dead_lettered() {
     );
     broker.cleanup().await;
 }
-
-async fn wait_until_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
