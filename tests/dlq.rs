@@ -510,7 +510,20 @@ async fn replay_by_id_reason_and_all_feeds_a_healthy_worker_with_a_loop_guard() 
         "(work queue, DLQ) after the worker ran"
     );
 
-    cli.ok(&["replay", "--all", "--rate", "100/s"]);
+    let out = cli.run(&["replay", "--all", "--rate", "100/s"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("replayed 3 of 3"),
+        "replay --all (exit {:?}): {stdout}{stderr}",
+        out.status.code()
+    );
+    assert!(
+        !format!("{stdout}{stderr}").contains(['\x1b', '\r']),
+        "no progress bar when not on a terminal: {stdout:?} {stderr:?}"
+    );
     assert_eq!(broker.ready(&dlq).await, 0, "--all empties the DLQ");
     assert_eq!(
         broker.ready(&q).await,
