@@ -175,15 +175,8 @@ impl From<Error> for Failure {
 
 /// Runs a `dlq` command.
 pub(crate) fn run(settings: &Settings, args: DlqArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            output::error(&format!("cannot start the async runtime: {e}"));
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = super::started(super::worker_runtime(1)) else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(dispatch(settings, args)) {
         Ok(code) => code,

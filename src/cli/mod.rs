@@ -165,12 +165,8 @@ where
 {
     crate::telemetry::init(&settings.log);
     let json_logs = settings.log.format == crate::config::LogFormat::Json;
-    let runtime = match worker_runtime(settings.worker.threads) {
-        Ok(rt) => rt,
-        Err(e) => {
-            output::error(&format!("cannot start the async runtime: {e}"));
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = started(worker_runtime(settings.worker.threads)) else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async move {
         let worker = register(Worker::builder(settings)).build()?;
@@ -190,6 +186,15 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime a command built, or `None` after saying why it could not be.
+pub(crate) fn started(
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+) -> Option<tokio::runtime::Runtime> {
+    runtime
+        .inspect_err(|e| output::error(&format!("cannot start the async runtime: {e}")))
+        .ok()
 }
 
 /// The runtime `worker.threads` asks for: one thread (current-thread

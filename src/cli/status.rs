@@ -50,15 +50,8 @@ pub(crate) fn run(settings: &Settings, args: &StatusArgs) -> ExitCode {
         output::error("no admin endpoint: set admin.listen in the config, or pass --admin URL");
         return ExitCode::from(2);
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            output::error(&format!("cannot start the async runtime: {e}"));
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = super::started(super::worker_runtime(1)) else {
+        return ExitCode::FAILURE;
     };
     let status = match runtime.block_on(admin_client::get_json(&base, "/status")) {
         Ok(v) => v,

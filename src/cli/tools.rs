@@ -66,16 +66,11 @@ pub struct PublishArgs {
 }
 
 fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => Some(rt),
-        Err(e) => {
-            output::error(&format!("cannot start the async runtime: {e}"));
-            None
-        }
-    }
+    super::started(
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    )
 }
 
 fn signals(token: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
