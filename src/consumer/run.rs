@@ -423,28 +423,7 @@ impl Session<'_> {
                 u16::try_from(need).unwrap_or(u16::MAX)
             }
         };
-        // Per-consumer QoS (global = false; quorum queues reject global), set
-        // before consuming because it applies to consumers created after it.
-        self.channel
-            .basic_qos(prefetch, BasicQosOptions { global: false })
-            .await
-            .map_err(|e| format!("setting prefetch: {}", describe(&e)))?;
-        let consumer = self
-            .channel
-            .basic_consume(
-                ShortString::from(self.queue()),
-                ShortString::from(""),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| format!("subscribing: {}", describe(&e)))?;
-        self.sub = Some(Subscription {
-            consumer,
-            mode,
-            received: 0,
-            quota: u32::from(prefetch),
-        });
+        self.consume(prefetch, mode).await?;
         let stats = &self.shared().stats;
         stats.subscribed.store(true, Ordering::Relaxed);
         inc(&stats.subscriptions);
@@ -804,8 +783,16 @@ impl Session<'_> {
         if self.runtime.settings.queue_type != QueueType::Quorum {
             return Ok(());
         }
+        self.consume(1, Mode::Full).await?;
+        self.unsubscribe().await
+    }
+
+    /// Subscribes with a per-consumer QoS of `prefetch` (global = false:
+    /// quorum queues reject global), set first because it applies to
+    /// consumers created after it.
+    async fn consume(&mut self, prefetch: u16, mode: Mode) -> SessionResult {
         self.channel
-            .basic_qos(1, BasicQosOptions { global: false })
+            .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(|e| format!("setting prefetch: {}", describe(&e)))?;
         let consumer = self
@@ -820,11 +807,11 @@ impl Session<'_> {
             .map_err(|e| format!("subscribing: {}", describe(&e)))?;
         self.sub = Some(Subscription {
             consumer,
-            mode: Mode::Full,
+            mode,
             received: 0,
-            quota: 1,
+            quota: u32::from(prefetch),
         });
-        self.unsubscribe().await
+        Ok(())
     }
 }
 
