@@ -8,6 +8,19 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 
+/// A new channel in confirm mode, for tools that publish and wait.
+pub(crate) async fn confirm_channel(connection: &Connection) -> Result<Channel, crate::Error> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| crate::Error::broker("opening a channel", e))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| crate::Error::broker("enabling publisher confirms", e))?;
+    Ok(channel)
+}
+
 /// Why a copy was not safely stored.
 #[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum PublishError {

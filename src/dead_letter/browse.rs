@@ -80,6 +80,8 @@ pub(crate) struct Reader {
     outstanding: u16,
     /// The current consumer's first delivery tag (tags grow on a channel).
     first_tag: Option<u64>,
+    /// Messages read so far: the position of the last one.
+    read: u64,
 }
 
 impl Reader {
@@ -100,11 +102,26 @@ impl Reader {
             leftovers: VecDeque::new(),
             outstanding: 0,
             first_tag: None,
+            read: 0,
         })
     }
 
-    /// The next delivery, or `None` at the end of the stream or after [`IDLE`].
-    pub(crate) async fn next(&mut self) -> Result<Option<lapin::message::Delivery>, Error> {
+    /// The next message with its position in the queue (1 for the head),
+    /// or `None` at the end of the stream or after [`IDLE`].
+    pub(crate) async fn next_letter(&mut self) -> Result<Option<DeadLetter>, Error> {
+        let Some(delivery) = self.next().await? else {
+            return Ok(None);
+        };
+        self.read += 1;
+        Ok(Some(DeadLetter::from_delivery(self.read, delivery)))
+    }
+
+    /// Messages read so far.
+    pub(crate) fn read(&self) -> u64 {
+        self.read
+    }
+
+    async fn next(&mut self) -> Result<Option<lapin::message::Delivery>, Error> {
         if let Some(d) = self.leftovers.pop_front() {
             return Ok(Some(d));
         }
@@ -216,15 +233,15 @@ pub async fn browse(
         return Ok(seen);
     }
     let mut reader = Reader::open(connection, queue).await?;
-    while seen.read < u64::from(in_queue) {
-        let Some(delivery) = reader.next().await? else {
+    while reader.read() < u64::from(in_queue) {
+        let Some(dl) = reader.next_letter().await? else {
             break;
         };
-        seen.read += 1;
-        if visit(DeadLetter::from_delivery(seen.read, delivery)).is_break() {
+        if visit(dl).is_break() {
             break;
         }
     }
+    seen.read = reader.read();
     reader.close(connection, in_queue).await?;
     Ok(seen)
 }

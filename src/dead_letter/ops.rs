@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
+use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::time::Instant;
@@ -16,6 +16,7 @@ use super::browse::{Reader, message_count};
 use super::json::{from_base64, properties_from_typed};
 use super::{DeadLetter, Selector, headers};
 use crate::error::{Error, describe};
+use crate::publish::confirm_channel;
 
 /// How `replay` treats each message.
 #[derive(Debug, Clone, Default)]
@@ -54,18 +55,6 @@ pub struct MoveReport {
     pub skipped: Vec<Moved>,
     /// Selected but not moved because of an error, left in place.
     pub failed: Vec<Moved>,
-}
-
-async fn confirm_channel(connection: &Connection) -> Result<Channel, Error> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| Error::broker("opening a channel", e))?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| Error::broker("enabling publisher confirms", e))?;
-    Ok(channel)
 }
 
 /// Publishes with `mandatory` and waits for the confirm; `Err` says why not.
@@ -190,15 +179,12 @@ pub async fn replay(
     let mut reader = Reader::open(connection, dlq).await?;
     let now = jiff::Timestamp::now();
     let mut pace = Pace::new(options.rate);
-    let mut position = 0u64;
     let mut broken = None;
-    while position < u64::from(report.in_queue) {
-        let Some(delivery) = reader.next().await? else {
+    while reader.read() < u64::from(report.in_queue) {
+        let Some(dl) = reader.next_letter().await? else {
             break;
         };
-        position += 1;
-        report.scanned = position;
-        let dl = DeadLetter::from_delivery(position, delivery);
+        report.scanned = dl.position;
         if !selector.matches(&dl, now) {
             progress(&report);
             continue;
@@ -292,14 +278,11 @@ pub async fn purge(
     }
     let mut reader = Reader::open(connection, dlq).await?;
     let now = jiff::Timestamp::now();
-    let mut position = 0u64;
-    while position < u64::from(report.in_queue) {
-        let Some(delivery) = reader.next().await? else {
+    while reader.read() < u64::from(report.in_queue) {
+        let Some(dl) = reader.next_letter().await? else {
             break;
         };
-        position += 1;
-        report.scanned = position;
-        let dl = DeadLetter::from_delivery(position, delivery);
+        report.scanned = dl.position;
         if !selector.matches(&dl, now) {
             progress(&report);
             continue;

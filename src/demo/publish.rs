@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -25,14 +25,7 @@ pub async fn steady(
     stop: CancellationToken,
     mut on_confirm: impl FnMut(u64),
 ) -> Result<u64, Error> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| Error::broker("opening a channel", e))?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| Error::broker("enabling publisher confirms", e))?;
+    let channel = crate::publish::confirm_channel(connection).await?;
     let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
     let mut ticks = tokio::time::interval_at(Instant::now(), every);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
