@@ -704,12 +704,7 @@ async fn purge_removes_exactly_the_selection_and_needs_yes() {
         .filter(|(i, _)| i % 3 != 1)
         .map(|(_, id)| id.clone())
         .collect();
-    let first_difference = left.iter().zip(&expected).position(|(a, b)| a != b);
-    assert!(
-        left.len() == 1_000 && first_difference.is_none(),
-        "exactly the 1000 unselected left, in order: {} left, first out of place at {first_difference:?}",
-        left.len()
-    );
+    assert_in_order(&left, &expected, "exactly the 1000 unselected left");
     broker.cleanup().await;
 }
 
@@ -844,6 +839,17 @@ async fn peak_rss_kb(mut child: std::process::Child) -> (u64, std::process::Exit
     }
 }
 
+/// `got` is `expected`, element for element (message ids in queue order).
+fn assert_in_order(got: &[String], expected: &[String], what: &str) {
+    let first_difference = got.iter().zip(expected).position(|(a, b)| a != b);
+    assert!(
+        got.len() == expected.len() && first_difference.is_none(),
+        "{what}, in order: {} of {} expected, first out of place at {first_difference:?}",
+        got.len(),
+        expected.len()
+    );
+}
+
 /// The `message_id` of a `list --json` line, without parsing all of it
 /// (65 MB of JSON is slow to parse in a debug build).
 fn message_id_of(line: &str) -> String {
@@ -958,28 +964,18 @@ async fn browsing_50000_messages_streams_in_bounded_memory() {
         .map(|i| format!("small-{i}"))
         .chain((0..45_000).map(|i| format!("large-{i}")))
         .collect();
-    let first_difference = listed.iter().zip(&published).position(|(a, b)| a != b);
-    assert_eq!(
-        first_difference, None,
-        "listed in queue order across every consumer hand-over"
+    assert_in_order(
+        &listed,
+        &published,
+        "listed in queue order across every consumer hand-over",
     );
     // Read again: the first list put everything back where it was.
-    let again = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
-        .args(["dlq", "list", "--json", "--config"])
-        .arg(cli.path("c.toml"))
-        .args(["--queue", &q])
-        .output()
-        .unwrap();
-    let after: Vec<String> = String::from_utf8_lossy(&again.stdout)
+    let after: Vec<String> = cli
+        .ok(&["list", "--json"])
         .lines()
         .map(message_id_of)
         .collect();
-    let first_difference = after.iter().zip(&published).position(|(a, b)| a != b);
-    assert!(
-        after.len() == 50_000 && first_difference.is_none(),
-        "list leaves all 50,000 in place and in order: {} left, first out of place at {first_difference:?}",
-        after.len()
-    );
+    assert_in_order(&after, &published, "list leaves all 50,000 in place");
     broker.cleanup().await;
 }
 
