@@ -53,6 +53,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod amqp;
 pub mod breaker;
 pub mod cli;
 pub mod config;

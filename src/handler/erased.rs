@@ -23,6 +23,11 @@ struct Erased<H>(H);
 impl<H: Handler> ErasedHandler for Erased<H> {
     fn call<'a>(&'a self, ctx: &'a Context) -> BoxFuture<'a, CallResult> {
         Box::pin(async move {
+            if let Some(why) = ctx.headers().and_then(crate::amqp::unreadable) {
+                return CallResult::Decode(DecodeError(format!(
+                    "the message's headers could not be read: {why}"
+                )));
+            }
             match H::Message::decode(ctx) {
                 Err(e) => CallResult::Decode(e),
                 Ok(message) => match self.0.handle(message, ctx).await {

@@ -5,6 +5,7 @@
 
 pub mod prom;
 pub mod proxy;
+pub mod raw;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
