@@ -182,3 +182,259 @@ async fn names_that_are_not_utf8_are_read_leniently_and_the_queue_moves_on() {
     assert_eq!(ready, 0, "nothing left behind in {q}");
     broker.cleanup().await;
 }
+
+/// Fails by message id: `perm` permanently, `once-*` transiently on the
+/// first call, `always-*` transiently every time; the rest succeed.
+/// Records every call with the `rg-deferrals` header it carried.
+#[derive(Clone, Default)]
+struct Scripted {
+    calls: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// A call: message id, its `rg-deferrals`, and whether it was redelivered.
+type Seen = (String, Option<u64>, bool);
+
+impl Scripted {
+    fn count(&self, id: &str) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(i, _, _)| i == id)
+            .count()
+    }
+}
+
+impl Handler for Scripted {
+    type Message = Vec<u8>;
+
+    async fn handle(&self, _body: Vec<u8>, ctx: &Context) -> Result<(), HandlerError> {
+        let id = ctx.message_id().unwrap_or("-").to_owned();
+        let deferrals = ctx.header("rg-deferrals").and_then(|v| match v {
+            lapin::types::AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+            _ => None,
+        });
+        let seen = {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push((id.clone(), deferrals, ctx.redelivered()));
+            calls.iter().filter(|(i, _, _)| *i == id).count()
+        };
+        if id == "perm" {
+            Err(HandlerError::permanent("bad message"))
+        } else if id.starts_with("always-") || (id.starts_with("once-") && seen == 1) {
+            Err(HandlerError::transient("dependency failed"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn headers(entries: Vec<(&str, lapin::types::AMQPValue)>) -> lapin::types::FieldTable {
+    let mut t = lapin::types::FieldTable::default();
+    for (k, v) in entries {
+        t.insert(k.into(), v);
+    }
+    t
+}
+
+fn queues(names: &[&str]) -> lapin::types::AMQPValue {
+    let mut a = lapin::types::FieldArray::default();
+    for n in names {
+        a.push(lapin::types::AMQPValue::LongString((*n).into()));
+    }
+    lapin::types::AMQPValue::FieldArray(a)
+}
+
+async fn publish_with(broker: &TestBroker, queue: &str, id: &str, table: lapin::types::FieldTable) {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::ShortString;
+    let confirm = broker
+        .channel
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(queue),
+            BasicPublishOptions::default(),
+            b"{}",
+            lapin::BasicProperties::default()
+                .with_message_id(id.into())
+                .with_headers(table)
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "publish {id}: {confirm:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cc_and_bcc_headers_are_not_carried_into_copies() {
+    let broker = TestBroker::connect().await;
+    let mut settings = settings("cc", "scripted", fast_breaker());
+    settings.consumers[0].retry.delays = vec![Duration::from_millis(300)];
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let q = consumer.queue.clone();
+    let side = unique("cc-side");
+    broker.track_queue(&side);
+    broker
+        .channel
+        .queue_declare(
+            side.as_str().into(),
+            lapin::options::QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // Both messages name the work queue itself and a side queue. Copies
+    // that kept the headers were routed again to each: a permanent failure
+    // came back forever, and each retry was handled once more at once.
+    for id in ["perm", "once-1"] {
+        publish_with(
+            &broker,
+            &q,
+            id,
+            headers(vec![
+                ("CC", queues(&[&q, &side])),
+                ("BCC", queues(&[&side])),
+            ]),
+        )
+        .await;
+    }
+    let handler = Scripted::default();
+    let running =
+        Running::start(Worker::builder(settings.clone()).handler("scripted", handler.clone()))
+            .await;
+    let dlq = consumer.dead_letter_queue();
+    let settled = wait_until_async(Duration::from_secs(10), || async {
+        handler.count("once-1") >= 2 && broker.ready(&dlq).await >= 1
+    })
+    .await;
+    assert!(
+        settled,
+        "perm dead-lettered and once-1 retried: calls {:?}",
+        handler.calls.lock().unwrap()
+    );
+    // Nothing more may arrive: watch for three delay periods.
+    let more = wait_until(Duration::from_millis(900), || {
+        handler.count("perm") > 1 || handler.count("once-1") > 2
+    })
+    .await;
+    let (perm, once) = (handler.count("perm"), handler.count("once-1"));
+    assert!(
+        !more && perm == 1 && once == 2,
+        "each copy must reach one queue: perm handled {perm} times (want 1), once-1 {once} times (want 2)"
+    );
+    running.stop().await;
+    assert_eq!(broker.ready(&dlq).await, 1, "one dead letter");
+    // The side queue got what the publisher sent it (two originals, via CC
+    // and BCC), and no copy.
+    let side_got = broker.drain(&side).await.len();
+    assert_eq!(side_got, 2, "the side queue holds only the originals");
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_attempt_beyond_the_last_level_starts_over_instead_of_skipping_retries() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let mut settings = settings("forged", "scripted", fast_breaker());
+    settings.consumers[0].retry.delays = vec![Duration::from_millis(200); 2];
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let q = consumer.queue.clone();
+    publish_with(
+        &broker,
+        &q,
+        "always-forged",
+        headers(vec![(
+            "rg-attempt",
+            lapin::types::AMQPValue::LongLongInt(99),
+        )]),
+    )
+    .await;
+    let handler = Scripted::default();
+    let running =
+        Running::start(Worker::builder(settings.clone()).handler("scripted", handler.clone()))
+            .await;
+    // Healthy neighbours, so the last attempt's failure is the message's.
+    let trickle = {
+        let broker = broker.clone();
+        let q = q.clone();
+        tokio::spawn(async move {
+            for i in 0..100 {
+                broker.publish_json(&q, &format!("ok{i}"), 1).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let dlq = consumer.dead_letter_queue();
+    let dead = wait_until_async(Duration::from_secs(10), || async {
+        broker.ready(&dlq).await >= 1
+    })
+    .await;
+    trickle.abort();
+    running.stop().await;
+    let calls = handler.count("always-forged");
+    assert!(dead, "the message ends in the dead-letter queue");
+    assert_eq!(
+        calls, 3,
+        "rg-attempt = 99 with 2 delay levels: the message gets its 3 attempts, not 1 (got {calls})"
+    );
+    let letters = broker.drain(&dlq).await;
+    assert_eq!(letters[0].header_u64("rg-attempt"), Some(3));
+    assert_eq!(
+        letters[0].header_str("rg-reason").as_deref(),
+        Some("retries-exhausted")
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_deferral_count_saturates_instead_of_panicking() {
+    let broker = TestBroker::connect().await;
+    let mut breaker = fast_breaker();
+    breaker.consecutive_failures = Some(1);
+    let settings = settings("deferrals", "scripted", breaker);
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let q = consumer.queue.clone();
+    // The failure trips the breaker, so the message is deferred: its
+    // rg-deferrals + 1 overflowed a u32 and the task panicked.
+    publish_with(
+        &broker,
+        &q,
+        "once-deferred",
+        headers(vec![(
+            "rg-deferrals",
+            lapin::types::AMQPValue::LongLongInt(i64::from(u32::MAX)),
+        )]),
+    )
+    .await;
+    let handler = Scripted::default();
+    let running =
+        Running::start(Worker::builder(settings.clone()).handler("scripted", handler.clone()))
+            .await;
+    let done = wait_until(Duration::from_secs(10), || {
+        handler.count("once-deferred") >= 2
+    })
+    .await;
+    let stats = running.stats.snapshot();
+    running.stop().await;
+    let calls = handler.calls.lock().unwrap().clone();
+    assert!(done, "the message comes back after its deferral: {calls:?}");
+    assert_eq!(
+        (stats.deferred, stats.requeued),
+        (1, 0),
+        "deferred once through the delay queue, never requeued by a panic: {stats:?}"
+    );
+    assert_eq!(
+        calls[1].1,
+        Some(u64::from(u32::MAX)),
+        "the count stays at its ceiling: {calls:?}"
+    );
+    assert_eq!(broker.ready(&q).await, 0);
+    broker.cleanup().await;
+}

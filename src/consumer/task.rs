@@ -57,7 +57,13 @@ pub(crate) struct Finished {
 }
 
 pub(crate) fn context(shared: &Shared, delivery: Delivery) -> Context {
+    // The last attempt is one past the last delay level: an `rg-attempt`
+    // beyond it was not written by us (or by a config with more levels).
+    let last_attempt = u32::try_from(shared.topology.delay_queues.len())
+        .unwrap_or(u32::MAX)
+        .saturating_add(1);
     Context::new(
+        last_attempt,
         shared.queue.clone(),
         delivery.delivery_tag,
         delivery.exchange.to_string(),
@@ -136,7 +142,7 @@ pub(crate) async fn run(
     let delays = shared.topology.delay_queues.len();
     let mut disposition = policy::decide(&outcome, ctx.attempt(), delays, outage_suspected);
     if disposition == Disposition::AwaitVerdict {
-        let inconclusive = header_count(&ctx, headers::INCONCLUSIVE);
+        let inconclusive = inconclusive_count(&ctx);
         let verdict = if shared.breaker.successes() > successes_at_start {
             HealthVerdict::Healthy
         } else if inconclusive >= policy::MAX_INCONCLUSIVE {
@@ -174,11 +180,22 @@ pub(crate) async fn dead_letter_unstarted(
     Finished { tag, settle }
 }
 
+/// A count kept in one of our headers; saturates instead of wrapping.
 fn header_count(ctx: &Context, name: &str) -> u32 {
     ctx.headers()
         .and_then(|h| header_u64(h, name))
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(0)
+        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// `rg-inconclusive`: more than [`policy::MAX_INCONCLUSIVE`] is never
+/// written by rabbit-guard (it dead-letters at that count), so a larger
+/// value was set by a publisher and counts as none, rather than cutting the
+/// message's retries short.
+fn inconclusive_count(ctx: &Context) -> u32 {
+    match header_count(ctx, headers::INCONCLUSIVE) {
+        n if n > policy::MAX_INCONCLUSIVE => 0,
+        n => n,
+    }
 }
 
 /// Counts a running handler in `in_flight` for as long as it lives, even
@@ -245,9 +262,8 @@ async fn apply(
             level,
             inconclusive,
         } => {
-            let deferrals = header_count(ctx, headers::DEFERRALS) + 1;
-            let inconclusive_count =
-                header_count(ctx, headers::INCONCLUSIVE) + u32::from(*inconclusive);
+            let deferrals = header_count(ctx, headers::DEFERRALS).saturating_add(1);
+            let inconclusive_count = inconclusive_count(ctx) + u32::from(*inconclusive);
             let props = copy_properties(ctx.properties(), |h| {
                 h.insert(headers::ATTEMPT.into(), number(ctx.attempt()));
                 h.insert(headers::DEFERRALS.into(), number(deferrals));
@@ -322,7 +338,8 @@ fn number(n: u32) -> AMQPValue {
 }
 
 /// The original's properties, persistent, with `edit` applied to the
-/// headers. Left out: broker death headers, the per-message `expiration` (a
+/// headers. Left out: broker death headers, `CC`/`BCC` (the copy must reach
+/// one queue only), the per-message `expiration` (a
 /// dead letter must not silently expire) and `user_id` (the broker rejects a
 /// user id that is not the publishing connection's).
 fn copy_properties(
@@ -334,7 +351,10 @@ fn copy_properties(
         .as_ref()
         .map(|h| h.inner().clone())
         .unwrap_or_default();
-    for name in headers::BROKER_DEATH_HEADERS {
+    for name in headers::BROKER_DEATH_HEADERS
+        .iter()
+        .chain(headers::ROUTING_HEADERS)
+    {
         headers.remove(*name);
     }
     edit(&mut headers);

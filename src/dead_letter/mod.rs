@@ -58,6 +58,11 @@ pub mod headers {
         ORIGINAL_QUEUE,
         DEAD_LETTERED_AT,
     ];
+    /// Sender-selected distribution headers: the broker routes a message
+    /// carrying them to every queue they name as well. Stripped from every
+    /// copy rabbit-guard publishes (retries, dead letters, replays,
+    /// imports), which must go to exactly one queue.
+    pub const ROUTING_HEADERS: &[&str] = &["CC", "BCC"];
     /// Headers set by the broker when it dead-letters; stripped from our copies,
     /// since RabbitMQ 4 ignores (and 3.x trusts) client-set values.
     pub const BROKER_DEATH_HEADERS: &[&str] = &[

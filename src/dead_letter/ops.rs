@@ -97,6 +97,25 @@ fn keep_user_id(properties: BasicProperties, user: &str) -> BasicProperties {
     }
 }
 
+/// `properties` without `CC`/`BCC`: an imported message goes to the one
+/// queue named, not to every queue its headers list.
+fn without_routing_headers(properties: BasicProperties) -> BasicProperties {
+    let Some(h) = properties.headers() else {
+        return properties;
+    };
+    if !headers::ROUTING_HEADERS
+        .iter()
+        .any(|name| h.inner().contains_key(*name))
+    {
+        return properties;
+    }
+    let mut map = h.inner().clone();
+    for name in headers::ROUTING_HEADERS {
+        map.remove(*name);
+    }
+    properties.with_headers(FieldTable::from(map))
+}
+
 fn rebuild_without_user_id(p: &BasicProperties) -> BasicProperties {
     let mut typed = super::json::properties_typed(p);
     typed.remove("user_id");
@@ -115,13 +134,14 @@ fn replay_properties(dl: &DeadLetter, user: &str) -> BasicProperties {
     for name in headers::RESET_ON_REPLAY
         .iter()
         .chain(headers::BROKER_DEATH_HEADERS)
+        .chain(headers::ROUTING_HEADERS)
     {
         map.remove(*name);
     }
     map.remove("x-delivery-count");
     map.insert(
         headers::REPLAYS.into(),
-        AMQPValue::LongLongInt(i64::try_from(dl.replays + 1).unwrap_or(i64::MAX)),
+        AMQPValue::LongLongInt(i64::try_from(dl.replays.saturating_add(1)).unwrap_or(i64::MAX)),
     );
     let props = dl.properties.clone().with_headers(FieldTable::from(map));
     keep_user_id(props, user)
@@ -372,7 +392,14 @@ pub async fn import(
                 continue;
             }
         };
-        match publish_confirmed(&channel, queue, &body, keep_user_id(properties, &user)).await {
+        match publish_confirmed(
+            &channel,
+            queue,
+            &body,
+            keep_user_id(without_routing_headers(properties), &user),
+        )
+        .await
+        {
             Ok(()) => report.published += 1,
             Err(why) => {
                 report.failed.push(Moved {
@@ -401,4 +428,54 @@ fn parse_export_line(line: &str) -> Result<(BasicProperties, Vec<u8>), String> {
         .and_then(serde_json::Value::as_str)
         .ok_or("no \"body_base64\"")?;
     Ok((properties_from_typed(props)?, from_base64(body)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(replays: u64, headers: FieldTable) -> DeadLetter {
+        DeadLetter {
+            position: 1,
+            delivery_tag: 1,
+            message_id: Some("m".into()),
+            reason: None,
+            broker_reason: None,
+            error: None,
+            attempts: None,
+            replays,
+            original_queue: None,
+            dead_lettered_at: None,
+            properties: BasicProperties::default().with_headers(headers),
+            body: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_replay_count_at_its_ceiling_saturates_and_routing_headers_are_dropped() {
+        let mut h = FieldTable::default();
+        h.insert("CC".into(), AMQPValue::LongString("elsewhere".into()));
+        h.insert("BCC".into(), AMQPValue::LongString("elsewhere".into()));
+        h.insert("keep".into(), AMQPValue::Boolean(true));
+        let props = replay_properties(&letter(u64::MAX, h), "guest");
+        let out = props.headers().as_ref().unwrap().inner();
+        assert_eq!(
+            out.get(headers::REPLAYS),
+            Some(&AMQPValue::LongLongInt(i64::MAX))
+        );
+        assert!(
+            !out.contains_key("CC") && !out.contains_key("BCC"),
+            "{out:?}"
+        );
+        assert!(out.contains_key("keep"));
+        let imported = without_routing_headers(props);
+        assert!(
+            !imported
+                .headers()
+                .as_ref()
+                .unwrap()
+                .inner()
+                .contains_key("CC")
+        );
+    }
 }

@@ -21,7 +21,13 @@ pub struct Context {
 }
 
 impl Context {
+    /// `last_attempt`: the highest attempt number the consumer's delay levels
+    /// can produce. A larger `rg-attempt` was not written by rabbit-guard
+    /// (or by a config with more levels): the message starts over at 1
+    /// rather than skipping its retries.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        last_attempt: u32,
         queue: Arc<str>,
         delivery_tag: u64,
         exchange: String,
@@ -35,7 +41,7 @@ impl Context {
             .as_ref()
             .and_then(|h| header_u64(h, headers::ATTEMPT))
             .and_then(|n| u32::try_from(n).ok())
-            .filter(|n| *n >= 1)
+            .filter(|n| (1..=last_attempt).contains(n))
             .unwrap_or(1);
         Self {
             queue,
@@ -53,6 +59,7 @@ impl Context {
     #[must_use]
     pub fn for_test(queue: &str, properties: BasicProperties, body: Vec<u8>) -> Self {
         Self::new(
+            u32::MAX,
             Arc::from(queue),
             1,
             String::new(),
@@ -173,5 +180,39 @@ pub(crate) fn header_u64(h: &FieldTable, name: &str) -> Option<u64> {
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
         AMQPValue::Timestamp(n) => Some(*n),
         other => value_str(other).and_then(|s| s.trim().parse().ok()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::FieldTable;
+
+    fn with_attempt(v: AMQPValue, last: u32) -> Context {
+        let mut h = FieldTable::default();
+        h.insert(headers::ATTEMPT.into(), v);
+        Context::new(
+            last,
+            Arc::from("q"),
+            1,
+            String::new(),
+            "q".into(),
+            false,
+            BasicProperties::default().with_headers(h),
+            Vec::new(),
+        )
+    }
+
+    #[test]
+    fn an_attempt_outside_the_levels_starts_over_at_one() {
+        assert_eq!(with_attempt(AMQPValue::LongLongInt(2), 3).attempt(), 2);
+        assert_eq!(with_attempt(AMQPValue::LongLongInt(3), 3).attempt(), 3);
+        assert_eq!(with_attempt(AMQPValue::LongLongInt(4), 3).attempt(), 1);
+        assert_eq!(with_attempt(AMQPValue::LongLongInt(0), 3).attempt(), 1);
+        assert_eq!(with_attempt(AMQPValue::LongLongInt(-5), 3).attempt(), 1);
+        assert_eq!(
+            with_attempt(AMQPValue::LongString("18446744073709551615".into()), 3).attempt(),
+            1
+        );
     }
 }
