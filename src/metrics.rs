@@ -133,7 +133,11 @@ impl Metrics {
         );
         c(
             "rabbit_guard_copy_failures_total",
-            "Copies the broker did not confirm (the original was requeued)",
+            "Copy attempts the broker did not store (each is retried with backoff)",
+        );
+        g(
+            "rabbit_guard_copies_waiting",
+            "Messages whose copy is being retried, their originals unacked",
         );
         g("rabbit_guard_messages_in_flight", "Handlers running now");
         g(
@@ -314,6 +318,7 @@ impl Metrics {
             );
         }
         self.gauge("rabbit_guard_messages_in_flight", &q, s.in_flight as f64);
+        self.gauge("rabbit_guard_copies_waiting", &q, s.copies_waiting as f64);
         self.gauge(
             "rabbit_guard_consumer_subscribed",
             &q,

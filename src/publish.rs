@@ -1,8 +1,14 @@
 //! Publishing copies (to delay queues and the dead-letter exchange) with
 //! publisher confirms: the original is acked only after its copy is confirmed.
 
-use lapin::Confirmation;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use lapin::Confirmation;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::topology::Topology;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
@@ -39,12 +45,28 @@ pub(crate) enum PublishError {
     TimedOut(Duration),
 }
 
-/// A confirm-mode channel. Cheap to clone; shared by a consumer's tasks.
+/// A confirm-mode channel on the publishing connection. Cheap to clone;
+/// shared by a consumer's tasks. When the broker closes the channel (a
+/// publish to an exchange that was deleted, say), the next publish opens a
+/// new one on the same connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Publisher {
-    channel: Channel,
-    timeout: Duration,
+    inner: Arc<Inner>,
 }
+
+#[derive(Debug)]
+struct Inner {
+    connection: Arc<Connection>,
+    channel: Mutex<Channel>,
+    /// One reopen at a time.
+    reopening: tokio::sync::Mutex<()>,
+    timeout: Duration,
+    /// When the topology was last declared again after a failed copy.
+    redeclared: Mutex<Option<Instant>>,
+}
+
+/// Declaring the topology again after a failed copy happens at most this often.
+const REDECLARE_EVERY: Duration = Duration::from_secs(1);
 
 impl Publisher {
     /// A confirm-mode channel on `connection`. A copy not confirmed within
@@ -52,19 +74,92 @@ impl Publisher {
     /// given up, and its original returned to the queue before the broker's
     /// consumer timeout would close the channel.
     pub(crate) async fn open(
-        connection: &Connection,
+        connection: Arc<Connection>,
         timeout: Duration,
     ) -> Result<Self, lapin::Error> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self { channel, timeout })
+        let channel = open_confirm(&connection).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                connection,
+                channel: Mutex::new(channel),
+                reopening: tokio::sync::Mutex::new(()),
+                timeout,
+                redeclared: Mutex::new(None),
+            }),
+        })
     }
 
-    /// False once the channel is closed (its connection lost, or closed by the broker).
+    /// How long one copy may wait for its confirm.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// False once the publishing connection is lost: a new session needs a
+    /// new publisher then.
     pub(crate) fn is_open(&self) -> bool {
-        self.channel.status().connected()
+        self.inner.connection.status().connected()
+    }
+
+    fn current(&self) -> Channel {
+        self.inner
+            .channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The channel, opened again if the broker closed it.
+    async fn channel(&self) -> Result<Channel, lapin::Error> {
+        let channel = self.current();
+        if channel.status().connected() {
+            return Ok(channel);
+        }
+        let _one = self.inner.reopening.lock().await;
+        let channel = self.current();
+        if channel.status().connected() {
+            return Ok(channel);
+        }
+        let fresh = open_confirm(&self.inner.connection).await?;
+        *self
+            .inner
+            .channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh.clone();
+        Ok(fresh)
+    }
+
+    /// Declares `topology` again (after a copy found its queue or exchange
+    /// missing), at most once a second; a failure is only logged.
+    pub(crate) async fn redeclare(&self, topology: &Topology) {
+        {
+            let mut last = self
+                .inner
+                .redeclared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < REDECLARE_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let declared = match self.inner.connection.create_channel().await {
+            Ok(channel) => {
+                let result = topology.declare(&channel).await;
+                if channel.status().connected() {
+                    let _ = channel.close(200, "declared".into()).await;
+                }
+                result
+            }
+            Err(e) => Err(crate::Error::broker("opening a channel", e)),
+        };
+        match declared {
+            Ok(()) => {
+                debug!(topology = %topology, "declared the topology again after a failed copy");
+            }
+            Err(e) => {
+                debug!(topology = %topology, error = %e, "could not declare the topology again");
+            }
+        }
     }
 
     /// Publishes (mandatory) and waits for the broker's confirm.
@@ -76,11 +171,11 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         tokio::time::timeout(
-            self.timeout,
+            self.timeout(),
             self.publish(exchange, routing_key, body, properties),
         )
         .await
-        .unwrap_or(Err(PublishError::TimedOut(self.timeout)))
+        .unwrap_or(Err(PublishError::TimedOut(self.timeout())))
     }
 
     async fn publish(
@@ -91,7 +186,9 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let confirm = self
-            .channel
+            .channel()
+            .await
+            .map_err(PublishError::Broker)?
             .basic_publish(
                 ShortString::from(exchange),
                 ShortString::from(routing_key),
@@ -117,8 +214,17 @@ impl Publisher {
     }
 
     pub(crate) async fn close(&self) {
-        if self.channel.status().connected() {
-            let _ = self.channel.close(200, "consumer stopped".into()).await;
+        let channel = self.current();
+        if channel.status().connected() {
+            let _ = channel.close(200, "consumer stopped".into()).await;
         }
     }
+}
+
+async fn open_confirm(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }

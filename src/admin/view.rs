@@ -92,6 +92,13 @@ impl WorkerView {
             if !s.stats.session_active() {
                 problems.push(format!("consumer of {} has no channel", s.queue));
             }
+            if let Some(why) = s.stats.copy_trouble() {
+                problems.push(format!(
+                    "consumer of {}: {why}; {} message(s) wait unacked while it retries",
+                    s.queue,
+                    s.stats.snapshot().copies_waiting
+                ));
+            }
             let state = s.breaker.state();
             if !state.admits_all() {
                 paused.push(json!({

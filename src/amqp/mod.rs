@@ -10,9 +10,22 @@
 //! `?`. A delivery carrying such a marker is dead-lettered with reason
 //! `decode` without calling its handler.
 
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::types::{AMQPValue, FieldTable};
 
 pub(crate) use lapin::types::parsing::MALFORMED_KEY as UNREADABLE_KEY;
+
+/// Exponential backoff with jitter from `min` to `max`, without end.
+pub(crate) fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
 
 /// Why the parser could not read part of `headers`, if it could not: the
 /// first [`UNREADABLE_KEY`] marker found, at any depth.

@@ -198,7 +198,7 @@ impl ConsumerRuntime {
         let Some((_, publish_connection)) = self.publish.connection(shutdown).await else {
             return Ok(());
         };
-        let publisher = Publisher::open(&publish_connection, self.publish_timeout)
+        let publisher = Publisher::open(publish_connection, self.publish_timeout)
             .await
             .map_err(|e| format!("opening the publishing channel: {}", describe(&e)))?;
         let token = CancellationToken::new();
@@ -319,9 +319,9 @@ impl Session<'_> {
                     }
                     if !self.publisher.is_open() {
                         // Copies can't be stored: settle what we can, then start
-                        // over on a new channel rather than loop on failures.
+                        // over on a new connection rather than loop on failures.
                         self.flush(true).await?;
-                        return Err("the publishing channel was lost".into());
+                        return Err("the publishing connection was lost".into());
                     }
                 }
                 item = next_delivery(&mut self.sub), if self.sub.is_some() => {

@@ -25,6 +25,12 @@ pub struct ConsumerStats {
     pub(crate) rejected_by_breaker: AtomicU64,
     pub(crate) stale: AtomicU64,
     pub(crate) publish_failures: AtomicU64,
+    /// Messages whose copy is being retried now (their originals unacked).
+    pub(crate) copies_waiting: AtomicI64,
+    /// Why copies cannot be stored, while they cannot (for `/readyz`).
+    pub(crate) copy_trouble: std::sync::Mutex<Option<String>>,
+    /// True while `copy_trouble` is set (read without the lock).
+    pub(crate) copy_trouble_set: AtomicBool,
     pub(crate) in_flight: AtomicI64,
     pub(crate) subscribed: AtomicBool,
     pub(crate) subscriptions: AtomicU64,
@@ -55,8 +61,10 @@ pub struct StatsSnapshot {
     pub rejected_by_breaker: u64,
     /// Results dropped because their channel was gone (the broker requeued the message).
     pub stale: u64,
-    /// Copies the broker did not confirm (the original was requeued instead).
+    /// Copy attempts the broker did not confirm (each is retried with backoff).
     pub publish_failures: u64,
+    /// Messages whose copy is being retried now, their originals unacked.
+    pub copies_waiting: i64,
     /// Handlers running now.
     pub in_flight: i64,
     /// Whether a consumer is registered at the broker now.
@@ -96,6 +104,18 @@ impl ConsumerStats {
             .collect()
     }
 
+    /// Why copies cannot be stored now, when they cannot.
+    #[must_use]
+    pub fn copy_trouble(&self) -> Option<String> {
+        if !self.copy_trouble_set.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.copy_trouble
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// True while the consumer has a working channel (paused or not).
     #[must_use]
     pub fn session_active(&self) -> bool {
@@ -119,6 +139,7 @@ impl ConsumerStats {
             rejected_by_breaker: r(&self.rejected_by_breaker),
             stale: r(&self.stale),
             publish_failures: r(&self.publish_failures),
+            copies_waiting: self.copies_waiting.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             subscribed: self.subscribed.load(Ordering::Relaxed),
             subscriptions: r(&self.subscriptions),

@@ -6,14 +6,16 @@ use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::policy::{self, Disposition, Outcome};
 use super::settle::Settle;
@@ -21,7 +23,7 @@ use super::stats::{ConsumerStats, inc};
 use crate::breaker::{Breaker, CallOutcome, HealthVerdict, Permit};
 use crate::dead_letter::{DeadLetterReason, MAX_ERROR_LEN, headers, truncate};
 use crate::handler::{CallResult, Context, ErasedHandler, HandlerError, header_u64};
-use crate::publish::Publisher;
+use crate::publish::{PublishError, Publisher};
 use crate::topology::Topology;
 
 /// What every task of one consumer shares.
@@ -278,48 +280,158 @@ async fn apply(
             ("", target, props)
         }
     };
-    if session.is_cancelled() {
-        // The channel this delivery came on is gone; the broker has requeued
-        // the original, so a copy now would only be a duplicate.
+    if !store_copy(
+        shared,
+        ctx,
+        publisher,
+        session,
+        exchange,
+        routing_key,
+        properties,
+    )
+    .await
+    {
         return Settle::Requeue;
     }
-    match publisher
-        .publish_confirmed(exchange, routing_key, ctx.body(), properties)
-        .await
-    {
-        Ok(()) => {
-            let stats = &shared.stats;
-            match disposition {
-                Disposition::DeadLetter(reason) => {
-                    inc(&stats.dead_lettered);
-                    inc(&stats.dead_lettered_by_reason[reason.index()]);
-                }
-                Disposition::Retry { level, .. } => {
-                    inc(&stats.retried);
-                    if let Some(n) = stats.delayed_by_level.get(*level) {
-                        inc(n);
-                    }
-                }
-                Disposition::Defer { level, .. } => {
-                    inc(&stats.deferred);
-                    if let Some(n) = level.and_then(|l| stats.delayed_by_level.get(l)) {
-                        inc(n);
-                    }
-                }
-                Disposition::Ack | Disposition::AwaitVerdict => {}
-            }
-            Settle::Ack
+    let stats = &shared.stats;
+    match disposition {
+        Disposition::DeadLetter(reason) => {
+            inc(&stats.dead_lettered);
+            inc(&stats.dead_lettered_by_reason[reason.index()]);
         }
-        Err(e) => {
-            inc(&shared.stats.publish_failures);
+        Disposition::Retry { level, .. } => {
+            inc(&stats.retried);
+            if let Some(n) = stats.delayed_by_level.get(*level) {
+                inc(n);
+            }
+        }
+        Disposition::Defer { level, .. } => {
+            inc(&stats.deferred);
+            if let Some(n) = level.and_then(|l| stats.delayed_by_level.get(l)) {
+                inc(n);
+            }
+        }
+        Disposition::Ack | Disposition::AwaitVerdict => {}
+    }
+    Settle::Ack
+}
+
+/// First wait before publishing a copy again.
+const COPY_RETRY_MIN: Duration = Duration::from_millis(250);
+/// Longest wait between attempts to publish a copy.
+const COPY_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Publishes a copy and waits for its confirm, trying again with backoff
+/// (and declaring the topology again, when rabbit-guard declares it) while
+/// the broker does not store it: a deleted dead-letter queue, an unroutable
+/// or nacked copy. The original stays unacked meanwhile, so nothing is
+/// lost and nothing is handled again; the prefetch bounds how many wait.
+/// False when the copy was given up: the session ended (the broker has
+/// requeued the original), or the broker's consumer timeout is near.
+async fn store_copy(
+    shared: &Shared,
+    ctx: &Context,
+    publisher: &Publisher,
+    session: &CancellationToken,
+    exchange: &str,
+    routing_key: &str,
+    properties: BasicProperties,
+) -> bool {
+    let deadline = Instant::now() + publisher.timeout();
+    let mut backoff = crate::amqp::backoff(COPY_RETRY_MIN, COPY_RETRY_MAX);
+    let mut waiting = None;
+    loop {
+        if session.is_cancelled() {
+            // The channel this delivery came on is gone; the broker has
+            // requeued the original, so a copy now would only be a duplicate.
+            return false;
+        }
+        let error = match publisher
+            .publish_confirmed(exchange, routing_key, ctx.body(), properties.clone())
+            .await
+        {
+            Ok(()) => {
+                copies_stored(shared);
+                return true;
+            }
+            Err(e) => e,
+        };
+        inc(&shared.stats.publish_failures);
+        copy_failed(shared, routing_key, &error);
+        waiting.get_or_insert_with(|| CopyWaiting::new(&shared.stats));
+        if shared.topology.declare
+            && matches!(
+                error,
+                PublishError::Unroutable { .. } | PublishError::Broker(_)
+            )
+        {
+            publisher.redeclare(&shared.topology).await;
+        }
+        let delay = backoff.next().unwrap_or(COPY_RETRY_MAX);
+        if Instant::now() + delay >= deadline {
             warn!(
                 queue = %shared.queue,
                 target = routing_key,
-                error = %e,
-                "could not store a copy of the message; returning the original to the queue"
+                error = %error,
+                "gave up storing a copy before the broker's consumer timeout; returning the original to the queue"
             );
-            Settle::Requeue
+            return false;
         }
+        tokio::select! {
+            () = session.cancelled() => return false,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// The first failed copy of an episode is logged (with its cause) and
+/// marks the consumer not ready; the rest are only counted.
+fn copy_failed(shared: &Shared, target: &str, error: &PublishError) {
+    let stats = &shared.stats;
+    let mut trouble = stats
+        .copy_trouble
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if trouble.is_none() {
+        warn!(
+            queue = %shared.queue,
+            target,
+            error = %error,
+            "cannot store copies of messages (retries, dead letters); retrying with backoff, their originals stay unacked"
+        );
+    }
+    *trouble = Some(format!("copies to {target} fail: {error}"));
+    stats.copy_trouble_set.store(true, Ordering::Relaxed);
+}
+
+fn copies_stored(shared: &Shared) {
+    let stats = &shared.stats;
+    if !stats.copy_trouble_set.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut trouble = stats
+        .copy_trouble
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(why) = trouble.take() {
+        stats.copy_trouble_set.store(false, Ordering::Relaxed);
+        info!(queue = %shared.queue, was = %why, "copies are stored again");
+    }
+}
+
+/// Counts a message in `copies_waiting` while its copy is retried.
+struct CopyWaiting<'a>(&'a ConsumerStats);
+
+impl<'a> CopyWaiting<'a> {
+    fn new(stats: &'a ConsumerStats) -> Self {
+        stats.copies_waiting.fetch_add(1, Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for CopyWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.copies_waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -247,6 +247,24 @@ impl TestBroker {
         (q.message_count(), q.consumer_count())
     }
 
+    /// Ready messages, or `None` when the queue does not exist.
+    pub async fn ready_if_exists(&self, queue: &str) -> Option<u32> {
+        let ch = self.connection.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                ShortString::from(queue),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        let _ = ch.close(200, "ok".into()).await;
+        Some(q.message_count())
+    }
+
     pub async fn consumers(&self, queue: &str) -> u32 {
         self.counts(queue).await.1
     }
