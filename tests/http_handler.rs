@@ -241,3 +241,99 @@ async fn statuses_sort_messages_into_done_retried_and_dead_lettered() {
     );
     broker.cleanup().await;
 }
+
+/// Answers the first request with a 500 whose body is `size` bytes, sent
+/// in 64 KiB writes; returns how many bytes the client let it write.
+async fn huge_error_server(size: usize) -> (String, tokio::task::JoinHandle<usize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/work", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return 0;
+            }
+            request.extend_from_slice(&buf[..n]);
+        }
+        let head = format!(
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: {size}\r\n\r\n"
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut written = 0;
+        while written < size {
+            let n = chunk.len().min(size - written);
+            let write = tokio::time::timeout(Duration::from_secs(2), socket.write_all(&chunk[..n]));
+            match write.await {
+                Ok(Ok(())) => written += n,
+                // The client hung up, or stopped reading for good.
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        written
+    });
+    (url, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_error_body_is_read_only_as_far_as_the_snippet() {
+    use rabbit_guard::handler::{Context, Handler};
+    use rabbit_guard::handlers::HttpHandler;
+    const SIZE: usize = 100 * 1024 * 1024;
+    let (url, server) = huge_error_server(SIZE).await;
+    let handler = HttpHandler::new(&HttpSettings::to(url), Duration::from_secs(30)).unwrap();
+    let ctx = Context::for_test("q", lapin::BasicProperties::default(), b"{}".to_vec());
+    let started = std::time::Instant::now();
+    let err = handler
+        .handle(b"{}".to_vec(), &ctx)
+        .await
+        .expect_err("a 500 is a failure");
+    let took = started.elapsed();
+    let written = server.await.unwrap();
+    let text = err.to_string();
+    assert!(err.is_transient(), "a 500 is transient: {text}");
+    assert!(
+        text.contains("500") && text.contains("xxxx") && text.len() < 1_024,
+        "the error keeps the status and the start of the body: {} bytes",
+        text.len()
+    );
+    assert!(
+        written < 32 * 1024 * 1024,
+        "the handler stopped reading after the snippet: the server wrote {written} of {SIZE} bytes in {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_cannot_become_a_request_is_permanent_not_transient() {
+    use rabbit_guard::handler::{Context, Handler};
+    use rabbit_guard::handlers::HttpHandler;
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Healthy);
+    let handler =
+        HttpHandler::new(&HttpSettings::to(downstream.url()), Duration::from_secs(5)).unwrap();
+    for (what, props) in [
+        (
+            "message id",
+            lapin::BasicProperties::default().with_message_id("id\u{1}with-a-control".into()),
+        ),
+        (
+            "content type",
+            lapin::BasicProperties::default().with_content_type("text/plain\r\nx: y".into()),
+        ),
+    ] {
+        let ctx = Context::for_test("q", props, b"{}".to_vec());
+        let err = handler
+            .handle(b"{}".to_vec(), &ctx)
+            .await
+            .expect_err("no request can carry it");
+        assert!(
+            err.is_permanent(),
+            "a {what} that cannot be a header is the message's fault, not the dependency's: {err}"
+        );
+    }
+    assert_eq!(downstream.arrived_count(), 0, "nothing was sent");
+}

@@ -93,22 +93,41 @@ impl Handler for HttpHandler {
         if let Some(id) = ctx.message_id() {
             request = request.header("X-Message-Id", id);
         }
-        let response = request.send().await.map_err(|e| {
-            let kind = if e.is_timeout() {
-                "timed out"
-            } else if e.is_connect() {
-                "could not connect"
-            } else {
-                "request failed"
-            };
-            HandlerError::transient(format!("{} {}: {kind}: {e}", self.method, self.shown_url))
-        })?;
+        let response = match request.send().await {
+            Ok(response) => response,
+            // The request could not even be built from this message (a
+            // message id or content type with a control character): the
+            // message's fault, not the dependency's.
+            Err(e) if e.is_builder() => {
+                return Err(HandlerError::permanent(format!(
+                    "{} {}: the message cannot be sent as an HTTP request: {}",
+                    self.method,
+                    self.shown_url,
+                    e.without_url()
+                )));
+            }
+            Err(e) => {
+                let kind = if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "could not connect"
+                } else {
+                    "request failed"
+                };
+                // The error's own text would carry the full URL, secrets included.
+                return Err(HandlerError::transient(format!(
+                    "{} {}: {kind}: {}",
+                    self.method,
+                    self.shown_url,
+                    e.without_url()
+                )));
+            }
+        };
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
-        let text = response.text().await.unwrap_or_default();
-        let snippet = crate::dead_letter::truncate(text.trim(), BODY_SNIPPET);
+        let snippet = body_snippet(response).await;
         let message = format!("{} {}: {status}: {snippet}", self.method, self.shown_url);
         if status.is_server_error() || self.transient.contains(&status) {
             Err(HandlerError::transient(message))
@@ -116,6 +135,26 @@ impl Handler for HttpHandler {
             Err(HandlerError::permanent(message))
         }
     }
+}
+
+/// The start of an error response's body, reading no more than
+/// [`BODY_SNIPPET`] bytes of it (a dependency may answer a 500 with a body
+/// of any size). The rest is never read: the connection is dropped.
+async fn body_snippet(mut response: reqwest::Response) -> String {
+    // One byte more than is kept, so `truncate` can mark the cut.
+    let limit = BODY_SNIPPET + 1;
+    let mut bytes = Vec::with_capacity(limit);
+    while bytes.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(limit - bytes.len());
+                bytes.extend_from_slice(&chunk[..take]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    crate::dead_letter::truncate(text.trim(), BODY_SNIPPET)
 }
 
 #[cfg(test)]
