@@ -357,8 +357,8 @@ async fn store_copy(
             Err(e) => e,
         };
         inc(&shared.stats.publish_failures);
-        copy_failed(shared, routing_key, &error);
         waiting.get_or_insert_with(|| CopyWaiting::new(&shared.stats));
+        copy_failed(shared, routing_key, &error);
         if shared.topology.declare
             && matches!(
                 error,
@@ -431,7 +431,20 @@ impl<'a> CopyWaiting<'a> {
 
 impl Drop for CopyWaiting<'_> {
     fn drop(&mut self) {
-        self.0.copies_waiting.fetch_sub(1, Ordering::Relaxed);
+        let stats = self.0;
+        if stats.copies_waiting.fetch_sub(1, Ordering::Relaxed) == 1
+            && stats.copy_trouble_set.load(Ordering::Relaxed)
+        {
+            // The last waiting copy was given up (its channel is gone, or the
+            // consumer timeout neared): nothing waits, so nothing is wrong
+            // until the next copy fails, which logs the episode again.
+            stats
+                .copy_trouble
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            stats.copy_trouble_set.store(false, Ordering::Relaxed);
+        }
     }
 }
 
