@@ -237,7 +237,7 @@ async fn plain(args: &Args, prefetch: u16, no_ack: bool, work: Work) -> (Duratio
 
 fn guard_settings(queue: &str, prefetch: u16, concurrency: u16, latency_ms: u64) -> Settings {
     let mut s = Settings::default();
-    s.broker.url = addr();
+    s.broker.url = addr().into();
     s.broker.connection_name = "rabbit-guard-bench".into();
     s.breakers.insert("bench".into(), BreakerConfig::default());
     s.consumers.push(ConsumerSettings {

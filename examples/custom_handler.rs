@@ -83,7 +83,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Settings can come from files (`rabbit_guard::config::load`) or be built in code.
     let mut settings = Settings::default();
-    settings.broker.url = addr.clone();
+    settings.broker.url = addr.clone().into();
     settings.breakers.insert(
         "billing".into(),
         BreakerConfig {

@@ -17,7 +17,6 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::BrokerSettings;
 use crate::error::{Error, amqp_error, describe};
-use crate::secret::mask_url;
 
 /// Heartbeat used when `broker.url` does not set one (`?heartbeat=N`): short
 /// enough to notice a dead peer in well under a minute.
@@ -39,7 +38,7 @@ pub(crate) enum Link {
 }
 
 /// One connection to the broker, kept up for the worker's lifetime.
-#[derive(Debug)]
+/// (`Debug` by hand: the parsed URI would print the password.)
 pub(crate) struct ManagedConnection {
     uri: AMQPUri,
     shown_url: String,
@@ -52,6 +51,16 @@ pub(crate) struct ManagedConnection {
     reconnects: AtomicU64,
 }
 
+impl std::fmt::Debug for ManagedConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagedConnection")
+            .field("url", &self.shown_url)
+            .field("name", &self.name)
+            .field("up", &self.is_up())
+            .finish_non_exhaustive()
+    }
+}
+
 fn is_fatal_at_startup(e: &lapin::Error) -> bool {
     // 403 ACCESS_REFUSED, 530 NOT_ALLOWED (vhost): retrying won't help.
     matches!(amqp_error(e), Some((403 | 530, _)))
@@ -60,12 +69,12 @@ fn is_fatal_at_startup(e: &lapin::Error) -> bool {
 impl ManagedConnection {
     /// `role` is appended to the connection name: `rabbit-guard/consume`.
     pub(crate) fn new(settings: &BrokerSettings, role: &'static str) -> Result<Self, Error> {
-        let mut uri: AMQPUri = settings.url.parse().map_err(|e: String| {
+        let mut uri: AMQPUri = crate::amqp::parse_uri(&settings.url).map_err(|e| {
             Error::Config(crate::config::ConfigError::Invalid(vec![
                 crate::config::Problem {
                     key: "broker.url".into(),
-                    value: Some(format!("{:?}", mask_url(&settings.url))),
-                    message: format!("not an AMQP URI ({e})"),
+                    value: Some(format!("{:?}", settings.url.masked())),
+                    message: format!("not an AMQP URI: {e}"),
                 },
             ]))
         })?;
@@ -75,7 +84,7 @@ impl ManagedConnection {
         let (link, _) = watch::channel(Link::Down);
         Ok(Self {
             uri,
-            shown_url: mask_url(&settings.url),
+            shown_url: settings.url.masked(),
             name: format!("{}/{role}", settings.connection_name),
             role,
             settings: settings.clone(),
@@ -164,7 +173,7 @@ impl ManagedConnection {
     /// the timeout passes.
     pub(crate) async fn start(&self, shutdown: &CancellationToken) -> Result<(), Error> {
         let started = Instant::now();
-        let deadline = started + self.settings.startup_timeout;
+        let deadline = crate::amqp::deadline(started, self.settings.startup_timeout);
         let mut backoff = self.backoff();
         let mut attempt = 0u32;
         loop {

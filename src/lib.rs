@@ -69,6 +69,7 @@ mod publish;
 pub mod secret;
 pub mod signal;
 pub mod telemetry;
+pub mod text;
 pub mod topology;
 pub mod worker;
 

@@ -17,7 +17,7 @@ use rabbit_guard::config::Settings;
 fn with_admin(mut s: Settings, token: Option<&str>) -> (Settings, String) {
     let port = free_port();
     s.admin.listen = Some(format!("127.0.0.1:{port}"));
-    s.admin.token = token.map(str::to_owned);
+    s.admin.token = token.map(Into::into);
     (s, format!("http://127.0.0.1:{port}"))
 }
 
@@ -221,7 +221,7 @@ async fn readyz_is_200_while_paused_and_503_while_disconnected() {
         ..fast_breaker()
     };
     let mut settings = with_http(settings("ready", "http", breaker), &downstream);
-    settings.broker.url = proxy.url("?heartbeat=2");
+    settings.broker.url = proxy.url("?heartbeat=2").into();
     settings.broker.reconnect.initial_delay = Duration::from_millis(200);
     settings.broker.reconnect.max_delay = Duration::from_millis(500);
     let (settings, base) = with_admin(settings, None);
@@ -581,36 +581,105 @@ async fn wait_until_consumers(broker: &TestBroker, queue: &str, want: u32) -> bo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn manual_control_is_refused_on_a_public_address_without_a_token() {
+async fn manual_control_needs_a_token_everywhere_and_refuses_web_pages() {
     let downstream = Downstream::start().await;
-    let port = free_port();
-    let mut settings = with_http(settings("public", "http", fast_breaker()), &downstream);
-    settings.admin.listen = Some(format!("0.0.0.0:{port}"));
     let broker = Arc::new(TestBroker::connect().await);
+    let client = reqwest::Client::new();
+
+    // No token configured, on loopback and on every interface: control is off.
+    for listen in ["127.0.0.1", "0.0.0.0"] {
+        let port = free_port();
+        let mut settings = with_http(settings("notoken", "http", fast_breaker()), &downstream);
+        settings.admin.listen = Some(format!("{listen}:{port}"));
+        broker.track(&settings.consumers[0]);
+        let running = Running::start(Worker::builder(settings)).await;
+        let r = client
+            .post(format!("http://127.0.0.1:{port}/breakers/dep/open"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            403,
+            "no token on {listen}: manual control refused"
+        );
+        assert_eq!(
+            running.state(),
+            BreakerState::Closed,
+            "a refused request leaves the breaker closed ({listen})"
+        );
+        assert_eq!(
+            reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+                .await
+                .unwrap()
+                .status(),
+            200,
+            "healthz answers on {listen}"
+        );
+        running.stop().await;
+    }
+
+    // A token from a file: the right one works, but not from a web page.
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "from-a-file\n").unwrap();
+    let port = free_port();
+    let mut settings = with_http(settings("tokenfile", "http", fast_breaker()), &downstream);
+    settings.admin.listen = Some(format!("127.0.0.1:{port}"));
+    settings.admin.token_file = Some(token_file);
     broker.track(&settings.consumers[0]);
     let running = Running::start(Worker::builder(settings)).await;
-    let r = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{port}/breakers/dep/open"))
+    let base = format!("http://127.0.0.1:{port}");
+    let open = |extra: &[(&str, &str)]| {
+        let mut r = client
+            .post(format!("{base}/breakers/dep/open"))
+            .bearer_auth("from-a-file");
+        for (k, v) in extra {
+            r = r.header(*k, *v);
+        }
+        r.send()
+    };
+    let r = open(&[("Origin", "https://evil.example")]).await.unwrap();
+    assert_eq!(
+        r.status(),
+        403,
+        "a cross-origin POST is refused, token or not"
+    );
+    let r = open(&[("Host", "evil.example:80")]).await.unwrap();
+    assert_eq!(r.status(), 403, "a rebinding Host is refused");
+    let r = client
+        .get(format!("{base}/status"))
+        .header("Host", format!("rebound.example:{port}"))
         .send()
         .await
         .unwrap();
     assert_eq!(
         r.status(),
         403,
-        "no token on 0.0.0.0: manual control refused"
+        "on loopback, even a GET with a foreign Host is refused"
     );
     assert_eq!(
         running.state(),
         BreakerState::Closed,
-        "a refused request leaves the breaker closed"
+        "refused requests leave the breaker closed"
     );
+    let r = client
+        .post(format!("{base}/breakers/dep/open"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a wrong token is 401");
+    let r = open(&[("Origin", &base)]).await.unwrap();
     assert_eq!(
-        reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
-            .await
-            .unwrap()
-            .status(),
+        r.status(),
         200,
-        "healthz is 200 on the public address"
+        "the token from admin.token_file opens it from the endpoint itself"
+    );
+    assert!(
+        matches!(running.state(), BreakerState::ForcedOpen),
+        "forced open by the API: {:?}",
+        running.state()
     );
     running.stop().await;
     broker.cleanup().await;
@@ -659,7 +728,8 @@ async fn json_logs_parse_and_never_show_the_password() {
     settings.broker.url = format!(
         "amqp://{user}:{password}@127.0.0.1:{}/%2f?heartbeat=2",
         proxy.port
-    );
+    )
+    .into();
     settings.broker.reconnect.initial_delay = Duration::from_millis(200);
     settings.log.format = rabbit_guard::config::LogFormat::Json;
     settings.log.level = "debug,lapin=debug".into();

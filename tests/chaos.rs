@@ -34,7 +34,7 @@ async fn chaos_loses_nothing() {
         ..fast_breaker()
     };
     let mut settings = with_http(settings("chaos", "http", breaker), &downstream);
-    settings.broker.url = proxy.url("?heartbeat=2");
+    settings.broker.url = proxy.url("?heartbeat=2").into();
     settings.broker.reconnect.initial_delay = Duration::from_millis(200);
     settings.broker.reconnect.max_delay = Duration::from_secs(1);
     settings.consumers[0].prefetch = 256;

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 /// short heartbeat and reconnect backoff so faults are noticed quickly.
 fn through(proxy: &Proxy, prefix: &str, handler: &str, breaker: BreakerConfig) -> Settings {
     let mut s = settings(prefix, handler, breaker);
-    s.broker.url = proxy.url("?heartbeat=2");
+    s.broker.url = proxy.url("?heartbeat=2").into();
     s.broker.reconnect.initial_delay = Duration::from_millis(200);
     s.broker.reconnect.max_delay = Duration::from_secs(1);
     s.broker.connect_timeout = Duration::from_secs(3);

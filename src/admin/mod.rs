@@ -8,15 +8,21 @@
 //! | `GET /readyz` | 200 when connected and every consumer has a working channel (a consumer paused by its breaker is ready; the body says so); 503 otherwise |
 //! | `GET /breakers` | every breaker: state, since, why, window counts, next probe time, consumers |
 //! | `GET /status` | breakers, consumers and connections (what `rabbit-guard status` shows) |
-//! | `POST /breakers/{name}/{open,close,disable,reset}` | manual control (bearer token when `admin.token` is set) |
+//! | `POST /breakers/{name}/{open,close,disable,reset}` | manual control: needs the bearer token (`admin.token` or `admin.token_file`); off without one |
+//!
+//! Requests from a web page are refused (see [`guard`]): a `POST` must come
+//! with the token and with this endpoint's own `Host` (and `Origin`, if
+//! any), and while on loopback every request must.
 
+mod guard;
 mod view;
 
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
@@ -26,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::breaker::ManualAction;
 use crate::error::Error;
+pub(crate) use guard::{Access, Refusal, resolve_token};
 pub(crate) use view::WorkerView;
 
 /// Binds the admin address.
@@ -46,16 +53,18 @@ pub(crate) async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), Erro
     Ok((listener, local))
 }
 
-/// Serves the endpoint until `shutdown`.
-pub(crate) async fn serve(listener: TcpListener, view: WorkerView, shutdown: CancellationToken) {
-    let addr = listener.local_addr().ok();
-    if let Some(addr) = addr {
-        let control = if view.admin().token.is_some() {
+/// Serves the endpoint until `shutdown`, with `access` deciding who may.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    view: WorkerView,
+    access: Access,
+    shutdown: CancellationToken,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        let control = if access.control_enabled() {
             "bearer token"
-        } else if addr.ip().is_loopback() {
-            "loopback only"
         } else {
-            "off: set admin.token to allow it"
+            "off: set admin.token or admin.token_file to allow it"
         };
         info!(%addr, manual_control = control, "admin endpoint listening");
     }
@@ -66,7 +75,8 @@ pub(crate) async fn serve(listener: TcpListener, view: WorkerView, shutdown: Can
         .route("/breakers", get(breakers))
         .route("/status", get(status))
         .route("/breakers/{name}/{action}", post(control))
-        .with_state((view, addr));
+        .layer(middleware::from_fn_with_state(access.clone(), same_origin))
+        .with_state((view, access));
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -75,7 +85,23 @@ pub(crate) async fn serve(listener: TcpListener, view: WorkerView, shutdown: Can
     }
 }
 
-type AppState = (WorkerView, Option<SocketAddr>);
+type AppState = (WorkerView, Access);
+
+/// Refuses requests a web page made (foreign `Host` or `Origin`) before
+/// any route sees them.
+async fn same_origin(State(access): State<Access>, request: Request, next: Next) -> Response {
+    match access.check_origin(request.method(), request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refused(&refusal),
+    }
+}
+
+fn refused(refusal: &Refusal) -> Response {
+    match refusal {
+        Refusal::Unauthorized(m) => error(StatusCode::UNAUTHORIZED, m),
+        Refusal::Forbidden(m) => error(StatusCode::FORBIDDEN, m),
+    }
+}
 
 async fn metrics(State((view, _)): State<AppState>) -> Response {
     (
@@ -111,30 +137,12 @@ fn error(code: StatusCode, message: &str) -> Response {
 }
 
 async fn control(
-    State((view, addr)): State<AppState>,
+    State((view, access)): State<AppState>,
     Path((name, action)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    match &view.admin().token {
-        Some(token) => {
-            let given = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if given != Some(token.as_str()) {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong bearer token (Authorization: Bearer …)",
-                );
-            }
-        }
-        None if !addr.is_some_and(|a| a.ip().is_loopback()) => {
-            return error(
-                StatusCode::FORBIDDEN,
-                "manual control is off: admin.listen is not a loopback address and admin.token is not set",
-            );
-        }
-        None => {}
+    if let Err(refusal) = access.check_token(&headers) {
+        return refused(&refusal);
     }
     let action = match action.as_str() {
         "open" => ManualAction::Open,
@@ -144,12 +152,21 @@ async fn control(
         other => {
             return error(
                 StatusCode::NOT_FOUND,
-                &format!("unknown action {other:?}: use open, close, disable or reset"),
+                &format!(
+                    "unknown action {:?}: use open, close, disable or reset",
+                    crate::text::printable(&crate::dead_letter::truncate(other, 40))
+                ),
             );
         }
     };
     let Some(breaker) = view.breaker(&name) else {
-        return error(StatusCode::NOT_FOUND, &format!("no breaker named {name:?}"));
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no breaker named {:?}",
+                crate::text::printable(&crate::dead_letter::truncate(&name, 80))
+            ),
+        );
     };
     let state = breaker.apply(action);
     info!(breaker = %name, action = ?action, state = state.name(), "breaker changed by hand");

@@ -8,7 +8,6 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::breaker::{Breaker, BreakerState};
-use crate::config::AdminSettings;
 use crate::connection::ManagedConnection;
 use crate::consumer::Shared;
 use crate::metrics::Metrics;
@@ -23,7 +22,6 @@ struct Inner {
     consumers: Vec<Arc<Shared>>,
     connections: Vec<Arc<ManagedConnection>>,
     metrics: Metrics,
-    admin: AdminSettings,
 }
 
 /// An instant of tokio's clock as wall-clock time, RFC 3339.
@@ -47,19 +45,13 @@ impl WorkerView {
         consumers: Vec<Arc<Shared>>,
         connections: Vec<Arc<ManagedConnection>>,
         metrics: Metrics,
-        admin: AdminSettings,
     ) -> Self {
         Self(Arc::new(Inner {
             breakers,
             consumers,
             connections,
             metrics,
-            admin,
         }))
-    }
-
-    pub(crate) fn admin(&self) -> &AdminSettings {
-        &self.0.admin
     }
 
     pub(crate) fn breaker(&self, name: &str) -> Option<&Breaker> {

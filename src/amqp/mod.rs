@@ -13,9 +13,83 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
+use tokio::time::Instant;
+
+use crate::secret::{SecretUrl, scrub};
 
 pub(crate) use lapin::types::parsing::MALFORMED_KEY as UNREADABLE_KEY;
+
+/// Longest name AMQP can carry (a queue, an exchange, a routing key, a
+/// short string): 255 bytes.
+pub(crate) const MAX_NAME_LEN: usize = 255;
+
+/// `Ok` when `name` fits an AMQP short string (queue, exchange, routing key).
+///
+/// # Errors
+///
+/// A sentence giving the length, for a name over [`MAX_NAME_LEN`] bytes.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_NAME_LEN {
+        Err(format!(
+            "is {} bytes long; AMQP names are at most {MAX_NAME_LEN} bytes",
+            name.len()
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// `s` as a short string, or why it cannot be one.
+///
+/// # Errors
+///
+/// When `s` is over [`MAX_NAME_LEN`] bytes.
+pub(crate) fn short(s: &str) -> Result<ShortString, String> {
+    ShortString::try_new(s).map_err(|e| e.to_string())
+}
+
+/// `now + d`, or a time far enough away to mean "never" when that would
+/// overflow the clock.
+#[must_use]
+pub(crate) fn deadline(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
+/// Parses `broker.url` into what lapin connects to. The error names the
+/// problem without ever quoting the password. An IPv6 literal host
+/// (`amqp://…@[2001:db8::1]:5672/`) is kept as that address (the URI
+/// parser would fall back to `localhost`).
+///
+/// # Errors
+///
+/// A sentence saying what is wrong with the URL.
+pub(crate) fn parse_uri(url: &SecretUrl) -> Result<AMQPUri, String> {
+    let raw = url.expose();
+    let parsed = url::Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(parsed.scheme(), "amqp" | "amqps") {
+        return Err(format!(
+            "the scheme is {:?}; use amqp:// or amqps://",
+            parsed.scheme()
+        ));
+    }
+    if !parsed.has_host() || parsed.host_str().is_some_and(str::is_empty) {
+        return Err("no host".to_owned());
+    }
+    let mut uri: AMQPUri = raw.parse().map_err(|e: String| {
+        let password = parsed.password().unwrap_or_default();
+        scrub(&e, &[raw, password])
+    })?;
+    match parsed.host() {
+        Some(url::Host::Ipv6(addr)) => uri.authority.host = addr.to_string(),
+        Some(url::Host::Ipv4(addr)) => uri.authority.host = addr.to_string(),
+        _ => {}
+    }
+    Ok(uri)
+}
 
 /// Exponential backoff with jitter from `min` to `max`, without end.
 pub(crate) fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackoff {
@@ -75,6 +149,46 @@ mod tests {
             inner = table;
         }
         inner
+    }
+
+    #[test]
+    fn uri_hosts_are_kept_and_errors_never_quote_the_password() {
+        let uri = parse_uri(&SecretUrl::new("amqp://u:p@[2001:db8::1]:5673/%2f")).unwrap();
+        assert_eq!(
+            (uri.authority.host.as_str(), uri.authority.port),
+            ("2001:db8::1", 5673)
+        );
+        let uri = parse_uri(&SecretUrl::new("amqp://u:p@10.1.2.3/v")).unwrap();
+        assert_eq!(uri.authority.host, "10.1.2.3");
+        let uri = parse_uri(&SecretUrl::new("amqps://u:p@rabbit.internal/v")).unwrap();
+        assert_eq!(
+            (uri.authority.host.as_str(), uri.authority.port),
+            ("rabbit.internal", 5671)
+        );
+        for bad in [
+            "amqp://user:hunter2@host:notaport/%2f",
+            "amqp://user:hunter2@/%2f",
+            "http://user:hunter2@host/",
+            "amqp:user:hunter2@host",
+            "amqp://user:hunter2@host/%2f?heartbeat=x",
+            "amqp://user:hunter2@[::1/",
+        ] {
+            let e = parse_uri(&SecretUrl::new(bad)).expect_err(bad);
+            assert!(!e.contains("hunter2"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn names_past_255_bytes_and_far_deadlines_are_refused_or_capped() {
+        assert!(check_name(&"q".repeat(255)).is_ok());
+        assert!(
+            check_name(&"q".repeat(256))
+                .unwrap_err()
+                .contains("256 bytes")
+        );
+        assert!(short(&"é".repeat(128)).is_err());
+        let now = Instant::now();
+        assert!(deadline(now, Duration::MAX) > now + Duration::from_secs(86_400 * 365));
     }
 
     #[test]

@@ -4,6 +4,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// The most buckets a window may have (each is a few atomics).
+pub const MAX_WINDOW_BUCKETS: u32 = 1_000;
+
+/// The most half-open probes a breaker may take at once.
+pub const MAX_HALF_OPEN_PROBES: u32 = 1_000;
+
 /// How a breaker decides to trip, how long it stays open, and how it probes.
 ///
 /// Every field has a default, so `[breakers.billing-api]` with no keys is a
@@ -85,11 +91,27 @@ impl BreakerConfig {
         }
         if self.window_buckets == 0 {
             out.push(("window_buckets", "must be at least 1, got 0".to_owned()));
+        } else if self.window_buckets > MAX_WINDOW_BUCKETS {
+            out.push((
+                "window_buckets",
+                format!(
+                    "must be at most {MAX_WINDOW_BUCKETS}, got {}",
+                    self.window_buckets
+                ),
+            ));
         }
         if self.half_open_probes == 0 {
             out.push((
                 "half_open_probes",
                 "must be at least 1, got 0 (a breaker that never probes never closes)".to_owned(),
+            ));
+        } else if self.half_open_probes > MAX_HALF_OPEN_PROBES {
+            out.push((
+                "half_open_probes",
+                format!(
+                    "must be at most {MAX_HALF_OPEN_PROBES}, got {} (each probe is one message taken while the dependency may still be down)",
+                    self.half_open_probes
+                ),
             ));
         }
         if self.consecutive_failures == Some(0) {
@@ -107,6 +129,14 @@ impl BreakerConfig {
         ] {
             if value.is_zero() {
                 out.push((key, "must be greater than zero, got \"0s\"".to_owned()));
+            } else if value > crate::config::MAX_DURATION {
+                out.push((
+                    key,
+                    format!(
+                        "must be at most 100 years (\"100y\"), got {}",
+                        humantime::format_duration(value)
+                    ),
+                ));
             }
         }
         if self.max_open_timeout < self.open_timeout {
@@ -121,6 +151,7 @@ impl BreakerConfig {
         }
         if !self.window.is_zero()
             && self.window_buckets > 0
+            && self.window_buckets <= MAX_WINDOW_BUCKETS
             && self.window / self.window_buckets < Duration::from_millis(1)
         {
             out.push((

@@ -23,10 +23,10 @@ use crate::error::Error;
 pub struct DlqArgs {
     /// The work queue whose dead-letter queue to use (as configured). Needed
     /// when the config has more than one consumer.
-    #[arg(long, short, global = true, conflicts_with = "dlq")]
+    #[arg(long, short, global = true, conflicts_with = "dlq", value_parser = super::values::name)]
     pub queue: Option<String>,
     /// A dead-letter queue by name, instead of --queue.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = super::values::name)]
     pub dlq: Option<String>,
     /// Show times in UTC instead of local time.
     #[arg(long, global = true)]
@@ -47,7 +47,7 @@ pub struct Filters {
     #[arg(long)]
     pub reason: Option<String>,
     /// Dead-lettered within this long, e.g. 30m, 2h, 1d.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = super::values::duration)]
     pub since: Option<Duration>,
     /// Text in the error or the body (case-insensitive).
     #[arg(long)]
@@ -109,7 +109,7 @@ pub enum DlqCommand {
         #[arg(long)]
         dry_run: bool,
         /// At most this many per second, e.g. 50/s.
-        #[arg(long, value_parser = parse_rate)]
+        #[arg(long, value_parser = super::values::rate)]
         rate: Option<f64>,
         /// Stop after this many.
         #[arg(long)]
@@ -148,17 +148,9 @@ pub enum DlqCommand {
         /// The file written by `dlq export`.
         file: PathBuf,
         /// The queue to publish them to.
-        #[arg(long)]
+        #[arg(long, value_parser = super::values::name)]
         to: String,
     },
-}
-
-fn parse_rate(s: &str) -> Result<f64, String> {
-    let n = s.trim().trim_end_matches("/s").trim();
-    match n.parse::<f64>() {
-        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
-        _ => Err(format!("expected messages per second like 50/s, got {s:?}")),
-    }
 }
 
 /// A usage error (exit 2) or a failure (exit 1).
@@ -798,11 +790,7 @@ mod tests {
     }
 
     #[test]
-    fn rates_and_ages() {
-        assert_eq!(parse_rate("50/s"), Ok(50.0));
-        assert_eq!(parse_rate("2.5"), Ok(2.5));
-        assert!(parse_rate("0/s").is_err());
-        assert!(parse_rate("fast").is_err());
+    fn ages() {
         assert_eq!(age(Some(Duration::from_secs(59))), "59s");
         assert_eq!(age(Some(Duration::from_secs(3_600 * 5))), "5h");
         assert_eq!(age(None), "-");

@@ -22,7 +22,6 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Settings, Sources};
-use crate::secret::mask_url;
 use crate::{Worker, WorkerBuilder};
 
 /// rabbit-guard: RabbitMQ consumers that pause at the broker while their dependency fails.
@@ -134,11 +133,7 @@ where
 }
 
 fn check_config(settings: &Settings) -> ExitCode {
-    let mut shown = settings.clone();
-    shown.broker.url = mask_url(&shown.broker.url);
-    if shown.admin.token.is_some() {
-        shown.admin.token = Some("***".into());
-    }
+    let shown = settings.redacted();
     match toml::to_string_pretty(&shown) {
         Ok(text) => {
             output::line(&format!(
@@ -233,4 +228,59 @@ fn signals(token: CancellationToken) -> Result<tokio::task::JoinHandle<()>, crat
             std::process::exit(130);
         }
     }))
+}
+
+/// Parsers for command-line values, so no value can panic further in.
+pub(crate) mod values {
+    use std::time::Duration;
+
+    use crate::config::MAX_DURATION;
+
+    /// The fastest rate a tool paces at: faster is "as fast as it goes".
+    const MAX_RATE: f64 = 1_000_000.0;
+    /// The slowest: one message every 1,000 s.
+    const MIN_RATE: f64 = 0.001;
+
+    /// Messages per second: `50/s` or `2.5`, from 0.001 to 1,000,000.
+    pub(crate) fn rate(s: &str) -> Result<f64, String> {
+        let n = s.trim().trim_end_matches("/s").trim();
+        match n.parse::<f64>() {
+            Ok(r) if (MIN_RATE..=MAX_RATE).contains(&r) => Ok(r),
+            _ => Err(format!(
+                "expected messages per second from {MIN_RATE} to {MAX_RATE}, like 50/s"
+            )),
+        }
+    }
+
+    /// A duration like `30m`, `2h`, `1d`, at most 100 years.
+    pub(crate) fn duration(s: &str) -> Result<Duration, String> {
+        let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+        if d > MAX_DURATION {
+            return Err("must be at most 100 years (100y)".into());
+        }
+        Ok(d)
+    }
+
+    /// A queue or exchange name: at most 255 bytes.
+    pub(crate) fn name(s: &str) -> Result<String, String> {
+        crate::amqp::check_name(s).map(|()| s.to_owned())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn values_that_would_panic_are_refused() {
+            assert_eq!(rate("50/s"), Ok(50.0));
+            assert_eq!(rate("2.5"), Ok(2.5));
+            for bad in ["0/s", "1e-20/s", "inf", "NaN", "-1", "1e300", "fast"] {
+                assert!(rate(bad).is_err(), "{bad}");
+            }
+            assert!(duration("2h").is_ok());
+            assert!(duration("1000000y").is_err());
+            assert!(name(&"q".repeat(255)).is_ok());
+            assert!(name(&"q".repeat(256)).is_err());
+        }
+    }
 }

@@ -21,13 +21,13 @@ pub struct DemoArgs {
     #[arg(long)]
     pub url: Option<String>,
     /// How long the dependency is healthy before it fails.
-    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "6s", value_parser = super::values::duration)]
     pub healthy_for: Duration,
     /// How long the dependency fails.
-    #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "12s", value_parser = super::values::duration)]
     pub fail_for: Duration,
     /// Messages published per second.
-    #[arg(long, default_value_t = 40.0)]
+    #[arg(long, default_value_t = 40.0, value_parser = super::values::rate)]
     pub rate: f64,
 }
 
@@ -38,13 +38,13 @@ pub struct FlakyArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Healthy (200) for this long...
-    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "40s", value_parser = super::values::duration)]
     pub healthy: Duration,
     /// ...then failing (503) for this long, and again.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = super::values::duration)]
     pub failing: Duration,
     /// Delay every answer by this much.
-    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10ms", value_parser = super::values::duration)]
     pub latency: Duration,
 }
 
@@ -52,10 +52,10 @@ pub struct FlakyArgs {
 #[derive(Debug, Args)]
 pub struct PublishArgs {
     /// The queue to publish to (declared as its consumer in the config declares it).
-    #[arg(long, short)]
+    #[arg(long, short, value_parser = super::values::name)]
     pub queue: String,
     /// Messages per second.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 20.0, value_parser = super::values::rate)]
     pub rate: f64,
     /// Stop after this many (default: until Ctrl-C).
     #[arg(long)]
@@ -84,7 +84,7 @@ pub(crate) fn demo(settings: &Settings, args: &DemoArgs) -> ExitCode {
     };
     let mut broker = settings.broker.clone();
     if let Some(url) = &args.url {
-        broker.url.clone_from(url);
+        broker.url = url.clone().into();
     }
     let timeline = Timeline {
         healthy: args.healthy_for,
@@ -152,7 +152,7 @@ pub(crate) fn publish(settings: &Settings, args: &PublishArgs) -> ExitCode {
     };
     let mut broker = settings.broker.clone();
     if let Some(url) = &args.url {
-        broker.url.clone_from(url);
+        broker.url = url.clone().into();
     }
     let result = rt.block_on(async {
         let connection = crate::connection::connect_once(&broker, "publish").await?;

@@ -88,7 +88,7 @@ pub fn load_unvalidated(sources: &Sources) -> Result<Settings, ConfigError> {
         if let Err(e) = text.parse::<toml::Table>() {
             return Err(ConfigError::Syntax {
                 path,
-                message: one_line(&e.to_string()),
+                message: syntax_message(&text, &e),
             });
         }
         builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
@@ -118,14 +118,63 @@ pub fn load_unvalidated(sources: &Sources) -> Result<Settings, ConfigError> {
     }
     let config = builder.build().map_err(|e| ConfigError::Parse {
         files: files.clone(),
-        message: one_line(&e.to_string()),
+        message: without_values(&one_line(&e.to_string())),
     })?;
     config
         .try_deserialize::<Settings>()
         .map_err(|e| ConfigError::Parse {
             files,
-            message: one_line(&e.to_string()),
+            message: without_values(&one_line(&e.to_string())),
         })
+}
+
+/// The parser's message with its line and column, but not the snippet of
+/// the file it would quote: that line may hold a password.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let message = one_line(e.message());
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// A deserializer's message with the values it quotes cut out (`invalid
+/// type: string "hunter2", expected a map` → `invalid type: a string,
+/// expected a map`) when they may be secret: the key holds a URL, a token
+/// or header values, or the message names no key.
+fn without_values(message: &str) -> String {
+    let key = message
+        .rsplit_once("for key `")
+        .map(|(_, k)| k.trim_end_matches('`').to_ascii_lowercase());
+    let secret = key.is_none_or(|k| {
+        ["url", "token", "header", "secret", "password"]
+            .iter()
+            .any(|s| k.contains(s))
+    });
+    if !secret {
+        return message.to_owned();
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("string \"") {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        let after = &rest[at + "string \"".len()..];
+        // The quoted value ends at the last `"` before the next `,` or `for key`.
+        let end = after
+            .find("\", ")
+            .or_else(|| after.find("\" for key"))
+            .or_else(|| after.rfind('"'))
+            .unwrap_or(after.len());
+        rest = after.get(end + 1..).unwrap_or("");
+    }
+    out.push_str(rest);
+    out
 }
 
 fn one_line(s: &str) -> String {
@@ -177,15 +226,23 @@ fn env_key_to_path(rest: &str) -> Option<String> {
     (!path.is_empty()).then_some(path)
 }
 
-/// A value is read as TOML when it parses as one (`50`, `true`, `0.5`,
-/// `["1s", "5s"]`, `{ url = "…" }`), and as a plain string otherwise.
+/// A value written as a TOML list or table (`["1s", "5s"]`, `{ url = "…" }`)
+/// or a quoted TOML string is read as one; anything else stays the text it
+/// is, which config-rs turns into a number or boolean only where the key
+/// takes one. So `RABBIT_GUARD__ADMIN__TOKEN=0x10` is the token `0x10`,
+/// not 16, while `…__PREFETCH=100` is still the number 100.
 fn env_value(raw: &str) -> Value {
+    let text = || Value::new(None, ValueKind::String(raw.to_owned()));
+    let trimmed = raw.trim_start();
+    if !trimmed.starts_with(['[', '{', '"', '\'']) {
+        return text();
+    }
     match format!("v = {raw}").parse::<toml::Table>() {
         Ok(mut table) => match table.remove("v") {
             Some(v) => Value::new(None, toml_to_config(v)),
-            None => Value::new(None, ValueKind::String(raw.to_owned())),
+            None => text(),
         },
-        Err(_) => Value::new(None, ValueKind::String(raw.to_owned())),
+        Err(_) => text(),
     }
 }
 
@@ -214,6 +271,62 @@ mod tests {
     use super::*;
 
     #[test]
+    fn env_text_stays_text_and_lists_stay_lists() {
+        for raw in [
+            "0x10",
+            "1e3",
+            "true",
+            "50",
+            "0.5",
+            "1979-05-27",
+            "inf",
+            "nan",
+        ] {
+            assert_eq!(
+                env_value(raw).into_string().ok().as_deref(),
+                Some(raw),
+                "{raw} should stay the text it is"
+            );
+        }
+        assert_eq!(env_value("\"quoted\"").into_string().unwrap(), "quoted");
+        let list = env_value("[\"1s\", \"5s\"]").into_array().unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(env_value("[not toml").into_string().unwrap(), "[not toml");
+    }
+
+    #[test]
+    fn error_messages_do_not_quote_values() {
+        assert_eq!(
+            without_values(
+                "invalid type: string \"hunter2\", expected a map for key `consumers[0].http.headers`"
+            ),
+            "invalid type: a string, expected a map for key `consumers[0].http.headers`"
+        );
+        assert_eq!(
+            without_values("invalid type: string \"a\\\"b, c\" for key `admin.token`"),
+            "invalid type: a string for key `admin.token`"
+        );
+        assert_eq!(
+            without_values("unknown field `payments`"),
+            "unknown field `payments`"
+        );
+        assert_eq!(
+            without_values(
+                "invalid value: string \"-5s\", expected a duration for key `breakers.dep.open_timeout`"
+            ),
+            "invalid value: string \"-5s\", expected a duration for key `breakers.dep.open_timeout`",
+            "values of keys that hold no secret are shown"
+        );
+        let text = "[broker]\nurl = \"amqp://u:hunter2@h/\"\nport = = 1\n";
+        let e = text.parse::<toml::Table>().unwrap_err();
+        let m = syntax_message(text, &e);
+        assert!(
+            m.starts_with("line 3, column") && !m.contains("hunter2"),
+            "{m}"
+        );
+    }
+
+    #[test]
     fn env_keys_map_to_paths() {
         assert_eq!(
             env_key_to_path("BROKER__URL").as_deref(),
@@ -228,6 +341,7 @@ mod tests {
             Some("breakers.billing-api.failure_rate")
         );
         assert_eq!(env_key_to_path("0__X"), None);
+        assert_eq!(env_key_to_path("A__B\u{1b}"), None);
         assert_eq!(env_key_to_path("A____B"), None);
         assert_eq!(env_key_to_path("A__B C"), None);
     }

@@ -6,11 +6,16 @@
 //! 3. `local.toml` beside it, when it exists (git-ignored: for your machine);
 //! 4. environment variables `RABBIT_GUARD__SECTION__KEY`: path segments
 //!    separated by `__`, list indexes as numbers
-//!    (`RABBIT_GUARD__CONSUMERS__0__PREFETCH=100`), values read as TOML when
-//!    they parse (`RABBIT_GUARD__CONSUMERS__0__RETRY__DELAYS='["1s","5s"]'`) and
-//!    as plain strings otherwise. Unknown keys are errors, never ignored.
+//!    (`RABBIT_GUARD__CONSUMERS__0__PREFETCH=100`); a value is a list or table
+//!    when written as a TOML one
+//!    (`RABBIT_GUARD__CONSUMERS__0__RETRY__DELAYS='["1s","5s"]'`) and text
+//!    otherwise, converted to a number or boolean only where the key takes
+//!    one. Unknown keys are errors, never ignored.
 //!
-//! Durations are written as strings: `"500ms"`, `"5s"`, `"1m"`.
+//! Durations are written as strings: `"500ms"`, `"5s"`, `"1m"`; none may
+//! exceed [`MAX_DURATION`] (100 years). Environment values for keys that
+//! take a string (a token, a URL, a header value) stay exactly as written:
+//! `0x10` is the text `0x10`, not the number 16.
 
 mod error;
 mod load;
@@ -24,7 +29,7 @@ pub use settings::{
     QueueType, ReconnectSettings, RetrySettings, SafetyChecks, Settings, WorkerSettings,
     compact_duration,
 };
-pub use validate::BUILTIN_HANDLERS;
+pub use validate::{BUILTIN_HANDLERS, MAX_DURATION, MAX_RETRY_DELAY, MAX_THREADS};
 
 #[cfg(test)]
 mod tests;

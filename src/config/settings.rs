@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::BreakerConfig;
+use crate::secret::{MASK, Secret, SecretUrl};
 
 /// Everything the worker reads from its config files and environment.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -25,12 +26,35 @@ pub struct Settings {
     pub consumers: Vec<ConsumerSettings>,
 }
 
+impl Settings {
+    /// A copy fit to print: the broker password, the admin token, the
+    /// `http` handlers' URL credentials and header values masked.
+    #[must_use]
+    pub fn redacted(&self) -> Self {
+        let mut shown = self.clone();
+        shown.broker.url = SecretUrl::new(self.broker.url.masked());
+        if shown.admin.token.is_some() {
+            shown.admin.token = Some(Secret::new(MASK));
+        }
+        for c in &mut shown.consumers {
+            if let Some(h) = &mut c.http {
+                h.url = SecretUrl::new(h.url.masked());
+                for v in h.headers.values_mut() {
+                    *v = Secret::new(MASK);
+                }
+            }
+        }
+        shown
+    }
+}
+
 /// `[broker]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerSettings {
-    /// AMQP URI, e.g. `amqp://user:password@host:5672/%2f` (`amqps://` for TLS).
-    pub url: String,
+    /// AMQP URI, e.g. `amqp://user:password@host:5672/%2f` (`amqps://` for
+    /// TLS). Printed with the password masked.
+    pub url: SecretUrl,
     /// Connection name shown in the management UI and `rabbitmqctl list_connections`;
     /// `/consume` and `/publish` are appended for the worker's two connections.
     pub connection_name: String,
@@ -53,7 +77,7 @@ pub struct BrokerSettings {
 impl Default for BrokerSettings {
     fn default() -> Self {
         Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             connection_name: "rabbit-guard".to_owned(),
             startup_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
@@ -137,9 +161,17 @@ pub struct AdminSettings {
     /// `/breakers`, `/status`, manual breaker control), e.g. `127.0.0.1:9090`.
     /// Unset: no endpoint.
     pub listen: Option<String>,
-    /// Bearer token required for manual breaker control. Without one, manual
-    /// control is refused unless `listen` is a loopback address.
-    pub token: Option<String>,
+    /// Bearer token required for manual breaker control (`POST /breakers/…`).
+    /// Without one (here or in `token_file`), manual control is off.
+    pub token: Option<Secret>,
+    /// A file holding the token (its first line), so it need not sit in the
+    /// config; read at startup. Not together with `token`.
+    pub token_file: Option<std::path::PathBuf>,
+    /// Host names (besides its IP addresses and `localhost`) by which the
+    /// endpoint may be called: a `Host` header naming anything else is
+    /// refused for manual control, and for every request on loopback (the
+    /// DNS-rebinding guard).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `[log]`
@@ -316,14 +348,16 @@ impl Default for RetrySettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
-    /// The endpoint that receives each message body.
-    pub url: String,
+    /// The endpoint that receives each message body. Printed with its user
+    /// info and credential-like query parameters masked.
+    pub url: SecretUrl,
     /// HTTP method; default `POST`.
     #[serde(default = "default_method")]
     pub method: String,
-    /// Extra request headers.
+    /// Extra request headers. Their values are secret (an API key, a
+    /// bearer token): printed as `***`, sent marked sensitive.
     #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    pub headers: BTreeMap<String, Secret>,
     /// Statuses below 500 that mean the dependency failed rather than the
     /// message: like 5xx and connection errors they count against the
     /// breaker and are retried. Any other non-2xx status dead-letters the
@@ -336,7 +370,7 @@ impl HttpSettings {
     /// Settings for `url` with every other key at its default.
     pub fn to(url: impl Into<String>) -> Self {
         Self {
-            url: url.into(),
+            url: SecretUrl::new(url),
             method: default_method(),
             headers: BTreeMap::new(),
             transient_statuses: default_transient_statuses(),

@@ -77,7 +77,10 @@ fn the_readme_example_loads_as_written() {
         c.retry.delays,
         [Duration::from_secs(1), Duration::from_secs(5)]
     );
-    assert_eq!(c.http.as_ref().unwrap().url, "http://127.0.0.1:8080/orders");
+    assert_eq!(
+        c.http.as_ref().unwrap().url.expose(),
+        "http://127.0.0.1:8080/orders"
+    );
 }
 
 #[test]
@@ -111,7 +114,7 @@ fn each_env_override_form_really_overrides() {
         &[],
     )
     .expect("overrides should load");
-    assert_eq!(s.broker.url, "amqp://u:p@10.0.0.1:5672/%2fx");
+    assert_eq!(s.broker.url.expose(), "amqp://u:p@10.0.0.1:5672/%2fx");
     assert_eq!(s.broker.reconnect.max_attempts, Some(7));
     assert_eq!(s.log.format, LogFormat::Json);
     assert_eq!(s.breakers["dep"].failure_rate, 0.25);
@@ -424,5 +427,106 @@ fn every_problem_is_reported_at_once() {
     assert!(
         problems.len() >= 5,
         "expected all five problems, got {problems:#?}"
+    );
+}
+
+#[test]
+fn string_keys_from_the_environment_stay_exactly_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "c.toml",
+        &format!("{MINIMAL}http.url = \"http://127.0.0.1:1/x\"\n"),
+    );
+    let s = load(
+        &with_env(
+            file,
+            &[
+                ("RABBIT_GUARD__ADMIN__TOKEN", "0x10"),
+                (
+                    "RABBIT_GUARD__CONSUMERS__0__HTTP__HEADERS__X_API_KEY",
+                    "1e3",
+                ),
+                ("RABBIT_GUARD__BROKER__CONNECTION_NAME", "true"),
+                ("RABBIT_GUARD__CONSUMERS__0__DECLARE", "false"),
+                ("RABBIT_GUARD__WORKER__THREADS", "2"),
+            ],
+        ),
+        &[],
+    )
+    .expect("overrides should load");
+    assert_eq!(
+        s.admin.token.as_ref().map(crate::secret::Secret::expose),
+        Some("0x10"),
+        "a token that looks like a number stays text"
+    );
+    assert_eq!(
+        s.consumers[0].http.as_ref().unwrap().headers["x_api_key"].expose(),
+        "1e3"
+    );
+    assert_eq!(s.broker.connection_name, "true");
+    assert!(!s.consumers[0].declare, "a boolean key still reads false");
+    assert_eq!(s.worker.threads, 2, "a number key still reads 2");
+}
+
+#[test]
+fn values_that_would_panic_are_refused_with_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "q".repeat(250);
+    let file = write(
+        dir.path(),
+        "c.toml",
+        &format!(
+            r#"
+[broker]
+startup_timeout = "1000y"
+[worker]
+shutdown_grace = "200y"
+threads = 60000
+[breakers.dep]
+window_buckets = 4000000000
+open_timeout = "300y"
+max_open_timeout = "300y"
+half_open_probes = 4000000000
+
+[[consumers]]
+queue = "{long}"
+breaker = "dep"
+handler = "noop"
+retry.delays = ["1s", "60d"]
+
+[[consumers]]
+queue = "{long}{long}"
+breaker = "dep"
+handler = "noop"
+dead_letter_exchange = "{long}{long}"
+"#
+        ),
+    );
+    let err = load(&sources(file), &[]).expect_err("must be refused");
+    let ConfigError::Invalid(problems) = &err else {
+        panic!("expected validation problems, got {err}");
+    };
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    for want in [
+        "broker.startup_timeout",
+        "worker.shutdown_grace",
+        "worker.threads",
+        "breakers.dep.window_buckets",
+        "breakers.dep.open_timeout",
+        "breakers.dep.max_open_timeout",
+        "breakers.dep.half_open_probes",
+        "consumers[0].queue",
+        "consumers[0].retry.delays[1]",
+        "consumers[1].dead_letter_exchange",
+        "consumers[1].queue",
+    ] {
+        assert!(keys.contains(&want), "{want} should be refused: {err}");
+    }
+    assert!(
+        problems
+            .iter()
+            .all(|p| p.value.as_ref().is_none_or(|v| v.len() < 120)),
+        "long values are cut in the message: {err}"
     );
 }

@@ -2,9 +2,56 @@
 
 use std::collections::BTreeSet;
 
+use std::time::Duration;
+
 use super::error::{ConfigError, Problem};
 use super::settings::Settings;
-use crate::secret::mask_url;
+use crate::amqp::check_name;
+use crate::secret::SecretUrl;
+
+/// The longest duration any setting takes: 100 years (`"100y"`), which
+/// means "forever" and still leaves room to add it to the clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(3_155_760_000);
+
+/// The longest retry delay: RabbitMQ's limit for `x-message-ttl`
+/// (2³² − 1 ms, about 49.7 days).
+pub const MAX_RETRY_DELAY: Duration = Duration::from_millis(4_294_967_295);
+
+/// The most threads `worker.threads` may ask for.
+pub const MAX_THREADS: u16 = 1024;
+
+fn too_long(key: &str, d: Duration) -> Option<Problem> {
+    (d > MAX_DURATION).then(|| {
+        problem(
+            key,
+            quoted(&humantime::format_duration(d).to_string()),
+            "must be at most 100 years (\"100y\", which already means forever)",
+        )
+    })
+}
+
+fn name_problem(key: String, name: &str) -> Option<Problem> {
+    check_name(name)
+        .err()
+        .map(|why| problem(key, quoted(&crate::dead_letter::truncate(name, 40)), why))
+}
+
+/// `url` as a problem of `key` when it is not an http(s) URL (shown masked).
+fn http_url_problem(key: String, url: &SecretUrl) -> Option<Problem> {
+    match url::Url::parse(url.expose()) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => None,
+        Ok(_) => Some(problem(
+            key,
+            quoted(&url.masked()),
+            "must be an http:// or https:// URL with a host",
+        )),
+        Err(e) => Some(problem(
+            key,
+            quoted(&url.masked()),
+            format!("not a URL ({e})"),
+        )),
+    }
+}
 
 /// Handler kinds built into the binary.
 pub const BUILTIN_HANDLERS: &[&str] = &["http", "noop"];
@@ -42,12 +89,15 @@ impl Settings {
     pub fn problems(&self, extra_handlers: &[&str]) -> Vec<Problem> {
         let mut out = Vec::new();
         let b = &self.broker;
-        if let Err(e) = b.url.parse::<lapin::uri::AMQPUri>() {
+        if let Err(e) = crate::amqp::parse_uri(&b.url) {
             out.push(problem(
                 "broker.url",
-                quoted(&mask_url(&b.url)),
-                format!("not an AMQP URI ({e}); expected amqp://user:password@host:5672/vhost"),
+                quoted(&b.url.masked()),
+                format!("not an AMQP URI: {e}; expected amqp://user:password@host:5672/vhost"),
             ));
+        }
+        if let Some(p) = name_problem("broker.connection_name".into(), &b.connection_name) {
+            out.push(p);
         }
         for (key, d) in [
             ("broker.connect_timeout", b.connect_timeout),
@@ -58,6 +108,16 @@ impl Settings {
             if d.is_zero() {
                 out.push(problem(key, quoted("0s"), "must be greater than zero"));
             }
+        }
+        for (key, d) in [
+            ("broker.startup_timeout", b.startup_timeout),
+            ("broker.connect_timeout", b.connect_timeout),
+            ("broker.consumer_timeout", b.consumer_timeout),
+            ("broker.reconnect.initial_delay", b.reconnect.initial_delay),
+            ("broker.reconnect.max_delay", b.reconnect.max_delay),
+            ("worker.shutdown_grace", self.worker.shutdown_grace),
+        ] {
+            out.extend(too_long(key, d));
         }
         if b.reconnect.max_delay < b.reconnect.initial_delay {
             out.push(problem(
@@ -73,11 +133,11 @@ impl Settings {
                 "must be at least 1 (leave it out to retry forever)",
             ));
         }
-        if self.worker.threads == 0 {
+        if self.worker.threads == 0 || self.worker.threads > MAX_THREADS {
             out.push(problem(
                 "worker.threads",
-                Some("0".into()),
-                "must be at least 1",
+                Some(self.worker.threads.to_string()),
+                format!("must be from 1 to {MAX_THREADS}"),
             ));
         }
         if let Some(listen) = &self.admin.listen
@@ -92,13 +152,20 @@ impl Settings {
         if self
             .admin
             .token
-            .as_deref()
-            .is_some_and(|t| t.trim().is_empty())
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().is_empty())
         {
             out.push(problem(
                 "admin.token",
                 quoted(""),
                 "must not be empty (leave it out for none)",
+            ));
+        }
+        if self.admin.token.is_some() && self.admin.token_file.is_some() {
+            out.push(problem(
+                "admin.token_file",
+                None,
+                "set admin.token or admin.token_file, not both",
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
@@ -131,6 +198,8 @@ impl Settings {
                     None,
                     "must be set to the queue to consume",
                 ));
+            } else if let Some(p) = name_problem(key("queue"), &c.queue) {
+                out.push(p);
             } else if !queues.insert(c.queue.clone()) {
                 out.push(problem(
                     key("queue"),
@@ -194,11 +263,27 @@ impl Settings {
                 ));
             }
             for (j, d) in c.retry.delays.iter().enumerate() {
+                let key = format!("consumers[{i}].retry.delays[{j}]");
                 if d.is_zero() {
+                    out.push(problem(key, quoted("0s"), "must be greater than zero"));
+                } else if *d > MAX_RETRY_DELAY {
                     out.push(problem(
-                        format!("consumers[{i}].retry.delays[{j}]"),
-                        quoted("0s"),
-                        "must be greater than zero",
+                        key,
+                        quoted(&humantime::format_duration(*d).to_string()),
+                        "must be at most 49d 17h 2m 47s 295ms (RabbitMQ's longest message TTL)",
+                    ));
+                } else if c.queue.len() <= crate::amqp::MAX_NAME_LEN
+                    && let Some(p) =
+                        name_problem(format!("consumers[{i}].queue"), &c.delay_queue(*d))
+                {
+                    out.push(problem(
+                        p.key,
+                        quoted(&crate::dead_letter::truncate(&c.queue, 40)),
+                        format!(
+                            "its delay queue {:?} {}",
+                            crate::dead_letter::truncate(&c.delay_queue(*d), 40),
+                            p.message
+                        ),
                     ));
                 }
             }
@@ -210,18 +295,23 @@ impl Settings {
                         "must be set for handler = \"http\"",
                     )),
                     Some(h) => {
-                        match url::Url::parse(&h.url) {
-                            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-                            Ok(_) => out.push(problem(
-                                key("http.url"),
-                                quoted(&mask_url(&h.url)),
-                                "must be an http:// or https:// URL",
-                            )),
-                            Err(e) => out.push(problem(
-                                key("http.url"),
-                                quoted(&mask_url(&h.url)),
-                                format!("not a URL ({e})"),
-                            )),
+                        out.extend(http_url_problem(key("http.url"), &h.url));
+                        for (name, value) in &h.headers {
+                            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                                out.push(problem(
+                                    key("http.headers"),
+                                    quoted(&crate::dead_letter::truncate(name, 40)),
+                                    "not an HTTP header name",
+                                ));
+                            } else if reqwest::header::HeaderValue::from_str(value.expose())
+                                .is_err()
+                            {
+                                out.push(problem(
+                                    key(&format!("http.headers.{name}")),
+                                    None,
+                                    "not a valid header value (control characters or non-ASCII)",
+                                ));
+                            }
                         }
                         if reqwest::Method::from_bytes(h.method.as_bytes()).is_err() {
                             out.push(problem(
@@ -256,9 +346,17 @@ impl Settings {
                     "must be at least 1",
                 ));
             }
-            for (k, name) in [
-                ("dead_letter_exchange", &c.dead_letter_exchange),
-                ("dead_letter_queue", &c.dead_letter_queue),
+            for (k, name, derived) in [
+                (
+                    "dead_letter_exchange",
+                    &c.dead_letter_exchange,
+                    c.dead_letter_exchange(),
+                ),
+                (
+                    "dead_letter_queue",
+                    &c.dead_letter_queue,
+                    c.dead_letter_queue(),
+                ),
             ] {
                 if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
                     out.push(problem(
@@ -266,6 +364,18 @@ impl Settings {
                         quoted(""),
                         "must not be empty (leave it out for the default)",
                     ));
+                } else if (name.is_some() || c.queue.len() <= crate::amqp::MAX_NAME_LEN)
+                    && let Some(p) = name_problem(key(k), &derived)
+                {
+                    let message = if name.is_none() {
+                        format!(
+                            "the default name {p_msg} (a shorter queue name, or set {k})",
+                            p_msg = p.message
+                        )
+                    } else {
+                        p.message
+                    };
+                    out.push(problem(p.key, p.value, message));
                 }
             }
         }

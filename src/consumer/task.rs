@@ -327,7 +327,8 @@ const COPY_RETRY_MAX: Duration = Duration::from_secs(10);
 /// or nacked copy. The original stays unacked meanwhile, so nothing is
 /// lost and nothing is handled again; the prefetch bounds how many wait.
 /// False when the copy was given up: the session ended (the broker has
-/// requeued the original), or the broker's consumer timeout is near.
+/// requeued the original), the publishing connection was lost, or the
+/// broker's consumer timeout is near.
 async fn store_copy(
     shared: &Shared,
     ctx: &Context,
@@ -337,7 +338,7 @@ async fn store_copy(
     routing_key: &str,
     properties: BasicProperties,
 ) -> bool {
-    let deadline = Instant::now() + publisher.timeout();
+    let deadline = crate::amqp::deadline(Instant::now(), publisher.timeout());
     let mut backoff = crate::amqp::backoff(COPY_RETRY_MIN, COPY_RETRY_MAX);
     let mut waiting = None;
     loop {
@@ -356,6 +357,14 @@ async fn store_copy(
             }
             Err(e) => e,
         };
+        if !publisher.is_open() {
+            // The publishing connection is gone, and this publisher with
+            // it: the session ends and the original goes back to the queue
+            // (nacked here if its channel still works, else by the broker).
+            // Not the broker refusing the copy: no trouble to report.
+            debug!(queue = %shared.queue, target = routing_key, error = %error, "publishing connection lost while storing a copy; returning the original");
+            return false;
+        }
         inc(&shared.stats.publish_failures);
         waiting.get_or_insert_with(|| CopyWaiting::new(&shared.stats));
         copy_failed(shared, routing_key, &error);

@@ -63,8 +63,8 @@ pub fn typed(v: &AMQPValue) -> Value {
         AMQPValue::LongInt(n) => json!({ "i32": n }),
         AMQPValue::LongUInt(n) => json!({ "u32": n }),
         AMQPValue::LongLongInt(n) => json!({ "i64": n }),
-        AMQPValue::Float(f) => json!({ "f32": f }),
-        AMQPValue::Double(f) => json!({ "f64": f }),
+        AMQPValue::Float(f) => json!({ "f32": float_typed(f64::from(*f)) }),
+        AMQPValue::Double(f) => json!({ "f64": float_typed(*f) }),
         AMQPValue::DecimalValue(d) => json!({ "decimal": [d.scale, d.value] }),
         AMQPValue::ShortString(s) => json!({ "short": s.as_str() }),
         AMQPValue::LongString(s) => json!({ "long": B64.encode(s.as_bytes()) }),
@@ -78,6 +78,30 @@ pub fn typed(v: &AMQPValue) -> Value {
     }
 }
 
+/// A float as JSON: a number, or `"NaN"`, `"inf"`, `"-inf"` (which JSON
+/// numbers cannot hold).
+fn float_typed(f: f64) -> Value {
+    if f.is_finite() {
+        json!(f)
+    } else if f.is_nan() {
+        json!("NaN")
+    } else if f > 0.0 {
+        json!("inf")
+    } else {
+        json!("-inf")
+    }
+}
+
+fn float_from_typed(v: &Value) -> Result<f64, String> {
+    match v {
+        Value::Number(n) => n.as_f64().ok_or_else(|| bad(&v.to_string())),
+        Value::String(s) if s == "NaN" => Ok(f64::NAN),
+        Value::String(s) if s == "inf" => Ok(f64::INFINITY),
+        Value::String(s) if s == "-inf" => Ok(f64::NEG_INFINITY),
+        _ => Err(bad(&v.to_string())),
+    }
+}
+
 /// A field table in the typed form.
 #[must_use]
 pub fn table_typed(t: &FieldTable) -> Map<String, Value> {
@@ -88,7 +112,21 @@ pub fn table_typed(t: &FieldTable) -> Map<String, Value> {
 }
 
 fn bad(what: &str) -> String {
-    format!("not a typed AMQP value: {what}")
+    format!("not a typed AMQP value: {}", cut(what))
+}
+
+/// A value quoted in an error, cut to a readable length.
+fn cut(s: &str) -> String {
+    crate::dead_letter::truncate(s, 60)
+}
+
+fn short(s: &str) -> Result<ShortString, String> {
+    crate::amqp::short(s).map_err(|_| {
+        format!(
+            "{} bytes is too long for a short string (at most 255)",
+            s.len()
+        )
+    })
 }
 
 fn int<T: TryFrom<i64>>(v: &Value) -> Result<T, String> {
@@ -129,8 +167,8 @@ pub fn from_typed(v: &Value) -> Result<AMQPValue, String> {
         "i32" => AMQPValue::LongInt(int(inner)?),
         "u32" => AMQPValue::LongUInt(uint(inner)?),
         "i64" => AMQPValue::LongLongInt(int(inner)?),
-        "f32" => AMQPValue::Float(inner.as_f64().ok_or_else(|| bad(&inner.to_string()))? as f32),
-        "f64" => AMQPValue::Double(inner.as_f64().ok_or_else(|| bad(&inner.to_string()))?),
+        "f32" => AMQPValue::Float(float_from_typed(inner)? as f32),
+        "f64" => AMQPValue::Double(float_from_typed(inner)?),
         "decimal" => {
             let parts = inner
                 .as_array()
@@ -141,9 +179,9 @@ pub fn from_typed(v: &Value) -> Result<AMQPValue, String> {
                 value: uint(&parts[1])?,
             })
         }
-        "short" => AMQPValue::ShortString(ShortString::from(
+        "short" => AMQPValue::ShortString(short(
             inner.as_str().ok_or_else(|| bad(&inner.to_string()))?,
-        )),
+        )?),
         "long" => AMQPValue::LongString(LongString::from(b64(inner)?)),
         "array" => {
             let items = inner.as_array().ok_or_else(|| bad(&inner.to_string()))?;
@@ -171,9 +209,10 @@ pub fn from_typed(v: &Value) -> Result<AMQPValue, String> {
 pub fn table_from_typed(obj: &Map<String, Value>) -> Result<FieldTable, String> {
     let mut t = FieldTable::default();
     for (k, v) in obj {
+        let name = short(k).map_err(|e| format!("header name {:?}: {e}", cut(k)))?;
         t.insert(
-            ShortString::from(k.as_str()),
-            from_typed(v).map_err(|e| format!("header {k:?}: {e}"))?,
+            name,
+            from_typed(v).map_err(|e| format!("header {:?}: {e}", cut(k)))?,
         );
     }
     Ok(t)
@@ -223,7 +262,7 @@ pub fn properties_from_typed(m: &Map<String, Value>) -> Result<BasicProperties, 
     let s = |k: &str| -> Result<Option<ShortString>, String> {
         match m.get(k) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(ShortString::from(s.as_str()))),
+            Some(Value::String(s)) => short(s).map(Some).map_err(|e| format!("property {k}: {e}")),
             Some(other) => Err(format!("property {k}: expected a string, got {other}")),
         }
     };
@@ -330,6 +369,40 @@ mod tests {
             let back = from_typed(&typed(&v)).unwrap();
             assert_eq!(back, v, "{v:?} did not round-trip");
         }
+    }
+
+    #[test]
+    fn values_too_long_for_amqp_are_refused_not_a_panic() {
+        let long = "x".repeat(300);
+        let mut m = Map::new();
+        m.insert("message_id".into(), json!(long));
+        let e = properties_from_typed(&m).unwrap_err();
+        assert!(e.contains("message_id") && e.contains("300 bytes"), "{e}");
+        let mut h = Map::new();
+        h.insert(long.clone(), json!({ "bool": true }));
+        let e = table_from_typed(&h).unwrap_err();
+        assert!(e.contains("header name") && e.len() < 200, "{e}");
+        let e = from_typed(&json!({ "short": long })).unwrap_err();
+        assert!(e.contains("300 bytes"), "{e}");
+    }
+
+    #[test]
+    fn floats_json_cannot_hold_round_trip() {
+        for f in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.0] {
+            let back = from_typed(&typed(&AMQPValue::Double(f))).unwrap();
+            let AMQPValue::Double(b) = back else {
+                panic!("{back:?}")
+            };
+            assert!(
+                b.to_bits() == f.to_bits() || (b.is_nan() && f.is_nan()),
+                "{f} came back as {b}"
+            );
+        }
+        let back = from_typed(&typed(&AMQPValue::Float(f32::NAN))).unwrap();
+        assert!(
+            matches!(back, AMQPValue::Float(f) if f.is_nan()),
+            "{back:?}"
+        );
     }
 
     #[test]

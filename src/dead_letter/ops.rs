@@ -158,7 +158,12 @@ impl Pace {
         Self {
             every: rate
                 .filter(|r| *r > 0.0)
-                .map(|r| Duration::from_secs_f64(1.0 / r)),
+                .map(|r| {
+                    Duration::try_from_secs_f64(1.0 / r).map_or(crate::config::MAX_DURATION, |d| {
+                        d.min(crate::config::MAX_DURATION)
+                    })
+                })
+                .filter(|d| !d.is_zero()),
             next: Instant::now(),
         }
     }
@@ -166,7 +171,7 @@ impl Pace {
     async fn wait(&mut self) {
         if let Some(every) = self.every {
             tokio::time::sleep_until(self.next).await;
-            self.next = self.next.max(Instant::now()) + every;
+            self.next = crate::amqp::deadline(self.next.max(Instant::now()), every);
         }
     }
 }

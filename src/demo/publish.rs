@@ -26,7 +26,10 @@ pub async fn steady(
     mut on_confirm: impl FnMut(u64),
 ) -> Result<u64, Error> {
     let channel = crate::publish::confirm_channel(connection).await?;
-    let every = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    // Any rate, even 0, NaN or infinite, paces at something from 1 µs to 1,000 s.
+    let every = Duration::try_from_secs_f64(1.0 / rate.clamp(0.001, 1e6))
+        .unwrap_or(Duration::from_secs(1))
+        .max(Duration::from_micros(1));
     let mut ticks = tokio::time::interval_at(Instant::now(), every);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut sent = 0u64;

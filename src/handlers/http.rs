@@ -5,20 +5,20 @@ use reqwest::{Method, StatusCode};
 
 use crate::config::HttpSettings;
 use crate::handler::{Context, Handler, HandlerError};
-use crate::secret::mask_url;
 
 /// Sends each message body to an HTTP endpoint.
 ///
 /// The request carries the body, its `content_type` (default
 /// `application/octet-stream`), `X-Message-Id` (when the message has one),
-/// `X-Attempt`, and the configured extra headers.
+/// `X-Attempt`, and the configured extra headers (marked sensitive, so
+/// they never print). Error texts show the URL with its credentials masked.
 ///
 /// | response | outcome |
 /// |---|---|
 /// | 2xx | success: ack |
 /// | connect error, timeout, 5xx, `http.transient_statuses` (default 408, 429) | transient: counts against the breaker, retried |
 /// | any other status | permanent: dead-lettered with the status and the start of the body |
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpHandler {
     client: reqwest::Client,
     url: reqwest::Url,
@@ -26,6 +26,18 @@ pub struct HttpHandler {
     method: Method,
     headers: HeaderMap,
     transient: Vec<StatusCode>,
+}
+
+impl std::fmt::Debug for HttpHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // By hand: the URL's own Debug would print its credentials.
+        f.debug_struct("HttpHandler")
+            .field("url", &self.shown_url)
+            .field("method", &self.method)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("transient", &self.transient)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How much of an error response body is kept in the error text.
@@ -40,16 +52,17 @@ impl HttpHandler {
     ///
     /// A message naming the bad key when the URL, method or a header is invalid.
     pub fn new(settings: &HttpSettings, timeout: Duration) -> Result<Self, String> {
-        let url = reqwest::Url::parse(&settings.url)
-            .map_err(|e| format!("http.url {:?} is not a URL: {e}", mask_url(&settings.url)))?;
+        let url = reqwest::Url::parse(settings.url.expose())
+            .map_err(|e| format!("http.url {:?} is not a URL: {e}", settings.url.masked()))?;
         let method = Method::from_bytes(settings.method.as_bytes())
             .map_err(|_| format!("http.method {:?} is not an HTTP method", settings.method))?;
         let mut headers = HeaderMap::new();
         for (name, value) in &settings.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("http.headers: {name:?} is not a header name"))?;
-            let value = HeaderValue::from_str(value)
+            let mut value = HeaderValue::from_str(value.expose())
                 .map_err(|_| format!("http.headers.{name}: not a valid header value"))?;
+            value.set_sensitive(true);
             headers.insert(name, value);
         }
         let client = reqwest::Client::builder()
@@ -67,7 +80,7 @@ impl HttpHandler {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             client,
-            shown_url: mask_url(url.as_str()),
+            shown_url: settings.url.masked(),
             url,
             method,
             headers,

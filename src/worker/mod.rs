@@ -260,7 +260,22 @@ impl Worker {
         // Bind the admin address first: a taken port fails fast, before any
         // broker work, and health checks can see the worker waiting for it.
         let admin = match &self.settings.admin.listen {
-            Some(listen) => Some(admin::bind(listen).await?),
+            Some(listen) => {
+                let token = admin::resolve_token(&self.settings.admin).map_err(|message| {
+                    Error::Config(crate::config::ConfigError::Invalid(vec![
+                        crate::config::Problem {
+                            key: "admin.token_file".into(),
+                            value: None,
+                            message,
+                        },
+                    ]))
+                })?;
+                let (listener, addr) = admin::bind(listen).await?;
+                Some((
+                    listener,
+                    admin::Access::new(addr, token, &self.settings.admin),
+                ))
+            }
             None => None,
         };
         let broker = &self.settings.broker;
@@ -271,10 +286,9 @@ impl Worker {
             self.consumers.clone(),
             vec![consume.clone(), publish.clone()],
             self.metrics.clone(),
-            self.settings.admin.clone(),
         );
         let admin_stop = CancellationToken::new();
-        let admin_task = admin.map(|(listener, _)| {
+        let admin_task = admin.map(|(listener, access)| {
             let upkeep = self.metrics.clone();
             let stop = admin_stop.clone();
             tokio::spawn(async move {
@@ -285,7 +299,12 @@ impl Worker {
                     () = stop.cancelled() => {}
                 }
             });
-            tokio::spawn(admin::serve(listener, view.clone(), admin_stop.clone()))
+            tokio::spawn(admin::serve(
+                listener,
+                view.clone(),
+                access,
+                admin_stop.clone(),
+            ))
         });
         let result = self.run_connected(&consume, &publish, shutdown).await;
         admin_stop.cancel();

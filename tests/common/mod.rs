@@ -576,7 +576,7 @@ pub fn fast_breaker() -> BreakerConfig {
 /// Settings with one consumer of a fresh queue, handled by `handler`.
 pub fn settings(prefix: &str, handler: &str, breaker: BreakerConfig) -> Settings {
     let mut s = Settings::default();
-    s.broker.url = amqp_addr();
+    s.broker.url = amqp_addr().into();
     s.broker.connection_name = unique(prefix);
     s.worker.shutdown_grace = Duration::from_secs(5);
     s.breakers.insert("dep".into(), breaker);

@@ -1,0 +1,62 @@
+//! Text from outside (headers, bodies, error texts, HTTP headers) made safe
+//! to show on a terminal or in a log line.
+
+use std::fmt::Write;
+
+/// True for characters a terminal would act on rather than show: C0 and C1
+/// controls, DEL, and the bidirectional overrides that reorder what is
+/// shown (`U+202A`–`U+202E`, `U+2066`–`U+2069`).
+fn is_hostile(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` with every control character escaped (`\u{1b}`, `\n`, `\t`), so
+/// hostile text cannot move the cursor, recolour or clear the terminal, or
+/// forge extra output lines.
+#[must_use]
+pub fn printable(s: &str) -> String {
+    escape(s, false)
+}
+
+/// As [`printable`], but keeps line breaks and tabs: for a multi-line body.
+#[must_use]
+pub fn printable_lines(s: &str) -> String {
+    escape(s, true)
+}
+
+fn escape(s: &str, keep_lines: bool) -> String {
+    if !s.chars().any(is_hostile) {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' | '\t' if keep_lines => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if is_hostile(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("plain é"), "plain é");
+        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("x\ny\r\t"), "x\\ny\\r\\t");
+        assert_eq!(printable("\u{7f}\u{9b}\u{202e}"), "\\u{7f}\\u{9b}\\u{202e}");
+        assert_eq!(
+            printable_lines("{\n\t\"a\": \"\u{1b}\"\n}"),
+            "{\n\t\"a\": \"\\u{1b}\"\n}"
+        );
+    }
+}
