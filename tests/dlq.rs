@@ -5,10 +5,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::dlq_cli::Cli;
 use common::*;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
@@ -38,86 +38,6 @@ impl Handler for Picky {
             "boom" => panic!("handler exploded"),
             other => Err(HandlerError::permanent(format!("unknown kind {other}"))),
         }
-    }
-}
-
-/// Writes `settings` to a config file and runs `rabbit-guard dlq <args>`.
-struct Cli {
-    dir: tempfile::TempDir,
-    queue: String,
-}
-
-impl Cli {
-    fn new(settings: &Settings) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("c.toml"),
-            toml::to_string(settings).unwrap(),
-        )
-        .unwrap();
-        Self {
-            dir,
-            queue: settings.consumers[0].queue.clone(),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
-            .arg("dlq")
-            .args(args)
-            .arg("--config")
-            .arg(self.dir.path().join("c.toml"))
-            .arg("--queue")
-            .arg(&self.queue)
-            .env_remove("RUST_LOG")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run rabbit-guard dlq")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "dlq {args:?} failed ({:?}): {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `dlq list --json` of any queue (`--dlq NAME`): a look without consuming.
-    fn peek(&self, queue: &str) -> Vec<Value> {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
-            .args(["dlq", "list", "--json", "--dlq", queue, "--config"])
-            .arg(self.dir.path().join("c.toml"))
-            .env_remove("RUST_LOG")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run rabbit-guard dlq list");
-        assert!(
-            out.status.success(),
-            "dlq list --dlq {queue} failed ({:?}): {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect()
-    }
-
-    fn json(&self, args: &[&str]) -> Vec<Value> {
-        let mut all = vec!["list", "--json"];
-        all.extend(args);
-        self.ok(&all)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect()
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
     }
 }
 

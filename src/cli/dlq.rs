@@ -17,6 +17,7 @@ use crate::dead_letter::{
     self, DeadLetter, ImportReport, MoveReport, Moved, ReplayOptions, Selector, json,
 };
 use crate::error::Error;
+use crate::text::{printable, printable_lines};
 
 /// `rabbit-guard dlq`
 #[derive(Debug, Args)]
@@ -114,6 +115,13 @@ pub enum DlqCommand {
         /// Stop after this many.
         #[arg(long)]
         limit: Option<u64>,
+        /// Send them to this queue instead of their original one (asks for
+        /// confirmation unless it is the configured consumer's queue).
+        #[arg(long, value_parser = super::values::name)]
+        to: Option<String>,
+        /// Don't ask for confirmation of --to.
+        #[arg(long, short)]
+        yes: bool,
     },
     /// Delete selected messages.
     Purge {
@@ -136,9 +144,13 @@ pub enum DlqCommand {
         /// Which messages.
         #[command(flatten)]
         filters: Filters,
-        /// The file to write.
+        /// The file to write (created readable by you only; never through
+        /// a symlink).
         #[arg(long)]
         out: PathBuf,
+        /// Replace the file if it exists.
+        #[arg(long)]
+        force: bool,
         /// Stop after this many.
         #[arg(long)]
         limit: Option<u64>,
@@ -183,9 +195,19 @@ pub(crate) fn run(settings: &Settings, args: DlqArgs) -> ExitCode {
     }
 }
 
-fn dead_letter_queue(settings: &Settings, args: &DlqArgs) -> Result<String, Failure> {
+/// The dead-letter queue to work on, and the work queue of the configured
+/// consumer it belongs to (if any).
+fn dead_letter_queue(
+    settings: &Settings,
+    args: &DlqArgs,
+) -> Result<(String, Option<String>), Failure> {
     if let Some(dlq) = &args.dlq {
-        return Ok(dlq.clone());
+        let owner = settings
+            .consumers
+            .iter()
+            .find(|c| &c.dead_letter_queue() == dlq)
+            .map(|c| c.queue.clone());
+        return Ok((dlq.clone(), owner));
     }
     let queues: Vec<&str> = settings
         .consumers
@@ -209,16 +231,16 @@ fn dead_letter_queue(settings: &Settings, args: &DlqArgs) -> Result<String, Fail
             }
         },
     };
-    Ok(consumer.dead_letter_queue())
+    Ok((consumer.dead_letter_queue(), Some(consumer.queue.clone())))
 }
 
 async fn dispatch(settings: &Settings, args: DlqArgs) -> Result<ExitCode, Failure> {
     // Usage problems first, before touching the network.
     let needs_dlq = !matches!(args.command, DlqCommand::Import { .. });
-    let dlq = if needs_dlq {
+    let (dlq, consumer_queue) = if needs_dlq {
         dead_letter_queue(settings, &args)?
     } else {
-        String::new()
+        (String::new(), None)
     };
     match &args.command {
         DlqCommand::Replay { filters, all, .. } | DlqCommand::Purge { filters, all, .. }
@@ -229,6 +251,9 @@ async fn dispatch(settings: &Settings, args: DlqArgs) -> Result<ExitCode, Failur
             ));
         }
         _ => {}
+    }
+    if let DlqCommand::Export { out, force, .. } = &args.command {
+        export_target_check(out, *force)?;
     }
     let connection = crate::connection::connect_once(&settings.broker, "dlq").await?;
     let clock = Clock { utc: args.utc };
@@ -241,7 +266,9 @@ async fn dispatch(settings: &Settings, args: DlqArgs) -> Result<ExitCode, Failur
         DlqCommand::Summary { filters } => {
             summary(&connection, &dlq, &filters.selector(), clock).await
         }
-        DlqCommand::Show { id } => show(&connection, &dlq, &id, clock).await,
+        DlqCommand::Show { id } => {
+            show(&connection, &dlq, consumer_queue.as_deref(), &id, clock).await
+        }
         DlqCommand::Replay {
             filters,
             all: _,
@@ -250,6 +277,8 @@ async fn dispatch(settings: &Settings, args: DlqArgs) -> Result<ExitCode, Failur
             dry_run,
             rate,
             limit,
+            to,
+            yes,
         } => {
             let options = ReplayOptions {
                 max_replays,
@@ -257,8 +286,18 @@ async fn dispatch(settings: &Settings, args: DlqArgs) -> Result<ExitCode, Failur
                 dry_run,
                 rate,
                 limit,
+                consumer_queue,
+                to,
             };
-            replay(settings, &connection, &dlq, &filters.selector(), &options).await
+            replay(
+                settings,
+                &connection,
+                &dlq,
+                &filters.selector(),
+                &options,
+                yes,
+            )
+            .await
         }
         DlqCommand::Purge {
             filters,
@@ -269,8 +308,9 @@ async fn dispatch(settings: &Settings, args: DlqArgs) -> Result<ExitCode, Failur
         DlqCommand::Export {
             filters,
             out,
+            force,
             limit,
-        } => export(&connection, &dlq, &filters.selector(), &out, limit).await,
+        } => export(&connection, &dlq, &filters.selector(), &out, force, limit).await,
         DlqCommand::Import { file, to } => import(&connection, &file, &to).await,
     };
     let _ = connection.close(200, "done".into()).await;
@@ -308,9 +348,11 @@ fn age(d: Option<Duration>) -> String {
     }
 }
 
-/// Cuts `s` to `width` characters (one line), marking the cut with `…`.
+/// Cuts `s` to `width` characters (one line, control characters escaped),
+/// marking the cut with `…`.
 fn cell(s: &str, width: usize) -> String {
     let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let one_line = printable(&one_line);
     if one_line.chars().count() <= width {
         format!("{one_line:<width$}")
     } else {
@@ -417,7 +459,11 @@ async fn list(
     drop(out);
     if !as_json {
         let _ = clock;
-        output::line(&format!("{shown} shown of {} in {dlq}", seen.in_queue));
+        output::line(&format!(
+            "{shown} shown of {} in {}",
+            seen.in_queue,
+            printable(dlq)
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -486,6 +532,7 @@ async fn summary(
 async fn show(
     connection: &Connection,
     dlq: &str,
+    consumer_queue: Option<&str>,
     id: &str,
     clock: Clock,
 ) -> Result<ExitCode, Failure> {
@@ -501,31 +548,37 @@ async fn show(
     .await?;
     let Some(dl) = found else {
         return Err(Failure::Error(format!(
-            "no message with id {id:?} in {dlq}"
+            "no message with id {:?} in {}",
+            printable(id),
+            printable(dlq)
         )));
     };
     let now = jiff::Timestamp::now();
-    let field = |k: &str, v: String| output::line(&format!("{k:<18}{v}"));
-    field("position", dl.position.to_string());
-    field("message id", dl.display_id());
-    field("reason", dl.reason.clone().unwrap_or_else(|| "-".into()));
-    field(
-        "broker reason",
-        dl.broker_reason.clone().unwrap_or_else(|| "-".into()),
-    );
-    field("error", dl.error.clone().unwrap_or_else(|| "-".into()));
+    let field = |k: &str, v: &str| output::line(&format!("{k:<18}{}", printable(v)));
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    field("position", &dl.position.to_string());
+    field("message id", &dl.display_id());
+    field("reason", &or_dash(&dl.reason));
+    field("broker reason", &or_dash(&dl.broker_reason));
+    field("error", &or_dash(&dl.error));
     field(
         "attempts",
-        dl.attempts.map_or("-".into(), |a| a.to_string()),
+        &dl.attempts.map_or("-".into(), |a| a.to_string()),
     );
-    field("replays", dl.replays.to_string());
-    field(
-        "original queue",
-        dl.original_queue.clone().unwrap_or_else(|| "-".into()),
-    );
+    field("replays", &dl.replays.to_string());
+    let origin = match (&dl.broker_queue, &dl.claimed_queue, consumer_queue) {
+        (Some(q), _, _) => format!("{q} (x-death: set by the broker)"),
+        (None, Some(c), Some(q)) if c == q => format!("{c} (this dead-letter queue's consumer)"),
+        (None, Some(c), _) => format!(
+            "{c} (rg-original-queue only: NOT VERIFIED, a publisher could have set it; replay needs --to)"
+        ),
+        (None, None, Some(q)) => format!("{q} (this dead-letter queue's consumer)"),
+        (None, None, None) => "-".into(),
+    };
+    field("original queue", &origin);
     field(
         "dead-lettered at",
-        format!(
+        &format!(
             "{} ({} ago)",
             clock.show(dl.dead_lettered_at),
             age(dl.age(now))
@@ -534,29 +587,68 @@ async fn show(
     output::line("properties:");
     for (k, v) in json::properties_typed(&dl.properties) {
         if k != "headers" {
-            output::line(&format!("  {k}: {v}"));
+            output::line(&format!("  {k}: {}", printable(&v.to_string())));
         }
     }
-    output::line("headers:");
+    output::line(
+        "headers (who set them: [broker], [rabbit-guard], or [publisher] = not verified):",
+    );
     if let Some(h) = dl.properties.headers() {
         for (k, v) in h.inner() {
-            output::line(&format!("  {k}: {}", json::plain(v)));
+            output::line(&format!(
+                "  {}: {}  [{}]",
+                printable(k.as_str()),
+                printable(&json::plain(v).to_string()),
+                dl.header_origin(k.as_str(), consumer_queue).label()
+            ));
         }
     }
     output::line(&format!("body ({} bytes):", dl.body.len()));
     match serde_json::from_slice::<serde_json::Value>(&dl.body) {
-        Ok(v) => output::line(&serde_json::to_string_pretty(&v).unwrap_or_default()),
+        Ok(v) => output::line(&printable_lines(
+            &serde_json::to_string_pretty(&v).unwrap_or_default(),
+        )),
         Err(_) => match dl.body_text() {
-            Some(t) => output::line(t),
+            Some(t) => output::line(&printable_lines(t)),
             None => output::line(&format!("(not UTF-8; base64) {}", json::base64(&dl.body))),
         },
     }
     Ok(ExitCode::SUCCESS)
 }
 
+fn interactive() -> bool {
+    std::io::stdin().is_terminal() && std::io::stderr().is_terminal()
+}
+
+/// Asks `question` on the terminal; true for yes.
+fn ask(question: &str) -> bool {
+    let mut err = std::io::stderr().lock();
+    let _ = write!(err, "{question}");
+    let _ = err.flush();
+    drop(err);
+    let mut answer = String::new();
+    let _ = std::io::stdin().read_line(&mut answer);
+    matches!(answer.trim(), "y" | "Y" | "yes")
+}
+
+/// As [`ask`], or a usage error (exit 2) when there is no terminal.
+fn confirm(question: &str) -> Result<bool, Failure> {
+    if interactive() {
+        Ok(ask(question))
+    } else {
+        Err(Failure::Usage(
+            "refusing without --yes (no terminal to confirm on)".into(),
+        ))
+    }
+}
+
 fn list_moved(what: &str, items: &[Moved]) {
     for m in items {
-        output::error(&format!("{what} {}: {}", m.id, m.detail));
+        output::error(&format!(
+            "{what} {}: {}",
+            printable(&m.id),
+            printable(&m.detail)
+        ));
     }
 }
 
@@ -575,7 +667,23 @@ async fn replay(
     dlq: &str,
     selector: &Selector,
     options: &ReplayOptions,
+    yes: bool,
 ) -> Result<ExitCode, Failure> {
+    if let Some(to) = &options.to
+        && options.consumer_queue.as_ref() != Some(to)
+        && !options.dry_run
+        && !yes
+        && !confirm(&format!(
+            "send the selected messages of {dlq} to {to}, which is not the queue this dead-letter queue belongs to ({})? [y/N] ",
+            options
+                .consumer_queue
+                .as_deref()
+                .unwrap_or("none configured")
+        ))?
+    {
+        output::line("nothing replayed");
+        return Ok(ExitCode::SUCCESS);
+    }
     if !options.force
         && let Some(open) = super::admin_client::open_breaker_for_dlq(settings, dlq).await
     {
@@ -595,7 +703,11 @@ async fn replay(
     let report = report?;
     if options.dry_run {
         for m in &report.done {
-            output::line(&format!("would replay {} -> {}", m.id, m.detail));
+            output::line(&format!(
+                "would replay {} -> {}",
+                printable(&m.id),
+                printable(&m.detail)
+            ));
         }
         output::line(&format!(
             "dry run: {} would be replayed, {} skipped, {} failed; nothing moved",
@@ -630,8 +742,7 @@ async fn purge(
     limit: Option<u64>,
 ) -> Result<ExitCode, Failure> {
     if !yes {
-        let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
-        if !interactive {
+        if !interactive() {
             return Err(Failure::Usage(
                 "refusing to delete without --yes (no terminal to confirm on)".into(),
             ));
@@ -650,13 +761,7 @@ async fn purge(
             output::line(&format!("nothing to delete in {dlq}"));
             return Ok(ExitCode::SUCCESS);
         }
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "delete {count} message(s) from {dlq}? [y/N] ");
-        let _ = err.flush();
-        drop(err);
-        let mut answer = String::new();
-        let _ = std::io::stdin().read_line(&mut answer);
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        if !ask(&format!("delete {count} message(s) from {dlq}? [y/N] ")) {
             output::line("nothing deleted");
             return Ok(ExitCode::SUCCESS);
         }
@@ -684,20 +789,57 @@ async fn purge(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refuses an `--out` that exists (unless `--force`) or whose folder does
+/// not, before anything is read or written.
+fn export_target_check(out: &std::path::Path, force: bool) -> Result<(), Failure> {
+    if !force && out.symlink_metadata().is_ok() {
+        return Err(Failure::Usage(format!(
+            "{} exists: pass --force to replace it, or choose another --out",
+            out.display()
+        )));
+    }
+    let dir = export_dir(out);
+    if !dir.is_dir() {
+        return Err(Failure::Usage(format!(
+            "cannot write {}: folder {} does not exist",
+            out.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn export_dir(out: &std::path::Path) -> PathBuf {
+    match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Writes the selection to a temporary file beside `out` (mode 0600) and
+/// renames it into place when complete: a failed export leaves no partial
+/// file and never touches an existing one; a symlink at `out` is replaced,
+/// never followed.
 async fn export(
     connection: &Connection,
     dlq: &str,
     selector: &Selector,
-    out: &PathBuf,
+    out: &std::path::Path,
+    force: bool,
     limit: Option<u64>,
 ) -> Result<ExitCode, Failure> {
-    let file = std::fs::File::create(out)
-        .map_err(|e| Failure::Error(format!("cannot write {}: {e}", out.display())))?;
-    let mut writer = std::io::BufWriter::new(file);
+    let cannot =
+        |e: &dyn std::fmt::Display| Failure::Error(format!("cannot write {}: {e}", out.display()));
+    // The queue first: a mistyped name must not cost a file.
+    let in_queue = dead_letter::message_count(connection, dlq).await?;
+    let temp = tempfile::Builder::new()
+        .prefix(".rabbit-guard-export-")
+        .tempfile_in(export_dir(out))
+        .map_err(|e| cannot(&e))?;
+    let mut writer = std::io::BufWriter::new(temp);
     let now = jiff::Timestamp::now();
     let mut written = 0u64;
     let mut write_error = None;
-    let in_queue = dead_letter::message_count(connection, dlq).await?;
     let bar = progress_bar("exporting", Some(u64::from(in_queue)));
     dead_letter::browse(connection, dlq, |dl| {
         if let Some(b) = &bar {
@@ -724,14 +866,30 @@ async fn export(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    if let Some(e) = write_error.or_else(|| writer.flush().err()) {
-        return Err(Failure::Error(format!(
-            "cannot write {}: {e}",
-            out.display()
-        )));
+    if let Some(e) = write_error {
+        return Err(cannot(&e));
+    }
+    let temp = writer
+        .into_inner()
+        .map_err(|e| cannot(&e.error().to_string()))?;
+    temp.as_file().sync_all().map_err(|e| cannot(&e))?;
+    if force {
+        temp.persist(out).map_err(|e| cannot(&e.error))?;
+    } else {
+        temp.persist_noclobber(out).map_err(|e| {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                Failure::Usage(format!(
+                    "{} appeared while exporting: pass --force to replace it",
+                    out.display()
+                ))
+            } else {
+                cannot(&e.error)
+            }
+        })?;
     }
     output::line(&format!(
-        "exported {written} messages from {dlq} to {} (left in the queue)",
+        "exported {written} messages from {} to {} (left in the queue)",
+        printable(dlq),
         out.display()
     ));
     Ok(ExitCode::SUCCESS)

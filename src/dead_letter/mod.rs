@@ -19,8 +19,10 @@ mod select;
 
 pub(crate) use browse::message_count;
 pub use browse::{Browse, browse};
-pub use ops::{ImportReport, MoveReport, Moved, ReplayOptions, import, purge, purge_all, replay};
-pub use record::DeadLetter;
+pub use ops::{
+    ImportReport, MoveReport, Moved, ReplayOptions, import, purge, purge_all, replay, replay_target,
+};
+pub use record::{DeadLetter, HeaderOrigin};
 pub use select::Selector;
 
 /// Header names written by rabbit-guard.

@@ -31,6 +31,47 @@ pub struct ReplayOptions {
     pub rate: Option<f64>,
     /// Stop after this many selected messages.
     pub limit: Option<u64>,
+    /// The work queue of the consumer this dead-letter queue belongs to (from
+    /// the config): where a message rabbit-guard dead-lettered goes back.
+    pub consumer_queue: Option<String>,
+    /// Send every selected message here instead (`--to`).
+    pub to: Option<String>,
+}
+
+/// Where a replay may send `dl`, or why not without `--to`: the queue given
+/// with `to`; else the queue the broker dead-lettered it from (`x-death`);
+/// else the configured consumer's queue, when `rg-original-queue` (which a
+/// publisher could have set) agrees or is absent. Never a queue named only
+/// by a header a publisher controls.
+///
+/// # Errors
+///
+/// A sentence saying why the message has no trusted target.
+pub fn replay_target(dl: &DeadLetter, options: &ReplayOptions) -> Result<String, String> {
+    if let Some(to) = &options.to {
+        return Ok(to.clone());
+    }
+    if let Some(queue) = &dl.broker_queue {
+        return Ok(queue.clone());
+    }
+    let shown = |q: &str| crate::text::printable(&super::truncate(q, 80));
+    match (&options.consumer_queue, &dl.claimed_queue) {
+        (Some(queue), None) => Ok(queue.clone()),
+        (Some(queue), Some(claimed)) if claimed == queue => Ok(queue.clone()),
+        (Some(queue), Some(claimed)) => Err(format!(
+            "its rg-original-queue header names {:?}, not {:?} (the queue this dead-letter queue belongs to); a publisher could have set it: replay it there only with --to",
+            shown(claimed),
+            shown(queue)
+        )),
+        (None, Some(claimed)) => Err(format!(
+            "its original queue {:?} comes only from the rg-original-queue header, which a publisher could have set, and no configured consumer uses this dead-letter queue: name the queue with --to",
+            shown(claimed)
+        )),
+        (None, None) => Err(
+            "no original queue (no x-death header, and no configured consumer uses this dead-letter queue): name one with --to"
+                .into(),
+        ),
+    }
 }
 
 /// One message handled by a move.
@@ -176,8 +217,9 @@ impl Pace {
     }
 }
 
-/// Sends selected messages back to their original queue (from
-/// `rg-original-queue`, else the broker's `x-death`), acking each from the
+/// Sends selected messages back to their original queue (see
+/// [`replay_target`]: never one named only by a header a publisher could
+/// have set), or to `options.to`, acking each from the
 /// dead-letter queue only after its copy is confirmed. `progress` is called
 /// after each message looked at.
 ///
@@ -219,13 +261,13 @@ pub async fn replay(
             break;
         }
         let id = dl.display_id();
-        let Some(target) = dl.original_queue.clone() else {
-            report.failed.push(Moved {
-                id,
-                detail: "no original queue (no rg-original-queue or x-death header)".into(),
-            });
-            progress(&report);
-            continue;
+        let target = match replay_target(&dl, options) {
+            Ok(target) => target,
+            Err(why) => {
+                report.failed.push(Moved { id, detail: why });
+                progress(&report);
+                continue;
+            }
         };
         if dl.replays >= options.max_replays && !options.force {
             report.skipped.push(Moved {
@@ -361,11 +403,16 @@ pub struct ImportReport {
 }
 
 /// Publishes every message of an export file (one JSON object per line, as
-/// written by `dlq export`) to `queue`, each confirmed.
+/// written by `dlq export`) to `queue`, each confirmed. A line the broker
+/// refuses by closing the channel (a malformed `expiration`, say) is
+/// reported and a new channel opened for the rest; every line not imported
+/// is listed in the report with its number and why.
 ///
 /// # Errors
 ///
-/// A broker error that ends the import (lines already confirmed stay published).
+/// The queue does not exist, the file cannot be read, or the connection is
+/// lost (lines already confirmed stay published; the report so far is lost
+/// with the error, so the message names the line reached).
 pub async fn import(
     connection: &Connection,
     lines: impl BufRead,
@@ -374,7 +421,7 @@ pub async fn import(
 ) -> Result<ImportReport, Error> {
     message_count(connection, queue).await?;
     let user = connection.status().username();
-    let channel = confirm_channel(connection).await?;
+    let mut channel = confirm_channel(connection).await?;
     let mut report = ImportReport::default();
     for (n, line) in lines.lines().enumerate() {
         let line_no = format!("line {}", n + 1);
@@ -385,8 +432,19 @@ pub async fn import(
         if line.trim().is_empty() {
             continue;
         }
-        let parsed = parse_export_line(&line);
-        let (properties, body) = match parsed {
+        if !channel.status().connected() {
+            if !connection.status().connected() {
+                return Err(Error::Io {
+                    context: format!(
+                        "the connection to the broker was lost at {line_no}; {} lines were imported before it, the rest were not",
+                        report.published
+                    ),
+                    source: std::io::Error::from(std::io::ErrorKind::ConnectionAborted),
+                });
+            }
+            channel = confirm_channel(connection).await?;
+        }
+        let (properties, body) = match parse_export_line(&line) {
             Ok(p) => p,
             Err(why) => {
                 report.failed.push(Moved {
@@ -406,15 +464,10 @@ pub async fn import(
         .await
         {
             Ok(()) => report.published += 1,
-            Err(why) => {
-                report.failed.push(Moved {
-                    id: line_no,
-                    detail: why,
-                });
-                if !channel.status().connected() {
-                    break;
-                }
-            }
+            Err(why) => report.failed.push(Moved {
+                id: line_no,
+                detail: why,
+            }),
         }
         progress(&report);
     }
@@ -450,10 +503,57 @@ mod tests {
             attempts: None,
             replays,
             original_queue: None,
+            broker_queue: None,
+            claimed_queue: None,
             dead_lettered_at: None,
             properties: BasicProperties::default().with_headers(headers),
             body: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_replay_goes_only_where_the_broker_or_the_config_says() {
+        let mut dl = letter(0, FieldTable::default());
+        let options = |consumer: Option<&str>, to: Option<&str>| ReplayOptions {
+            consumer_queue: consumer.map(str::to_owned),
+            to: to.map(str::to_owned),
+            ..ReplayOptions::default()
+        };
+        assert_eq!(
+            replay_target(&dl, &options(Some("orders"), None)),
+            Ok("orders".into())
+        );
+        assert!(
+            replay_target(&dl, &options(None, None)).is_err(),
+            "nothing to trust"
+        );
+        dl.claimed_queue = Some("admin-commands".into());
+        let refused = replay_target(&dl, &options(Some("orders"), None)).unwrap_err();
+        assert!(
+            refused.contains("admin-commands") && refused.contains("--to"),
+            "{refused}"
+        );
+        assert!(
+            replay_target(&dl, &options(None, None)).is_err(),
+            "a header alone is not trusted"
+        );
+        assert_eq!(
+            replay_target(&dl, &options(Some("orders"), Some("admin-commands"))),
+            Ok("admin-commands".into()),
+            "--to decides"
+        );
+        dl.claimed_queue = Some("orders".into());
+        assert_eq!(
+            replay_target(&dl, &options(Some("orders"), None)),
+            Ok("orders".into())
+        );
+        dl.broker_queue = Some("payments".into());
+        dl.claimed_queue = Some("admin-commands".into());
+        assert_eq!(
+            replay_target(&dl, &options(Some("orders"), None)),
+            Ok("payments".into()),
+            "the broker's x-death wins over the header"
+        );
     }
 
     #[test]

@@ -32,8 +32,18 @@ pub struct DeadLetter {
     pub attempts: Option<u64>,
     /// Times it was replayed before (`rg-replays`).
     pub replays: u64,
-    /// The work queue it came from (`rg-original-queue`, else `x-death`).
+    /// The work queue it came from, as best known: the broker's `x-death`,
+    /// else `rg-original-queue`. For display; replay trusts only
+    /// [`broker_queue`](Self::broker_queue) or the configured consumer.
     pub original_queue: Option<String>,
+    /// The queue the broker dead-lettered it from: the newest `x-death`
+    /// entry (the broker puts its own in front of any a publisher wrote),
+    /// else `x-last-death-queue`. `None` when rabbit-guard dead-lettered it.
+    pub broker_queue: Option<String>,
+    /// The `rg-original-queue` header: written by the worker on its own dead
+    /// letters, but a publisher could have set it on a message the broker
+    /// dead-lettered, or on one published straight to this queue.
+    pub claimed_queue: Option<String>,
     /// When it was dead-lettered (`rg-dead-lettered-at`, else `x-death`).
     pub dead_lettered_at: Option<jiff::Timestamp>,
     /// All properties, headers included.
@@ -50,10 +60,12 @@ fn text(h: Option<&FieldTable>, name: &str) -> Option<String> {
     header(h, name).and_then(value_str).map(str::to_owned)
 }
 
-/// The first (oldest) `x-death` entry.
-fn first_death(h: Option<&FieldTable>) -> Option<&FieldTable> {
+/// The newest `x-death` entry: the broker puts the death it records in
+/// front (a new entry, or an old one with the same queue and reason moved
+/// there), so it is the broker's own even when a publisher wrote others.
+fn newest_death(h: Option<&FieldTable>) -> Option<&FieldTable> {
     match header(h, "x-death")? {
-        AMQPValue::FieldArray(a) => a.as_slice().iter().rev().find_map(|v| match v {
+        AMQPValue::FieldArray(a) => a.as_slice().iter().find_map(|v| match v {
             AMQPValue::FieldTable(t) => Some(t),
             _ => None,
         }),
@@ -61,14 +73,75 @@ fn first_death(h: Option<&FieldTable>) -> Option<&FieldTable> {
     }
 }
 
+/// Who set a header of a dead letter, as far as can be told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderOrigin {
+    /// The broker, when it dead-lettered the message (`x-death` and kin,
+    /// a quorum queue's `x-delivery-count`).
+    Broker,
+    /// rabbit-guard's worker, when it dead-lettered the message (it
+    /// overwrites these on its copy, whatever the message carried).
+    RabbitGuard,
+    /// Whoever published the message: not verified.
+    Publisher,
+}
+
+impl HeaderOrigin {
+    /// `broker`, `rabbit-guard`, `publisher`.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Broker => "broker",
+            Self::RabbitGuard => "rabbit-guard",
+            Self::Publisher => "publisher",
+        }
+    }
+}
+
+/// The headers the worker writes itself on every dead letter.
+const WRITTEN_BY_THE_WORKER: &[&str] = &[
+    headers::REASON,
+    headers::ERROR,
+    headers::HANDLER,
+    headers::ORIGINAL_QUEUE,
+    headers::DEAD_LETTERED_AT,
+    headers::ATTEMPT,
+];
+
 impl DeadLetter {
+    /// Who set header `name`. rabbit-guard's headers count as its own only
+    /// on a dead letter shaped like one the worker made (no `x-death`;
+    /// reason, handler and time present; its original queue, when
+    /// `consumer_queue` is known, that consumer's): on one the broker
+    /// dead-lettered they came with the message, from its publisher.
+    /// Anyone allowed to publish to the dead-letter queue itself could still
+    /// forge that shape.
+    #[must_use]
+    pub fn header_origin(&self, name: &str, consumer_queue: Option<&str>) -> HeaderOrigin {
+        if headers::BROKER_DEATH_HEADERS.contains(&name) || name == "x-delivery-count" {
+            return HeaderOrigin::Broker;
+        }
+        let h = self.properties.headers().as_ref();
+        let worker_made = self.broker_queue.is_none()
+            && [headers::REASON, headers::HANDLER, headers::DEAD_LETTERED_AT]
+                .iter()
+                .all(|k| header(h, k).is_some())
+            && consumer_queue.is_none_or(|q| self.claimed_queue.as_deref() == Some(q));
+        if worker_made && WRITTEN_BY_THE_WORKER.contains(&name) {
+            HeaderOrigin::RabbitGuard
+        } else {
+            HeaderOrigin::Publisher
+        }
+    }
+
     /// Reads the delivery at `position`.
     #[must_use]
     pub fn from_delivery(position: u64, d: Delivery) -> Self {
         let h = d.properties.headers().as_ref();
-        let death = first_death(h);
-        let broker_reason = text(h, "x-first-death-reason").or_else(|| text(death, "reason"));
-        let broker_queue = text(h, "x-first-death-queue").or_else(|| text(death, "queue"));
+        let death = newest_death(h);
+        let broker_reason = text(death, "reason").or_else(|| text(h, "x-last-death-reason"));
+        let broker_queue = text(death, "queue").or_else(|| text(h, "x-last-death-queue"));
+        let claimed_queue = text(h, headers::ORIGINAL_QUEUE);
         let broker_time = match header(death, "time") {
             Some(AMQPValue::Timestamp(t)) => i64::try_from(*t)
                 .ok()
@@ -87,7 +160,9 @@ impl DeadLetter {
             error: text(h, headers::ERROR),
             attempts: h.and_then(|h| header_u64(h, headers::ATTEMPT)),
             replays: h.and_then(|h| header_u64(h, headers::REPLAYS)).unwrap_or(0),
-            original_queue: text(h, headers::ORIGINAL_QUEUE).or(broker_queue),
+            original_queue: broker_queue.clone().or_else(|| claimed_queue.clone()),
+            broker_queue,
+            claimed_queue,
             dead_lettered_at,
             properties: d.properties,
             body: d.data,
@@ -143,6 +218,7 @@ impl DeadLetter {
         m.insert("attempts".into(), json!(self.attempts));
         m.insert("replays".into(), json!(self.replays));
         m.insert("original_queue".into(), json!(self.original_queue));
+        m.insert("broker_queue".into(), json!(self.broker_queue));
         m.insert(
             "dead_lettered_at".into(),
             json!(self.dead_lettered_at.map(|t| t.to_string())),

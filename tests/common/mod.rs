@@ -3,6 +3,7 @@
 //! and a worker running in-process.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod dlq_cli;
 pub mod prom;
 pub mod proxy;
 pub mod raw;
