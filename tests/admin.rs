@@ -689,37 +689,8 @@ async fn manual_control_needs_a_token_everywhere_and_refuses_web_pages() {
 async fn json_logs_parse_and_never_show_the_password() {
     let broker = Arc::new(TestBroker::connect().await);
     // A user of our own, so its password appears nowhere else.
-    let user = unique("user").replace('.', "-");
-    let password = format!("pw-{}-secret", random_below(1_000_000_000));
-    let ctl = |args: &[&str]| {
-        std::process::Command::new("rabbitmqctl")
-            .args(args)
-            .output()
-            .expect("rabbitmqctl")
-    };
-    let added = ctl(&["add_user", &user, &password]);
-    assert!(
-        added.status.success(),
-        "rabbitmqctl add_user {user} failed (exit {:?}): {}",
-        added.status.code(),
-        String::from_utf8_lossy(&added.stderr)
-    );
-    let permitted = ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
-    assert!(
-        permitted.status.success(),
-        "rabbitmqctl set_permissions for {user} failed (exit {:?}): {}",
-        permitted.status.code(),
-        String::from_utf8_lossy(&permitted.stderr)
-    );
-    struct DropUser(String);
-    impl Drop for DropUser {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("rabbitmqctl")
-                .args(["delete_user", &self.0])
-                .output();
-        }
-    }
-    let _cleanup = DropUser(user.clone());
+    let account = TempUser::create();
+    let (user, password) = (account.user.clone(), account.password.clone());
 
     let proxy = Proxy::start().await;
     let downstream = Downstream::start().await;

@@ -26,6 +26,9 @@ pub struct HttpHandler {
     method: Method,
     headers: HeaderMap,
     transient: Vec<StatusCode>,
+    /// The configured secrets (header values, URL credentials), cut out of
+    /// any response text a dependency echoes back into an error.
+    secrets: Vec<String>,
 }
 
 impl std::fmt::Debug for HttpHandler {
@@ -78,6 +81,18 @@ impl HttpHandler {
                     .map_err(|_| format!("http.transient_statuses: {code} is not an HTTP status"))
             })
             .collect::<Result<_, _>>()?;
+        let mut secrets: Vec<String> = settings
+            .headers
+            .values()
+            .map(|v| v.expose().to_owned())
+            .collect();
+        secrets.extend(url.password().map(str::to_owned));
+        secrets.extend(
+            url.query_pairs()
+                .filter(|(k, _)| crate::secret::is_credential_param(k))
+                .map(|(_, v)| v.into_owned()),
+        );
+        secrets.retain(|s| !s.is_empty());
         Ok(Self {
             client,
             shown_url: settings.url.masked(),
@@ -85,6 +100,7 @@ impl HttpHandler {
             method,
             headers,
             transient,
+            secrets,
         })
     }
 }
@@ -140,7 +156,8 @@ impl Handler for HttpHandler {
         if status.is_success() {
             return Ok(());
         }
-        let snippet = body_snippet(response).await;
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        let snippet = crate::secret::scrub(&body_snippet(response).await, &secrets);
         let message = format!("{} {}: {status}: {snippet}", self.method, self.shown_url);
         if status.is_server_error() || self.transient.contains(&status) {
             Err(HandlerError::transient(message))

@@ -795,3 +795,46 @@ pub fn random_below(n: u64) -> u64 {
         .subsec_nanos();
     u64::from(nanos.wrapping_mul(2_654_435_761)) % n.max(1)
 }
+
+/// A broker user of a test's own (`rabbitmqctl add_user`), with a password
+/// that appears nowhere else, deleted when dropped.
+pub struct TempUser {
+    pub user: String,
+    pub password: String,
+}
+
+impl TempUser {
+    pub fn create() -> Self {
+        let user = unique("user").replace('.', "-");
+        let password = format!("pw-{}-secret", random_below(1_000_000_000));
+        let ctl = |args: &[&str]| {
+            std::process::Command::new("rabbitmqctl")
+                .args(args)
+                .output()
+                .expect("rabbitmqctl")
+        };
+        let added = ctl(&["add_user", &user, &password]);
+        assert!(
+            added.status.success(),
+            "rabbitmqctl add_user {user} failed (exit {:?}): {}",
+            added.status.code(),
+            String::from_utf8_lossy(&added.stderr)
+        );
+        let permitted = ctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+        assert!(
+            permitted.status.success(),
+            "rabbitmqctl set_permissions for {user} failed (exit {:?}): {}",
+            permitted.status.code(),
+            String::from_utf8_lossy(&permitted.stderr)
+        );
+        Self { user, password }
+    }
+}
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.user])
+            .output();
+    }
+}
