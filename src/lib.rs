@@ -74,4 +74,7 @@ pub mod topology;
 pub mod worker;
 
 pub use error::Error;
+
+#[cfg(test)]
+mod proptests;
 pub use worker::{Worker, WorkerBuilder};

@@ -175,38 +175,45 @@ pub fn is_credential_param(name: &str) -> bool {
 /// (`amqp://user:***@host/vhost`) and the values of credential-like query
 /// parameters (`?api_key=***`). Text that does not parse as a URL is masked
 /// all the same (everything between `://` and the last `@` but the user
-/// name), so a malformed URL cannot print its password either. Text without
-/// secrets is returned unchanged.
+/// name), so a malformed URL cannot print its password either; when in
+/// doubt it masks more. Text without secrets is returned unchanged.
 #[must_use]
 pub fn mask_url(url: &str) -> String {
-    let (before_query, query) = match url.find(['?', '#']) {
-        Some(i) => url.split_at(i),
-        None => (url, ""),
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let with_query = match url[start..].find('?').map(|i| start + i) {
+        Some(i) => format!("{}{}", &url[..i], mask_query(&url[i..])),
+        None => url.to_owned(),
     };
-    let mut out = mask_userinfo(before_query);
-    out.push_str(&mask_query(query));
-    out
+    mask_userinfo(&with_query)
 }
 
-/// `scheme://user:pass@host/path` → `scheme://user:***@host/path`. The
-/// last `@` ends the user info, whatever comes before it (a password with
-/// `/` or `@` in it, badly encoded, is masked whole).
+/// `scheme://user:pass@host/path` → `scheme://user:***@host/path`. Only a
+/// URL with no `@` after a `:` in it is left alone; otherwise the user info
+/// ends at the last `@`, wherever it is: a password with `/`, `?`, `#` or
+/// `@` in it, not percent-encoded (which a URL parser would read as a port
+/// and a path), is masked whole, and an `@` later in a URL with a port
+/// masks a little too much rather than too little.
 fn mask_userinfo(s: &str) -> String {
-    // A URL that parses without a password has no user info to mask (an
-    // `@` later in its path is not one).
-    if url::Url::parse(s).is_ok_and(|u| u.has_host() && u.password().is_none()) {
-        return s.to_owned();
-    }
     let start = s.find("://").map_or(0, |i| i + 3);
     let Some(at) = s[start..].rfind('@').map(|i| start + i) else {
         return s.to_owned();
     };
+    // Without `://` there is no authority to go by: any `:` before the `@`.
+    let authority_end = match start {
+        0 => at,
+        _ => s[start..]
+            .find(['/', '?', '#'])
+            .map_or(s.len(), |i| start + i),
+    };
+    if !s[start..authority_end.min(at)].contains(':') {
+        // `user@host`, or an `@` in the path or query of a URL whose
+        // authority holds no `:`: no password to hide.
+        return s.to_owned();
+    }
     let userinfo = &s[start..at];
     match userinfo.find(':') {
         Some(colon) => format!("{}{MASK}{}", &s[..start + colon + 1], &s[at..]),
-        // A user name alone is not secret, unless the text is no URL at all.
-        None if start > 0 => s.to_owned(),
-        None => format!("{MASK}{}", &s[at..]),
+        None => s.to_owned(),
     }
 }
 
@@ -269,6 +276,10 @@ mod tests {
         );
         assert_eq!(mask_url("amqp://user@host/"), "amqp://user@host/");
         assert_eq!(
+            mask_url("amqp://user@host/?token=t"),
+            "amqp://user@host/?token=***"
+        );
+        assert_eq!(
             mask_url("amqps://u:p@h/v?heartbeat=10"),
             "amqps://u:***@h/v?heartbeat=10"
         );
@@ -287,6 +298,21 @@ mod tests {
         assert_eq!(mask_url("user:hunter2@host"), "user:***@host");
         assert_eq!(mask_url("amqp://user:pw@[::1"), "amqp://user:***@[::1");
         assert_eq!(mask_url("amqp//user:hunter2@host"), "amqp//user:***@host");
+        assert_eq!(mask_url("amqp://:#00#A0@a"), "amqp://:***@a");
+        assert_eq!(mask_url("amqp://u:pa?ss@h/"), "amqp://u:***@h/");
+        assert_eq!(mask_url("amqp://u:a@b/c@h/"), "amqp://u:***@h/");
+        assert_eq!(
+            mask_url("amqp://u:p@h/?email=a@b&token=t"),
+            "amqp://u:***@b&token=***",
+            "an @ after a password: masks too much, never too little"
+        );
+        assert_eq!(mask_url("amqp://u:123/abc@h/"), "amqp://u:***@h/");
+        assert_eq!(mask_url("amqp://a:0#0/0?@a"), "amqp://a:***@a");
+        assert_eq!(mask_url("amqp://:@A#%0a@a"), "amqp://:***@a");
+        assert_eq!(mask_url("https://h/x?email=a@b"), "https://h/x?email=a@b");
+        assert_eq!(mask_url("https://h:443/x?email=a@b"), "https://h:***@b");
+        assert_eq!(mask_url("amqp://a:#?pw@a"), "amqp://a:***@a");
+        assert_eq!(mask_url("amqp://:@#A%0a@a"), "amqp://:***@a");
     }
 
     #[test]
@@ -300,7 +326,7 @@ mod tests {
             "https://h/x?X-Amz-Signature=***&sig=***&key=***&secret=***&password=***&signature=***"
         );
         assert_eq!(mask_url("https://h/x?monkey=1"), "https://h/x?monkey=1");
-        assert_eq!(mask_url("https://h:8080/@me"), "https://h:8080/@me");
+        assert_eq!(mask_url("https://h/@me"), "https://h/@me");
         assert_eq!(
             mask_url("https://h/x?api%5Fkey=1"),
             "https://h/x?api%5Fkey=***"

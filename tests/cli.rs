@@ -139,6 +139,29 @@ async fn check_config_prints_the_effective_config_with_the_password_masked() {
         text.contains("prefetch = 77"),
         "environment override shows in the effective config: {text}"
     );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("# warning: consumers[0]")
+                && l.contains("classic work queue has no delivery limit")),
+        "check-config warns that a classic work queue can loop forever: {text}"
+    );
+    let quorum = minimal(&url, "q").replace(
+        "handler = \"noop\"",
+        "handler = \"noop\"\nqueue_type = \"quorum\"\ndelivery_limit = 1000",
+    );
+    let (dir, path) = write_config(&quorum);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    drop(dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("# warning") && !text.contains("# safety check"),
+        "a quorum queue with a delivery limit gets no warning (exit {:?}): {text}",
+        out.status.code()
+    );
 }
 
 #[tokio::test]

@@ -144,6 +144,9 @@ fn check_config(settings: &Settings) -> ExitCode {
             for risk in crate::worker::safety::risks(settings) {
                 output::line(&format!("# safety check: {risk}"));
             }
+            for advice in crate::worker::safety::advisories(settings) {
+                output::line(&format!("# warning: {advice}"));
+            }
             output::line(&text);
             ExitCode::SUCCESS
         }

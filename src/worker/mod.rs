@@ -243,6 +243,11 @@ impl Worker {
     /// Startup errors (refused credentials, unreachable broker, topology
     /// mismatch), or reconnection giving up after `broker.reconnect.max_attempts`.
     pub async fn run_until(self, shutdown: CancellationToken) -> Result<(), Error> {
+        if self.settings.worker.safety_checks != SafetyChecks::Off {
+            for advice in safety::advisories(&self.settings) {
+                warn!(%advice, "configuration advice");
+            }
+        }
         match self.settings.worker.safety_checks {
             SafetyChecks::Off => {}
             SafetyChecks::Warn => {

@@ -47,6 +47,29 @@ pub fn risks(settings: &Settings) -> Vec<String> {
     out
 }
 
+/// Advice that does not stop a start even with `worker.safety_checks =
+/// "refuse"`: choices that are common and valid but leave a known gap.
+/// `check-config` prints them; `run` logs them once (unless
+/// `worker.safety_checks = "off"`).
+#[must_use]
+pub fn advisories(settings: &Settings) -> Vec<String> {
+    settings
+        .consumers
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.queue_type == QueueType::Classic)
+        .map(|(i, c)| {
+            format!(
+                "consumers[{i}] (queue {:?}): a classic work queue has no delivery limit, so a message \
+                 that keeps taking its consumer down (a crash, an OOM kill) is redelivered forever; \
+                 prefer queue_type = \"quorum\" with delivery_limit = 1000 (a new queue: an existing \
+                 one keeps its type)",
+                c.queue
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -80,6 +103,18 @@ mod tests {
         assert!(r.len() == 1 && r[0].contains("= 20"), "{r:?}");
         assert!(risks(&one(quorum(Some(1_000)), BreakerConfig::default())).is_empty());
         assert!(risks(&one(ConsumerSettings::default(), BreakerConfig::default())).is_empty());
+    }
+
+    #[test]
+    fn a_classic_work_queue_is_advised_against_a_quorum_one_is_not() {
+        let a = advisories(&one(ConsumerSettings::default(), BreakerConfig::default()));
+        assert!(a.len() == 1 && a[0].contains("delivery limit"), "{a:?}");
+        let quorum = ConsumerSettings {
+            queue_type: QueueType::Quorum,
+            delivery_limit: Some(1_000),
+            ..ConsumerSettings::default()
+        };
+        assert!(advisories(&one(quorum, BreakerConfig::default())).is_empty());
     }
 
     #[test]
