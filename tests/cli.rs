@@ -59,6 +59,17 @@ fn assert_clean_failure(log: &str, code: Option<i32>, must_contain: &[&str], sec
     );
 }
 
+/// `rabbit-guard check-config` on `config`, with extra environment variables.
+fn check_config(config: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let (_dir, path) = write_config(config);
+    std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
 async fn run_to_exit(config: &str, args: &[&str], timeout: Duration) -> (Option<i32>, String) {
     let (dir, path) = write_config(config);
     let mut child = Child::spawn_with_config(dir, &path, args);
@@ -112,14 +123,10 @@ async fn usage_errors_exit_2() {
 #[tokio::test]
 async fn check_config_prints_the_effective_config_with_the_password_masked() {
     let url = amqp_addr().replace("guest:guest", "guest:s3cret-pw");
-    let (dir, path) = write_config(&minimal(&url, "q"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .env("RABBIT_GUARD__CONSUMERS__0__PREFETCH", "77")
-        .output()
-        .unwrap();
-    drop(dir);
+    let out = check_config(
+        &minimal(&url, "q"),
+        &[("RABBIT_GUARD__CONSUMERS__0__PREFETCH", "77")],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -149,13 +156,7 @@ async fn check_config_prints_the_effective_config_with_the_password_masked() {
         "handler = \"noop\"",
         "handler = \"noop\"\nqueue_type = \"quorum\"\ndelivery_limit = 1000",
     );
-    let (dir, path) = write_config(&quorum);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    drop(dir);
+    let out = check_config(&quorum, &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && !text.contains("# warning") && !text.contains("# safety check"),
@@ -270,13 +271,7 @@ async fn safety_checks_refuse_names_the_risk() {
     );
     // The same check only warns by default, and check-config lists it.
     let config = config.replace("safety_checks = \"refuse\"", "safety_checks = \"warn\"");
-    let (dir, path) = write_config(&config);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    drop(dir);
+    let out = check_config(&config, &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use common::dlq_cli::Cli;
 use common::*;
-use lapin::BasicProperties;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, BasicRejectOptions};
+use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 fn text(s: &str) -> AMQPValue {
@@ -19,25 +18,7 @@ fn text(s: &str) -> AMQPValue {
 }
 
 async fn publish(broker: &TestBroker, queue: &str, id: &str, headers: FieldTable, body: &[u8]) {
-    let confirm = broker
-        .channel
-        .basic_publish(
-            ShortString::from(""),
-            ShortString::from(queue),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default()
-                .with_message_id(ShortString::from(id))
-                .with_headers(headers),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(
-        confirm.is_ack(),
-        "{id} should be confirmed into {queue}: {confirm:?}"
-    );
+    broker.publish_with_headers(queue, id, headers, body).await;
 }
 
 fn out(o: &std::process::Output) -> String {

@@ -246,25 +246,7 @@ fn queues(names: &[&str]) -> lapin::types::AMQPValue {
 }
 
 async fn publish_with(broker: &TestBroker, queue: &str, id: &str, table: lapin::types::FieldTable) {
-    use lapin::options::BasicPublishOptions;
-    use lapin::types::ShortString;
-    let confirm = broker
-        .channel
-        .basic_publish(
-            ShortString::from(""),
-            ShortString::from(queue),
-            BasicPublishOptions::default(),
-            b"{}",
-            lapin::BasicProperties::default()
-                .with_message_id(id.into())
-                .with_headers(table)
-                .with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(confirm.is_ack(), "publish {id}: {confirm:?}");
+    broker.publish_with_headers(queue, id, table, b"{}").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

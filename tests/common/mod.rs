@@ -207,6 +207,36 @@ impl TestBroker {
         ids
     }
 
+    /// Publishes one persistent message with `headers`, confirmed.
+    pub async fn publish_with_headers(
+        &self,
+        queue: &str,
+        id: &str,
+        headers: FieldTable,
+        body: &[u8],
+    ) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_message_id(ShortString::from(id))
+                    .with_headers(headers)
+                    .with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            confirm.is_ack(),
+            "the broker should confirm {id} published to {queue}: {confirm:?}"
+        );
+    }
+
     pub async fn publish_raw(&self, queue: &str, id: &str, body: &[u8], content_type: &str) {
         let confirm = self
             .channel
