@@ -19,10 +19,14 @@
 //! dead-letter exchange with its reason; a failure while the breaker was
 //! tripping or probing does not count as an attempt.
 
+mod in_flight;
 mod policy;
+mod probes;
 mod run;
+mod session;
 mod settle;
 mod stats;
+mod subscription;
 mod task;
 
 pub(crate) use run::ConsumerRuntime;
