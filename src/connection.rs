@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties, Event};
@@ -138,12 +137,10 @@ impl ManagedConnection {
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {
-        ExponentialBuilder::default()
-            .with_min_delay(self.settings.reconnect.initial_delay)
-            .with_max_delay(self.settings.reconnect.max_delay)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        crate::backoff::exponential(
+            self.settings.reconnect.initial_delay,
+            self.settings.reconnect.max_delay,
+        )
     }
 
     fn next_delay(&self, backoff: &mut backon::ExponentialBackoff) -> Duration {

@@ -82,6 +82,16 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A message was not stored by the broker (nacked, the channel failed,
+    /// no confirm in time).
+    #[error("publishing to {target:?}: {source}; check the queue and the broker's log")]
+    Publish {
+        /// The queue (or exchange) it was for.
+        target: String,
+        /// Why.
+        #[source]
+        source: crate::amqp::publish::PublishError,
+    },
     /// Any other broker error.
     #[error("broker error while {context}: {source}")]
     Broker {

@@ -54,6 +54,7 @@
 
 mod admin;
 mod amqp;
+mod backoff;
 pub mod breaker;
 pub mod cli;
 pub mod config;
@@ -65,7 +66,6 @@ mod error;
 pub mod handler;
 pub mod handlers;
 mod metrics;
-mod publish;
 pub mod secret;
 pub mod signal;
 pub mod telemetry;
@@ -73,6 +73,7 @@ pub mod text;
 pub mod topology;
 pub mod worker;
 
+pub use amqp::publish::PublishError;
 pub use error::Error;
 
 #[cfg(test)]

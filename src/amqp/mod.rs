@@ -12,12 +12,14 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use tokio::time::Instant;
 
 use crate::secret::{SecretUrl, scrub};
+
+pub mod headers;
+pub(crate) mod publish;
 
 pub(crate) use lapin::types::parsing::MALFORMED_KEY as UNREADABLE_KEY;
 
@@ -89,16 +91,6 @@ pub(crate) fn parse_uri(url: &SecretUrl) -> Result<AMQPUri, String> {
         _ => {}
     }
     Ok(uri)
-}
-
-/// Exponential backoff with jitter from `min` to `max`, without end.
-pub(crate) fn backoff(min: Duration, max: Duration) -> backon::ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(min)
-        .with_max_delay(max)
-        .with_jitter()
-        .without_max_times()
-        .build()
 }
 
 /// Why the parser could not read part of `headers`, if it could not: the

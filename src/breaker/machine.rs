@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::time::Instant;
 
 use super::config::BreakerConfig;
@@ -189,13 +188,10 @@ impl StateMachine {
     fn backoff(config: &BreakerConfig) -> backon::ExponentialBackoff {
         // The first trip opens for exactly `open_timeout`; each failed trial
         // after it doubles that, with jitter so replicas don't probe in step.
-        ExponentialBuilder::default()
-            .with_min_delay(config.open_timeout.saturating_mul(2))
-            .with_max_delay(config.max_open_timeout)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        crate::backoff::exponential(
+            config.open_timeout.saturating_mul(2),
+            config.max_open_timeout,
+        )
     }
 
     /// The settings this machine runs with.

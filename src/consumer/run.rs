@@ -17,9 +17,9 @@ use super::session::{Session, SessionError};
 use super::settle::AckTracker;
 use super::stats::add;
 use super::task::Shared;
+use crate::amqp::publish::Publisher;
 use crate::config::ConsumerSettings;
 use crate::connection::ManagedConnection;
-use crate::publish::Publisher;
 
 /// A session that lasted this long resets the reconnect backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
@@ -82,7 +82,7 @@ impl ConsumerRuntime {
     }
 
     fn backoff() -> backon::ExponentialBackoff {
-        crate::amqp::backoff(Duration::from_millis(100), Duration::from_secs(5))
+        crate::backoff::exponential(Duration::from_millis(100), Duration::from_secs(5))
     }
 
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), SessionError> {

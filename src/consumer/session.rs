@@ -22,10 +22,10 @@ use super::settle::{AckTracker, Op, Settle};
 use super::stats::{add, inc};
 use super::subscription::{Mode, Subscription, next_delivery, ready_delivery};
 use super::task::{self, Shared};
+use crate::amqp::publish::Publisher;
 use crate::breaker::{BreakerState, Rejected};
 use crate::config::OnPause;
 use crate::error::describe;
-use crate::publish::Publisher;
 
 /// How long a finished delivery may wait behind an unfinished one before it
 /// is acked on its own (instead of with the run it belongs to).

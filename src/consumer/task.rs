@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, ShortString};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,10 +20,11 @@ use tracing::{debug, info, warn};
 use super::policy::{self, Disposition, Outcome};
 use super::settle::Settle;
 use super::stats::{ConsumerStats, inc};
+use crate::amqp::headers::{self, header_u64, number, text};
+use crate::amqp::publish::{PublishError, Publisher};
 use crate::breaker::{Breaker, CallOutcome, HealthVerdict, Permit};
-use crate::dead_letter::{DeadLetterReason, MAX_ERROR_LEN, headers, truncate};
-use crate::handler::{CallResult, Context, ErasedHandler, HandlerError, header_u64};
-use crate::publish::{PublishError, Publisher};
+use crate::dead_letter::{DeadLetterReason, MAX_ERROR_LEN, truncate};
+use crate::handler::{CallResult, Context, ErasedHandler, HandlerError};
 use crate::topology::Topology;
 
 /// What every task of one consumer shares.
@@ -339,7 +340,7 @@ async fn store_copy(
     properties: BasicProperties,
 ) -> bool {
     let deadline = crate::amqp::deadline(Instant::now(), publisher.timeout());
-    let mut backoff = crate::amqp::backoff(COPY_RETRY_MIN, COPY_RETRY_MAX);
+    let mut backoff = crate::backoff::exponential(COPY_RETRY_MIN, COPY_RETRY_MAX);
     let mut waiting = None;
     loop {
         if session.is_cancelled() {
@@ -463,14 +464,6 @@ fn unreachable_verdict() -> ! {
     panic!("AwaitVerdict must be resolved before applying a disposition")
 }
 
-fn text(s: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(s))
-}
-
-fn number(n: u32) -> AMQPValue {
-    AMQPValue::LongLongInt(i64::from(n))
-}
-
 /// The original's properties, persistent, with `edit` applied to the
 /// headers. Left out: broker death headers, `CC`/`BCC` (the copy must reach
 /// one queue only), the per-message `expiration` (a
@@ -480,20 +473,8 @@ fn copy_properties(
     original: &BasicProperties,
     edit: impl FnOnce(&mut BTreeMap<ShortString, AMQPValue>),
 ) -> BasicProperties {
-    let mut headers: BTreeMap<ShortString, AMQPValue> = original
-        .headers()
-        .as_ref()
-        .map(|h| h.inner().clone())
-        .unwrap_or_default();
-    for name in headers::BROKER_DEATH_HEADERS
-        .iter()
-        .chain(headers::ROUTING_HEADERS)
-    {
-        headers.remove(*name);
-    }
-    edit(&mut headers);
     let mut props = BasicProperties::default()
-        .with_headers(FieldTable::from(headers))
+        .with_headers(headers::edited(original, headers::NEVER_COPIED, edit))
         .with_delivery_mode(2);
     let o = original;
     if let Some(v) = o.content_type() {

@@ -25,58 +25,8 @@ pub use ops::{
 pub use record::{DeadLetter, HeaderOrigin};
 pub use select::Selector;
 
-/// Header names written by rabbit-guard.
-pub mod headers {
-    /// Attempt number of the next delivery (1-based; absent means 1). On a
-    /// dead letter: the attempt that failed last.
-    pub const ATTEMPT: &str = "rg-attempt";
-    /// How many times the message was put back without counting an attempt
-    /// because the dependency, not the message, was failing.
-    pub const DEFERRALS: &str = "rg-deferrals";
-    /// How many times its last attempt failed with no sign either way (no
-    /// other call succeeded, the breaker did not trip); after 3 it is
-    /// dead-lettered anyway.
-    pub const INCONCLUSIVE: &str = "rg-inconclusive";
-    /// Why the message was dead-lettered: see [`DeadLetterReason`](super::DeadLetterReason).
-    pub const REASON: &str = "rg-reason";
-    /// The error text (truncated to 4 KiB).
-    pub const ERROR: &str = "rg-error";
-    /// The handler kind that gave up on it.
-    pub const HANDLER: &str = "rg-handler";
-    /// The work queue it came from.
-    pub const ORIGINAL_QUEUE: &str = "rg-original-queue";
-    /// When it was dead-lettered, RFC 3339 UTC with milliseconds.
-    pub const DEAD_LETTERED_AT: &str = "rg-dead-lettered-at";
-    /// How many times `rabbit-guard dlq replay` sent it back to its queue.
-    pub const REPLAYS: &str = "rg-replays";
-    /// Headers a replay removes: the message starts over.
-    pub const RESET_ON_REPLAY: &[&str] = &[
-        ATTEMPT,
-        DEFERRALS,
-        INCONCLUSIVE,
-        REASON,
-        ERROR,
-        HANDLER,
-        ORIGINAL_QUEUE,
-        DEAD_LETTERED_AT,
-    ];
-    /// Sender-selected distribution headers: the broker routes a message
-    /// carrying them to every queue they name as well. Stripped from every
-    /// copy rabbit-guard publishes (retries, dead letters, replays,
-    /// imports), which must go to exactly one queue.
-    pub const ROUTING_HEADERS: &[&str] = &["CC", "BCC"];
-    /// Headers set by the broker when it dead-letters; stripped from our copies,
-    /// since RabbitMQ 4 ignores (and 3.x trusts) client-set values.
-    pub const BROKER_DEATH_HEADERS: &[&str] = &[
-        "x-death",
-        "x-first-death-exchange",
-        "x-first-death-queue",
-        "x-first-death-reason",
-        "x-last-death-exchange",
-        "x-last-death-queue",
-        "x-last-death-reason",
-    ];
-}
+/// Header names written by rabbit-guard (defined with the AMQP layer).
+pub use crate::amqp::headers;
 
 /// Longest error text kept in the `rg-error` header.
 pub const MAX_ERROR_LEN: usize = 4096;

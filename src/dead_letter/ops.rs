@@ -3,20 +3,19 @@
 //! `kill -9`): a message is acked from the queue only after its copy is
 //! confirmed, and everything not acked goes back when the channel closes.
 
-use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, QueuePurgeOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::options::QueuePurgeOptions;
+use lapin::types::{AMQPValue, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::time::Instant;
 
 use super::browse::{Reader, message_count};
 use super::json::{from_base64, properties_from_typed};
 use super::{DeadLetter, Selector, headers};
-use crate::error::{Error, describe};
-use crate::publish::confirm_channel;
+use crate::amqp::publish::{PublishError, confirm_channel, confirmed};
+use crate::error::Error;
 
 /// How `replay` treats each message.
 #[derive(Debug, Clone, Default)]
@@ -98,35 +97,22 @@ pub struct MoveReport {
     pub failed: Vec<Moved>,
 }
 
-/// Publishes with `mandatory` and waits for the confirm; `Err` says why not.
+/// Publishes to `queue` through the default exchange with confirms; `Err`
+/// says why not, for the report.
 async fn publish_confirmed(
     channel: &Channel,
     queue: &str,
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), String> {
-    let confirm = channel
-        .basic_publish(
-            ShortString::from(""),
-            ShortString::from(queue),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        )
+    confirmed(channel, "", queue, body, properties)
         .await
-        .map_err(|e| describe(&e))?
-        .await
-        .map_err(|e| describe(&e))?;
-    match confirm {
-        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Ack(Some(_)) => Err(format!(
-            "queue {queue:?} does not exist (returned unroutable)"
-        )),
-        Confirmation::Nack(_) => Err("the broker refused it (nack)".to_owned()),
-    }
+        .map_err(|e| match e {
+            PublishError::Unroutable { .. } => {
+                format!("queue {queue:?} does not exist (returned unroutable)")
+            }
+            other => other.to_string(),
+        })
 }
 
 /// `user_id` must be the publishing connection's user, or the broker closes
@@ -141,20 +127,11 @@ fn keep_user_id(properties: BasicProperties, user: &str) -> BasicProperties {
 /// `properties` without `CC`/`BCC`: an imported message goes to the one
 /// queue named, not to every queue its headers list.
 fn without_routing_headers(properties: BasicProperties) -> BasicProperties {
-    let Some(h) = properties.headers() else {
-        return properties;
-    };
-    if !headers::ROUTING_HEADERS
-        .iter()
-        .any(|name| h.inner().contains_key(*name))
-    {
+    if properties.headers().is_none() {
         return properties;
     }
-    let mut map = h.inner().clone();
-    for name in headers::ROUTING_HEADERS {
-        map.remove(*name);
-    }
-    properties.with_headers(FieldTable::from(map))
+    let table = headers::edited(&properties, &[headers::ROUTING_HEADERS], |_| {});
+    properties.with_headers(table)
 }
 
 fn rebuild_without_user_id(p: &BasicProperties) -> BasicProperties {
@@ -166,26 +143,24 @@ fn rebuild_without_user_id(p: &BasicProperties) -> BasicProperties {
 /// The properties of a replayed copy: attempt count and dead-letter headers
 /// reset, `rg-replays` + 1, everything else kept.
 fn replay_properties(dl: &DeadLetter, user: &str) -> BasicProperties {
-    let mut map: BTreeMap<ShortString, AMQPValue> = dl
-        .properties
-        .headers()
-        .as_ref()
-        .map(|h| h.inner().clone())
-        .unwrap_or_default();
-    for name in headers::RESET_ON_REPLAY
-        .iter()
-        .chain(headers::BROKER_DEATH_HEADERS)
-        .chain(headers::ROUTING_HEADERS)
-    {
-        map.remove(*name);
-    }
-    map.remove("x-delivery-count");
-    map.insert(
-        headers::REPLAYS.into(),
-        AMQPValue::LongLongInt(i64::try_from(dl.replays.saturating_add(1)).unwrap_or(i64::MAX)),
+    let table = headers::edited(
+        &dl.properties,
+        &[
+            headers::RESET_ON_REPLAY,
+            headers::BROKER_DEATH_HEADERS,
+            headers::ROUTING_HEADERS,
+            &["x-delivery-count"],
+        ],
+        |map| {
+            map.insert(
+                headers::REPLAYS.into(),
+                AMQPValue::LongLongInt(
+                    i64::try_from(dl.replays.saturating_add(1)).unwrap_or(i64::MAX),
+                ),
+            );
+        },
     );
-    let props = dl.properties.clone().with_headers(FieldTable::from(map));
-    keep_user_id(props, user)
+    keep_user_id(dl.properties.clone().with_headers(table), user)
 }
 
 /// Waits so that at most `rate` messages per second go out.
@@ -491,6 +466,7 @@ fn parse_export_line(line: &str) -> Result<(BasicProperties, Vec<u8>), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::FieldTable;
 
     fn letter(replays: u64, headers: FieldTable) -> DeadLetter {
         DeadLetter {

@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 
 use super::headers;
 use super::json::{base64, properties_typed, table_plain};
-use crate::handler::{header_u64, value_str};
+use crate::amqp::headers::{header_u64, value_str};
 
 /// A message in a dead-letter queue.
 #[derive(Debug, Clone)]

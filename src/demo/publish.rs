@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, describe};
+use crate::amqp::publish::{PublishError, confirmed};
+use crate::error::Error;
 
 /// Publishes to `queue` at `rate` per second until `stop` or `count`
 /// messages, with ids `{prefix}-{n}`. Returns how many were confirmed.
@@ -25,7 +25,7 @@ pub async fn steady(
     stop: CancellationToken,
     mut on_confirm: impl FnMut(u64),
 ) -> Result<u64, Error> {
-    let channel = crate::publish::confirm_channel(connection).await?;
+    let channel = crate::amqp::publish::confirm_channel(connection).await?;
     // Any rate, even 0, NaN or infinite, paces at something from 1 µs to 1,000 s.
     let every = Duration::try_from_secs_f64(1.0 / rate.clamp(0.001, 1e6))
         .unwrap_or(Duration::from_secs(1))
@@ -51,32 +51,19 @@ async fn publish_one(channel: &Channel, queue: &str, id: &str, n: u64) -> Result
         "{{\"id\":\"{id}\",\"n\":{n},\"amount_cents\":{}}}",
         100 + n % 900
     );
-    let confirm = channel
-        .basic_publish(
-            ShortString::from(""),
-            ShortString::from(queue),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
+    let properties = BasicProperties::default()
+        .with_message_id(ShortString::from(id))
+        .with_content_type(ShortString::from("application/json"))
+        .with_delivery_mode(2);
+    confirmed(channel, "", queue, body.as_bytes(), properties)
+        .await
+        .map_err(|e| match e {
+            PublishError::Unroutable { .. } => Error::QueueNotFound {
+                queue: queue.to_owned(),
             },
-            body.as_bytes(),
-            BasicProperties::default()
-                .with_message_id(ShortString::from(id))
-                .with_content_type(ShortString::from("application/json"))
-                .with_delivery_mode(2),
-        )
-        .await
-        .map_err(|e| Error::broker(format!("publishing to {queue}"), e))?
-        .await
-        .map_err(|e| Error::broker(format!("publishing to {queue}: {}", describe(&e)), e))?;
-    match confirm {
-        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Ack(Some(_)) => Err(Error::QueueNotFound {
-            queue: queue.to_owned(),
-        }),
-        Confirmation::Nack(_) => Err(Error::Io {
-            context: format!("the broker refused a message for {queue} (nack)"),
-            source: std::io::Error::other("nack"),
-        }),
-    }
+            source => Error::Publish {
+                target: queue.to_owned(),
+                source,
+            },
+        })
 }

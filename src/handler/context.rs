@@ -5,7 +5,7 @@ use std::sync::Arc;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 
-use crate::dead_letter::headers;
+use crate::amqp::headers::{self, header_u64, value_str};
 
 /// The delivery a handler is working on: properties, headers, attempt number.
 #[derive(Debug, Clone)]
@@ -157,29 +157,6 @@ impl Context {
     #[must_use]
     pub fn delivery_tag(&self) -> u64 {
         self.delivery_tag
-    }
-}
-
-pub(crate) fn value_str(v: &AMQPValue) -> Option<&str> {
-    match v {
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
-        AMQPValue::ShortString(s) => Some(s.as_str()),
-        AMQPValue::ByteArray(b) => std::str::from_utf8(b.as_slice()).ok(),
-        _ => None,
-    }
-}
-
-pub(crate) fn header_u64(h: &FieldTable, name: &str) -> Option<u64> {
-    match h.inner().get(name)? {
-        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
-        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
-        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
-        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::Timestamp(n) => Some(*n),
-        other => value_str(other).and_then(|s| s.trim().parse().ok()),
     }
 }
 

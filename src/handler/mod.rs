@@ -43,7 +43,6 @@ mod error;
 use std::future::Future;
 
 pub use context::Context;
-pub(crate) use context::{header_u64, value_str};
 pub use decode::{Decode, DecodeError, Json};
 pub(crate) use erased::{CallResult, ErasedHandler, erase};
 pub use error::{BoxError, HandlerError, ResultExt};

@@ -11,7 +11,6 @@ use tracing::debug;
 use crate::topology::Topology;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 
 /// A new channel in confirm mode, for tools that publish and wait.
@@ -27,22 +26,78 @@ pub(crate) async fn confirm_channel(connection: &Connection) -> Result<Channel, 
     Ok(channel)
 }
 
-/// Why a copy was not safely stored.
+/// Why a message (a copy, a replay, an import) was not safely stored.
 #[derive(Debug, Clone, thiserror::Error)]
-pub(crate) enum PublishError {
-    #[error("the broker refused the copy (nack)")]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The broker confirmed it negatively.
+    #[error("the broker refused it (nack)")]
     Nacked,
+    /// It was returned: no queue is bound where it was sent.
     #[error(
-        "the copy could not be routed to {routing_key:?} via exchange {exchange:?} (does the queue exist?)"
+        "it could not be routed to {routing_key:?} via exchange {exchange:?} (does the queue exist?)"
     )]
     Unroutable {
+        /// The exchange it was published to (`""`: the default exchange).
         exchange: String,
+        /// Its routing key.
         routing_key: String,
     },
-    #[error("{0}")]
+    /// The channel or connection failed (or the broker closed the channel).
+    #[error("{}", crate::error::describe(.0))]
     Broker(lapin::Error),
+    /// No confirm came in time (a broker blocked by a resource alarm).
     #[error("no confirm within {}", humantime::format_duration(*.0))]
     TimedOut(Duration),
+}
+
+/// Publishes with `mandatory` on a confirm-mode `channel` and waits for the
+/// broker's confirm: the one confirmed publish every copy, replay, import
+/// and demo message goes through.
+///
+/// # Errors
+///
+/// [`PublishError`] when the broker did not store it.
+///
+/// # Cancel safety
+///
+/// Not cancel safe: dropped after the publish went out, the message may or
+/// may not be stored.
+pub(crate) async fn confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), PublishError> {
+    let unroutable = || PublishError::Unroutable {
+        exchange: crate::dead_letter::truncate(exchange, 80),
+        routing_key: crate::dead_letter::truncate(routing_key, 80),
+    };
+    let (Ok(exchange_name), Ok(key)) = (super::short(exchange), super::short(routing_key)) else {
+        // No queue or exchange has a name that long.
+        return Err(unroutable());
+    };
+    let confirm = channel
+        .basic_publish(
+            exchange_name,
+            key,
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties,
+        )
+        .await
+        .map_err(PublishError::Broker)?
+        .await
+        .map_err(PublishError::Broker)?;
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(unroutable()),
+        Confirmation::Nack(_) => Err(PublishError::Nacked),
+    }
 }
 
 /// A confirm-mode channel on the publishing connection. Cheap to clone;
@@ -185,32 +240,8 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let confirm = self
-            .channel()
-            .await
-            .map_err(PublishError::Broker)?
-            .basic_publish(
-                ShortString::from(exchange),
-                ShortString::from(routing_key),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await
-            .map_err(PublishError::Broker)?
-            .await
-            .map_err(PublishError::Broker)?;
-        match confirm {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
-            }),
-            Confirmation::Nack(_) => Err(PublishError::Nacked),
-        }
+        let channel = self.channel().await.map_err(PublishError::Broker)?;
+        confirmed(&channel, exchange, routing_key, body, properties).await
     }
 
     pub(crate) async fn close(&self) {
