@@ -65,6 +65,7 @@ pub mod demo;
 mod error;
 pub mod handler;
 pub mod handlers;
+mod limits;
 mod metrics;
 pub mod secret;
 pub mod signal;

@@ -23,9 +23,7 @@ pub(crate) mod publish;
 
 pub(crate) use lapin::types::parsing::MALFORMED_KEY as UNREADABLE_KEY;
 
-/// Longest name AMQP can carry (a queue, an exchange, a routing key, a
-/// short string): 255 bytes.
-pub(crate) const MAX_NAME_LEN: usize = 255;
+pub(crate) use crate::limits::MAX_NAME_LEN;
 
 /// `Ok` when `name` fits an AMQP short string (queue, exchange, routing key).
 ///

@@ -129,7 +129,7 @@ impl BreakerConfig {
         ] {
             if value.is_zero() {
                 out.push((key, "must be greater than zero, got \"0s\"".to_owned()));
-            } else if value > crate::config::MAX_DURATION {
+            } else if value > crate::limits::MAX_DURATION {
                 out.push((
                     key,
                     format!(

@@ -29,7 +29,7 @@ pub use settings::{
     QueueType, ReconnectSettings, RetrySettings, SafetyChecks, Settings, WorkerSettings,
     compact_duration,
 };
-pub use validate::{BUILTIN_HANDLERS, MAX_DURATION, MAX_RETRY_DELAY, MAX_THREADS};
+pub use validate::{MAX_DURATION, MAX_RETRY_DELAY, MAX_THREADS};
 
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::BreakerConfig;
+pub use crate::handlers::HttpSettings;
 use crate::secret::{MASK, Secret, SecretUrl};
 
 /// Everything the worker reads from its config files and environment.
@@ -342,49 +343,6 @@ impl Default for RetrySettings {
             ],
         }
     }
-}
-
-/// `http` under a consumer: where the built-in `http` handler sends messages.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpSettings {
-    /// The endpoint that receives each message body. Printed with its user
-    /// info and credential-like query parameters masked.
-    pub url: SecretUrl,
-    /// HTTP method; default `POST`.
-    #[serde(default = "default_method")]
-    pub method: String,
-    /// Extra request headers. Their values are secret (an API key, a
-    /// bearer token): printed as `***`, sent marked sensitive.
-    #[serde(default)]
-    pub headers: BTreeMap<String, Secret>,
-    /// Statuses below 500 that mean the dependency failed rather than the
-    /// message: like 5xx and connection errors they count against the
-    /// breaker and are retried. Any other non-2xx status dead-letters the
-    /// message at once.
-    #[serde(default = "default_transient_statuses")]
-    pub transient_statuses: Vec<u16>,
-}
-
-impl HttpSettings {
-    /// Settings for `url` with every other key at its default.
-    pub fn to(url: impl Into<String>) -> Self {
-        Self {
-            url: SecretUrl::new(url),
-            method: default_method(),
-            headers: BTreeMap::new(),
-            transient_statuses: default_transient_statuses(),
-        }
-    }
-}
-
-fn default_method() -> String {
-    "POST".to_owned()
-}
-
-/// 408 and 429 ask to come back later.
-fn default_transient_statuses() -> Vec<u16> {
-    vec![408, 429]
 }
 
 /// `["1s", "5s"]` as a `Vec<Duration>`.

@@ -7,11 +7,8 @@ use std::time::Duration;
 use super::error::{ConfigError, Problem};
 use super::settings::Settings;
 use crate::amqp::check_name;
-use crate::secret::SecretUrl;
 
-/// The longest duration any setting takes: 100 years (`"100y"`), which
-/// means "forever" and still leaves room to add it to the clock.
-pub const MAX_DURATION: Duration = Duration::from_secs(3_155_760_000);
+pub use crate::limits::MAX_DURATION;
 
 /// The longest retry delay: RabbitMQ's limit for `x-message-ttl`
 /// (2³² − 1 ms, about 49.7 days).
@@ -35,26 +32,6 @@ fn name_problem(key: String, name: &str) -> Option<Problem> {
         .err()
         .map(|why| problem(key, quoted(&crate::dead_letter::truncate(name, 40)), why))
 }
-
-/// `url` as a problem of `key` when it is not an http(s) URL (shown masked).
-fn http_url_problem(key: String, url: &SecretUrl) -> Option<Problem> {
-    match url::Url::parse(url.expose()) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => None,
-        Ok(_) => Some(problem(
-            key,
-            quoted(&url.masked()),
-            "must be an http:// or https:// URL with a host",
-        )),
-        Err(e) => Some(problem(
-            key,
-            quoted(&url.masked()),
-            format!("not a URL ({e})"),
-        )),
-    }
-}
-
-/// Handler kinds built into the binary.
-pub const BUILTIN_HANDLERS: &[&str] = &["http", "noop"];
 
 fn problem(key: impl Into<String>, value: Option<String>, message: impl Into<String>) -> Problem {
     Problem {
@@ -225,10 +202,10 @@ impl Settings {
                     format!("unknown breaker; {hint}"),
                 ));
             }
-            let handler_known = BUILTIN_HANDLERS.contains(&c.handler.as_str())
+            let handler_known = crate::handlers::builtin(&c.handler).is_some()
                 || extra_handlers.contains(&c.handler.as_str());
             if !handler_known {
-                let mut all: Vec<&str> = BUILTIN_HANDLERS.to_vec();
+                let mut all: Vec<&str> = crate::handlers::builtin_names();
                 all.extend(extra_handlers);
                 out.push(problem(
                     key("handler"),
@@ -287,49 +264,9 @@ impl Settings {
                     ));
                 }
             }
-            if c.handler == "http" {
-                match &c.http {
-                    None => out.push(problem(
-                        key("http.url"),
-                        None,
-                        "must be set for handler = \"http\"",
-                    )),
-                    Some(h) => {
-                        out.extend(http_url_problem(key("http.url"), &h.url));
-                        for (name, value) in &h.headers {
-                            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                                out.push(problem(
-                                    key("http.headers"),
-                                    quoted(&crate::dead_letter::truncate(name, 40)),
-                                    "not an HTTP header name",
-                                ));
-                            } else if reqwest::header::HeaderValue::from_str(value.expose())
-                                .is_err()
-                            {
-                                out.push(problem(
-                                    key(&format!("http.headers.{name}")),
-                                    None,
-                                    "not a valid header value (control characters or non-ASCII)",
-                                ));
-                            }
-                        }
-                        if reqwest::Method::from_bytes(h.method.as_bytes()).is_err() {
-                            out.push(problem(
-                                key("http.method"),
-                                quoted(&h.method),
-                                "not an HTTP method",
-                            ));
-                        }
-                        for (j, status) in h.transient_statuses.iter().enumerate() {
-                            if !(300..500).contains(status) {
-                                out.push(problem(
-                                    key(&format!("http.transient_statuses[{j}]")),
-                                    Some(status.to_string()),
-                                    "must be a 3xx or 4xx status (2xx is success, 5xx always transient)",
-                                ));
-                            }
-                        }
-                    }
+            if let Some(builtin) = crate::handlers::builtin(&c.handler) {
+                for (k, value, message) in (builtin.problems)(c) {
+                    out.push(problem(key(&k), value, message));
                 }
             }
             if c.delivery_limit.is_some() && c.queue_type != super::settings::QueueType::Quorum {

@@ -38,7 +38,7 @@ use crate::connection::ManagedConnection;
 use crate::consumer::{ConsumerRuntime, ConsumerStats, Shared};
 use crate::error::Error;
 use crate::handler::{ErasedHandler, Handler, erase};
-use crate::handlers::{HttpHandler, NoopHandler};
+
 use crate::metrics::Metrics;
 use crate::topology::Topology;
 
@@ -100,25 +100,15 @@ impl WorkerBuilder {
             let breaker = breakers[&c.breaker].clone();
             let handler: Arc<dyn ErasedHandler> = match self.handlers.get(&c.handler) {
                 Some(h) => h.clone(),
-                None => match c.handler.as_str() {
-                    "noop" => erase(NoopHandler),
-                    "http" => {
-                        let http = c.http.as_ref().ok_or_else(|| Error::Handler {
+                None => {
+                    let builtin =
+                        crate::handlers::builtin(&c.handler).ok_or_else(|| Error::Handler {
                             index,
-                            message: "http.url must be set for handler = \"http\"".into(),
+                            message: format!("no handler named {:?} is registered", c.handler),
                         })?;
-                        erase(
-                            HttpHandler::new(http, breaker.config().call_timeout)
-                                .map_err(|message| Error::Handler { index, message })?,
-                        )
-                    }
-                    other => {
-                        return Err(Error::Handler {
-                            index,
-                            message: format!("no handler named {other:?} is registered"),
-                        });
-                    }
-                },
+                    (builtin.build)(c, breaker.config().call_timeout)
+                        .map_err(|message| Error::Handler { index, message })?
+                }
             };
             consumers.push(Arc::new(Shared {
                 queue: Arc::from(c.queue.as_str()),

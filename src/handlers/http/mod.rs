@@ -3,8 +3,34 @@ use std::time::Duration;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
 
-use crate::config::HttpSettings;
-use crate::handler::{Context, Handler, HandlerError};
+use crate::config::ConsumerSettings;
+use crate::handler::{Context, Handler, HandlerError, erase};
+
+mod settings;
+
+pub use settings::HttpSettings;
+
+/// `handler = "http"`: its settings' problems, and the handler built from them.
+pub(super) const BUILTIN: super::Builtin = super::Builtin {
+    name: "http",
+    problems: |c| match &c.http {
+        None => vec![(
+            "http.url".into(),
+            None,
+            "must be set for handler = \"http\"".into(),
+        )],
+        Some(h) => h.problems(),
+    },
+    build,
+};
+
+fn build(c: &ConsumerSettings, call_timeout: Duration) -> super::Built {
+    let settings = c
+        .http
+        .as_ref()
+        .ok_or("http.url must be set for handler = \"http\"")?;
+    Ok(erase(HttpHandler::new(settings, call_timeout)?))
+}
 
 /// Sends each message body to an HTTP endpoint.
 ///
@@ -190,7 +216,6 @@ async fn body_snippet(mut response: reqwest::Response) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::HttpSettings;
 
     fn transient(handler: &HttpHandler, code: u16) -> bool {
         let status = StatusCode::from_u16(code).unwrap();
