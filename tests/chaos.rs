@@ -3,7 +3,7 @@
 //! cuts and two `kill -9`s. Ignored by default (about a minute); run with
 //! `cargo test --test chaos -- --ignored` (CI runs it: see README).
 #![allow(clippy::print_stderr)]
-
+#![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
 mod common;
 
 use std::collections::{HashMap, HashSet};

@@ -2,7 +2,6 @@
 //! minute, print plain progress lines, report nothing lost, and remove its
 //! queues (also when interrupted).
 #![allow(clippy::print_stderr)]
-
 mod common;
 
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! `rabbit-guard dlq`, run as an operator would, against dead letters made
 //! by the real runtime.
 #![allow(clippy::print_stderr)]
-
+#![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
 mod common;
 
 use std::collections::{HashMap, HashSet};

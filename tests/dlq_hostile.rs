@@ -2,6 +2,7 @@
 //! replay goes only where the broker or the config says, import survives
 //! lines the broker refuses, export never clobbers or leaks a file, and
 //! terminal output escapes control characters.
+#![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
 
 mod common;
 

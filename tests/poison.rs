@@ -1,7 +1,7 @@
 //! Bad messages go to the dead-letter queue with their reason, without
 //! tripping the breaker, while the good ones are processed.
 #![allow(clippy::print_stderr)]
-
+#![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
 mod common;
 
 use std::collections::BTreeMap;

@@ -1,7 +1,6 @@
 //! Graceful shutdown: stop consuming, finish running handlers, requeue the
 //! rest, and make sure every ack reached the broker before closing.
 #![allow(clippy::print_stderr)]
-
 mod common;
 
 use std::collections::HashSet;

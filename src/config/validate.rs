@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::error::{ConfigError, Problem};
-use super::settings::Settings;
+use super::settings::{
+    AdminSettings, BrokerSettings, ConsumerSettings, LogSettings, Settings, WorkerSettings,
+};
 use crate::amqp::check_name;
 
 pub use crate::limits::MAX_DURATION;
@@ -61,97 +63,15 @@ impl Settings {
         }
     }
 
-    /// Every problem with these settings (empty when valid).
+    /// Every problem with these settings (empty when valid): each table's
+    /// own, then what ties them together (breaker names, one consumer per
+    /// queue, handler kinds).
     #[must_use]
     pub fn problems(&self, extra_handlers: &[&str]) -> Vec<Problem> {
-        let mut out = Vec::new();
-        let b = &self.broker;
-        if let Err(e) = crate::amqp::parse_uri(&b.url) {
-            out.push(problem(
-                "broker.url",
-                quoted(&b.url.masked()),
-                format!("not an AMQP URI: {e}; expected amqp://user:password@host:5672/vhost"),
-            ));
-        }
-        if let Some(p) = name_problem("broker.connection_name".into(), &b.connection_name) {
-            out.push(p);
-        }
-        for (key, d) in [
-            ("broker.connect_timeout", b.connect_timeout),
-            ("broker.consumer_timeout", b.consumer_timeout),
-            ("broker.reconnect.initial_delay", b.reconnect.initial_delay),
-            ("broker.reconnect.max_delay", b.reconnect.max_delay),
-        ] {
-            if d.is_zero() {
-                out.push(problem(key, quoted("0s"), "must be greater than zero"));
-            }
-        }
-        for (key, d) in [
-            ("broker.startup_timeout", b.startup_timeout),
-            ("broker.connect_timeout", b.connect_timeout),
-            ("broker.consumer_timeout", b.consumer_timeout),
-            ("broker.reconnect.initial_delay", b.reconnect.initial_delay),
-            ("broker.reconnect.max_delay", b.reconnect.max_delay),
-            ("worker.shutdown_grace", self.worker.shutdown_grace),
-        ] {
-            out.extend(too_long(key, d));
-        }
-        if b.reconnect.max_delay < b.reconnect.initial_delay {
-            out.push(problem(
-                "broker.reconnect.max_delay",
-                quoted(&humantime::format_duration(b.reconnect.max_delay).to_string()),
-                "must be at least broker.reconnect.initial_delay",
-            ));
-        }
-        if b.reconnect.max_attempts == Some(0) {
-            out.push(problem(
-                "broker.reconnect.max_attempts",
-                Some("0".into()),
-                "must be at least 1 (leave it out to retry forever)",
-            ));
-        }
-        if self.worker.threads == 0 || self.worker.threads > MAX_THREADS {
-            out.push(problem(
-                "worker.threads",
-                Some(self.worker.threads.to_string()),
-                format!("must be from 1 to {MAX_THREADS}"),
-            ));
-        }
-        if let Some(listen) = &self.admin.listen
-            && listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            out.push(problem(
-                "admin.listen",
-                quoted(listen),
-                "not an address:port; e.g. \"127.0.0.1:9090\" (\"0.0.0.0:9090\" for every interface, with admin.token)",
-            ));
-        }
-        if self
-            .admin
-            .token
-            .as_ref()
-            .is_some_and(|t| t.expose().trim().is_empty())
-        {
-            out.push(problem(
-                "admin.token",
-                quoted(""),
-                "must not be empty (leave it out for none)",
-            ));
-        }
-        if self.admin.token.is_some() && self.admin.token_file.is_some() {
-            out.push(problem(
-                "admin.token_file",
-                None,
-                "set admin.token or admin.token_file, not both",
-            ));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            out.push(problem(
-                "log.level",
-                quoted(&self.log.level),
-                format!("not a log filter ({e}); e.g. \"info\" or \"info,rabbit_guard=debug\""),
-            ));
-        }
+        let mut out = self.broker.problems();
+        out.extend(self.worker.problems());
+        out.extend(self.admin.problems());
+        out.extend(self.log.problems());
         for (name, cfg) in &self.breakers {
             for (key, message) in cfg.problems() {
                 let value = breaker_value(cfg, key);
@@ -166,154 +86,325 @@ impl Settings {
             ));
         }
         let mut queues = BTreeSet::new();
-        let known_breakers = self.breakers.keys().cloned().collect::<Vec<_>>().join(", ");
         for (i, c) in self.consumers.iter().enumerate() {
-            let key = |k: &str| format!("consumers[{i}].{k}");
-            if c.queue.trim().is_empty() {
-                out.push(problem(
-                    key("queue"),
-                    None,
-                    "must be set to the queue to consume",
-                ));
-            } else if let Some(p) = name_problem(key("queue"), &c.queue) {
-                out.push(p);
-            } else if !queues.insert(c.queue.clone()) {
-                out.push(problem(
-                    key("queue"),
+            let mut own = c.problems(i);
+            if own.iter().all(|p| p.key != format!("consumers[{i}].queue"))
+                && !queues.insert(c.queue.clone())
+            {
+                own.push(problem(
+                    format!("consumers[{i}].queue"),
                     quoted(&c.queue),
                     "this queue already has a consumer above; one consumer per queue",
                 ));
             }
-            if c.breaker.is_empty() {
-                out.push(problem(
-                    key("breaker"),
-                    None,
-                    "must name a breaker from [breakers.NAME]",
-                ));
-            } else if !self.breakers.contains_key(&c.breaker) {
-                let hint = if known_breakers.is_empty() {
-                    "no breakers are defined: add [breakers.NAME]".to_owned()
-                } else {
-                    format!("defined breakers: {known_breakers}")
-                };
-                out.push(problem(
-                    key("breaker"),
-                    quoted(&c.breaker),
-                    format!("unknown breaker; {hint}"),
-                ));
-            }
-            let handler_known = crate::handlers::builtin(&c.handler).is_some()
-                || extra_handlers.contains(&c.handler.as_str());
-            if !handler_known {
-                let mut all: Vec<&str> = crate::handlers::builtin_names();
-                all.extend(extra_handlers);
-                out.push(problem(
-                    key("handler"),
-                    quoted(&c.handler),
-                    format!(
-                        "unknown handler kind; known: {} (custom handlers are registered from Rust with WorkerBuilder::handler)",
-                        all.join(", ")
-                    ),
-                ));
-            }
-            if c.prefetch == 0 {
-                out.push(problem(
-                    key("prefetch"),
-                    Some("0".into()),
-                    "must be at least 1 (0 means unlimited to RabbitMQ, which cannot be paused)",
-                ));
-            }
-            if c.concurrency == 0 {
-                out.push(problem(
-                    key("concurrency"),
-                    Some("0".into()),
-                    "must be at least 1",
-                ));
-            } else if c.prefetch != 0 && c.prefetch < c.concurrency {
-                out.push(problem(
-                    key("prefetch"),
-                    Some(c.prefetch.to_string()),
-                    format!(
-                        "must be at least concurrency ({}), or handlers sit idle waiting for messages",
-                        c.concurrency
-                    ),
-                ));
-            }
-            for (j, d) in c.retry.delays.iter().enumerate() {
-                let key = format!("consumers[{i}].retry.delays[{j}]");
-                if d.is_zero() {
-                    out.push(problem(key, quoted("0s"), "must be greater than zero"));
-                } else if *d > MAX_RETRY_DELAY {
-                    out.push(problem(
-                        key,
-                        quoted(&humantime::format_duration(*d).to_string()),
-                        "must be at most 49d 17h 2m 47s 295ms (RabbitMQ's longest message TTL)",
-                    ));
-                } else if c.queue.len() <= crate::amqp::MAX_NAME_LEN
-                    && let Some(p) =
-                        name_problem(format!("consumers[{i}].queue"), &c.delay_queue(*d))
-                {
-                    out.push(problem(
-                        p.key,
-                        quoted(&crate::dead_letter::truncate(&c.queue, 40)),
-                        format!(
-                            "its delay queue {:?} {}",
-                            crate::dead_letter::truncate(&c.delay_queue(*d), 40),
-                            p.message
-                        ),
-                    ));
-                }
-            }
-            if let Some(builtin) = crate::handlers::builtin(&c.handler) {
-                for (k, value, message) in (builtin.problems)(c) {
-                    out.push(problem(key(&k), value, message));
-                }
-            }
-            if c.delivery_limit.is_some() && c.queue_type != super::settings::QueueType::Quorum {
-                out.push(problem(
-                    key("delivery_limit"),
-                    c.delivery_limit.map(|n| n.to_string()),
-                    "only quorum queues have a delivery limit: set queue_type = \"quorum\" or leave it out",
-                ));
-            }
-            if c.delivery_limit == Some(0) {
-                out.push(problem(
-                    key("delivery_limit"),
-                    Some("0".into()),
-                    "must be at least 1",
-                ));
-            }
-            for (k, name, derived) in [
-                (
-                    "dead_letter_exchange",
-                    &c.dead_letter_exchange,
-                    c.dead_letter_exchange(),
+            out.extend(own);
+            out.extend(self.reference_problems(i, c, extra_handlers));
+        }
+        out
+    }
+
+    /// A consumer's breaker and handler must exist.
+    fn reference_problems(
+        &self,
+        i: usize,
+        c: &ConsumerSettings,
+        extra_handlers: &[&str],
+    ) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let key = |k: &str| format!("consumers[{i}].{k}");
+        if c.breaker.is_empty() {
+            out.push(problem(
+                key("breaker"),
+                None,
+                "must name a breaker from [breakers.NAME]",
+            ));
+        } else if !self.breakers.contains_key(&c.breaker) {
+            let known = self.breakers.keys().cloned().collect::<Vec<_>>().join(", ");
+            let hint = if known.is_empty() {
+                "no breakers are defined: add [breakers.NAME]".to_owned()
+            } else {
+                format!("defined breakers: {known}")
+            };
+            out.push(problem(
+                key("breaker"),
+                quoted(&c.breaker),
+                format!("unknown breaker; {hint}"),
+            ));
+        }
+        let handler_known = crate::handlers::builtin(&c.handler).is_some()
+            || extra_handlers.contains(&c.handler.as_str());
+        if !handler_known {
+            let mut all: Vec<&str> = crate::handlers::builtin_names();
+            all.extend(extra_handlers);
+            out.push(problem(
+                key("handler"),
+                quoted(&c.handler),
+                format!(
+                    "unknown handler kind; known: {} (custom handlers are registered from Rust with WorkerBuilder::handler)",
+                    all.join(", ")
                 ),
-                (
-                    "dead_letter_queue",
-                    &c.dead_letter_queue,
-                    c.dead_letter_queue(),
+            ));
+        }
+        out
+    }
+}
+
+impl BrokerSettings {
+    /// Every problem with `[broker]`.
+    #[must_use]
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if let Err(e) = crate::amqp::parse_uri(&self.url) {
+            out.push(problem(
+                "broker.url",
+                quoted(&self.url.masked()),
+                format!("not an AMQP URI: {e}; expected amqp://user:password@host:5672/vhost"),
+            ));
+        }
+        out.extend(name_problem(
+            "broker.connection_name".into(),
+            &self.connection_name,
+        ));
+        let r = &self.reconnect;
+        for (key, d) in [
+            ("broker.connect_timeout", self.connect_timeout),
+            ("broker.consumer_timeout", self.consumer_timeout),
+            ("broker.reconnect.initial_delay", r.initial_delay),
+            ("broker.reconnect.max_delay", r.max_delay),
+        ] {
+            if d.is_zero() {
+                out.push(problem(key, quoted("0s"), "must be greater than zero"));
+            }
+        }
+        for (key, d) in [
+            ("broker.startup_timeout", self.startup_timeout),
+            ("broker.connect_timeout", self.connect_timeout),
+            ("broker.consumer_timeout", self.consumer_timeout),
+            ("broker.reconnect.initial_delay", r.initial_delay),
+            ("broker.reconnect.max_delay", r.max_delay),
+        ] {
+            out.extend(too_long(key, d));
+        }
+        if r.max_delay < r.initial_delay {
+            out.push(problem(
+                "broker.reconnect.max_delay",
+                quoted(&humantime::format_duration(r.max_delay).to_string()),
+                "must be at least broker.reconnect.initial_delay",
+            ));
+        }
+        if r.max_attempts == Some(0) {
+            out.push(problem(
+                "broker.reconnect.max_attempts",
+                Some("0".into()),
+                "must be at least 1 (leave it out to retry forever)",
+            ));
+        }
+        out
+    }
+}
+
+impl WorkerSettings {
+    /// Every problem with `[worker]`.
+    #[must_use]
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out: Vec<Problem> = too_long("worker.shutdown_grace", self.shutdown_grace)
+            .into_iter()
+            .collect();
+        if self.threads == 0 || self.threads > MAX_THREADS {
+            out.push(problem(
+                "worker.threads",
+                Some(self.threads.to_string()),
+                format!("must be from 1 to {MAX_THREADS}"),
+            ));
+        }
+        out
+    }
+}
+
+impl AdminSettings {
+    /// Every problem with `[admin]`.
+    #[must_use]
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if let Some(listen) = &self.listen
+            && listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            out.push(problem(
+                "admin.listen",
+                quoted(listen),
+                "not an address:port; e.g. \"127.0.0.1:9090\" (\"0.0.0.0:9090\" for every interface, with admin.token)",
+            ));
+        }
+        if self
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().is_empty())
+        {
+            out.push(problem(
+                "admin.token",
+                quoted(""),
+                "must not be empty (leave it out for none)",
+            ));
+        }
+        if self.token.is_some() && self.token_file.is_some() {
+            out.push(problem(
+                "admin.token_file",
+                None,
+                "set admin.token or admin.token_file, not both",
+            ));
+        }
+        out
+    }
+}
+
+impl LogSettings {
+    /// Every problem with `[log]`.
+    #[must_use]
+    pub fn problems(&self) -> Vec<Problem> {
+        match tracing_subscriber::EnvFilter::try_new(&self.level) {
+            Ok(_) => Vec::new(),
+            Err(e) => vec![problem(
+                "log.level",
+                quoted(&self.level),
+                format!("not a log filter ({e}); e.g. \"info\" or \"info,rabbit_guard=debug\""),
+            )],
+        }
+    }
+}
+
+impl ConsumerSettings {
+    /// Every problem with the consumer at `consumers[index]` on its own (its
+    /// breaker and handler are checked against the rest of the settings by
+    /// [`Settings::problems`]).
+    #[must_use]
+    pub fn problems(&self, index: usize) -> Vec<Problem> {
+        let mut out = self.name_problems(index);
+        out.extend(self.flow_problems(index));
+        if let Some(builtin) = crate::handlers::builtin(&self.handler) {
+            for (k, value, message) in (builtin.problems)(self) {
+                out.push(problem(format!("consumers[{index}].{k}"), value, message));
+            }
+        }
+        out
+    }
+
+    /// Prefetch, concurrency, retry delays and the delivery limit.
+    fn flow_problems(&self, i: usize) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let key = |k: &str| format!("consumers[{i}].{k}");
+        if self.prefetch == 0 {
+            out.push(problem(
+                key("prefetch"),
+                Some("0".into()),
+                "must be at least 1 (0 means unlimited to RabbitMQ, which cannot be paused)",
+            ));
+        }
+        if self.concurrency == 0 {
+            out.push(problem(
+                key("concurrency"),
+                Some("0".into()),
+                "must be at least 1",
+            ));
+        } else if self.prefetch != 0 && self.prefetch < self.concurrency {
+            out.push(problem(
+                key("prefetch"),
+                Some(self.prefetch.to_string()),
+                format!(
+                    "must be at least concurrency ({}), or handlers sit idle waiting for messages",
+                    self.concurrency
                 ),
-            ] {
-                if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-                    out.push(problem(
-                        key(k),
-                        quoted(""),
-                        "must not be empty (leave it out for the default)",
-                    ));
-                } else if (name.is_some() || c.queue.len() <= crate::amqp::MAX_NAME_LEN)
-                    && let Some(p) = name_problem(key(k), &derived)
-                {
-                    let message = if name.is_none() {
-                        format!(
-                            "the default name {p_msg} (a shorter queue name, or set {k})",
-                            p_msg = p.message
-                        )
-                    } else {
+            ));
+        }
+        for (j, d) in self.retry.delays.iter().enumerate() {
+            let key = format!("consumers[{i}].retry.delays[{j}]");
+            if d.is_zero() {
+                out.push(problem(key, quoted("0s"), "must be greater than zero"));
+            } else if *d > MAX_RETRY_DELAY {
+                out.push(problem(
+                    key,
+                    quoted(&humantime::format_duration(*d).to_string()),
+                    "must be at most 49d 17h 2m 47s 295ms (RabbitMQ's longest message TTL)",
+                ));
+            }
+        }
+        if self.delivery_limit.is_some() && self.queue_type != super::settings::QueueType::Quorum {
+            out.push(problem(
+                key("delivery_limit"),
+                self.delivery_limit.map(|n| n.to_string()),
+                "only quorum queues have a delivery limit: set queue_type = \"quorum\" or leave it out",
+            ));
+        }
+        if self.delivery_limit == Some(0) {
+            out.push(problem(
+                key("delivery_limit"),
+                Some("0".into()),
+                "must be at least 1",
+            ));
+        }
+        out
+    }
+
+    /// The queue's name and the names derived from it must fit AMQP.
+    fn name_problems(&self, i: usize) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let key = |k: &str| format!("consumers[{i}].{k}");
+        let queue_fits = self.queue.len() <= crate::amqp::MAX_NAME_LEN;
+        if self.queue.trim().is_empty() {
+            out.push(problem(
+                key("queue"),
+                None,
+                "must be set to the queue to consume",
+            ));
+        } else {
+            out.extend(name_problem(key("queue"), &self.queue));
+        }
+        for d in &self.retry.delays {
+            if queue_fits
+                && !d.is_zero()
+                && *d <= MAX_RETRY_DELAY
+                && let Some(p) = name_problem(key("queue"), &self.delay_queue(*d))
+            {
+                out.push(problem(
+                    p.key,
+                    quoted(&crate::dead_letter::truncate(&self.queue, 40)),
+                    format!(
+                        "its delay queue {:?} {}",
+                        crate::dead_letter::truncate(&self.delay_queue(*d), 40),
                         p.message
-                    };
-                    out.push(problem(p.key, p.value, message));
-                }
+                    ),
+                ));
+            }
+        }
+        for (k, name, derived) in [
+            (
+                "dead_letter_exchange",
+                &self.dead_letter_exchange,
+                self.dead_letter_exchange(),
+            ),
+            (
+                "dead_letter_queue",
+                &self.dead_letter_queue,
+                self.dead_letter_queue(),
+            ),
+        ] {
+            if name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+                out.push(problem(
+                    key(k),
+                    quoted(""),
+                    "must not be empty (leave it out for the default)",
+                ));
+            } else if (name.is_some() || queue_fits)
+                && let Some(p) = name_problem(key(k), &derived)
+            {
+                let message = if name.is_none() {
+                    format!(
+                        "the default name {} (a shorter queue name, or set {k})",
+                        p.message
+                    )
+                } else {
+                    p.message
+                };
+                out.push(problem(p.key, p.value, message));
             }
         }
         out

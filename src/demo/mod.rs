@@ -313,61 +313,29 @@ pub async fn run(
     let settings = demo_settings(broker, &prefix, format!("http://{}/orders", flaky.addr()));
     let consumer = settings.consumers[0].clone();
     let connection = crate::connection::connect_once(&settings.broker, "demo").await?;
-    let worker = Worker::builder(settings).build()?;
-    let breaker = worker.breaker("demo-api").ok_or_else(|| Error::Io {
-        context: "the demo's breaker is missing".into(),
-        source: std::io::Error::other("internal"),
-    })?;
-    let stats = worker.stats(&consumer.queue).unwrap_or_default();
+    let (breaker, stats, worker_stop, worker_task) = start_worker(settings, &consumer.queue)?;
     let mut transitions_rx = breaker.transitions();
-    let worker_stop = CancellationToken::new();
-    let worker_task = tokio::spawn(worker.run_until(worker_stop.clone()));
 
     let started = Instant::now();
     let published = Arc::new(AtomicU64::new(0));
     let publish_stop = CancellationToken::new();
     // Wait for the worker to declare its queue before publishing.
-    let mut ready = false;
-    for _ in 0..200 {
-        if queue_counts(&connection, &consumer.queue).await.is_some() || worker_task.is_finished() {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let publisher = {
-        let (connection, queue, published, stop) = (
-            crate::connection::connect_once(&broker.clone(), "demo").await?,
-            consumer.queue.clone(),
-            published.clone(),
-            publish_stop.clone(),
-        );
-        tokio::spawn(async move {
-            let r = steady(
-                &connection,
-                &queue,
-                "demo",
-                timeline.rate,
-                None,
-                stop,
-                |n| {
-                    published.store(n, Ordering::Relaxed);
-                },
-            )
-            .await;
-            let _ = connection.close(200, "done".into()).await;
-            r
-        })
-    };
+    let mut ready = queue_declared(&connection, &consumer.queue, &worker_task).await;
+    let publisher = spawn_publisher(
+        broker,
+        consumer.queue.clone(),
+        timeline.rate,
+        published.clone(),
+        publish_stop.clone(),
+    )
+    .await?;
 
     let mut transitions: Vec<Transition> = Vec::new();
-    let mut history = String::new();
+    let mut screen = Screen::new(started, live);
     let mut report = Report {
         trip_after: 10,
         ..Report::default()
     };
-    let mut last_counts = (0, 0);
-    let mut last_tick = Instant::now();
     let tick = if live {
         Duration::from_millis(250)
     } else {
@@ -377,7 +345,6 @@ pub async fn run(
     let recover_at = fail_at + timeline.failing;
     let stop_publishing_at = recover_at + timeline.publish_after;
     let deadline = stop_publishing_at + Duration::from_secs(25);
-    let mut next_history = started;
     while ready {
         let now = Instant::now();
         ready = !worker_task.is_finished();
@@ -393,43 +360,17 @@ pub async fn run(
             .await
             .unwrap_or((0, 0));
         report.peak_depth = report.peak_depth.max(depth);
-        let counts = flaky.counts();
-        let secs = now.duration_since(last_tick).as_secs_f64().max(0.001);
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss
-        )]
-        let rate = |a: u64, b: u64| ((a - b) as f64 / secs).round() as u64;
-        let snapshot = breaker.snapshot();
-        if now >= next_history {
-            history.push(match snapshot.state {
-                BreakerState::Closed | BreakerState::Disabled => 'C',
-                BreakerState::Open { .. } | BreakerState::ForcedOpen => 'O',
-                BreakerState::HalfOpen { .. } => 'H',
-            });
-            next_history += Duration::from_secs(1);
-        }
         let processed = distinct_ok(&flaky);
-        let frame = Frame {
-            elapsed: now - started,
-            failing: flaky.failing(),
-            state: snapshot.state,
-            since: now.saturating_duration_since(snapshot.since),
-            ok_per_s: rate(counts.0, last_counts.0),
-            failed_per_s: rate(counts.1, last_counts.1),
-            depth,
-            consumers,
-            in_flight: s.in_flight,
-            published: published.load(Ordering::Relaxed),
-            processed,
-            dead: s.dead_lettered,
-            history: &history,
-        };
-        let _ = writeln!(out, "{}", render(&frame, live));
+        let frame = screen.frame(
+            now,
+            &flaky,
+            &breaker,
+            (depth, consumers),
+            &s,
+            published.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(out, "{frame}");
         let _ = out.flush();
-        last_counts = counts;
-        last_tick = now;
         let done = publish_stop.is_cancelled()
             && publisher.is_finished()
             && processed + s.dead_lettered >= published.load(Ordering::Relaxed);
@@ -461,7 +402,149 @@ pub async fn run(
     }
     cleaned?;
 
-    let calls = flaky.calls();
+    tally(&mut report, &transitions, &flaky.calls());
+    report.ran_for = started.elapsed();
+    report.published = published.load(Ordering::Relaxed);
+    report.processed = distinct_ok(&flaky);
+    report.dead_lettered = stats.snapshot().dead_lettered;
+    Ok(report)
+}
+
+/// What the screen remembers between frames: the state history and the
+/// counts the rates are taken from.
+struct Screen {
+    started: Instant,
+    live: bool,
+    history: String,
+    next_history: Instant,
+    last_counts: (u64, u64),
+    last_tick: Instant,
+}
+
+impl Screen {
+    fn new(started: Instant, live: bool) -> Self {
+        Self {
+            started,
+            live,
+            history: String::new(),
+            next_history: started,
+            last_counts: (0, 0),
+            last_tick: started,
+        }
+    }
+
+    /// The frame for `now`.
+    fn frame(
+        &mut self,
+        now: Instant,
+        flaky: &FlakyServer,
+        breaker: &crate::breaker::Breaker,
+        (depth, consumers): (u32, u32),
+        stats: &crate::consumer::StatsSnapshot,
+        published: u64,
+    ) -> String {
+        let counts = flaky.counts();
+        let secs = now.duration_since(self.last_tick).as_secs_f64().max(0.001);
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let rate = |a: u64, b: u64| (a.saturating_sub(b) as f64 / secs).round() as u64;
+        let snapshot = breaker.snapshot();
+        if now >= self.next_history {
+            self.history.push(match snapshot.state {
+                BreakerState::Closed | BreakerState::Disabled => 'C',
+                BreakerState::Open { .. } | BreakerState::ForcedOpen => 'O',
+                BreakerState::HalfOpen { .. } => 'H',
+            });
+            self.next_history += Duration::from_secs(1);
+        }
+        let frame = Frame {
+            elapsed: now - self.started,
+            failing: flaky.failing(),
+            state: snapshot.state,
+            since: now.saturating_duration_since(snapshot.since),
+            ok_per_s: rate(counts.0, self.last_counts.0),
+            failed_per_s: rate(counts.1, self.last_counts.1),
+            depth,
+            consumers,
+            in_flight: stats.in_flight,
+            published,
+            processed: distinct_ok(flaky),
+            dead: stats.dead_lettered,
+            history: &self.history,
+        };
+        let text = render(&frame, self.live);
+        self.last_counts = counts;
+        self.last_tick = now;
+        text
+    }
+}
+
+/// The demo's worker, running: its breaker, its consumer's stats, and how
+/// to stop it.
+#[allow(clippy::type_complexity)]
+fn start_worker(
+    settings: Settings,
+    queue: &str,
+) -> Result<
+    (
+        crate::breaker::Breaker,
+        Arc<crate::consumer::ConsumerStats>,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), Error>>,
+    ),
+    Error,
+> {
+    let worker = Worker::builder(settings).build()?;
+    let breaker = worker.breaker("demo-api").ok_or_else(|| Error::Io {
+        context: "the demo's breaker is missing".into(),
+        source: std::io::Error::other("internal"),
+    })?;
+    let stats = worker.stats(queue).unwrap_or_default();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(worker.run_until(stop.clone()));
+    Ok((breaker, stats, stop, task))
+}
+
+/// True once the worker has declared `queue` (or has stopped trying).
+async fn queue_declared<T>(
+    connection: &lapin::Connection,
+    queue: &str,
+    worker_task: &tokio::task::JoinHandle<T>,
+) -> bool {
+    for _ in 0..200 {
+        if queue_counts(connection, queue).await.is_some() || worker_task.is_finished() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// The steady publisher on a connection of its own, counting confirms.
+async fn spawn_publisher(
+    broker: &BrokerSettings,
+    queue: String,
+    rate: f64,
+    published: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<Result<u64, Error>>, Error> {
+    let connection = crate::connection::connect_once(broker, "demo").await?;
+    Ok(tokio::spawn(async move {
+        let r = steady(&connection, &queue, "demo", rate, None, stop, |n| {
+            published.store(n, Ordering::Relaxed);
+        })
+        .await;
+        let _ = connection.close(200, "done".into()).await;
+        r
+    }))
+}
+
+/// What the breaker's transitions and the dependency's calls say: failing
+/// calls before the pause, probes, how long it paused, calls while open.
+fn tally(report: &mut Report, transitions: &[Transition], calls: &[flaky::Call]) {
     let first_probe = transitions
         .iter()
         .find(|t| matches!(t.to, BreakerState::HalfOpen { .. }))
@@ -498,11 +581,6 @@ pub async fn run(
                 .count() as u64;
         }
     }
-    report.ran_for = started.elapsed();
-    report.published = published.load(Ordering::Relaxed);
-    report.processed = distinct_ok(&flaky);
-    report.dead_lettered = stats.snapshot().dead_lettered;
-    Ok(report)
 }
 
 fn distinct_ok(flaky: &FlakyServer) -> u64 {
