@@ -2,6 +2,7 @@
 //! control with a token, status, and the breaker check before a replay.
 #![allow(clippy::print_stderr)]
 #![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
+
 mod common;
 
 use std::sync::{Arc, Mutex};

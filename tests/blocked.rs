@@ -5,6 +5,7 @@
 //! This test raises a real alarm on the shared broker (for a few seconds), so
 //! it lives alone in its own test binary.
 #![allow(clippy::print_stderr)]
+
 mod common;
 
 use std::process::Command;

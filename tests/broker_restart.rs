@@ -3,6 +3,7 @@
 //! the shared broker for a few seconds, so it lives alone in its own test
 //! binary, and a guard restarts the broker even when the test fails.
 #![allow(clippy::print_stderr)]
+
 mod common;
 
 use std::process::Command;

@@ -4,6 +4,7 @@
 //! `cargo test --test chaos -- --ignored` (CI runs it: see README).
 #![allow(clippy::print_stderr)]
 #![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

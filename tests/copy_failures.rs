@@ -4,6 +4,7 @@
 //! `/readyz` and in its metrics; and when the queue is back, the copy lands.
 #![allow(clippy::print_stderr)]
 #![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
+
 mod common;
 
 use std::time::Duration;

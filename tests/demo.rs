@@ -2,6 +2,7 @@
 //! minute, print plain progress lines, report nothing lost, and remove its
 //! queues (also when interrupted).
 #![allow(clippy::print_stderr)]
+
 mod common;
 
 use std::time::{Duration, Instant};

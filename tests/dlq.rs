@@ -2,6 +2,7 @@
 //! by the real runtime.
 #![allow(clippy::print_stderr)]
 #![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

@@ -1,6 +1,7 @@
 //! Messages no well-behaved publisher sends: each must be handled or
 //! dead-lettered, and the queue behind it must keep moving.
 #![allow(clippy::print_stderr)]
+
 mod common;
 
 use std::collections::BTreeSet;

@@ -3,6 +3,7 @@
 //! every message (down, or rejecting our credentials when 401 is declared
 //! transient) pauses the queue instead of filling the dead-letter queue.
 #![allow(clippy::print_stderr)]
+
 mod common;
 
 use std::sync::Arc;

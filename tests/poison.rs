@@ -2,6 +2,7 @@
 //! tripping the breaker, while the good ones are processed.
 #![allow(clippy::print_stderr)]
 #![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
+
 mod common;
 
 use std::collections::BTreeMap;

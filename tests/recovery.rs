@@ -2,6 +2,7 @@
 //! that is not there at startup, and kill -9. Every message ends processed,
 //! dead-lettered with a reason, or still queued.
 #![allow(clippy::print_stderr)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};

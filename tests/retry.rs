@@ -2,6 +2,7 @@
 //! dead-letter queue only when the dependency is otherwise healthy.
 #![allow(clippy::print_stderr)]
 #![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
+
 mod common;
 
 use std::sync::Arc;

@@ -6,6 +6,7 @@
 //! admin route are searched for each secret. None may appear.
 #![allow(clippy::print_stderr)]
 #![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -1,6 +1,7 @@
 //! Graceful shutdown: stop consuming, finish running handlers, requeue the
 //! rest, and make sure every ack reached the broker before closing.
 #![allow(clippy::print_stderr)]
+
 mod common;
 
 use std::collections::HashSet;
