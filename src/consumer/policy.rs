@@ -52,9 +52,19 @@ pub(crate) enum Disposition {
         level: Option<usize>,
         inconclusive: bool,
     },
-    /// The last attempt failed while the breaker stayed closed: ask the breaker
-    /// whether the dependency is otherwise healthy, then call [`after_verdict`].
-    AwaitVerdict,
+}
+
+/// What [`decide`] says: where the message goes, or that the breaker must be
+/// asked first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Where it goes.
+    Final(Disposition),
+    /// The last attempt failed while the breaker stayed closed: ask the
+    /// breaker whether the dependency is otherwise healthy, then call
+    /// [`after_verdict`] for the disposition. (A separate variant, so an
+    /// unresolved verdict cannot reach the code that applies dispositions.)
+    NeedsVerdict,
 }
 
 /// Longest wait for a health verdict (shorter when the breaker's window is).
@@ -75,26 +85,27 @@ pub(crate) fn decide(
     attempt: u32,
     delays: usize,
     outage_suspected: bool,
-) -> Disposition {
+) -> Decision {
+    let final_ = Decision::Final;
     match outcome {
-        Outcome::Success => Disposition::Ack,
-        Outcome::Permanent(_) => Disposition::DeadLetter(DeadLetterReason::Permanent),
-        Outcome::Decode(_) => Disposition::DeadLetter(DeadLetterReason::Decode),
-        Outcome::Panic(_) => Disposition::DeadLetter(DeadLetterReason::Panic),
+        Outcome::Success => final_(Disposition::Ack),
+        Outcome::Permanent(_) => final_(Disposition::DeadLetter(DeadLetterReason::Permanent)),
+        Outcome::Decode(_) => final_(Disposition::DeadLetter(DeadLetterReason::Decode)),
+        Outcome::Panic(_) => final_(Disposition::DeadLetter(DeadLetterReason::Panic)),
         Outcome::Transient(_) | Outcome::TimedOut(_) => {
             let attempt = attempt.max(1);
             if outage_suspected {
-                Disposition::Defer {
+                final_(Disposition::Defer {
                     level: defer_level(attempt, delays),
                     inconclusive: false,
-                }
+                })
             } else if (attempt as usize) <= delays {
-                Disposition::Retry {
+                final_(Disposition::Retry {
                     level: attempt as usize - 1,
                     next_attempt: attempt + 1,
-                }
+                })
             } else {
-                Disposition::AwaitVerdict
+                Decision::NeedsVerdict
             }
         }
     }
@@ -135,24 +146,36 @@ pub(crate) fn after_verdict(
 mod tests {
     use super::*;
 
+    /// `decide`'s disposition, when it has one.
+    fn decide(outcome: &Outcome, attempt: u32, delays: usize, outage: bool) -> Decision {
+        super::decide(outcome, attempt, delays, outage)
+    }
+
+    fn fin(d: Disposition) -> Decision {
+        Decision::Final(d)
+    }
+
     fn transient() -> Outcome {
         Outcome::Transient("503".into())
     }
 
     #[test]
     fn outcome_table() {
-        assert_eq!(decide(&Outcome::Success, 1, 2, false), Disposition::Ack);
+        assert_eq!(
+            decide(&Outcome::Success, 1, 2, false),
+            fin(Disposition::Ack)
+        );
         assert_eq!(
             decide(&Outcome::Permanent("bad".into()), 1, 2, false),
-            Disposition::DeadLetter(DeadLetterReason::Permanent)
+            fin(Disposition::DeadLetter(DeadLetterReason::Permanent))
         );
         assert_eq!(
             decide(&Outcome::Decode("json".into()), 1, 2, true),
-            Disposition::DeadLetter(DeadLetterReason::Decode)
+            fin(Disposition::DeadLetter(DeadLetterReason::Decode))
         );
         assert_eq!(
             decide(&Outcome::Panic("boom".into()), 1, 2, false),
-            Disposition::DeadLetter(DeadLetterReason::Panic)
+            fin(Disposition::DeadLetter(DeadLetterReason::Panic))
         );
     }
 
@@ -160,20 +183,20 @@ mod tests {
     fn transient_failures_walk_the_delay_levels_then_need_a_verdict() {
         assert_eq!(
             decide(&transient(), 1, 2, false),
-            Disposition::Retry {
+            fin(Disposition::Retry {
                 level: 0,
                 next_attempt: 2
-            }
+            })
         );
         assert_eq!(
             decide(&Outcome::TimedOut(Duration::from_secs(3)), 2, 2, false),
-            Disposition::Retry {
+            fin(Disposition::Retry {
                 level: 1,
                 next_attempt: 3
-            }
+            })
         );
-        assert_eq!(decide(&transient(), 3, 2, false), Disposition::AwaitVerdict);
-        assert_eq!(decide(&transient(), 1, 0, false), Disposition::AwaitVerdict);
+        assert_eq!(decide(&transient(), 3, 2, false), Decision::NeedsVerdict);
+        assert_eq!(decide(&transient(), 1, 0, false), Decision::NeedsVerdict);
     }
 
     fn defer(level: Option<usize>, inconclusive: bool) -> Disposition {
@@ -185,9 +208,9 @@ mod tests {
 
     #[test]
     fn outage_failures_are_deferred_without_counting() {
-        assert_eq!(decide(&transient(), 1, 2, true), defer(Some(0), false));
-        assert_eq!(decide(&transient(), 3, 2, true), defer(Some(1), false));
-        assert_eq!(decide(&transient(), 1, 0, true), defer(None, false));
+        assert_eq!(decide(&transient(), 1, 2, true), fin(defer(Some(0), false)));
+        assert_eq!(decide(&transient(), 3, 2, true), fin(defer(Some(1), false)));
+        assert_eq!(decide(&transient(), 1, 0, true), fin(defer(None, false)));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::policy::{self, Disposition, Outcome};
+use super::policy::{self, Decision, Disposition, Outcome};
 use super::settle::Settle;
 use super::stats::{ConsumerStats, inc};
 use crate::amqp::headers::{self, header_u64, number, text};
@@ -143,27 +143,51 @@ pub(crate) async fn run(
     }
     let outage_suspected = is_probe || !state_after.admits_all();
     let delays = shared.topology.delay_queues.len();
-    let mut disposition = policy::decide(&outcome, ctx.attempt(), delays, outage_suspected);
-    if disposition == Disposition::AwaitVerdict {
-        let inconclusive = inconclusive_count(&ctx);
-        let verdict = if shared.breaker.successes() > successes_at_start {
-            HealthVerdict::Healthy
-        } else if inconclusive >= policy::MAX_INCONCLUSIVE {
-            HealthVerdict::Unknown
-        } else if let Ok(_waiting) = shared.verdict_slots.clone().try_acquire_owned() {
-            let wait = shared.breaker.config().window.min(policy::MAX_VERDICT_WAIT);
-            tokio::select! {
-                v = shared.breaker.health_verdict(successes_at_start, wait) => v,
-                () = session.cancelled() => return Finished { tag, settle: Settle::Requeue },
+    let disposition = match policy::decide(&outcome, ctx.attempt(), delays, outage_suspected) {
+        Decision::Final(d) => d,
+        Decision::NeedsVerdict => {
+            match verdict(&shared, &ctx, successes_at_start, &session).await {
+                Some(d) => d,
+                None => {
+                    return Finished {
+                        tag,
+                        settle: Settle::Requeue,
+                    };
+                }
             }
-        } else {
-            HealthVerdict::Unknown
-        };
-        disposition = policy::after_verdict(verdict, ctx.attempt(), inconclusive, delays);
-        debug!(queue = %shared.queue, ?verdict, ?disposition, "last attempt failed");
-    }
+        }
+    };
     let settle = apply(&shared, &ctx, &outcome, &disposition, &publisher, &session).await;
     Finished { tag, settle }
+}
+
+/// The last attempt failed: asks the breaker whether the dependency is
+/// otherwise healthy, and decides. `None` when the session ended meanwhile
+/// (the broker has requeued the message).
+async fn verdict(
+    shared: &Shared,
+    ctx: &Context,
+    successes_at_start: u64,
+    session: &CancellationToken,
+) -> Option<Disposition> {
+    let delays = shared.topology.delay_queues.len();
+    let inconclusive = inconclusive_count(ctx);
+    let verdict = if shared.breaker.successes() > successes_at_start {
+        HealthVerdict::Healthy
+    } else if inconclusive >= policy::MAX_INCONCLUSIVE {
+        HealthVerdict::Unknown
+    } else if let Ok(_waiting) = shared.verdict_slots.clone().try_acquire_owned() {
+        let wait = shared.breaker.config().window.min(policy::MAX_VERDICT_WAIT);
+        tokio::select! {
+            v = shared.breaker.health_verdict(successes_at_start, wait) => v,
+            () = session.cancelled() => return None,
+        }
+    } else {
+        HealthVerdict::Unknown
+    };
+    let disposition = policy::after_verdict(verdict, ctx.attempt(), inconclusive, delays);
+    debug!(queue = %shared.queue, ?verdict, ?disposition, "last attempt failed");
+    Some(disposition)
 }
 
 /// Sends a prefetched, unstarted message to the dead-letter queue (on_pause = "dead-letter").
@@ -218,6 +242,82 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// A copy to publish before the original is acked.
+#[derive(Debug)]
+struct Copy<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    properties: BasicProperties,
+}
+
+/// The copy `disposition` asks for (none for an ack): where it goes and its
+/// headers. Pure, so every header it writes is unit-tested.
+fn build_copy<'a>(
+    topology: &'a Topology,
+    handler_name: &str,
+    ctx: &Context,
+    outcome: &Outcome,
+    disposition: &Disposition,
+) -> Option<Copy<'a>> {
+    let copy = match disposition {
+        Disposition::Ack => return None,
+        Disposition::DeadLetter(reason) => Copy {
+            exchange: &topology.dead_letter_exchange,
+            routing_key: &topology.dead_letter_queue,
+            properties: copy_properties(ctx.properties(), |h| {
+                h.insert(headers::REASON.into(), text(reason.as_str()));
+                h.insert(
+                    headers::ERROR.into(),
+                    text(&truncate(&outcome.error_text(), MAX_ERROR_LEN)),
+                );
+                h.insert(headers::HANDLER.into(), text(handler_name));
+                h.insert(headers::ORIGINAL_QUEUE.into(), text(&topology.queue));
+                h.insert(
+                    headers::DEAD_LETTERED_AT.into(),
+                    text(
+                        &humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                    ),
+                );
+                h.insert(headers::ATTEMPT.into(), number(ctx.attempt()));
+            }),
+        },
+        Disposition::Retry {
+            level,
+            next_attempt,
+        } => Copy {
+            exchange: "",
+            routing_key: &topology.delay_queues[*level].1,
+            properties: copy_properties(ctx.properties(), |h| {
+                h.insert(headers::ATTEMPT.into(), number(*next_attempt));
+            }),
+        },
+        Disposition::Defer {
+            level,
+            inconclusive,
+        } => {
+            let deferrals = header_count(ctx, headers::DEFERRALS).saturating_add(1);
+            let inconclusive_count = inconclusive_count(ctx) + u32::from(*inconclusive);
+            Copy {
+                exchange: "",
+                routing_key: match level {
+                    Some(l) => &topology.delay_queues[*l].1,
+                    None => &topology.queue,
+                },
+                properties: copy_properties(ctx.properties(), |h| {
+                    h.insert(headers::ATTEMPT.into(), number(ctx.attempt()));
+                    h.insert(headers::DEFERRALS.into(), number(deferrals));
+                    if inconclusive_count > 0 {
+                        h.insert(headers::INCONCLUSIVE.into(), number(inconclusive_count));
+                    }
+                }),
+            }
+        }
+    };
+    Some(copy)
+}
+
+/// Stores the copy `disposition` asks for (confirmed), counts it, and says
+/// how to settle the original.
 async fn apply(
     shared: &Shared,
     ctx: &Context,
@@ -226,61 +326,20 @@ async fn apply(
     publisher: &Publisher,
     session: &CancellationToken,
 ) -> Settle {
-    let (exchange, routing_key, properties) = match disposition {
-        Disposition::Ack => return Settle::Ack,
-        Disposition::AwaitVerdict => unreachable_verdict(),
-        Disposition::DeadLetter(reason) => {
-            let props = copy_properties(ctx.properties(), |h| {
-                h.insert(headers::REASON.into(), text(reason.as_str()));
-                h.insert(
-                    headers::ERROR.into(),
-                    text(&truncate(&outcome.error_text(), MAX_ERROR_LEN)),
-                );
-                h.insert(headers::HANDLER.into(), text(&shared.handler_name));
-                h.insert(headers::ORIGINAL_QUEUE.into(), text(&shared.queue));
-                h.insert(
-                    headers::DEAD_LETTERED_AT.into(),
-                    text(
-                        &humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-                    ),
-                );
-                h.insert(headers::ATTEMPT.into(), number(ctx.attempt()));
-            });
-            (
-                shared.topology.dead_letter_exchange.as_str(),
-                shared.topology.dead_letter_queue.as_str(),
-                props,
-            )
-        }
-        Disposition::Retry {
-            level,
-            next_attempt,
-        } => {
-            let props = copy_properties(ctx.properties(), |h| {
-                h.insert(headers::ATTEMPT.into(), number(*next_attempt));
-            });
-            ("", shared.topology.delay_queues[*level].1.as_str(), props)
-        }
-        Disposition::Defer {
-            level,
-            inconclusive,
-        } => {
-            let deferrals = header_count(ctx, headers::DEFERRALS).saturating_add(1);
-            let inconclusive_count = inconclusive_count(ctx) + u32::from(*inconclusive);
-            let props = copy_properties(ctx.properties(), |h| {
-                h.insert(headers::ATTEMPT.into(), number(ctx.attempt()));
-                h.insert(headers::DEFERRALS.into(), number(deferrals));
-                if inconclusive_count > 0 {
-                    h.insert(headers::INCONCLUSIVE.into(), number(inconclusive_count));
-                }
-            });
-            let target = match level {
-                Some(l) => shared.topology.delay_queues[*l].1.as_str(),
-                None => shared.queue.as_ref(),
-            };
-            ("", target, props)
-        }
+    let Some(copy) = build_copy(
+        &shared.topology,
+        &shared.handler_name,
+        ctx,
+        outcome,
+        disposition,
+    ) else {
+        return Settle::Ack;
     };
+    let Copy {
+        exchange,
+        routing_key,
+        properties,
+    } = copy;
     if !store_copy(
         shared,
         ctx,
@@ -312,7 +371,7 @@ async fn apply(
                 inc(n);
             }
         }
-        Disposition::Ack | Disposition::AwaitVerdict => {}
+        Disposition::Ack => {}
     }
     Settle::Ack
 }
@@ -458,12 +517,6 @@ impl Drop for CopyWaiting<'_> {
     }
 }
 
-#[cold]
-fn unreachable_verdict() -> ! {
-    // `run` resolves AwaitVerdict before calling `apply`.
-    panic!("AwaitVerdict must be resolved before applying a disposition")
-}
-
 /// The original's properties, persistent, with `edit` applied to the
 /// headers. Left out: broker death headers, `CC`/`BCC` (the copy must reach
 /// one queue only), the per-message `expiration` (a
@@ -505,4 +558,153 @@ fn copy_properties(
         props = props.with_app_id(v.clone());
     }
     props
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConsumerSettings, RetrySettings};
+
+    fn topology() -> Topology {
+        Topology::of(
+            0,
+            &ConsumerSettings {
+                queue: "orders".into(),
+                retry: RetrySettings {
+                    delays: vec![Duration::from_secs(1), Duration::from_secs(5)],
+                },
+                ..ConsumerSettings::default()
+            },
+        )
+    }
+
+    fn ctx(headers: &[(&str, AMQPValue)]) -> Context {
+        let mut h = lapin::types::FieldTable::default();
+        for (k, v) in headers {
+            h.insert((*k).into(), v.clone());
+        }
+        let props = BasicProperties::default()
+            .with_message_id("m-1".into())
+            .with_expiration("60000".into())
+            .with_user_id("someone-else".into())
+            .with_headers(h);
+        Context::new(
+            3,
+            "orders".into(),
+            7,
+            String::new(),
+            "orders".into(),
+            false,
+            props,
+            b"{}".to_vec(),
+        )
+    }
+
+    fn header<'a>(copy: &'a Copy<'_>, name: &str) -> Option<&'a AMQPValue> {
+        copy.properties.headers().as_ref()?.inner().get(name)
+    }
+
+    #[test]
+    fn a_dead_letter_says_why_and_carries_nothing_that_routes_or_expires() {
+        let t = topology();
+        let c = ctx(&[
+            ("CC", text("elsewhere")),
+            ("x-death", text("forged")),
+            (headers::ATTEMPT, number(2)),
+            ("keep", text("me")),
+        ]);
+        let long = "e".repeat(MAX_ERROR_LEN * 2);
+        let copy = build_copy(
+            &t,
+            "http",
+            &c,
+            &Outcome::Permanent(long),
+            &Disposition::DeadLetter(DeadLetterReason::Permanent),
+        )
+        .expect("a dead letter is a copy");
+        assert_eq!(
+            (copy.exchange, copy.routing_key),
+            ("orders.dlx", "orders.dlq")
+        );
+        assert_eq!(header(&copy, headers::REASON), Some(&text("permanent")));
+        assert_eq!(header(&copy, headers::HANDLER), Some(&text("http")));
+        assert_eq!(
+            header(&copy, headers::ORIGINAL_QUEUE),
+            Some(&text("orders"))
+        );
+        assert_eq!(header(&copy, headers::ATTEMPT), Some(&number(2)));
+        assert_eq!(header(&copy, "keep"), Some(&text("me")));
+        let Some(AMQPValue::LongString(error)) = header(&copy, headers::ERROR) else {
+            panic!("rg-error missing");
+        };
+        assert!(
+            error.as_bytes().len() <= MAX_ERROR_LEN,
+            "{} bytes",
+            error.as_bytes().len()
+        );
+        assert!(header(&copy, "CC").is_none() && header(&copy, "x-death").is_none());
+        assert_eq!(
+            copy.properties.expiration(),
+            &None,
+            "a dead letter must not expire"
+        );
+        assert_eq!(copy.properties.user_id(), &None);
+        assert_eq!(copy.properties.delivery_mode(), &Some(2));
+        assert_eq!(
+            copy.properties.message_id().as_ref().map(|s| s.as_str()),
+            Some("m-1")
+        );
+    }
+
+    #[test]
+    fn a_retry_goes_to_its_level_with_the_next_attempt() {
+        let t = topology();
+        let c = ctx(&[(headers::ATTEMPT, number(2))]);
+        let copy = build_copy(
+            &t,
+            "http",
+            &c,
+            &Outcome::Transient("503".into()),
+            &Disposition::Retry {
+                level: 1,
+                next_attempt: 3,
+            },
+        )
+        .unwrap();
+        assert_eq!((copy.exchange, copy.routing_key), ("", "orders.delay.5s"));
+        assert_eq!(header(&copy, headers::ATTEMPT), Some(&number(3)));
+        assert!(header(&copy, headers::REASON).is_none());
+    }
+
+    #[test]
+    fn a_deferral_keeps_the_attempt_and_its_counts_saturate() {
+        let t = topology();
+        let c = ctx(&[
+            (headers::ATTEMPT, number(2)),
+            (headers::DEFERRALS, AMQPValue::LongLongInt(i64::MAX)),
+            (headers::INCONCLUSIVE, number(1)),
+        ]);
+        let copy = build_copy(
+            &t,
+            "http",
+            &c,
+            &Outcome::Transient("503".into()),
+            &Disposition::Defer {
+                level: None,
+                inconclusive: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            copy.routing_key, "orders",
+            "no delay level: back to the work queue's tail"
+        );
+        assert_eq!(header(&copy, headers::ATTEMPT), Some(&number(2)));
+        assert_eq!(header(&copy, headers::DEFERRALS), Some(&number(u32::MAX)));
+        assert_eq!(header(&copy, headers::INCONCLUSIVE), Some(&number(2)));
+        assert!(
+            build_copy(&t, "http", &c, &Outcome::Success, &Disposition::Ack).is_none(),
+            "an ack has no copy"
+        );
+    }
 }
