@@ -69,6 +69,7 @@ mod limits;
 mod metrics;
 pub mod secret;
 pub mod signal;
+pub mod status;
 pub mod telemetry;
 pub mod text;
 pub mod topology;

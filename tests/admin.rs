@@ -438,6 +438,24 @@ async fn forced_open_over_the_api_pauses_until_closed_and_needs_the_token() {
         json["breakers"][0]["state"], "forced-open",
         "status --admin without a config file: {json}"
     );
+    // The endpoint's answer is exactly the typed contract the CLI reads.
+    let body = reqwest::get(format!("{base}/status"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let typed: rabbit_guard::status::StatusView = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("GET /status is not a StatusView ({e}): {body}"));
+    assert_eq!(
+        serde_json::to_value(&typed).unwrap(),
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        "GET /status holds no field the StatusView leaves out"
+    );
+    assert!(
+        typed.breakers[0].is_open() && typed.consumers[0].queue == consumer.queue,
+        "{typed:?}"
+    );
 
     // A replay into a queue whose breaker is open is refused unless forced.
     let dlq = consumer.dead_letter_queue();

@@ -125,11 +125,14 @@ async fn readyz(State((view, _)): State<AppState>) -> Response {
 }
 
 async fn breakers(State((view, _)): State<AppState>) -> Response {
-    axum::Json(json!({ "breakers": view.breakers_json() })).into_response()
+    axum::Json(crate::status::BreakersView {
+        breakers: view.breakers(),
+    })
+    .into_response()
 }
 
 async fn status(State((view, _)): State<AppState>) -> Response {
-    axum::Json(view.status_json()).into_response()
+    axum::Json(view.status()).into_response()
 }
 
 fn error(code: StatusCode, message: &str) -> Response {

@@ -11,6 +11,9 @@ use crate::breaker::{Breaker, BreakerState};
 use crate::connection::ManagedConnection;
 use crate::consumer::Shared;
 use crate::metrics::Metrics;
+use crate::status::{
+    BreakerView, ChangeView, ConnectionView, ConsumerView, StatusView, WindowView,
+};
 
 /// A cheap, cloneable view of the worker's breakers, consumers and connections.
 #[derive(Clone, Debug)]
@@ -107,96 +110,94 @@ impl WorkerView {
         )
     }
 
-    pub(crate) fn breakers_json(&self) -> Vec<Value> {
+    pub(crate) fn breakers(&self) -> Vec<BreakerView> {
         self.0
             .breakers
             .iter()
             .map(|(name, b)| {
                 let s = b.snapshot();
                 let now = Instant::now();
-                let next_probe = match s.state {
+                let next_half_open = match s.state {
                     BreakerState::Open { until } => Some(wall(until)),
                     _ => None,
                 };
-                let consumers: Vec<&str> = self
+                let consumers = self
                     .0
                     .consumers
                     .iter()
                     .filter(|c| c.breaker.name() == name)
-                    .map(|c| &*c.queue)
+                    .map(|c| c.queue.to_string())
                     .collect();
-                json!({
-                    "name": name,
-                    "state": s.state.name(),
-                    "since": wall(s.since),
-                    "for_seconds": secs(now.saturating_duration_since(s.since)),
-                    "last_change": s.last_transition.map(|t| json!({
-                        "from": t.from.name(),
-                        "to": t.to.name(),
-                        "reason": t.reason.name(),
-                        "at": wall(t.at),
-                        "failure_rate": t.counts.failure_rate(),
-                        "calls": t.counts.calls,
-                        "failures": t.counts.failures,
-                        "slow_calls": t.counts.slow,
-                        "consecutive_failures": t.consecutive_failures,
-                    })),
-                    "window": {
-                        "calls": s.counts.calls,
-                        "failures": s.counts.failures,
-                        "slow_calls": s.counts.slow,
-                        "failure_rate": s.counts.failure_rate(),
+                BreakerView {
+                    name: name.clone(),
+                    state: s.state.name().to_owned(),
+                    since: wall(s.since),
+                    for_seconds: secs(now.saturating_duration_since(s.since)),
+                    last_change: s.last_transition.map(|t| ChangeView {
+                        from: t.from.name().to_owned(),
+                        to: t.to.name().to_owned(),
+                        reason: t.reason.name().to_owned(),
+                        at: wall(t.at),
+                        failure_rate: t.counts.failure_rate(),
+                        calls: t.counts.calls,
+                        failures: t.counts.failures,
+                        slow_calls: t.counts.slow,
+                        consecutive_failures: t.consecutive_failures,
+                    }),
+                    window: WindowView {
+                        calls: s.counts.calls,
+                        failures: s.counts.failures,
+                        slow_calls: s.counts.slow,
+                        failure_rate: s.counts.failure_rate(),
                     },
-                    "consecutive_failures": s.consecutive_failures,
-                    "open_time_seconds": secs(s.open_time),
-                    "next_half_open": next_probe,
-                    "consumers": consumers,
-                })
+                    consecutive_failures: s.consecutive_failures,
+                    open_time_seconds: secs(s.open_time),
+                    next_half_open,
+                    consumers,
+                }
             })
             .collect()
     }
 
-    pub(crate) fn status_json(&self) -> Value {
-        let consumers: Vec<Value> = self
+    pub(crate) fn status(&self) -> StatusView {
+        let consumers = self
             .0
             .consumers
             .iter()
             .map(|c| {
                 let s = c.stats.snapshot();
-                json!({
-                    "queue": &*c.queue,
-                    "breaker": c.breaker.name(),
-                    "subscribed": s.subscribed,
-                    "channel": c.stats.session_active(),
-                    "in_flight": s.in_flight,
-                    "received": s.received,
-                    "acked": s.succeeded,
-                    "failed": s.failed,
-                    "retried": s.retried,
-                    "deferred": s.deferred,
-                    "dead_lettered": s.dead_lettered,
-                    "requeued": s.requeued,
-                    "redelivered": s.redelivered,
-                })
+                ConsumerView {
+                    queue: c.queue.to_string(),
+                    breaker: c.breaker.name().to_owned(),
+                    subscribed: s.subscribed,
+                    channel: c.stats.session_active(),
+                    in_flight: s.in_flight,
+                    received: s.received,
+                    acked: s.succeeded,
+                    failed: s.failed,
+                    retried: s.retried,
+                    deferred: s.deferred,
+                    dead_lettered: s.dead_lettered,
+                    requeued: s.requeued,
+                    redelivered: s.redelivered,
+                }
             })
             .collect();
-        let connections: Vec<Value> = self
+        let connections = self
             .0
             .connections
             .iter()
-            .map(|c| {
-                json!({
-                    "name": c.name(),
-                    "up": c.is_up(),
-                    "blocked": c.is_blocked(),
-                    "reconnects": c.reconnects(),
-                })
+            .map(|c| ConnectionView {
+                name: c.name().to_owned(),
+                up: c.is_up(),
+                blocked: c.is_blocked(),
+                reconnects: c.reconnects(),
             })
             .collect();
-        json!({
-            "breakers": self.breakers_json(),
-            "consumers": consumers,
-            "connections": connections,
-        })
+        StatusView {
+            breakers: self.breakers(),
+            consumers,
+            connections,
+        }
     }
 }

@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use super::output;
 use crate::config::Settings;
+use crate::status::BreakersView;
 
 /// The admin endpoint's base URL: `--admin` if given, else `admin.listen`
 /// (an unspecified address like `0.0.0.0` is asked on loopback).
@@ -24,8 +23,11 @@ pub(crate) fn base_url(settings: &Settings, given: Option<&str>) -> Option<Strin
     Some(format!("http://{host}:{}", listen.port()))
 }
 
-/// GET `base/path` as JSON.
-pub(crate) async fn get_json(base: &str, path: &str) -> Result<Value, String> {
+/// GET `base/path`, read as `T`.
+pub(crate) async fn get_json<T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+) -> Result<T, String> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -43,8 +45,9 @@ pub(crate) async fn get_json(base: &str, path: &str) -> Result<Value, String> {
         .text()
         .await
         .map_err(|e| format!("reading {url}: {e}"))?;
-    serde_json::from_str(&text)
-        .map_err(|e| format!("{url} answered {status} with something that is not JSON: {e}"))
+    serde_json::from_str(&text).map_err(|e| {
+        format!("{url} answered {status} with something that is not a worker's status ({e}); is it a rabbit-guard admin endpoint of this version?")
+    })
 }
 
 /// The name of an open breaker guarding the work queue whose dead-letter
@@ -57,17 +60,12 @@ pub(crate) async fn open_breaker_for_dlq(settings: &Settings, dlq: &str) -> Opti
         .iter()
         .find(|c| c.dead_letter_queue() == dlq)?;
     let base = base_url(settings, None)?;
-    match get_json(&base, "/breakers").await {
-        Ok(v) => v["breakers"].as_array()?.iter().find_map(|b| {
-            let open = matches!(b["state"].as_str(), Some("open" | "forced-open"));
-            (b["name"].as_str() == Some(consumer.breaker.as_str()) && open).then(|| {
-                format!(
-                    "{} ({})",
-                    consumer.breaker,
-                    b["state"].as_str().unwrap_or("open")
-                )
-            })
-        }),
+    match get_json::<BreakersView>(&base, "/breakers").await {
+        Ok(v) => v
+            .breakers
+            .iter()
+            .find(|b| b.name == consumer.breaker && b.is_open())
+            .map(|b| format!("{} ({})", b.name, b.state)),
         Err(e) => {
             output::error(&format!(
                 "note: could not check the breaker before replaying: {e}"

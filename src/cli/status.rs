@@ -4,10 +4,11 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use serde_json::Value;
 
 use super::{admin_client, output};
 use crate::config::Settings;
+use crate::status::StatusView;
+use crate::text::printable;
 
 /// `rabbit-guard status`
 #[derive(Debug, Args)]
@@ -20,28 +21,18 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        Value::Bool(true) => "yes".into(),
-        Value::Bool(false) => "no".into(),
-        other => other.to_string(),
-    }
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
 }
 
-fn seconds(v: &Value) -> String {
-    let Some(secs) = v.as_f64() else {
-        return "-".into();
-    };
+fn seconds(secs: f64) -> String {
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let secs = secs.max(0.0) as u64;
     humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
 
-fn percent(v: &Value) -> String {
-    v.as_f64()
-        .map_or("-".into(), |r| format!("{:.1}%", r * 100.0))
+fn percent(rate: f64) -> String {
+    format!("{:.1}%", rate * 100.0)
 }
 
 /// Runs `status`.
@@ -53,7 +44,7 @@ pub(crate) fn run(settings: &Settings, args: &StatusArgs) -> ExitCode {
     let Some(runtime) = super::started(super::worker_runtime(1)) else {
         return ExitCode::FAILURE;
     };
-    let status = match runtime.block_on(admin_client::get_json(&base, "/status")) {
+    let status = match runtime.block_on(admin_client::get_json::<StatusView>(&base, "/status")) {
         Ok(v) => v,
         Err(e) => {
             output::error(&e);
@@ -61,77 +52,74 @@ pub(crate) fn run(settings: &Settings, args: &StatusArgs) -> ExitCode {
         }
     };
     if args.json {
-        output::line(&status.to_string());
+        output::line(&serde_json::to_string(&status).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
-    let empty = Vec::new();
-    output::line(&format!(
+    for line in render(&status) {
+        output::line(&line);
+    }
+    ExitCode::SUCCESS
+}
+
+/// The tables `status` prints.
+fn render(status: &StatusView) -> Vec<String> {
+    let mut out = vec![format!(
         "{:<20} {:<12} {:<10} {:>8} {:>7} {:<12} CONSUMERS",
         "BREAKER", "STATE", "FOR", "FAILING", "WINDOW", "NEXT PROBE"
-    ));
-    for b in status["breakers"].as_array().unwrap_or(&empty) {
-        let next = b["next_half_open"]
-            .as_str()
+    )];
+    for b in &status.breakers {
+        let next = b
+            .next_half_open
+            .as_deref()
             .map_or("-".to_owned(), |t| t.get(11..19).unwrap_or(t).to_owned());
-        let consumers: Vec<String> = b["consumers"]
-            .as_array()
-            .unwrap_or(&empty)
-            .iter()
-            .map(s)
-            .collect();
-        output::line(&format!(
+        out.push(format!(
             "{:<20} {:<12} {:<10} {:>8} {:>7} {:<12} {}",
-            s(&b["name"]),
-            s(&b["state"]),
-            seconds(&b["for_seconds"]),
-            percent(&b["window"]["failure_rate"]),
-            s(&b["window"]["calls"]),
+            printable(&b.name),
+            b.state,
+            seconds(b.for_seconds),
+            percent(b.window.failure_rate),
+            b.window.calls,
             next,
-            consumers.join(", ")
+            printable(&b.consumers.join(", "))
         ));
-        if let Some(last) = b["last_change"].as_object() {
-            output::line(&format!(
+        if let Some(last) = &b.last_change {
+            out.push(format!(
                 "{:<20} last change: {} -> {} ({}), {} of {} calls failed",
-                "",
-                s(&last["from"]),
-                s(&last["to"]),
-                s(&last["reason"]),
-                s(&last["failures"]),
-                s(&last["calls"])
+                "", last.from, last.to, last.reason, last.failures, last.calls
             ));
         }
     }
-    output::line("");
-    output::line(&format!(
+    out.push(String::new());
+    out.push(format!(
         "{:<28} {:<20} {:>10} {:>9} {:>9} {:>9} {:>7} {:>7}",
         "QUEUE", "BREAKER", "SUBSCRIBED", "IN FLIGHT", "RECEIVED", "ACKED", "FAILED", "DEAD"
     ));
-    for c in status["consumers"].as_array().unwrap_or(&empty) {
-        output::line(&format!(
+    for c in &status.consumers {
+        out.push(format!(
             "{:<28} {:<20} {:>10} {:>9} {:>9} {:>9} {:>7} {:>7}",
-            s(&c["queue"]),
-            s(&c["breaker"]),
-            s(&c["subscribed"]),
-            s(&c["in_flight"]),
-            s(&c["received"]),
-            s(&c["acked"]),
-            s(&c["failed"]),
-            s(&c["dead_lettered"])
+            printable(&c.queue),
+            printable(&c.breaker),
+            yes(c.subscribed),
+            c.in_flight,
+            c.received,
+            c.acked,
+            c.failed,
+            c.dead_lettered
         ));
     }
-    output::line("");
-    output::line(&format!(
+    out.push(String::new());
+    out.push(format!(
         "{:<36} {:>4} {:>8} {:>11}",
         "CONNECTION", "UP", "BLOCKED", "RECONNECTS"
     ));
-    for c in status["connections"].as_array().unwrap_or(&empty) {
-        output::line(&format!(
+    for c in &status.connections {
+        out.push(format!(
             "{:<36} {:>4} {:>8} {:>11}",
-            s(&c["name"]),
-            s(&c["up"]),
-            s(&c["blocked"]),
-            s(&c["reconnects"])
+            printable(&c.name),
+            yes(c.up),
+            yes(c.blocked),
+            c.reconnects
         ));
     }
-    ExitCode::SUCCESS
+    out
 }

@@ -1,0 +1,188 @@
+//! What a running worker reports about itself: the contract between the
+//! admin endpoint (`GET /status`, `GET /breakers`) and `rabbit-guard status`
+//! (and the breaker check before `dlq replay`). One set of serde types used
+//! by both sides, so a renamed field cannot silently show as "-".
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /status`: breakers, consumers and connections.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    /// Every breaker.
+    pub breakers: Vec<BreakerView>,
+    /// Every consumer.
+    pub consumers: Vec<ConsumerView>,
+    /// The consume and publish connections.
+    pub connections: Vec<ConnectionView>,
+}
+
+/// `GET /breakers`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BreakersView {
+    /// Every breaker.
+    pub breakers: Vec<BreakerView>,
+}
+
+/// One breaker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BreakerView {
+    /// Its name, as in `[breakers.NAME]`.
+    pub name: String,
+    /// `closed`, `open`, `half-open`, `forced-open`, `disabled`.
+    pub state: String,
+    /// When it entered that state (RFC 3339).
+    pub since: String,
+    /// Seconds in that state.
+    pub for_seconds: f64,
+    /// The last state change, if any.
+    pub last_change: Option<ChangeView>,
+    /// The window now.
+    pub window: WindowView,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+    /// The open time the next trip would use, in seconds.
+    pub open_time_seconds: f64,
+    /// While open: when it goes half-open (RFC 3339).
+    pub next_half_open: Option<String>,
+    /// The queues whose consumers it guards.
+    pub consumers: Vec<String>,
+}
+
+impl BreakerView {
+    /// True while it keeps its consumers off the queue (open or forced open).
+    #[must_use]
+    pub fn is_open(&self) -> bool {
+        matches!(self.state.as_str(), "open" | "forced-open")
+    }
+}
+
+/// A breaker's state change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChangeView {
+    /// The state it left.
+    pub from: String,
+    /// The state it entered.
+    pub to: String,
+    /// Why (`failure-rate`, `probe-failed`, `manual`, …).
+    pub reason: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// The window's failure rate then.
+    pub failure_rate: f64,
+    /// Calls in the window then.
+    pub calls: u64,
+    /// Failures in the window then.
+    pub failures: u64,
+    /// Slow calls in the window then.
+    pub slow_calls: u64,
+    /// Failures in a row then.
+    pub consecutive_failures: u32,
+}
+
+/// A breaker's rolling window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowView {
+    /// Calls.
+    pub calls: u64,
+    /// Failures (timeouts included).
+    pub failures: u64,
+    /// Slow calls.
+    pub slow_calls: u64,
+    /// Failures / calls.
+    pub failure_rate: f64,
+}
+
+/// One consumer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerView {
+    /// Its work queue.
+    pub queue: String,
+    /// Its breaker.
+    pub breaker: String,
+    /// Whether it has a consumer at the broker now.
+    pub subscribed: bool,
+    /// Whether it has a working channel.
+    pub channel: bool,
+    /// Handlers running now.
+    pub in_flight: i64,
+    /// Deliveries received.
+    pub received: u64,
+    /// Acked after a successful handle.
+    pub acked: u64,
+    /// Handler failures.
+    pub failed: u64,
+    /// Copied to a delay queue (a counted attempt).
+    pub retried: u64,
+    /// Put back without counting an attempt.
+    pub deferred: u64,
+    /// Dead-lettered.
+    pub dead_lettered: u64,
+    /// Returned to the queue (nack with requeue).
+    pub requeued: u64,
+    /// Received with `redelivered = true`.
+    pub redelivered: u64,
+}
+
+/// One connection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionView {
+    /// The name the broker shows.
+    pub name: String,
+    /// Connected now.
+    pub up: bool,
+    /// Blocked by the broker (resource alarm).
+    pub blocked: bool,
+    /// Reconnections so far.
+    pub reconnects: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_survives_the_trip_through_json() {
+        let status = StatusView {
+            breakers: vec![BreakerView {
+                name: "billing".into(),
+                state: "open".into(),
+                since: "2026-12-02T10:00:00.000Z".into(),
+                for_seconds: 4.5,
+                last_change: Some(ChangeView {
+                    from: "half-open".into(),
+                    to: "open".into(),
+                    reason: "probe-failed".into(),
+                    failure_rate: 0.126,
+                    calls: 159,
+                    failures: 20,
+                    ..ChangeView::default()
+                }),
+                window: WindowView {
+                    calls: 159,
+                    failures: 20,
+                    slow_calls: 1,
+                    failure_rate: 0.126,
+                },
+                next_half_open: Some("2026-12-02T10:00:08.000Z".into()),
+                consumers: vec!["orders".into()],
+                ..BreakerView::default()
+            }],
+            consumers: vec![ConsumerView {
+                queue: "orders".into(),
+                breaker: "billing".into(),
+                received: 160,
+                acked: 139,
+                ..ConsumerView::default()
+            }],
+            connections: vec![ConnectionView {
+                name: "rabbit-guard/consume".into(),
+                up: true,
+                ..ConnectionView::default()
+            }],
+        };
+        let text = serde_json::to_string(&status).unwrap();
+        let back: StatusView = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, status);
+        assert!(back.breakers[0].is_open());
+    }
+}
