@@ -16,7 +16,7 @@ pub const DEFERRALS: &str = "rg-deferrals";
 /// other call succeeded, the breaker did not trip); after 3 it is
 /// dead-lettered anyway.
 pub const INCONCLUSIVE: &str = "rg-inconclusive";
-/// Why the message was dead-lettered: see [`DeadLetterReason`](super::DeadLetterReason).
+/// Why the message was dead-lettered: see [`DeadLetterReason`](crate::dead_letter::DeadLetterReason).
 pub const REASON: &str = "rg-reason";
 /// The error text (truncated to 4 KiB).
 pub const ERROR: &str = "rg-error";

@@ -1,8 +1,8 @@
 //! Built-in handlers, so the binary is useful without writing Rust:
 //! [`HttpHandler`] (`handler = "http"`) and [`NoopHandler`] (`handler = "noop"`).
 //!
-//! Each one is a file with a [`Builtin`] entry (its name, what is wrong with
-//! its settings, how to build it) and one line in [`BUILTINS`]: validation,
+//! Each one is a file with a `Builtin` entry (its name, what is wrong with
+//! its settings, how to build it) and one line in `BUILTINS`: validation,
 //! `check-config` and the worker find it there.
 
 use std::sync::Arc;
