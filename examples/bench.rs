@@ -90,7 +90,7 @@ fn parse_args() -> Args {
             "--help" | "-h" => {
                 println!(
                     "bench [--messages 200000] [--size 256] [--prefetch 100,1000] [--rounds 3] \
-                     [--concurrency 64] [--latency-messages 50000] [--no-outage]"
+                     [--concurrency 64] [--latency-messages 50000 (0: skip)] [--no-outage]"
                 );
                 std::process::exit(0);
             }
@@ -730,16 +730,18 @@ fn main() {
             )
             .await;
         }
-        case(
-            &args,
-            &conn,
-            "1 ms handler (latency-bound), concurrency 64, prefetch 1000",
-            1_000,
-            args.latency_messages,
-            1,
-            &["plain", "plain-1t", "guard"],
-        )
-        .await;
+        if args.latency_messages > 0 {
+            case(
+                &args,
+                &conn,
+                "1 ms handler (latency-bound), concurrency 64, prefetch 1000",
+                1_000,
+                args.latency_messages,
+                1,
+                &["plain", "plain-1t", "guard"],
+            )
+            .await;
+        }
         if args.outage {
             outage(&conn).await;
         }
