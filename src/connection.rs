@@ -42,6 +42,7 @@ pub(crate) struct ManagedConnection {
     uri: AMQPUri,
     shown_url: String,
     name: String,
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     role: &'static str,
     settings: BrokerSettings,
     link: watch::Sender<Link>,
@@ -95,11 +96,13 @@ impl ManagedConnection {
     }
 
     /// The connection name the broker shows.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // read by the admin endpoint
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// `consume` or `publish`.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // read by the admin endpoint
     pub(crate) fn role(&self) -> &'static str {
         self.role
     }
@@ -110,11 +113,13 @@ impl ManagedConnection {
     }
 
     /// True while the broker blocks this connection (resource alarm).
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // read by the admin endpoint
     pub(crate) fn is_blocked(&self) -> bool {
         self.blocked.load(Ordering::Relaxed)
     }
 
     /// Successful reconnections so far.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // read by the admin endpoint
     pub(crate) fn reconnects(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
     }
@@ -372,6 +377,7 @@ fn round_ms(d: Duration) -> Duration {
 /// # Errors
 ///
 /// [`Error::AccessRefused`], [`Error::VhostRefused`] or [`Error::Unreachable`].
+#[cfg(any(feature = "cli", feature = "demo"))]
 pub(crate) async fn connect_once(
     settings: &BrokerSettings,
     role: &'static str,

@@ -52,23 +52,30 @@
 //! [`dead_letter`] (reasons and headers), [`cli`] (the `rabbit-guard` binary).
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "admin")]
 mod admin;
 mod amqp;
 mod backoff;
 pub mod breaker;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 mod connection;
 pub mod consumer;
 pub mod dead_letter;
+#[cfg(feature = "demo")]
 pub mod demo;
 mod error;
 pub mod handler;
 pub mod handlers;
 mod limits;
+#[cfg(feature = "admin")]
+mod metrics;
+#[cfg(not(feature = "admin"))]
+#[path = "metrics_off.rs"]
 mod metrics;
 pub mod secret;
-pub mod signal;
+mod signal;
 pub mod status;
 pub mod telemetry;
 pub mod text;

@@ -11,7 +11,7 @@ use crate::error::Error;
 /// # Errors
 ///
 /// [`Error::Io`] when the handlers cannot be installed.
-pub fn shutdown_on_signal(token: CancellationToken) -> Result<JoinHandle<()>, Error> {
+pub(crate) fn shutdown_on_signal(token: CancellationToken) -> Result<JoinHandle<()>, Error> {
     let io = |source| Error::Io {
         context: "installing signal handlers".into(),
         source,

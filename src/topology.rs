@@ -14,7 +14,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
 use crate::config::{ConsumerSettings, QueueType};
-use crate::error::{Error, amqp_error, describe};
+use crate::error::{Error, amqp_error};
 
 /// The names and arguments one consumer uses.
 #[derive(Debug, Clone)]
@@ -207,10 +207,4 @@ impl std::fmt::Display for Topology {
         }
         Ok(())
     }
-}
-
-/// Text of a broker error for logs.
-#[must_use]
-pub fn error_text(e: &lapin::Error) -> String {
-    describe(e)
 }

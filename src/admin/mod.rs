@@ -35,6 +35,63 @@ use crate::error::Error;
 pub(crate) use guard::{Access, Refusal, resolve_token};
 pub(crate) use view::WorkerView;
 
+/// The running endpoint, to stop at shutdown.
+#[derive(Debug)]
+pub(crate) struct AdminHandle {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminHandle {
+    /// Stops serving and waits for the server to finish.
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Every how often recorded handler durations are drained into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Starts the endpoint when `admin.listen` is set: reads the token, binds
+/// (a taken port fails here, before any broker work), and serves `view`.
+///
+/// # Errors
+///
+/// An unreadable `admin.token_file`, or an address that cannot be bound.
+pub(crate) async fn start(
+    settings: &crate::config::AdminSettings,
+    view: WorkerView,
+    metrics: crate::metrics::Metrics,
+) -> Result<Option<AdminHandle>, Error> {
+    let Some(listen) = &settings.listen else {
+        return Ok(None);
+    };
+    let token = resolve_token(settings).map_err(|message| {
+        Error::Config(crate::config::ConfigError::Invalid(vec![
+            crate::config::Problem {
+                key: "admin.token_file".into(),
+                value: None,
+                message,
+            },
+        ]))
+    })?;
+    let (listener, addr) = bind(listen).await?;
+    let access = Access::new(addr, token, settings);
+    let stop = CancellationToken::new();
+    let upkeep_stop = stop.clone();
+    tokio::spawn(async move {
+        // Drain recorded durations into their buckets even when nobody
+        // scrapes, so memory stays flat.
+        tokio::select! {
+            () = metrics.run_upkeep_every(UPKEEP_EVERY) => {}
+            () = upkeep_stop.cancelled() => {}
+        }
+    });
+    let task = tokio::spawn(serve(listener, view, access, stop.clone()));
+    Ok(Some(AdminHandle { stop, task }))
+}
+
 /// Binds the admin address.
 ///
 /// # Errors

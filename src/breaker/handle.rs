@@ -160,7 +160,7 @@ impl Breaker {
     /// anything (the probe's message was bad, or its permit was dropped): a
     /// consumer that stopped after taking its probes may take another.
     #[must_use]
-    pub fn probe_releases(&self) -> watch::Receiver<u64> {
+    pub(crate) fn probe_releases(&self) -> watch::Receiver<u64> {
         self.inner.released_tx.subscribe()
     }
 

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -21,7 +21,7 @@ use crate::text::{printable, printable_lines};
 
 /// `rabbit-guard dlq`
 #[derive(Debug, Args)]
-pub struct DlqArgs {
+pub(crate) struct DlqArgs {
     /// The work queue whose dead-letter queue to use (as configured). Needed
     /// when the config has more than one consumer.
     #[arg(long, short, global = true, conflicts_with = "dlq", value_parser = super::values::name)]
@@ -39,7 +39,7 @@ pub struct DlqArgs {
 
 /// Which messages a command applies to. Every given filter must match.
 #[derive(Debug, Args, Clone, Default)]
-pub struct Filters {
+pub(crate) struct Filters {
     /// A message id (repeat for several).
     #[arg(long = "id")]
     pub ids: Vec<String>,
@@ -68,7 +68,7 @@ impl Filters {
 
 /// The `dlq` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum DlqCommand {
+pub(crate) enum DlqCommand {
     /// A table of dead letters, in queue order (the queue is left as it was).
     List {
         /// Which messages.
@@ -324,8 +324,10 @@ struct Clock {
 }
 
 impl Clock {
-    fn show(self, t: Option<jiff::Timestamp>) -> String {
-        let Some(t) = t else { return "-".into() };
+    fn show(self, t: Option<SystemTime>) -> String {
+        let Some(t) = t.and_then(|t| jiff::Timestamp::try_from(t).ok()) else {
+            return "-".into();
+        };
         let zone = if self.utc {
             jiff::tz::TimeZone::UTC
         } else {
@@ -411,7 +413,7 @@ async fn list(
     as_json: bool,
     clock: Clock,
 ) -> Result<ExitCode, Failure> {
-    let now = jiff::Timestamp::now();
+    let now = std::time::SystemTime::now();
     let mut shown = 0u64;
     let mut out = std::io::stdout().lock();
     if !as_json {
@@ -471,8 +473,8 @@ async fn list(
 #[derive(Default)]
 struct Group {
     count: u64,
-    first: Option<jiff::Timestamp>,
-    last: Option<jiff::Timestamp>,
+    first: Option<SystemTime>,
+    last: Option<SystemTime>,
 }
 
 /// Groups by reason and the error's first 80 characters.
@@ -489,7 +491,7 @@ async fn summary(
     selector: &Selector,
     clock: Clock,
 ) -> Result<ExitCode, Failure> {
-    let now = jiff::Timestamp::now();
+    let now = std::time::SystemTime::now();
     let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
     let mut total = 0u64;
     let seen = dead_letter::browse(connection, dlq, |dl| {
@@ -553,7 +555,7 @@ async fn show(
             printable(dlq)
         )));
     };
-    let now = jiff::Timestamp::now();
+    let now = std::time::SystemTime::now();
     let field = |k: &str, v: &str| output::line(&format!("{k:<18}{}", printable(v)));
     let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     field("position", &dl.position.to_string());
@@ -747,7 +749,7 @@ async fn purge(
                 "refusing to delete without --yes (no terminal to confirm on)".into(),
             ));
         }
-        let now = jiff::Timestamp::now();
+        let now = std::time::SystemTime::now();
         let mut count = 0u64;
         dead_letter::browse(connection, dlq, |dl| {
             if all || selector.matches(&dl, now) {
@@ -837,7 +839,7 @@ async fn export(
         .tempfile_in(export_dir(out))
         .map_err(|e| cannot(&e))?;
     let mut writer = std::io::BufWriter::new(temp);
-    let now = jiff::Timestamp::now();
+    let now = std::time::SystemTime::now();
     let mut written = 0u64;
     let mut write_error = None;
     let bar = progress_bar("exporting", Some(u64::from(in_queue)));

@@ -10,10 +10,11 @@
 //! ```
 
 mod admin_client;
-pub mod dlq;
-pub mod output;
-pub mod status;
-pub mod tools;
+mod dlq;
+mod output;
+mod status;
+#[cfg(feature = "demo")]
+mod tools;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,20 +28,20 @@ use crate::{Worker, WorkerBuilder};
 /// rabbit-guard: RabbitMQ consumers that pause at the broker while their dependency fails.
 #[derive(Debug, Parser)]
 #[command(name = "rabbit-guard", version, about, long_about = None)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Config file. `$RUN_MODE.toml` and `local.toml` beside it, then
     /// RABBIT_GUARD__SECTION__KEY variables, are layered on top.
     #[arg(long, short, global = true, env = "RABBIT_GUARD_CONFIG", default_value = config::DEFAULT_CONFIG_FILE)]
-    pub config: PathBuf,
+    pub(crate) config: PathBuf,
 
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run every configured consumer until SIGTERM or Ctrl-C.
     Run,
     /// Validate the configuration and print it as it will be used (password masked).
@@ -50,10 +51,13 @@ pub enum Command {
     /// Show a running worker's breakers, consumers and connections (from its admin endpoint).
     Status(status::StatusArgs),
     /// Watch the idea work: a flaky dependency, a breaker that pauses consumption, nothing lost.
+    #[cfg(feature = "demo")]
     Demo(tools::DemoArgs),
     /// Run a stand-in dependency that alternates between healthy (200) and failing (503).
+    #[cfg(feature = "demo")]
     FlakyServer(tools::FlakyArgs),
     /// Publish a steady stream of numbered JSON messages to a queue.
+    #[cfg(feature = "demo")]
     Publish(tools::PublishArgs),
 }
 
@@ -77,30 +81,10 @@ where
         .collect();
     let names: Vec<&str> = handler_names.iter().map(String::as_str).collect();
     let sources = Sources::from_env(Some(cli.config.clone()));
-    // The demo, the helpers and `status --admin URL` run without a config
-    // file, on defaults.
-    let optional = match &cli.command {
-        Command::Demo(_) | Command::FlakyServer(_) | Command::Publish(_) => true,
-        Command::Status(args) => args.admin.is_some(),
-        _ => false,
-    };
-    if optional && !cli.config.is_file() {
-        let settings = Settings::default();
-        return match &cli.command {
-            Command::Demo(args) => tools::demo(&settings, args),
-            Command::FlakyServer(args) => tools::flaky_server(&settings, args),
-            Command::Publish(args) => tools::publish(&settings, args),
-            Command::Status(args) => status::run(&settings, args),
-            _ => ExitCode::FAILURE,
-        };
-    }
-    // The dlq tools need the broker and queue names, not valid handlers.
-    let loaded = match &cli.command {
-        Command::Dlq(_)
-        | Command::Status(_)
-        | Command::Demo(_)
-        | Command::FlakyServer(_)
-        | Command::Publish(_) => config::load_unvalidated(&sources).and_then(|s| {
+    let loaded = match cli.command.needs() {
+        Needs::Optional if !cli.config.is_file() => Ok(Settings::default()),
+        Needs::Optional | Needs::Broker => config::load_unvalidated(&sources).and_then(|s| {
+            // Tools need the broker and queue names, not valid handlers.
             let problems: Vec<_> = s
                 .problems(&names)
                 .into_iter()
@@ -112,7 +96,7 @@ where
                 Err(config::ConfigError::Invalid(problems))
             }
         }),
-        _ => config::load(&sources, &names),
+        Needs::Valid => config::load(&sources, &names),
     };
     let settings = match loaded {
         Ok(s) => s,
@@ -126,9 +110,36 @@ where
         Command::Run => run(settings, register),
         Command::Dlq(args) => dlq::run(&settings, args),
         Command::Status(args) => status::run(&settings, &args),
+        #[cfg(feature = "demo")]
         Command::Demo(args) => tools::demo(&settings, &args),
+        #[cfg(feature = "demo")]
         Command::FlakyServer(args) => tools::flaky_server(&settings, &args),
+        #[cfg(feature = "demo")]
         Command::Publish(args) => tools::publish(&settings, &args),
+    }
+}
+
+/// How much configuration a command needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    /// All of it, valid.
+    Valid,
+    /// The broker and queue names (a config file is required).
+    Broker,
+    /// As `Broker` when a config file is there, else the defaults.
+    Optional,
+}
+
+impl Command {
+    fn needs(&self) -> Needs {
+        match self {
+            Command::Run | Command::CheckConfig => Needs::Valid,
+            Command::Dlq(_) => Needs::Broker,
+            Command::Status(args) if args.admin.is_some() => Needs::Optional,
+            Command::Status(_) => Needs::Broker,
+            #[cfg(feature = "demo")]
+            Command::Demo(_) | Command::FlakyServer(_) | Command::Publish(_) => Needs::Optional,
+        }
     }
 }
 

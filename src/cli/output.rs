@@ -3,13 +3,13 @@
 use std::io::Write;
 
 /// Writes a line to stdout; a closed pipe is not an error worth a panic.
-pub fn line(s: &str) {
+pub(super) fn line(s: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{s}");
 }
 
 /// Writes an error line to stderr.
-pub fn error(s: &str) {
+pub(super) fn error(s: &str) {
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "error: {s}");
 }

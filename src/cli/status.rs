@@ -12,7 +12,7 @@ use crate::text::printable;
 
 /// `rabbit-guard status`
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// The admin endpoint, e.g. http://127.0.0.1:9090 (default: from admin.listen).
     #[arg(long)]
     pub admin: Option<String>,

@@ -16,7 +16,7 @@ use crate::topology::Topology;
 
 /// `rabbit-guard demo`
 #[derive(Debug, Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// AMQP URL of the broker (default: broker.url from the config, else localhost).
     #[arg(long)]
     pub url: Option<String>,
@@ -33,7 +33,7 @@ pub struct DemoArgs {
 
 /// `rabbit-guard flaky-server`
 #[derive(Debug, Args)]
-pub struct FlakyArgs {
+pub(crate) struct FlakyArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -50,7 +50,7 @@ pub struct FlakyArgs {
 
 /// `rabbit-guard publish`
 #[derive(Debug, Args)]
-pub struct PublishArgs {
+pub(crate) struct PublishArgs {
     /// The queue to publish to (declared as its consumer in the config declares it).
     #[arg(long, short, value_parser = super::values::name)]
     pub queue: String,

@@ -226,6 +226,14 @@ impl AdminSettings {
     #[must_use]
     pub fn problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
+        #[cfg(not(feature = "admin"))]
+        if self.listen.is_some() {
+            out.push(problem(
+                "admin.listen",
+                self.listen.as_deref().and_then(quoted),
+                "this build has no admin endpoint (it was built without the cargo feature \"admin\"): leave admin.listen out, or build with it",
+            ));
+        }
         if let Some(listen) = &self.listen
             && listen.parse::<std::net::SocketAddr>().is_err()
         {

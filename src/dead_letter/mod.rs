@@ -17,6 +17,7 @@ mod ops;
 mod record;
 mod select;
 
+#[cfg(feature = "cli")]
 pub(crate) use browse::message_count;
 pub use browse::{Browse, browse};
 pub use ops::{

@@ -219,7 +219,7 @@ pub async fn replay(
     }
     let publisher = confirm_channel(connection).await?;
     let mut reader = Reader::open(connection, dlq).await?;
-    let now = jiff::Timestamp::now();
+    let now = std::time::SystemTime::now();
     let mut pace = Pace::new(options.rate);
     let mut broken = None;
     while reader.read() < u64::from(report.in_queue) {
@@ -319,7 +319,7 @@ pub async fn purge(
         return Ok(report);
     }
     let mut reader = Reader::open(connection, dlq).await?;
-    let now = jiff::Timestamp::now();
+    let now = std::time::SystemTime::now();
     while reader.read() < u64::from(report.in_queue) {
         let Some(dl) = reader.next_letter().await? else {
             break;

@@ -1,7 +1,7 @@
 //! One dead letter as read from the queue: what rabbit-guard's headers (or
 //! the broker's `x-death`) say about it.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -45,7 +45,7 @@ pub struct DeadLetter {
     /// dead-lettered, or on one published straight to this queue.
     pub claimed_queue: Option<String>,
     /// When it was dead-lettered (`rg-dead-lettered-at`, else `x-death`).
-    pub dead_lettered_at: Option<jiff::Timestamp>,
+    pub dead_lettered_at: Option<SystemTime>,
     /// All properties, headers included.
     pub properties: BasicProperties,
     /// The body.
@@ -143,13 +143,13 @@ impl DeadLetter {
         let broker_queue = text(death, "queue").or_else(|| text(h, "x-last-death-queue"));
         let claimed_queue = text(h, headers::ORIGINAL_QUEUE);
         let broker_time = match header(death, "time") {
-            Some(AMQPValue::Timestamp(t)) => i64::try_from(*t)
-                .ok()
-                .and_then(|s| jiff::Timestamp::from_second(s).ok()),
+            Some(AMQPValue::Timestamp(t)) => {
+                SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(*t))
+            }
             _ => None,
         };
         let dead_lettered_at = text(h, headers::DEAD_LETTERED_AT)
-            .and_then(|s| s.parse::<jiff::Timestamp>().ok())
+            .and_then(|s| humantime::parse_rfc3339_weak(&s).ok())
             .or(broker_time);
         Self {
             position,
@@ -186,9 +186,8 @@ impl DeadLetter {
 
     /// How long ago it was dead-lettered, when known.
     #[must_use]
-    pub fn age(&self, now: jiff::Timestamp) -> Option<Duration> {
-        let at = self.dead_lettered_at?;
-        Duration::try_from(now.duration_since(at)).ok()
+    pub fn age(&self, now: SystemTime) -> Option<Duration> {
+        now.duration_since(self.dead_lettered_at?).ok()
     }
 
     /// The body as text, when it is UTF-8.
@@ -208,7 +207,7 @@ impl DeadLetter {
     /// One JSON object with every header and the body (text, or base64 when
     /// it is not UTF-8): the `dlq list --json` line.
     #[must_use]
-    pub fn to_json(&self, now: jiff::Timestamp) -> Value {
+    pub fn to_json(&self, now: SystemTime) -> Value {
         let mut m = Map::new();
         m.insert("position".into(), json!(self.position));
         m.insert("message_id".into(), json!(self.message_id));
@@ -221,7 +220,10 @@ impl DeadLetter {
         m.insert("broker_queue".into(), json!(self.broker_queue));
         m.insert(
             "dead_lettered_at".into(),
-            json!(self.dead_lettered_at.map(|t| t.to_string())),
+            json!(
+                self.dead_lettered_at
+                    .map(|t| humantime::format_rfc3339_millis(t).to_string())
+            ),
         );
         m.insert(
             "age_seconds".into(),

@@ -28,7 +28,7 @@ impl Selector {
 
     /// Whether `dl` is selected at `now`.
     #[must_use]
-    pub fn matches(&self, dl: &DeadLetter, now: jiff::Timestamp) -> bool {
+    pub fn matches(&self, dl: &DeadLetter, now: std::time::SystemTime) -> bool {
         if !self.ids.is_empty()
             && !dl
                 .message_id

@@ -11,10 +11,14 @@ use std::time::Duration;
 use crate::config::ConsumerSettings;
 use crate::handler::ErasedHandler;
 
+#[cfg(feature = "http-handler")]
 mod http;
+mod http_settings;
 mod noop;
 
-pub use http::{HttpHandler, HttpSettings};
+#[cfg(feature = "http-handler")]
+pub use http::HttpHandler;
+pub use http_settings::HttpSettings;
 pub use noop::NoopHandler;
 
 /// A `(key, shown value, message)` problem with a consumer's settings, the
@@ -35,7 +39,11 @@ pub(crate) struct Builtin {
 }
 
 /// Every built-in handler kind.
-pub(crate) const BUILTINS: &[Builtin] = &[http::BUILTIN, noop::BUILTIN];
+pub(crate) const BUILTINS: &[Builtin] = &[
+    #[cfg(feature = "http-handler")]
+    http::BUILTIN,
+    noop::BUILTIN,
+];
 
 /// The names of the built-in handler kinds.
 #[must_use]

@@ -31,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admin::{self, WorkerView};
+#[cfg(feature = "admin")]
+use crate::admin::WorkerView;
 use crate::breaker::{Breaker, BreakerState, Transition};
 use crate::config::{SafetyChecks, Settings};
 use crate::connection::ManagedConnection;
@@ -43,9 +44,6 @@ use crate::metrics::Metrics;
 use crate::topology::Topology;
 
 pub mod safety;
-
-/// How often recorded handler durations are folded into their histogram.
-const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Extra time, beyond the grace period, that closing channels may take.
 const CLOSE_MARGIN: Duration = Duration::from_secs(10);
@@ -252,59 +250,27 @@ impl Worker {
                 }
             }
         }
-        // Bind the admin address first: a taken port fails fast, before any
-        // broker work, and health checks can see the worker waiting for it.
-        let admin = match &self.settings.admin.listen {
-            Some(listen) => {
-                let token = admin::resolve_token(&self.settings.admin).map_err(|message| {
-                    Error::Config(crate::config::ConfigError::Invalid(vec![
-                        crate::config::Problem {
-                            key: "admin.token_file".into(),
-                            value: None,
-                            message,
-                        },
-                    ]))
-                })?;
-                let (listener, addr) = admin::bind(listen).await?;
-                Some((
-                    listener,
-                    admin::Access::new(addr, token, &self.settings.admin),
-                ))
-            }
-            None => None,
-        };
         let broker = &self.settings.broker;
         let consume = Arc::new(ManagedConnection::new(broker, "consume")?);
         let publish = Arc::new(ManagedConnection::new(broker, "publish")?);
-        let view = WorkerView::new(
-            self.breakers.clone(),
-            self.consumers.clone(),
-            vec![consume.clone(), publish.clone()],
+        // The admin endpoint first: a taken port fails fast, before any
+        // broker work, and health checks can see the worker waiting for it.
+        #[cfg(feature = "admin")]
+        let admin = crate::admin::start(
+            &self.settings.admin,
+            WorkerView::new(
+                self.breakers.clone(),
+                self.consumers.clone(),
+                vec![consume.clone(), publish.clone()],
+                self.metrics.clone(),
+            ),
             self.metrics.clone(),
-        );
-        let admin_stop = CancellationToken::new();
-        let admin_task = admin.map(|(listener, access)| {
-            let upkeep = self.metrics.clone();
-            let stop = admin_stop.clone();
-            tokio::spawn(async move {
-                // Drain recorded durations into their buckets even when
-                // nobody scrapes, so memory stays flat.
-                tokio::select! {
-                    () = upkeep.run_upkeep_every(UPKEEP_EVERY) => {}
-                    () = stop.cancelled() => {}
-                }
-            });
-            tokio::spawn(admin::serve(
-                listener,
-                view.clone(),
-                access,
-                admin_stop.clone(),
-            ))
-        });
+        )
+        .await?;
         let result = self.run_connected(&consume, &publish, shutdown).await;
-        admin_stop.cancel();
-        if let Some(task) = admin_task {
-            let _ = task.await;
+        #[cfg(feature = "admin")]
+        if let Some(admin) = admin {
+            admin.stop().await;
         }
         result
     }

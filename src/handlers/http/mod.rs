@@ -6,9 +6,7 @@ use reqwest::{Method, StatusCode};
 use crate::config::ConsumerSettings;
 use crate::handler::{Context, Handler, HandlerError, erase};
 
-mod settings;
-
-pub use settings::HttpSettings;
+use super::http_settings::HttpSettings;
 
 /// `handler = "http"`: its settings' problems, and the handler built from them.
 pub(super) const BUILTIN: super::Builtin = super::Builtin {

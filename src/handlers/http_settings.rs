@@ -67,7 +67,7 @@ impl HttpSettings {
             )),
             Err(e) => out.push(("http.url".into(), shown(), format!("not a URL ({e})"))),
         }
-        if reqwest::Method::from_bytes(self.method.as_bytes()).is_err() {
+        if http::Method::from_bytes(self.method.as_bytes()).is_err() {
             out.push((
                 "http.method".into(),
                 Some(format!(
@@ -78,13 +78,13 @@ impl HttpSettings {
             ));
         }
         for (name, value) in &self.headers {
-            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            if http::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 out.push((
                     "http.headers".into(),
                     Some(format!("{:?}", crate::dead_letter::truncate(name, 40))),
                     "not an HTTP header name".into(),
                 ));
-            } else if reqwest::header::HeaderValue::from_str(value.expose()).is_err() {
+            } else if http::header::HeaderValue::from_str(value.expose()).is_err() {
                 out.push((
                     format!("http.headers.{name}"),
                     None,
