@@ -65,6 +65,15 @@ impl Default for BreakerConfig {
     }
 }
 
+/// For a rate written as a percentage (`50`): how to write it.
+fn ratio_hint(rate: f64) -> String {
+    if rate > 1.0 && rate <= 100.0 {
+        format!(" (a ratio: {} means {rate}%)", rate / 100.0)
+    } else {
+        String::new()
+    }
+}
+
 impl BreakerConfig {
     /// Every problem with these settings, as `(key, message)` pairs; keys are
     /// relative to the breaker's own table.
@@ -74,15 +83,20 @@ impl BreakerConfig {
         if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
             out.push((
                 "failure_rate",
-                format!("must be in (0, 1], got {}", self.failure_rate),
+                format!(
+                    "must be in (0, 1], got {}{}",
+                    self.failure_rate,
+                    ratio_hint(self.failure_rate)
+                ),
             ));
         }
         if !(self.slow_call_rate > 0.0 && self.slow_call_rate <= 1.0) {
             out.push((
                 "slow_call_rate",
                 format!(
-                    "must be in (0, 1] (1.0 = never trip on slow calls), got {}",
-                    self.slow_call_rate
+                    "must be in (0, 1] (1.0 = never trip on slow calls), got {}{}",
+                    self.slow_call_rate,
+                    ratio_hint(self.slow_call_rate)
                 ),
             ));
         }

@@ -61,6 +61,25 @@ pub enum ConfigError {
         /// The variable's name.
         variable: String,
     },
+    /// A variable starting with `RABBIT_GUARD_` that is not read: overrides
+    /// take two underscores after the prefix and between segments.
+    #[error(
+        "environment variable {variable} is not read: overrides are written RABBIT_GUARD__SECTION__KEY with two underscores (did you mean {suggestion}?)"
+    )]
+    EnvPrefix {
+        /// The variable's name.
+        variable: String,
+        /// The same with the separators doubled.
+        suggestion: String,
+    },
+    /// Keys that no setting has (every one of them, with the closest known key).
+    #[error("{}", unknown_message(files, keys))]
+    UnknownKeys {
+        /// The files that were read.
+        files: String,
+        /// Each unknown key's path, and the known key it is closest to.
+        keys: Vec<(String, Option<String>)>,
+    },
     /// A key is unknown or a value has the wrong type.
     #[error("invalid configuration (from {files}): {message}")]
     Parse {
@@ -72,6 +91,21 @@ pub enum ConfigError {
     /// Values are well-formed but not acceptable.
     #[error("{}", invalid_message(.0))]
     Invalid(Vec<Problem>),
+}
+
+fn unknown_message(files: &str, keys: &[(String, Option<String>)]) -> String {
+    let list: Vec<String> = keys
+        .iter()
+        .map(|(k, hint)| match hint {
+            Some(h) => format!("{k} (did you mean {h}?)"),
+            None => k.clone(),
+        })
+        .collect();
+    let noun = if keys.len() == 1 { "key" } else { "keys" };
+    format!(
+        "invalid configuration (from {files}): unknown {noun} {}; every key is listed in the README (Configuration, Reference)",
+        list.join(", ")
+    )
 }
 
 fn invalid_message(problems: &[Problem]) -> String {

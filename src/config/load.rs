@@ -34,8 +34,10 @@ impl Sources {
         Self {
             file,
             run_mode: std::env::var("RUN_MODE").ok().filter(|m| !m.is_empty()),
+            // `RABBIT_GUARD_…` with one underscore too, to report it rather
+            // than ignore it (`RABBIT_GUARD_CONFIG` is the CLI's own).
             env: std::env::vars()
-                .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+                .filter(|(k, _)| k.starts_with("RABBIT_GUARD_") && k != "RABBIT_GUARD_CONFIG")
                 .collect(),
         }
     }
@@ -96,6 +98,14 @@ pub fn load_unvalidated(sources: &Sources) -> Result<Settings, ConfigError> {
     }
     for (key, value) in &sources.env {
         let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+            if let Some(rest) = key.strip_prefix("RABBIT_GUARD_")
+                && key != "RABBIT_GUARD_CONFIG"
+            {
+                return Err(ConfigError::EnvPrefix {
+                    variable: key.clone(),
+                    suggestion: format!("{ENV_PREFIX}{}", rest.replace('_', "__")),
+                });
+            }
             continue;
         };
         let path = env_key_to_path(rest).ok_or_else(|| ConfigError::EnvKey {
@@ -120,26 +130,86 @@ pub fn load_unvalidated(sources: &Sources) -> Result<Settings, ConfigError> {
         files: files.clone(),
         message: without_values(&one_line(&e.to_string())),
     })?;
+    if let Ok(raw) = config.clone().try_deserialize::<serde_json::Value>() {
+        let keys = super::keys::unknown(&raw);
+        if !keys.is_empty() {
+            return Err(ConfigError::UnknownKeys { files, keys });
+        }
+    }
     config
         .try_deserialize::<Settings>()
         .map_err(|e| ConfigError::Parse {
             files,
-            message: without_values(&one_line(&e.to_string())),
+            message: with_hint(&without_values(&one_line(&e.to_string()))),
         })
 }
 
-/// The parser's message with its line and column, but not the snippet of
-/// the file it would quote: that line may hold a password.
+/// A deserializer's message with what to write instead, where that is
+/// clear: a duration given as a bare number needs a unit.
+fn with_hint(message: &str) -> String {
+    if message.contains("expected a duration") {
+        let number = message
+            .split_once("integer `")
+            .or_else(|| message.split_once("floating point `"))
+            .and_then(|(_, rest)| rest.split_once('`'))
+            .map(|(n, _)| n.to_owned());
+        let example = number.map_or_else(
+            || "\"10s\"".to_owned(),
+            |n| format!("\"{n}s\" or \"{n}ms\""),
+        );
+        format!("{message}; a duration is a string with a unit, e.g. {example}")
+    } else {
+        message.to_owned()
+    }
+}
+
+/// The parser's message with its line and column, and the line itself
+/// with a caret under the spot: secrets on it masked (a URL's password,
+/// the whole value of a key that holds a secret).
 fn syntax_message(text: &str, e: &toml::de::Error) -> String {
     let message = one_line(e.message());
-    match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {column}: {message}")
-        }
-        None => message,
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let source = text.lines().nth(line - 1).unwrap_or("");
+    let shown = mask_line(source);
+    let (shown_len, source_len) = (shown.chars().count(), source.chars().count());
+    if shown_len > 200 {
+        return format!("line {line}, column {column}: {message}");
+    }
+    // Masking shortens what comes before the spot, not after it: count the
+    // caret's place from the end of the line.
+    let at = shown_len.saturating_sub(source_len.saturating_sub(column.saturating_sub(1)));
+    let caret = format!("{}^", " ".repeat(at));
+    let shown = crate::text::printable(&shown);
+    format!("line {line}, column {column}: {message}\n    {shown}\n    {caret}")
+}
+
+/// A config line fit to print: a URL's password masked, and the value of a
+/// key that holds a secret (`token`, `password`, a header…) replaced.
+fn mask_line(line: &str) -> String {
+    let Some((key, value)) = line.split_once('=') else {
+        return crate::secret::mask_url(line);
+    };
+    let k = key.to_ascii_lowercase();
+    let secret = [
+        "token",
+        "password",
+        "secret",
+        "header",
+        "authorization",
+        "key",
+    ]
+    .iter()
+    .any(|s| k.contains(s));
+    if secret {
+        format!("{key}= {}", crate::secret::MASK)
+    } else {
+        format!("{key}={}", crate::secret::mask_url(value))
     }
 }
 

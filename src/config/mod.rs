@@ -18,6 +18,7 @@
 //! `0x10` is the text `0x10`, not the number 16.
 
 mod error;
+mod keys;
 mod load;
 mod settings;
 mod validate;

@@ -530,3 +530,83 @@ dead_letter_exchange = "{long}{long}"
         "long values are cut in the message: {err}"
     );
 }
+
+#[test]
+fn errors_teach_what_to_write_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = |text: &str, env: &[(&str, &str)]| {
+        let file = write(dir.path(), "c.toml", text);
+        load(&with_env(file, env), &[])
+            .expect_err("must be refused")
+            .to_string()
+    };
+    let e = err(
+        &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nfailure_rate = 50"),
+        &[],
+    );
+    assert!(e.contains("a ratio: 0.5 means 50%"), "{e}");
+    let e = err(
+        &MINIMAL.replace("[breakers.dep]", "[breakers.dep]\nwindow = 10"),
+        &[],
+    );
+    assert!(
+        e.contains("breakers.dep.window") && e.contains("\"10s\""),
+        "{e}"
+    );
+    let e = err(
+        &format!("{MINIMAL}prefech = 10\nretry.delay = [\"1s\"]\n[broker]\nurll = \"x\"\n"),
+        &[],
+    );
+    for want in [
+        "consumers[0].prefech (did you mean prefetch?)",
+        "consumers[0].retry.delay (did you mean delays?)",
+        "broker.urll (did you mean url?)",
+    ] {
+        assert!(
+            e.contains(want),
+            "every unknown key at once, with a hint: {want} in {e}"
+        );
+    }
+    let e = err(MINIMAL, &[("RABBIT_GUARD_BROKER_URL", "amqp://x")]);
+    assert!(
+        e.contains("RABBIT_GUARD__BROKER__URL"),
+        "one underscore is reported: {e}"
+    );
+    let e = err(
+        &MINIMAL
+            .replace("[breakers.dep]", "[breakers.billing-api]")
+            .replace("breaker = \"dep\"", "breaker = \"billing-api\""),
+        &[("RABBIT_GUARD__BREAKERS__BILLING_API__FAILURE_RATE", "0.3")],
+    );
+    assert!(
+        e.contains("breakers.billing_api")
+            && e.contains("no consumer uses this breaker")
+            && e.contains("did you mean \"billing-api\""),
+        "an env var that made a second breaker is caught: {e}"
+    );
+    let e = err(&format!("{MINIMAL}retry.delays = [\"1s\", \"1s\"]\n"), &[]);
+    assert!(
+        e.contains("consumers[0].retry.delays[1]") && e.contains("retry.delays[0]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_syntax_error_shows_its_line_with_a_caret_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "c.toml",
+        "[broker]\nurl = \"amqp://u:hunter2@h/\" junk\n",
+    );
+    let e = load(&sources(file), &[]).expect_err("bad TOML").to_string();
+    assert!(e.contains("line 2"), "{e}");
+    assert!(
+        e.contains("amqp://u:***@h/") && e.contains('^'),
+        "the line and a caret: {e}"
+    );
+    assert!(!e.contains("hunter2"), "{e}");
+    let file = write(dir.path(), "d.toml", "[admin]\ntoken = \"hunter2\" junk\n");
+    let e = load(&sources(file), &[]).expect_err("bad TOML").to_string();
+    assert!(!e.contains("hunter2") && e.contains("token = ***"), "{e}");
+}

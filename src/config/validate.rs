@@ -78,6 +78,7 @@ impl Settings {
                 out.push(problem(format!("breakers.{name}.{key}"), value, message));
             }
         }
+        out.extend(self.unused_breakers());
         if self.consumers.is_empty() {
             out.push(problem(
                 "consumers",
@@ -101,6 +102,36 @@ impl Settings {
             out.extend(self.reference_problems(i, c, extra_handlers));
         }
         out
+    }
+
+    /// A breaker no consumer names is a mistake (often a mistyped name, or
+    /// an environment variable that spelt `-` as `_` and made a new one).
+    fn unused_breakers(&self) -> Vec<Problem> {
+        let used: Vec<&str> = self.consumers.iter().map(|c| c.breaker.as_str()).collect();
+        self.breakers
+            .keys()
+            .filter(|name| !used.contains(&name.as_str()))
+            .map(|name| {
+                let others = self
+                    .breakers
+                    .keys()
+                    .map(String::as_str)
+                    .chain(used.iter().copied())
+                    .filter(|other| other != name);
+                let hint = match super::keys::closest(name, others) {
+                    Some(close) if close.replace('-', "_") == name.as_str() => format!(
+                        "; did you mean {close:?}? An environment variable makes the name as written: spell the '-' (env 'RABBIT_GUARD__BREAKERS__{close}__KEY=…')"
+                    ),
+                    Some(close) => format!("; did you mean {close:?}?"),
+                    None => "; name it in a consumer's breaker, or remove it".to_owned(),
+                };
+                problem(
+                    format!("breakers.{name}"),
+                    None,
+                    format!("no consumer uses this breaker{hint}"),
+                )
+            })
+            .collect()
     }
 
     /// A consumer's breaker and handler must exist.
@@ -332,6 +363,14 @@ impl ConsumerSettings {
                     key,
                     quoted(&humantime::format_duration(*d).to_string()),
                     "must be at most 49d 17h 2m 47s 295ms (RabbitMQ's longest message TTL)",
+                ));
+            } else if let Some(first) = self.retry.delays[..j].iter().position(|e| e == d) {
+                out.push(problem(
+                    key,
+                    quoted(&humantime::format_duration(*d).to_string()),
+                    format!(
+                        "the same as retry.delays[{first}]: each delay is its own queue, so two levels cannot share one (list distinct delays)"
+                    ),
                 ));
             }
         }
