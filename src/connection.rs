@@ -180,7 +180,11 @@ impl ManagedConnection {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match self.connect_once().await {
+            let connected = tokio::select! {
+                () = shutdown.cancelled() => return Err(self.interrupted()),
+                connected = self.connect_once() => connected,
+            };
+            match connected {
                 Ok(connection) => {
                     info!(url = %self.shown_url, connection = %self.name, attempt, "connected to the broker");
                     self.up(connection);
@@ -207,16 +211,17 @@ impl ManagedConnection {
                         "waiting for the broker"
                     );
                     tokio::select! {
-                        () = shutdown.cancelled() => return Err(Error::Unreachable {
-                            url: self.shown_url.clone(),
-                            detail: "shut down while waiting for the broker".into(),
-                            attempts: attempt,
-                            waited: humantime::format_duration(round_ms(now - started)).to_string(),
-                        }),
+                        () = shutdown.cancelled() => return Err(self.interrupted()),
                         () = tokio::time::sleep(delay) => {}
                     }
                 }
             }
+        }
+    }
+
+    fn interrupted(&self) -> Error {
+        Error::Interrupted {
+            while_doing: format!("waiting for the broker at {}", self.shown_url),
         }
     }
 

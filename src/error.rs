@@ -43,6 +43,12 @@ pub enum Error {
         /// Time spent trying, human-readable.
         waited: String,
     },
+    /// A signal asked the worker to stop before it was running.
+    #[error("interrupted while {while_doing}: nothing was consumed")]
+    Interrupted {
+        /// What it was doing, e.g. "waiting for the broker at amqp://…".
+        while_doing: String,
+    },
     /// A queue or exchange already exists with other arguments.
     #[error(
         "consumers[{index}]: {detail}; make the consumer's settings match the existing {kind} or delete it so it can be declared again"

@@ -284,3 +284,37 @@ async fn safety_checks_refuse_names_the_risk() {
         "check-config lists the safety check on delivery_limit: {text}"
     );
 }
+
+#[tokio::test]
+async fn a_signal_during_startup_says_interrupted_with_the_signals_exit_code() {
+    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+        let port = common::proxy::free_port();
+        let config = minimal(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"), "q")
+            .replace("startup_timeout = \"2s\"", "startup_timeout = \"60s\"");
+        let (dir, path) = write_config(&config);
+        let mut child = Child::spawn_with_config(dir, &path, &["run"]);
+        assert!(
+            wait_until(Duration::from_secs(15), || child
+                .stderr()
+                .contains("waiting for the broker"))
+            .await,
+            "the worker should be waiting for the broker: {}",
+            child.stderr()
+        );
+        child.signal(signal);
+        let status = child.wait(Duration::from_secs(10)).await;
+        let log = child.stderr();
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(code),
+            "SIG{signal} while starting exits {code}: {log}"
+        );
+        let last = log.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: interrupted while waiting for the broker")
+                && last.contains(&format!("SIG{signal}"))
+                && !last.contains("cannot reach"),
+            "the last line says it was interrupted, not that the broker failed: {last}"
+        );
+    }
+}

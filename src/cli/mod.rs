@@ -18,6 +18,7 @@ mod tools;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -177,16 +178,26 @@ where
     let Some(runtime) = started(worker_runtime(settings.worker.threads)) else {
         return ExitCode::FAILURE;
     };
+    let received = Arc::new(std::sync::Mutex::new(None));
+    let seen = received.clone();
     let result = runtime.block_on(async move {
         let worker = register(Worker::builder(settings)).build()?;
         let shutdown = CancellationToken::new();
-        let signals = signals(shutdown.clone())?;
+        let signals = signals(shutdown.clone(), seen)?;
         let result = worker.run_until(shutdown).await;
         signals.abort();
         result
     });
+    let signal = *received
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ crate::Error::Interrupted { .. }) => {
+            let signal = signal.unwrap_or(crate::signal::Signal::Interrupt);
+            output::error(&format!("{} ({})", e, signal.name()));
+            ExitCode::from(signal.exit_code())
+        }
         Err(e) => {
             if json_logs {
                 tracing::error!(error = %e, "worker failed");
@@ -227,19 +238,28 @@ pub fn worker_runtime(threads: u16) -> std::io::Result<tokio::runtime::Runtime> 
 
 /// First SIGINT/SIGTERM: graceful shutdown. A second one: exit at once (the
 /// broker requeues every unacked message).
-fn signals(token: CancellationToken) -> Result<tokio::task::JoinHandle<()>, crate::Error> {
+fn signals(
+    token: CancellationToken,
+    received: Arc<std::sync::Mutex<Option<crate::signal::Signal>>>,
+) -> Result<tokio::task::JoinHandle<()>, crate::Error> {
     let first = CancellationToken::new();
     let graceful = crate::signal::shutdown_on_signal(first.clone())?;
     Ok(tokio::spawn(async move {
         first.cancelled().await;
         token.cancel();
-        let _ = graceful.await;
+        if let Ok(signal) = graceful.await {
+            *received
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(signal);
+        }
         let second = CancellationToken::new();
         if let Ok(handle) = crate::signal::shutdown_on_signal(second.clone()) {
-            second.cancelled().await;
-            tracing::warn!("second signal: exiting now; the broker requeues unacked messages");
-            handle.abort();
-            std::process::exit(130);
+            let signal = handle.await.unwrap_or(crate::signal::Signal::Interrupt);
+            tracing::warn!(
+                signal = signal.name(),
+                "second signal: exiting now; the broker requeues unacked messages"
+            );
+            std::process::exit(i32::from(signal.exit_code()));
         }
     }))
 }

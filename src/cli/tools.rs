@@ -73,7 +73,7 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     )
 }
 
-fn signals(token: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+fn signals(token: CancellationToken) -> Option<tokio::task::JoinHandle<crate::signal::Signal>> {
     crate::signal::shutdown_on_signal(token).ok()
 }
 
