@@ -362,3 +362,56 @@ async fn terminal_output_escapes_control_characters_from_messages() {
     );
     broker.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_commands_speak_json_and_keep_late_differing_errors_apart() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let settings = settings("readjson", "noop", fast_breaker());
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let dlq = consumer.dead_letter_queue();
+    let prefix = "POST http://billing.internal/charge: 422 Unprocessable Entity: the order could not be charged because ";
+    for (id, tail) in [
+        ("late-a", "the card expired"),
+        ("late-b", "the amount is negative"),
+    ] {
+        let mut h = FieldTable::default();
+        h.insert("rg-reason".into(), text("permanent"));
+        h.insert("rg-error".into(), text(&format!("{prefix}{tail}")));
+        publish(&broker, &dlq, id, h, b"{}").await;
+    }
+    let cli = Cli::new(&settings);
+    let summary: serde_json::Value = serde_json::from_str(&cli.ok(&["summary", "--json"]))
+        .expect("summary --json is one JSON object");
+    let groups = summary["groups"].as_array().expect("groups");
+    assert_eq!(
+        groups.len(),
+        2,
+        "errors that differ after 100 characters are two groups: {summary}"
+    );
+    assert_eq!(summary["selected"], 2, "{summary}");
+    let table = cli.ok(&["summary"]);
+    assert!(
+        table.contains("the card") && table.contains("expired") && table.contains("negative"),
+        "the table shows the whole errors (wrapped): {table}"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["show", "late-a", "--json"])).expect("show --json");
+    assert_eq!(shown["message_id"], "late-a", "{shown}");
+    assert_eq!(shown["header_origins"]["rg-error"], "publisher", "{shown}");
+    let out = cli.path("all.jsonl");
+    cli.ok(&["export", "--all", "--out", out.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().lines().count(),
+        2,
+        "export --all takes everything"
+    );
+    let help = cli.run_bare(&["import", "--help"]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--to") && !help.contains("--queue") && !help.contains("--utc"),
+        "import --help lists only what import uses: {help}"
+    );
+    broker.cleanup().await;
+}

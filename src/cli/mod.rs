@@ -9,7 +9,7 @@
 //! }
 //! ```
 
-mod admin_client;
+pub(crate) mod admin_client;
 mod dlq;
 mod output;
 mod status;
@@ -316,5 +316,15 @@ pub(crate) mod values {
             assert!(name(&"q".repeat(255)).is_ok());
             assert!(name(&"q".repeat(256)).is_err());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }
