@@ -785,3 +785,78 @@ async fn json_logs_parse_and_never_show_the_password() {
     eprintln!("json logs: {lines} lines, all JSON, no password");
     broker.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_command_controls_a_running_worker_with_the_configured_token() {
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Healthy);
+    let broker = Arc::new(TestBroker::connect().await);
+    let (settings, base) = with_admin(
+        with_http(settings("breakercmd", "http", fast_breaker()), &downstream),
+        Some("cmd-t0ken"),
+    );
+    broker.track(&settings.consumers[0]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, toml::to_string(&settings).unwrap()).unwrap();
+    let running = Running::start(Worker::builder(settings)).await;
+    let cmd = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+            .arg("breaker")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let out = cmd(&["open", "dep"]);
+    assert!(
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("breaker dep is now forced-open"),
+        "breaker open with the token from the config: {:?} {} {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || running.state()
+            == BreakerState::ForcedOpen)
+        .await,
+        "the worker's breaker is forced open: {:?}",
+        running.state()
+    );
+    let wrong = dir.path().join("wrong-token");
+    std::fs::write(&wrong, "nope\n").unwrap();
+    let out = cmd(&[
+        "close",
+        "dep",
+        "--admin",
+        &base,
+        "--token-file",
+        wrong.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "a wrong token is refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cmd(&["reset", "dep"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || running.state()
+            == BreakerState::Closed)
+        .await,
+        "reset closes it: {:?}",
+        running.state()
+    );
+    let out = cmd(&["open", "no-such-breaker"]);
+    assert_eq!(out.status.code(), Some(1), "an unknown breaker is an error");
+    running.stop().await;
+    broker.cleanup().await;
+}

@@ -152,6 +152,28 @@ async fn check_config_prints_the_effective_config_with_the_password_masked() {
                 && l.contains("classic work queue has no delivery limit")),
         "check-config warns that a classic work queue can loop forever: {text}"
     );
+    let (dir, path) = write_config(&minimal(&url, "q"));
+    let json_out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args(["check-config", "--json", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    drop(dir);
+    let v: serde_json::Value = serde_json::from_slice(&json_out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "check-config --json prints one JSON object ({e}): {}",
+            String::from_utf8_lossy(&json_out.stdout)
+        )
+    });
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(
+        v["settings"]["broker"]["url"]
+            .as_str()
+            .is_some_and(|u| u.contains("guest:***@")),
+        "the JSON settings are masked too: {v}"
+    );
+    assert!(!v.to_string().contains("s3cret-pw"), "{v}");
+    assert_eq!(v["warnings"].as_array().map(Vec::len), Some(1), "{v}");
     let quorum = minimal(&url, "q").replace(
         "handler = \"noop\"",
         "handler = \"noop\"\nqueue_type = \"quorum\"\ndelivery_limit = 1000",

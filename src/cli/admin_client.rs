@@ -23,6 +23,45 @@ pub(crate) fn base_url(settings: &Settings, given: Option<&str>) -> Option<Strin
     Some(format!("http://{host}:{}", listen.port()))
 }
 
+/// POST `base/path` with the bearer `token`; the answer's JSON, or the
+/// endpoint's own error text.
+#[cfg(feature = "admin")]
+pub(crate) async fn post_json(
+    base: &str,
+    path: &str,
+    token: Option<&crate::secret::Secret>,
+) -> Result<serde_json::Value, String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("{base}{path}");
+    let mut request = client.post(&url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token.expose());
+    }
+    let response = request.send().await.map_err(|e| {
+        if e.is_connect() {
+            format!("no worker answers at {base} (is it running, with admin.listen set?)")
+        } else {
+            format!("asking {url}: {}", e.without_url())
+        }
+    })?;
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| format!("reading {url}: {}", e.without_url()))?;
+    let body: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{url} answered {status} with something that is not JSON: {e}"))?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        let why = body["error"].as_str().unwrap_or("no reason given");
+        Err(format!("the worker refused ({status}): {why}"))
+    }
+}
+
 /// GET `base/path`, read as `T`.
 pub(crate) async fn get_json<T: serde::de::DeserializeOwned>(
     base: &str,

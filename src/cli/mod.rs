@@ -10,6 +10,8 @@
 //! ```
 
 pub(crate) mod admin_client;
+#[cfg(feature = "admin")]
+mod breaker;
 mod dlq;
 mod output;
 mod status;
@@ -46,11 +48,23 @@ pub(crate) enum Command {
     /// Run every configured consumer until SIGTERM or Ctrl-C.
     Run,
     /// Validate the configuration and print it as it will be used (password masked).
-    CheckConfig,
+    CheckConfig {
+        /// One JSON object: the settings (secrets masked), safety checks and warnings.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect, replay, purge, export and import dead letters.
     Dlq(dlq::DlqArgs),
     /// Show a running worker's breakers, consumers and connections (from its admin endpoint).
     Status(status::StatusArgs),
+    /// Open, close, reset or disable a running worker's breaker (through its admin endpoint).
+    #[cfg(feature = "admin")]
+    Breaker(breaker::BreakerArgs),
+    /// Print a shell completion script: rabbit-guard completions bash > /etc/bash_completion.d/rabbit-guard
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Watch the idea work: a flaky dependency, a breaker that pauses consumption, nothing lost.
     #[cfg(feature = "demo")]
     Demo(tools::DemoArgs),
@@ -83,6 +97,7 @@ where
     let names: Vec<&str> = handler_names.iter().map(String::as_str).collect();
     let sources = Sources::from_env(Some(cli.config.clone()));
     let loaded = match cli.command.needs() {
+        Needs::Nothing => Ok(Settings::default()),
         Needs::Optional if !cli.config.is_file() => Ok(Settings::default()),
         Needs::Optional | Needs::Broker => config::load_unvalidated(&sources).and_then(|s| {
             // Tools need the broker and queue names, not valid handlers.
@@ -107,10 +122,18 @@ where
         }
     };
     match cli.command {
-        Command::CheckConfig => check_config(&settings),
+        Command::CheckConfig { json } => check_config(&settings, json),
         Command::Run => run(settings, register),
         Command::Dlq(args) => dlq::run(&settings, args),
         Command::Status(args) => status::run(&settings, &args),
+        #[cfg(feature = "admin")]
+        Command::Breaker(args) => breaker::run(&settings, &args),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let name = command.get_name().to_owned();
+            clap_complete::generate(shell, &mut command, name, &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         #[cfg(feature = "demo")]
         Command::Demo(args) => tools::demo(&settings, &args),
         #[cfg(feature = "demo")]
@@ -123,6 +146,8 @@ where
 /// How much configuration a command needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Needs {
+    /// None at all.
+    Nothing,
     /// All of it, valid.
     Valid,
     /// The broker and queue names (a config file is required).
@@ -134,18 +159,35 @@ enum Needs {
 impl Command {
     fn needs(&self) -> Needs {
         match self {
-            Command::Run | Command::CheckConfig => Needs::Valid,
+            Command::Run | Command::CheckConfig { .. } => Needs::Valid,
             Command::Dlq(_) => Needs::Broker,
             Command::Status(args) if args.admin.is_some() => Needs::Optional,
             Command::Status(_) => Needs::Broker,
+            #[cfg(feature = "admin")]
+            Command::Breaker(args) if args.admin.is_some() => Needs::Optional,
+            #[cfg(feature = "admin")]
+            Command::Breaker(_) => Needs::Broker,
+            Command::Completions { .. } => Needs::Nothing,
             #[cfg(feature = "demo")]
             Command::Demo(_) | Command::FlakyServer(_) | Command::Publish(_) => Needs::Optional,
         }
     }
 }
 
-fn check_config(settings: &Settings) -> ExitCode {
+fn check_config(settings: &Settings, as_json: bool) -> ExitCode {
     let shown = settings.redacted();
+    if as_json {
+        output::line(
+            &serde_json::json!({
+                "ok": true,
+                "settings": shown,
+                "safety_checks": crate::worker::safety::risks(settings),
+                "warnings": crate::worker::safety::advisories(settings),
+            })
+            .to_string(),
+        );
+        return ExitCode::SUCCESS;
+    }
     match toml::to_string_pretty(&shown) {
         Ok(text) => {
             output::line(&format!(

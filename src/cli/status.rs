@@ -61,65 +61,116 @@ pub(crate) fn run(settings: &Settings, args: &StatusArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// A borderless table that lines up by display width.
+fn table(header: &[&str]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_header(header.iter().copied());
+    t
+}
+
 /// The tables `status` prints.
 fn render(status: &StatusView) -> Vec<String> {
-    let mut out = vec![format!(
-        "{:<20} {:<12} {:<10} {:>8} {:>7} {:<12} CONSUMERS",
-        "BREAKER", "STATE", "FOR", "FAILING", "WINDOW", "NEXT PROBE"
-    )];
+    let mut breakers = table(&[
+        "BREAKER",
+        "STATE",
+        "FOR",
+        "FAILING",
+        "WINDOW",
+        "NEXT PROBE",
+        "CONSUMERS",
+    ]);
     for b in &status.breakers {
         let next = b
             .next_half_open
             .as_deref()
             .map_or("-".to_owned(), |t| t.get(11..19).unwrap_or(t).to_owned());
-        out.push(format!(
-            "{:<20} {:<12} {:<10} {:>8} {:>7} {:<12} {}",
+        breakers.add_row(vec![
             printable(&b.name),
-            b.state,
+            b.state.clone(),
             seconds(b.for_seconds),
             percent(b.window.failure_rate),
-            b.window.calls,
+            b.window.calls.to_string(),
             next,
-            printable(&b.consumers.join(", "))
-        ));
+            printable(&b.consumers.join(", ")),
+        ]);
         if let Some(last) = &b.last_change {
-            out.push(format!(
-                "{:<20} last change: {} -> {} ({}), {} of {} calls failed",
-                "", last.from, last.to, last.reason, last.failures, last.calls
-            ));
+            breakers.add_row(vec![
+                String::new(),
+                format!(
+                    "last change: {} -> {} ({}), {} of {} calls failed",
+                    last.from, last.to, last.reason, last.failures, last.calls
+                ),
+            ]);
         }
     }
-    out.push(String::new());
-    out.push(format!(
-        "{:<28} {:<20} {:>10} {:>9} {:>9} {:>9} {:>7} {:>7}",
-        "QUEUE", "BREAKER", "SUBSCRIBED", "IN FLIGHT", "RECEIVED", "ACKED", "FAILED", "DEAD"
-    ));
+    let mut consumers = table(&[
+        "QUEUE",
+        "BREAKER",
+        "SUBSCRIBED",
+        "IN FLIGHT",
+        "RECEIVED",
+        "ACKED",
+        "FAILED",
+        "DEAD",
+    ]);
     for c in &status.consumers {
-        out.push(format!(
-            "{:<28} {:<20} {:>10} {:>9} {:>9} {:>9} {:>7} {:>7}",
+        consumers.add_row(vec![
             printable(&c.queue),
             printable(&c.breaker),
-            yes(c.subscribed),
-            c.in_flight,
-            c.received,
-            c.acked,
-            c.failed,
-            c.dead_lettered
-        ));
+            yes(c.subscribed).to_owned(),
+            c.in_flight.to_string(),
+            c.received.to_string(),
+            c.acked.to_string(),
+            c.failed.to_string(),
+            c.dead_lettered.to_string(),
+        ]);
     }
-    out.push(String::new());
-    out.push(format!(
-        "{:<36} {:>4} {:>8} {:>11}",
-        "CONNECTION", "UP", "BLOCKED", "RECONNECTS"
-    ));
+    let mut connections = table(&["CONNECTION", "UP", "BLOCKED", "RECONNECTS"]);
     for c in &status.connections {
-        out.push(format!(
-            "{:<36} {:>4} {:>8} {:>11}",
+        connections.add_row(vec![
             printable(&c.name),
-            yes(c.up),
-            yes(c.blocked),
-            c.reconnects
-        ));
+            yes(c.up).to_owned(),
+            yes(c.blocked).to_owned(),
+            c.reconnects.to_string(),
+        ]);
     }
-    out
+    vec![
+        breakers.to_string(),
+        String::new(),
+        consumers.to_string(),
+        String::new(),
+        connections.to_string(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{BreakerView, ConsumerView};
+
+    #[test]
+    fn the_tables_show_every_breaker_and_consumer() {
+        let status = StatusView {
+            breakers: vec![BreakerView {
+                name: "billing".into(),
+                state: "open".into(),
+                consumers: vec!["orders".into()],
+                ..BreakerView::default()
+            }],
+            consumers: vec![ConsumerView {
+                queue: "注文".into(),
+                breaker: "billing".into(),
+                received: 160,
+                ..ConsumerView::default()
+            }],
+            ..StatusView::default()
+        };
+        let text = render(&status).join("\n");
+        assert!(
+            text.contains("billing") && text.contains("open") && text.contains("160"),
+            "{text}"
+        );
+        assert!(text.contains("注文"), "{text}");
+    }
 }

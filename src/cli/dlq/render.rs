@@ -42,14 +42,25 @@ pub(super) fn age(d: Option<Duration>) -> String {
 /// Cuts `s` to `width` characters (one line, control characters escaped),
 /// marking the cut with `…`.
 pub(super) fn cell(s: &str, width: usize) -> String {
+    use unicode_width::UnicodeWidthChar;
     let one_line: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
     let one_line = printable(&one_line);
-    if one_line.chars().count() <= width {
-        format!("{one_line:<width$}")
-    } else {
-        let cut: String = one_line.chars().take(width.saturating_sub(1)).collect();
-        format!("{cut}…")
+    let shown = unicode_width::UnicodeWidthStr::width(one_line.as_str());
+    if shown <= width {
+        // Pad by display width: a wide character takes two columns.
+        return format!("{one_line}{}", " ".repeat(width - shown));
     }
+    let mut cut = String::new();
+    let mut used = 0;
+    for c in one_line.chars() {
+        let w = c.width().unwrap_or(0);
+        if used + w > width.saturating_sub(1) {
+            break;
+        }
+        cut.push(c);
+        used += w;
+    }
+    format!("{cut}…{}", " ".repeat(width.saturating_sub(1 + used)))
 }
 
 /// A table without borders whose columns line up by display width, as wide
@@ -81,6 +92,12 @@ mod tests {
         assert_eq!(cell("abc", 5), "abc  ");
         assert_eq!(cell("abcdefgh", 5), "abcd…");
         assert_eq!(cell("a\nb", 5), "a b  ");
+        assert_eq!(
+            cell("注文番号", 6),
+            "注文… ",
+            "wide characters count two columns"
+        );
+        assert_eq!(cell("注文", 6), "注文  ");
     }
 
     #[test]
