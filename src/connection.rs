@@ -26,7 +26,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The state of one managed connection.
 #[derive(Debug, Clone)]
-pub(crate) enum Link {
+pub(crate) enum ConnectionState {
     /// Not connected (yet, or any more).
     Down,
     /// Connected; `generation` grows with each new connection.
@@ -45,7 +45,7 @@ pub(crate) struct ManagedConnection {
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     role: &'static str,
     settings: BrokerSettings,
-    link: watch::Sender<Link>,
+    link: watch::Sender<ConnectionState>,
     suspect: Notify,
     blocked: AtomicBool,
     reconnects: AtomicU64,
@@ -81,7 +81,7 @@ impl ManagedConnection {
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
         }
-        let (link, _) = watch::channel(Link::Down);
+        let (link, _) = watch::channel(ConnectionState::Down);
         Ok(Self {
             uri,
             shown_url: settings.url.masked(),
@@ -109,7 +109,7 @@ impl ManagedConnection {
 
     /// True while connected.
     pub(crate) fn is_up(&self) -> bool {
-        matches!(*self.link.borrow(), Link::Up { .. })
+        matches!(*self.link.borrow(), ConnectionState::Up { .. })
     }
 
     /// True while the broker blocks this connection (resource alarm).
@@ -157,11 +157,11 @@ impl ManagedConnection {
 
     fn up(&self, connection: Connection) {
         let generation = match &*self.link.borrow() {
-            Link::Up { generation, .. } => generation + 1,
-            Link::Down => 1,
+            ConnectionState::Up { generation, .. } => generation + 1,
+            ConnectionState::Down => 1,
         };
         self.blocked.store(false, Ordering::Release);
-        self.link.send_replace(Link::Up {
+        self.link.send_replace(ConnectionState::Up {
             generation,
             connection: Arc::new(connection),
         });
@@ -245,7 +245,7 @@ impl ManagedConnection {
     ) -> Option<(u64, Arc<Connection>)> {
         let mut rx = self.link.subscribe();
         loop {
-            if let Link::Up {
+            if let ConnectionState::Up {
                 generation,
                 connection,
             } = &*rx.borrow_and_update()
@@ -296,7 +296,7 @@ impl ManagedConnection {
                 }
             };
             warn!(connection = %self.name, generation, %reason, "lost the connection to the broker; reconnecting");
-            self.link.send_replace(Link::Down);
+            self.link.send_replace(ConnectionState::Down);
             drop(connection);
             self.reconnect(&shutdown).await?;
         }
@@ -356,8 +356,8 @@ impl ManagedConnection {
 
     /// Closes the connection cleanly (after the channels were closed).
     pub(crate) async fn close(&self) {
-        let link = self.link.send_replace(Link::Down);
-        if let Link::Up { connection, .. } = link
+        let link = self.link.send_replace(ConnectionState::Down);
+        if let ConnectionState::Up { connection, .. } = link
             && connection.status().connected()
         {
             let close = connection.close(200, "worker shutting down".into());

@@ -46,7 +46,7 @@
 //! ```
 //!
 //! The parts, one module each: [`breaker`] (the pure state machine),
-//! [`handler`] (the trait users implement), [`handlers`] (built-in `http` and
+//! [`handler`] (the trait users implement), [`builtin_handlers`] (built-in `http` and
 //! `noop`), [`consumer`] (one queue's loop), [`topology`] (queues and
 //! exchanges), [`worker`] (wiring and shutdown), [`config`] (layered settings),
 //! [`dead_letter`] (reasons and headers), [`cli`] (the `rabbit-guard` binary).
@@ -57,6 +57,7 @@ mod admin;
 mod amqp;
 mod backoff;
 pub mod breaker;
+pub mod builtin_handlers;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
@@ -67,7 +68,6 @@ pub mod dead_letter;
 pub mod demo;
 mod error;
 pub mod handler;
-pub mod handlers;
 mod limits;
 #[cfg(feature = "admin")]
 mod metrics;

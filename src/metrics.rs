@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::{
 
 use crate::breaker::{Breaker, Transition};
 use crate::connection::ManagedConnection;
-use crate::consumer::{ConsumerStats, Shared};
+use crate::consumer::{ConsumerShared, ConsumerStats};
 
 const META: Metadata<'static> = Metadata::new("rabbit_guard", Level::INFO, Some(module_path!()));
 
@@ -212,7 +212,7 @@ impl Metrics {
     pub(crate) fn render(
         &self,
         breakers: &[(&str, &Breaker)],
-        consumers: &[Arc<Shared>],
+        consumers: &[Arc<ConsumerShared>],
         connections: &[Arc<ManagedConnection>],
     ) -> String {
         for (name, breaker) in breakers {
@@ -244,7 +244,7 @@ impl Metrics {
     }
 
     #[allow(clippy::cast_precision_loss)]
-    fn breaker(&self, name: &str, breaker: &Breaker, consumers: &[Arc<Shared>]) {
+    fn breaker(&self, name: &str, breaker: &Breaker, consumers: &[Arc<ConsumerShared>]) {
         let snapshot = breaker.snapshot();
         let current = snapshot.state.name();
         for state in STATES {
@@ -254,7 +254,13 @@ impl Metrics {
                 f64::from(u8::from(*state == current)),
             );
         }
-        let (success, failure, slow, rejected) = breaker.call_counts();
+        let counts = breaker.call_counts();
+        let (success, failure, slow, rejected) = (
+            counts.successes,
+            counts.failures,
+            counts.slow,
+            counts.rejected,
+        );
         let timeout: u64 = consumers
             .iter()
             .filter(|c| c.breaker.name() == name)
@@ -286,7 +292,7 @@ impl Metrics {
     }
 
     #[allow(clippy::cast_precision_loss)]
-    fn consumer(&self, queue: &str, stats: &ConsumerStats, shared: &Shared) {
+    fn consumer(&self, queue: &str, stats: &ConsumerStats, shared: &ConsumerShared) {
         let s = stats.snapshot();
         let q = [("queue", queue)];
         self.counter("rabbit_guard_messages_received_total", &q, s.received);

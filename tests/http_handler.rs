@@ -281,8 +281,8 @@ async fn huge_error_server(size: usize) -> (String, tokio::task::JoinHandle<usiz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_error_body_is_read_only_as_far_as_the_snippet() {
+    use rabbit_guard::builtin_handlers::HttpHandler;
     use rabbit_guard::handler::{Context, Handler};
-    use rabbit_guard::handlers::HttpHandler;
     const SIZE: usize = 100 * 1024 * 1024;
     let (url, server) = huge_error_server(SIZE).await;
     let handler = HttpHandler::new(&HttpSettings::to(url), Duration::from_secs(30)).unwrap();
@@ -309,8 +309,8 @@ async fn a_huge_error_body_is_read_only_as_far_as_the_snippet() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_cannot_become_a_request_is_permanent_not_transient() {
+    use rabbit_guard::builtin_handlers::HttpHandler;
     use rabbit_guard::handler::{Context, Handler};
-    use rabbit_guard::handlers::HttpHandler;
     let downstream = Downstream::start().await;
     downstream.set(Mode::Healthy);
     let handler =

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::connection::ManagedConnection;
-use crate::consumer::Shared;
+use crate::consumer::ConsumerShared;
 use crate::metrics::Metrics;
 use crate::status::{
     BreakerView, ChangeView, ConnectionView, ConsumerView, StatusView, WindowView,
@@ -22,7 +22,7 @@ pub(crate) struct WorkerView(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     breakers: BTreeMap<String, Breaker>,
-    consumers: Vec<Arc<Shared>>,
+    consumers: Vec<Arc<ConsumerShared>>,
     connections: Vec<Arc<ManagedConnection>>,
     metrics: Metrics,
 }
@@ -45,7 +45,7 @@ fn secs(d: Duration) -> f64 {
 impl WorkerView {
     pub(crate) fn new(
         breakers: BTreeMap<String, Breaker>,
-        consumers: Vec<Arc<Shared>>,
+        consumers: Vec<Arc<ConsumerShared>>,
         connections: Vec<Arc<ManagedConnection>>,
         metrics: Metrics,
     ) -> Self {

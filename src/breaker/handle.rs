@@ -15,20 +15,56 @@ use super::machine::{
 };
 use super::window::{Counters, Counts};
 
-const CLOSED: u8 = 0;
-const OPEN: u8 = 1;
-const HALF_OPEN: u8 = 2;
-const FORCED_OPEN: u8 = 3;
-const DISABLED: u8 = 4;
+/// The state's kind, mirrored in an atomic so the closed path reads it
+/// without the lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Mirror {
+    Closed = 0,
+    Open = 1,
+    HalfOpen = 2,
+    ForcedOpen = 3,
+    Disabled = 4,
+}
 
-fn kind_of(state: BreakerState) -> u8 {
-    match state {
-        BreakerState::Closed => CLOSED,
-        BreakerState::Open { .. } => OPEN,
-        BreakerState::HalfOpen { .. } => HALF_OPEN,
-        BreakerState::ForcedOpen => FORCED_OPEN,
-        BreakerState::Disabled => DISABLED,
+impl Mirror {
+    fn of(state: BreakerState) -> Self {
+        match state {
+            BreakerState::Closed => Self::Closed,
+            BreakerState::Open { .. } => Self::Open,
+            BreakerState::HalfOpen { .. } => Self::HalfOpen,
+            BreakerState::ForcedOpen => Self::ForcedOpen,
+            BreakerState::Disabled => Self::Disabled,
+        }
     }
+
+    fn load(cell: &AtomicU8) -> Self {
+        match cell.load(Ordering::Acquire) {
+            0 => Self::Closed,
+            1 => Self::Open,
+            2 => Self::HalfOpen,
+            3 => Self::ForcedOpen,
+            _ => Self::Disabled,
+        }
+    }
+
+    /// Closed or disabled: every call is admitted.
+    fn admits_all(self) -> bool {
+        matches!(self, Self::Closed | Self::Disabled)
+    }
+}
+
+/// Calls a breaker recorded since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallCounts {
+    /// Successful calls.
+    pub successes: u64,
+    /// Failed calls (timeouts included).
+    pub failures: u64,
+    /// Slow calls.
+    pub slow: u64,
+    /// Calls refused while open or with every probe taken.
+    pub rejected: u64,
 }
 
 /// A circuit breaker guarding one named dependency. Cheap to clone; every
@@ -115,7 +151,7 @@ impl Breaker {
                     since: now,
                     last: None,
                 }),
-                kind: AtomicU8::new(CLOSED),
+                kind: AtomicU8::new(Mirror::Closed as u8),
                 counters,
                 config,
                 state_tx,
@@ -176,16 +212,15 @@ impl Breaker {
         self.inner.successes.load(Ordering::SeqCst)
     }
 
-    /// Calls recorded since the breaker was made: (successes, failures,
-    /// slow calls, calls refused).
+    /// Calls recorded since the breaker was made.
     #[must_use]
-    pub fn call_counts(&self) -> (u64, u64, u64, u64) {
-        (
-            self.inner.successes.load(Ordering::Relaxed),
-            self.inner.failures.load(Ordering::Relaxed),
-            self.inner.slow_calls.load(Ordering::Relaxed),
-            self.inner.rejected.load(Ordering::Relaxed),
-        )
+    pub fn call_counts(&self) -> CallCounts {
+        CallCounts {
+            successes: self.inner.successes.load(Ordering::Relaxed),
+            failures: self.inner.failures.load(Ordering::Relaxed),
+            slow: self.inner.slow_calls.load(Ordering::Relaxed),
+            rejected: self.inner.rejected.load(Ordering::Relaxed),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Guarded> {
@@ -199,7 +234,9 @@ impl Breaker {
 
     fn publish(&self, guard: &mut Guarded, transition: Option<Transition>) {
         if let Some(t) = transition {
-            self.inner.kind.store(kind_of(t.to), Ordering::Release);
+            self.inner
+                .kind
+                .store(Mirror::of(t.to) as u8, Ordering::Release);
             guard.since = t.at;
             guard.last = Some(t);
             self.inner.state_tx.send_replace(t.to);
@@ -225,7 +262,7 @@ impl Breaker {
     /// As [`try_acquire`](Self::try_acquire).
     pub fn try_acquire_at(&self, now: Instant) -> Result<Permit, Rejected> {
         let successes = self.inner.successes.load(Ordering::Acquire);
-        if matches!(self.inner.kind.load(Ordering::Acquire), CLOSED | DISABLED) {
+        if Mirror::load(&self.inner.kind).admits_all() {
             // Closed (or disabled): every call is admitted, no lock needed.
             return Ok(Permit {
                 breaker: Some(self.clone()),
@@ -253,7 +290,7 @@ impl Breaker {
     /// without a lock.
     #[must_use]
     pub fn admits_all_now(&self) -> bool {
-        matches!(self.inner.kind.load(Ordering::Acquire), CLOSED | DISABLED)
+        Mirror::load(&self.inner.kind).admits_all()
     }
 
     fn record(
@@ -265,7 +302,7 @@ impl Breaker {
     ) -> BreakerState {
         let config = &self.inner.config;
         if kind == PermitKind::Normal {
-            let state = self.inner.kind.load(Ordering::Acquire);
+            let state = Mirror::load(&self.inner.kind);
             let fast_success = outcome == CallOutcome::Success
                 && elapsed <= config.call_timeout
                 && elapsed <= config.slow_call_duration;
@@ -273,18 +310,18 @@ impl Breaker {
                 // Says nothing, changes nothing for a normal call.
                 return self.state();
             }
-            if fast_success && matches!(state, CLOSED | DISABLED) {
+            if fast_success && state.admits_all() {
                 // The message path's common case: a success can't trip the
                 // breaker, so it only needs the atomic counters.
                 self.inner.successes.fetch_add(1, Ordering::SeqCst);
-                if state == CLOSED {
+                if state == Mirror::Closed {
                     self.inner.counters.window.record(now, false, false);
                     self.inner.counters.streak(false, elapsed, now);
                 }
                 if self.inner.verdict_waiters.load(Ordering::SeqCst) > 0 {
                     self.inner.success_notify.notify_waiters();
                 }
-                return if state == CLOSED {
+                return if state == Mirror::Closed {
                     BreakerState::Closed
                 } else {
                     BreakerState::Disabled
@@ -320,11 +357,12 @@ impl Breaker {
         state
     }
 
-    /// Applies the open timer now (Open becomes HalfOpen when due).
-    pub fn poll(&self) {
+    /// Applies the open timer now: Open becomes HalfOpen when its time is up.
+    /// (`run_timer` does this on time; a caller driving time itself may too.)
+    pub fn check_open_timer(&self) {
         let now = Instant::now();
         let mut guard = self.lock();
-        let transition = guard.machine.poll(now);
+        let transition = guard.machine.check_open_timer(now);
         self.publish(&mut guard, transition);
     }
 
@@ -342,7 +380,7 @@ impl Breaker {
                 BreakerState::Open { until } => {
                     tokio::select! {
                         () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep_until(until) => self.poll(),
+                        () = tokio::time::sleep_until(until) => self.check_open_timer(),
                         changed = rx.changed() => if changed.is_err() { return },
                     }
                 }
@@ -480,39 +518,73 @@ impl Permit {
         self.successes_at_start
     }
 
-    /// Records the call's outcome and returns the breaker's state right after.
-    pub fn record(self, outcome: CallOutcome) -> BreakerState {
-        self.record_at(outcome, Instant::now())
-    }
-
-    /// [`record`](Self::record) for a call that ended at `now` (a time the
-    /// caller read anyway).
-    pub fn record_at(mut self, outcome: CallOutcome, now: Instant) -> BreakerState {
-        let elapsed = now.saturating_duration_since(self.started);
+    /// Records how the call went and returns the breaker's state right
+    /// after: `permit.record(CallOutcome::Success)`, or with the caller's
+    /// own timing, `permit.record(CallOutcome::Failure.took(elapsed).ended(now))`.
+    pub fn record(mut self, call: impl Into<CallRecord>) -> BreakerState {
+        let call = call.into();
+        let now = call.ended.unwrap_or_else(Instant::now);
+        let elapsed = call
+            .elapsed
+            .unwrap_or_else(|| now.saturating_duration_since(self.started));
         match self.breaker.take() {
-            Some(breaker) => breaker.record(self.kind, outcome, elapsed, now),
+            Some(breaker) => breaker.record(self.kind, call.outcome, elapsed, now),
             None => BreakerState::Closed,
         }
     }
+}
 
-    /// Records the outcome of a call that took `elapsed` (when the caller
-    /// measured the call itself, without the time the permit waited to run).
-    pub fn record_elapsed(self, outcome: CallOutcome, elapsed: Duration) -> BreakerState {
-        self.record_measured(outcome, elapsed, Instant::now())
+/// How a call went, for [`Permit::record`]: its outcome, and optionally how
+/// long it took (default: since the permit was granted) and when it ended
+/// (default: now, read once; pass a time the caller read anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallRecord {
+    /// The outcome.
+    pub outcome: CallOutcome,
+    /// How long the call took, when the caller measured it.
+    pub elapsed: Option<Duration>,
+    /// When it ended, when the caller read the clock already.
+    pub ended: Option<Instant>,
+}
+
+impl From<CallOutcome> for CallRecord {
+    fn from(outcome: CallOutcome) -> Self {
+        Self {
+            outcome,
+            elapsed: None,
+            ended: None,
+        }
+    }
+}
+
+impl CallRecord {
+    /// The call took `elapsed` (measured by the caller, without the time the
+    /// permit waited to run).
+    #[must_use]
+    pub fn took(mut self, elapsed: Duration) -> Self {
+        self.elapsed = Some(elapsed);
+        self
     }
 
-    /// Records a call that the caller timed itself: it took `elapsed` and
-    /// ended at `now`.
-    pub fn record_measured(
-        mut self,
-        outcome: CallOutcome,
-        elapsed: Duration,
-        now: Instant,
-    ) -> BreakerState {
-        match self.breaker.take() {
-            Some(breaker) => breaker.record(self.kind, outcome, elapsed, now),
-            None => BreakerState::Closed,
-        }
+    /// The call ended at `at`.
+    #[must_use]
+    pub fn ended(mut self, at: Instant) -> Self {
+        self.ended = Some(at);
+        self
+    }
+}
+
+impl CallOutcome {
+    /// This outcome, for a call that took `elapsed`.
+    #[must_use]
+    pub fn took(self, elapsed: Duration) -> CallRecord {
+        CallRecord::from(self).took(elapsed)
+    }
+
+    /// This outcome, for a call that ended at `at`.
+    #[must_use]
+    pub fn ended(self, at: Instant) -> CallRecord {
+        CallRecord::from(self).ended(at)
     }
 }
 

@@ -200,7 +200,7 @@ impl StateMachine {
         &self.config
     }
 
-    /// The current state (without applying any due timer; see [`poll`](Self::poll)).
+    /// The current state (without applying any due timer; see [`check_open_timer`](Self::check_open_timer)).
     #[must_use]
     pub fn state(&self) -> BreakerState {
         self.state
@@ -229,7 +229,7 @@ impl StateMachine {
     }
 
     /// Applies the open timer: Open becomes HalfOpen once `until` has passed.
-    pub fn poll(&mut self, now: Instant) -> Option<Transition> {
+    pub fn check_open_timer(&mut self, now: Instant) -> Option<Transition> {
         match self.state {
             BreakerState::Open { until } if now >= until => {
                 self.trial += 1;
@@ -257,7 +257,7 @@ impl StateMachine {
         &mut self,
         now: Instant,
     ) -> (Result<PermitKind, Rejected>, Option<Transition>) {
-        let transition = self.poll(now);
+        let transition = self.check_open_timer(now);
         let result = match self.state {
             BreakerState::Closed | BreakerState::Disabled => Ok(PermitKind::Normal),
             BreakerState::Open { .. } | BreakerState::ForcedOpen => Err(Rejected::Open),

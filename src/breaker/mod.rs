@@ -40,7 +40,7 @@ mod machine;
 mod window;
 
 pub use config::{BreakerConfig, MAX_HALF_OPEN_PROBES, MAX_WINDOW_BUCKETS};
-pub use handle::{Breaker, HealthVerdict, ManualAction, Permit, Snapshot};
+pub use handle::{Breaker, CallCounts, CallRecord, HealthVerdict, ManualAction, Permit, Snapshot};
 pub use machine::{
     BreakerState, CallOutcome, PermitKind, Rejected, StateMachine, Transition, TransitionReason,
 };

@@ -305,7 +305,7 @@ fn half_open_admits_exactly_the_probes_and_closes_only_when_all_succeed() {
     );
     trip(&mut m, now);
     let t1 = now + Duration::from_secs(1);
-    m.poll(t1);
+    m.check_open_timer(t1);
     let permits: Vec<_> = (0..5).map(|_| m.try_acquire(t1).0).collect();
     let admitted = permits.iter().filter(|p| p.is_ok()).count();
     assert_eq!(
@@ -383,7 +383,7 @@ fn stale_probe_of_an_earlier_trial_is_ignored() {
     m.record(a.unwrap(), CallOutcome::Failure, FAST, t1);
     // Trial 1 failed; its other probe finishing late must not close trial 2.
     let later = t1 + Duration::from_secs(10);
-    m.poll(later);
+    m.check_open_timer(later);
     assert_eq!(m.state(), BreakerState::HalfOpen { trial: 2 });
     assert_eq!(
         m.record(b.unwrap(), CallOutcome::Success, FAST, later),
@@ -454,7 +454,7 @@ fn forced_open_ignores_the_timer_until_closed_by_hand() {
     let mut m = StateMachine::new(config(), now);
     assert!(m.force_open(now).is_some());
     let much_later = now + Duration::from_secs(3_600);
-    assert_eq!(m.poll(much_later), None);
+    assert_eq!(m.check_open_timer(much_later), None);
     assert_eq!(m.try_acquire(much_later).0, Err(Rejected::Open));
     let t = m.close_by_hand(much_later).expect("close releases it");
     assert_eq!(t.reason, TransitionReason::ManualClose);
@@ -533,7 +533,7 @@ fn truly_concurrent_callers_get_exactly_the_probes() {
                 b.try_acquire().unwrap().record(CallOutcome::Failure);
             }
             tokio::time::advance(Duration::from_secs(1)).await;
-            b.poll();
+            b.check_open_timer();
             assert!(matches!(b.state(), BreakerState::HalfOpen { .. }));
             (b, tokio::runtime::Handle::current())
         });

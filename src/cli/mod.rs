@@ -3,7 +3,7 @@
 //! A binary with custom handlers reuses it with [`main_with`]:
 //!
 //! ```no_run
-//! # use rabbit_guard::handlers::NoopHandler as MyHandler;
+//! # use rabbit_guard::builtin_handlers::NoopHandler as MyHandler;
 //! fn main() -> std::process::ExitCode {
 //!     rabbit_guard::cli::main_with(|worker| worker.handler("orders", MyHandler))
 //! }
@@ -131,7 +131,7 @@ where
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             let name = command.get_name().to_owned();
-            clap_complete::generate(shell, &mut command, name, &mut std::io::stdout());
+            clap_complete::generate(shell, &mut command, name, &mut output::stream());
             ExitCode::SUCCESS
         }
         #[cfg(feature = "demo")]

@@ -13,3 +13,9 @@ pub(super) fn error(s: &str) {
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "error: {s}");
 }
+
+/// Stdout for a command that streams many lines (a table row per message),
+/// or writes something whole (a completion script, the demo's screen).
+pub(crate) fn stream() -> std::io::Stdout {
+    std::io::stdout()
+}

@@ -96,7 +96,7 @@ pub(crate) fn demo(settings: &Settings, args: &DemoArgs) -> ExitCode {
     let result = rt.block_on(async {
         let stop = CancellationToken::new();
         let _signals = signals(stop.clone());
-        demo::run(&broker, timeline, live, stop, std::io::stdout()).await
+        demo::run(&broker, timeline, live, stop, output::stream()).await
     });
     match result {
         Ok(report) => {

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::settings::{ConsumerSettings, Settings};
 use crate::breaker::BreakerConfig;
-use crate::handlers::HttpSettings;
+use crate::builtin_handlers::HttpSettings;
 
 /// The closest of `known` to `given`, if it is close enough to be a typo
 /// (case, `-` for `_`, or two edits).

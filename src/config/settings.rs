@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::BreakerConfig;
-pub use crate::handlers::HttpSettings;
+pub use crate::builtin_handlers::HttpSettings;
 use crate::secret::{MASK, Secret, SecretUrl};
 
 /// Everything the worker reads from its config files and environment.

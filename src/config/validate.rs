@@ -162,10 +162,10 @@ impl Settings {
                 format!("unknown breaker; {hint}"),
             ));
         }
-        let handler_known = crate::handlers::builtin(&c.handler).is_some()
+        let handler_known = crate::builtin_handlers::builtin(&c.handler).is_some()
             || extra_handlers.contains(&c.handler.as_str());
         if !handler_known {
-            let mut all: Vec<&str> = crate::handlers::builtin_names();
+            let mut all: Vec<&str> = crate::builtin_handlers::builtin_names();
             all.extend(extra_handlers);
             out.push(problem(
                 key("handler"),
@@ -319,7 +319,7 @@ impl ConsumerSettings {
     pub fn problems(&self, index: usize) -> Vec<Problem> {
         let mut out = self.name_problems(index);
         out.extend(self.flow_problems(index));
-        if let Some(builtin) = crate::handlers::builtin(&self.handler) {
+        if let Some(builtin) = crate::builtin_handlers::builtin(&self.handler) {
             for (k, value, message) in (builtin.problems)(self) {
                 out.push(problem(format!("consumers[{index}].{k}"), value, message));
             }

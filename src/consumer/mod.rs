@@ -31,4 +31,4 @@ mod task;
 
 pub(crate) use run::ConsumerRuntime;
 pub use stats::{ConsumerStats, StatsSnapshot};
-pub(crate) use task::Shared;
+pub(crate) use task::ConsumerShared;

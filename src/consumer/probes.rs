@@ -156,7 +156,7 @@ mod tests {
         }
         assert!(matches!(breaker.state(), BreakerState::Open { .. }));
         tokio::time::advance(Duration::from_secs(1)).await;
-        breaker.poll();
+        breaker.check_open_timer();
         let BreakerState::HalfOpen { trial } = breaker.state() else {
             panic!("half-open after the open time: {:?}", breaker.state());
         };

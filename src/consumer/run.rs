@@ -16,7 +16,7 @@ use super::probes::Probes;
 use super::session::{Session, SessionError};
 use super::settle::AckTracker;
 use super::stats::add;
-use super::task::Shared;
+use super::task::ConsumerShared;
 use crate::amqp::publish::Publisher;
 use crate::config::ConsumerSettings;
 use crate::connection::ManagedConnection;
@@ -28,7 +28,7 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// it uses is a session.
 pub(crate) struct ConsumerRuntime {
     pub(crate) settings: ConsumerSettings,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<ConsumerShared>,
     pub(crate) consume: Arc<ManagedConnection>,
     pub(crate) publish: Arc<ManagedConnection>,
     pub(crate) grace: Duration,

@@ -21,7 +21,7 @@ use super::run::ConsumerRuntime;
 use super::settle::{AckTracker, Op, Settle};
 use super::stats::{add, inc};
 use super::subscription::{Mode, Subscription, next_delivery, ready_delivery};
-use super::task::{self, Shared};
+use super::task::{self, ConsumerShared};
 use crate::amqp::publish::Publisher;
 use crate::breaker::{BreakerState, Rejected};
 use crate::config::OnPause;
@@ -98,7 +98,7 @@ impl Session<'_> {
         &self.runtime.settings.queue
     }
 
-    pub(super) fn shared(&self) -> &Arc<Shared> {
+    pub(super) fn shared(&self) -> &Arc<ConsumerShared> {
         &self.runtime.shared
     }
 

@@ -28,7 +28,7 @@ use crate::handler::{CallResult, Context, ErasedHandler, HandlerError};
 use crate::topology::Topology;
 
 /// What every task of one consumer shares.
-pub(crate) struct Shared {
+pub(crate) struct ConsumerShared {
     pub(crate) queue: Arc<str>,
     pub(crate) handler_name: Arc<str>,
     pub(crate) handler: Arc<dyn ErasedHandler>,
@@ -43,9 +43,9 @@ pub(crate) struct Shared {
     pub(crate) breaker_consumers: usize,
 }
 
-impl std::fmt::Debug for Shared {
+impl std::fmt::Debug for ConsumerShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
+        f.debug_struct("ConsumerShared")
             .field("queue", &self.queue)
             .field("handler", &self.handler_name)
             .finish_non_exhaustive()
@@ -59,7 +59,7 @@ pub(crate) struct Finished {
     pub(crate) settle: Settle,
 }
 
-pub(crate) fn context(shared: &Shared, delivery: Delivery) -> Context {
+pub(crate) fn context(shared: &ConsumerShared, delivery: Delivery) -> Context {
     // The last attempt is one past the last delay level: an `rg-attempt`
     // beyond it was not written by us (or by a config with more levels).
     let last_attempt = u32::try_from(shared.topology.delay_queues.len())
@@ -88,7 +88,7 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// Runs the handler for one delivery and decides its fate.
 pub(crate) async fn run(
-    shared: Arc<Shared>,
+    shared: Arc<ConsumerShared>,
     ctx: Context,
     permit: Permit,
     slot: OwnedSemaphorePermit,
@@ -121,15 +121,12 @@ pub(crate) async fn run(
     let successes_at_start = permit.successes_at_start();
     // Record before freeing the concurrency slot: a failure that trips the
     // breaker must be seen before the loop can start another call.
-    let state_after = permit.record_measured(
-        match outcome {
-            Outcome::Success => CallOutcome::Success,
-            Outcome::Transient(_) | Outcome::TimedOut(_) => CallOutcome::Failure,
-            Outcome::Permanent(_) | Outcome::Decode(_) | Outcome::Panic(_) => CallOutcome::Ignored,
-        },
-        elapsed,
-        ended,
-    );
+    let call = match outcome {
+        Outcome::Success => CallOutcome::Success,
+        Outcome::Transient(_) | Outcome::TimedOut(_) => CallOutcome::Failure,
+        Outcome::Permanent(_) | Outcome::Decode(_) | Outcome::Panic(_) => CallOutcome::Ignored,
+    };
+    let state_after = permit.record(call.took(elapsed).ended(ended));
     // The handler is done: free its slot before any publishing.
     drop(slot);
     match outcome {
@@ -165,7 +162,7 @@ pub(crate) async fn run(
 /// otherwise healthy, and decides. `None` when the session ended meanwhile
 /// (the broker has requeued the message).
 async fn verdict(
-    shared: &Shared,
+    shared: &ConsumerShared,
     ctx: &Context,
     successes_at_start: u64,
     session: &CancellationToken,
@@ -192,7 +189,7 @@ async fn verdict(
 
 /// Sends a prefetched, unstarted message to the dead-letter queue (on_pause = "dead-letter").
 pub(crate) async fn dead_letter_unstarted(
-    shared: Arc<Shared>,
+    shared: Arc<ConsumerShared>,
     ctx: Context,
     publisher: Publisher,
     session: CancellationToken,
@@ -319,7 +316,7 @@ fn build_copy<'a>(
 /// Stores the copy `disposition` asks for (confirmed), counts it, and says
 /// how to settle the original.
 async fn apply(
-    shared: &Shared,
+    shared: &ConsumerShared,
     ctx: &Context,
     outcome: &Outcome,
     disposition: &Disposition,
@@ -390,7 +387,7 @@ const COPY_RETRY_MAX: Duration = Duration::from_secs(10);
 /// requeued the original), the publishing connection was lost, or the
 /// broker's consumer timeout is near.
 async fn store_copy(
-    shared: &Shared,
+    shared: &ConsumerShared,
     ctx: &Context,
     publisher: &Publisher,
     session: &CancellationToken,
@@ -455,7 +452,7 @@ async fn store_copy(
 
 /// The first failed copy of an episode is logged (with its cause) and
 /// marks the consumer not ready; the rest are only counted.
-fn copy_failed(shared: &Shared, target: &str, error: &PublishError) {
+fn copy_failed(shared: &ConsumerShared, target: &str, error: &PublishError) {
     let stats = &shared.stats;
     let mut trouble = stats
         .copy_trouble
@@ -473,7 +470,7 @@ fn copy_failed(shared: &Shared, target: &str, error: &PublishError) {
     stats.copy_trouble_set.store(true, Ordering::Relaxed);
 }
 
-fn copies_stored(shared: &Shared) {
+fn copies_stored(shared: &ConsumerShared) {
     let stats = &shared.stats;
     if !stats.copy_trouble_set.load(Ordering::Relaxed) {
         return;

@@ -222,6 +222,11 @@ async fn close_reader(
 /// # Errors
 ///
 /// [`Error::QueueNotFound`], or a broker error.
+///
+/// # Cancel safety
+///
+/// Safe to drop at any await: browsing never acks, and everything it read
+/// goes back to its place when the channel closes.
 pub async fn browse(
     connection: &Connection,
     queue: &str,

@@ -202,6 +202,12 @@ impl Pace {
 ///
 /// [`Error::QueueNotFound`] or a broker error; messages not moved by then
 /// stay in the dead-letter queue.
+///
+/// # Cancel safety
+///
+/// Safe to drop at any await: a message is acked from its queue only after
+/// its copy is confirmed, so dropped mid-way every message is in one queue
+/// or the other (at worst in both: a duplicate).
 pub async fn replay(
     connection: &Connection,
     dlq: &str,
@@ -304,6 +310,11 @@ pub async fn replay(
 /// # Errors
 ///
 /// [`Error::QueueNotFound`] or a broker error.
+///
+/// # Cancel safety
+///
+/// Safe to drop at any await: a message is deleted only by its own ack;
+/// whatever was not acked goes back to the queue when the channel closes.
 pub async fn purge(
     connection: &Connection,
     dlq: &str,
@@ -388,6 +399,11 @@ pub struct ImportReport {
 /// The queue does not exist, the file cannot be read, or the connection is
 /// lost (lines already confirmed stay published; the report so far is lost
 /// with the error, so the message names the line reached).
+///
+/// # Cancel safety
+///
+/// Safe to drop at any await: lines confirmed so far are published, the
+/// rest are not; a line whose confirm was pending may or may not be.
 pub async fn import(
     connection: &Connection,
     lines: impl BufRead,

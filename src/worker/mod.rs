@@ -36,7 +36,7 @@ use crate::admin::WorkerView;
 use crate::breaker::{Breaker, BreakerState, Transition};
 use crate::config::{SafetyChecks, Settings};
 use crate::connection::ManagedConnection;
-use crate::consumer::{ConsumerRuntime, ConsumerStats, Shared};
+use crate::consumer::{ConsumerRuntime, ConsumerShared, ConsumerStats};
 use crate::error::Error;
 use crate::handler::{ErasedHandler, Handler, erase};
 
@@ -100,15 +100,17 @@ impl WorkerBuilder {
                 Some(h) => h.clone(),
                 None => {
                     let builtin =
-                        crate::handlers::builtin(&c.handler).ok_or_else(|| Error::Handler {
-                            index,
-                            message: format!("no handler named {:?} is registered", c.handler),
+                        crate::builtin_handlers::builtin(&c.handler).ok_or_else(|| {
+                            Error::Handler {
+                                index,
+                                message: format!("no handler named {:?} is registered", c.handler),
+                            }
                         })?;
                     (builtin.build)(c, breaker.config().call_timeout)
                         .map_err(|message| Error::Handler { index, message })?
                 }
             };
-            consumers.push(Arc::new(Shared {
+            consumers.push(Arc::new(ConsumerShared {
                 queue: Arc::from(c.queue.as_str()),
                 handler_name: Arc::from(c.handler.as_str()),
                 handler,
@@ -156,7 +158,7 @@ impl WorkerBuilder {
 pub struct Worker {
     settings: Settings,
     breakers: BTreeMap<String, Breaker>,
-    consumers: Vec<Arc<Shared>>,
+    consumers: Vec<Arc<ConsumerShared>>,
     metrics: Metrics,
 }
 
@@ -230,6 +232,14 @@ impl Worker {
     ///
     /// Startup errors (refused credentials, unreachable broker, topology
     /// mismatch), or reconnection giving up after `broker.reconnect.max_attempts`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel the token, not the future: dropping the future skips the
+    /// graceful stop (handlers are cut off, nothing is acked after that
+    /// point, and the broker requeues every unacked delivery when the
+    /// connections drop). Nothing is lost either way; only a clean stop
+    /// avoids the redeliveries.
     pub async fn run_until(self, shutdown: CancellationToken) -> Result<(), Error> {
         if self.settings.worker.safety_checks != SafetyChecks::Off {
             for advice in safety::advisories(&self.settings) {

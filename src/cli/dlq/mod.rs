@@ -21,7 +21,7 @@ use crate::dead_letter::{ReplayOptions, Selector};
 use crate::error::Error;
 use moves::{export, export_target_check, import, purge, replay};
 use read::{list, show, summary};
-use render::Clock;
+use render::TimeFormat;
 
 /// `rabbit-guard dlq`
 #[derive(Debug, Args)]
@@ -327,7 +327,7 @@ async fn dispatch(settings: &Settings, args: DlqArgs) -> Result<ExitCode, Failur
     };
     args.command.check_usage()?;
     let connection = crate::connection::connect_once(&settings.broker, "dlq").await?;
-    let clock = Clock {
+    let clock = TimeFormat {
         utc: args.command.utc(),
     };
     let result = match args.command {
@@ -336,17 +336,7 @@ async fn dispatch(settings: &Settings, args: DlqArgs) -> Result<ExitCode, Failur
             limit,
             show,
             ..
-        } => {
-            list(
-                &connection,
-                &dlq,
-                &filters.selector(),
-                limit,
-                show.json,
-                clock,
-            )
-            .await
-        }
+        } => list(&connection, &dlq, &filters.selector(), limit, show.json).await,
         DlqCommand::Summary { filters, show, .. } => {
             summary(&connection, &dlq, &filters.selector(), show.json, clock).await
         }

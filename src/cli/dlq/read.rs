@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use lapin::Connection;
 
-use super::render::{self, Clock, age, cell};
+use super::render::{self, TimeFormat, age, cell};
 use super::{Failure, output};
 use crate::dead_letter::{self, DeadLetter, Selector, json};
 use crate::text::{printable, printable_lines};
@@ -19,11 +19,10 @@ pub(super) async fn list(
     selector: &Selector,
     limit: Option<u64>,
     as_json: bool,
-    clock: Clock,
 ) -> Result<ExitCode, Failure> {
     let now = std::time::SystemTime::now();
     let mut shown = 0u64;
-    let mut out = std::io::stdout().lock();
+    let mut out = output::stream().lock();
     if !as_json {
         let _ = writeln!(
             out,
@@ -68,7 +67,6 @@ pub(super) async fn list(
     .await?;
     drop(out);
     if !as_json {
-        let _ = clock;
         output::line(&format!(
             "{shown} shown of {} in {}",
             seen.in_queue,
@@ -101,7 +99,7 @@ pub(super) async fn summary(
     dlq: &str,
     selector: &Selector,
     as_json: bool,
-    clock: Clock,
+    clock: TimeFormat,
 ) -> Result<ExitCode, Failure> {
     let now = std::time::SystemTime::now();
     let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
@@ -179,7 +177,7 @@ pub(super) async fn show(
     consumer_queue: Option<&str>,
     id: &str,
     as_json: bool,
-    clock: Clock,
+    clock: TimeFormat,
 ) -> Result<ExitCode, Failure> {
     let mut found = None;
     dead_letter::browse(connection, dlq, |dl| {

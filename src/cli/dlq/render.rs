@@ -8,11 +8,11 @@ use crate::text::printable;
 
 /// How times are shown.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Clock {
+pub(super) struct TimeFormat {
     pub(super) utc: bool,
 }
 
-impl Clock {
+impl TimeFormat {
     pub(super) fn show(self, t: Option<SystemTime>) -> String {
         let Some(t) = t.and_then(|t| jiff::Timestamp::try_from(t).ok()) else {
             return "-".into();
