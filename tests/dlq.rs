@@ -16,31 +16,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use rabbit_guard::Worker;
 use rabbit_guard::config::{RetrySettings, Settings};
-use rabbit_guard::handler::{Context, Handler, HandlerError, Json};
-use serde::Deserialize;
 use serde_json::Value;
-
-#[derive(Deserialize)]
-struct Msg {
-    kind: String,
-}
-
-/// "ok" succeeds; "bad" is permanent; "flaky" fails transiently; "boom" panics.
-struct Picky;
-
-impl Handler for Picky {
-    type Message = Json<Msg>;
-
-    async fn handle(&self, Json(msg): Json<Msg>, _ctx: &Context) -> Result<(), HandlerError> {
-        match msg.kind.as_str() {
-            "ok" => Ok(()),
-            "bad" => Err(HandlerError::permanent("amount is negative")),
-            "flaky" => Err(HandlerError::transient("billing timed out")),
-            "boom" => panic!("handler exploded"),
-            other => Err(HandlerError::permanent(format!("unknown kind {other}"))),
-        }
-    }
-}
 
 fn ids(lines: &[Value]) -> Vec<String> {
     lines
@@ -214,7 +190,7 @@ async fn list_and_summary_show_real_dead_letters_and_leave_the_queue_as_it_was()
         ids(&bad)
     );
     assert_eq!(
-        cli.json(&["--grep", "EXPLODED"]).len(),
+        cli.json(&["--grep", "BLEW UP"]).len(),
         1,
         "grep is case-insensitive, on the error"
     );

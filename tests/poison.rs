@@ -12,29 +12,6 @@ use std::time::Duration;
 use common::*;
 use rabbit_guard::Worker;
 use rabbit_guard::breaker::BreakerState;
-use rabbit_guard::handler::{Context, Handler, HandlerError, Json};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Msg {
-    kind: String,
-}
-
-/// Accepts "ok", rejects "bad" as permanent, panics on "panic".
-struct Picky;
-
-impl Handler for Picky {
-    type Message = Json<Msg>;
-
-    async fn handle(&self, Json(msg): Json<Msg>, _ctx: &Context) -> Result<(), HandlerError> {
-        match msg.kind.as_str() {
-            "ok" => Ok(()),
-            "bad" => Err(HandlerError::permanent("order total is negative")),
-            "panic" => panic!("handler blew up on purpose"),
-            other => Err(HandlerError::permanent(format!("unknown kind {other}"))),
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_errors_bad_bodies_and_panics_are_dead_lettered_with_their_reason() {

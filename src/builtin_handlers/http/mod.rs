@@ -129,6 +129,14 @@ impl HttpHandler {
     }
 }
 
+impl HttpHandler {
+    /// True for a status that means the dependency failed (5xx, or one of
+    /// `http.transient_statuses`) rather than the message.
+    fn is_transient(&self, status: StatusCode) -> bool {
+        status.is_server_error() || self.transient.contains(&status)
+    }
+}
+
 impl Handler for HttpHandler {
     type Message = Vec<u8>;
 
@@ -183,7 +191,7 @@ impl Handler for HttpHandler {
         let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
         let snippet = crate::secret::scrub(&body_snippet(response).await, &secrets);
         let message = format!("{} {}: {status}: {snippet}", self.method, self.shown_url);
-        if status.is_server_error() || self.transient.contains(&status) {
+        if self.is_transient(status) {
             Err(HandlerError::transient(message))
         } else {
             Err(HandlerError::permanent(message))
@@ -216,8 +224,7 @@ mod tests {
     use super::*;
 
     fn transient(handler: &HttpHandler, code: u16) -> bool {
-        let status = StatusCode::from_u16(code).unwrap();
-        status.is_server_error() || handler.transient.contains(&status)
+        handler.is_transient(StatusCode::from_u16(code).unwrap())
     }
 
     #[test]
