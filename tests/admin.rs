@@ -857,6 +857,25 @@ async fn the_breaker_command_controls_a_running_worker_with_the_configured_token
     );
     let out = cmd(&["open", "no-such-breaker"]);
     assert_eq!(out.status.code(), Some(1), "an unknown breaker is an error");
+    let ready = |admin: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+            .args(["status", "--ready", "--admin", admin])
+            .output()
+            .unwrap()
+    };
+    let out = ready(&base);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "status --ready on a ready worker (the container health check): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ready(&format!("http://127.0.0.1:{}", free_port()));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "status --ready with no worker there"
+    );
     running.stop().await;
     broker.cleanup().await;
 }

@@ -19,6 +19,10 @@ pub(crate) struct StatusArgs {
     /// Print the endpoint's JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Only ask whether the worker is ready (`/readyz`): exit 0 when it is,
+    /// 1 with the reasons when not. For container health checks.
+    #[arg(long, conflicts_with = "json")]
+    pub ready: bool,
 }
 
 fn yes(b: bool) -> &'static str {
@@ -44,6 +48,24 @@ pub(crate) fn run(settings: &Settings, args: &StatusArgs) -> ExitCode {
     let Some(runtime) = super::started(super::worker_runtime(1)) else {
         return ExitCode::FAILURE;
     };
+    if args.ready {
+        return match runtime.block_on(admin_client::get_json::<serde_json::Value>(
+            &base, "/readyz",
+        )) {
+            Ok(v) if v["ready"] == true => {
+                output::line("ready");
+                ExitCode::SUCCESS
+            }
+            Ok(v) => {
+                output::error(&format!("not ready: {}", v["problems"]));
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                output::error(&e);
+                ExitCode::FAILURE
+            }
+        };
+    }
     let status = match runtime.block_on(admin_client::get_json::<StatusView>(&base, "/status")) {
         Ok(v) => v,
         Err(e) => {
