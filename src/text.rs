@@ -44,6 +44,19 @@ fn escape(s: &str, keep_lines: bool) -> String {
     out
 }
 
+/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
+#[must_use]
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

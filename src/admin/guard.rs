@@ -67,7 +67,7 @@ impl Access {
             if !self.is_own(host, None) {
                 return Err(Refusal::Forbidden(format!(
                     "Host {:?} is not this endpoint's address ({}); add the name to admin.allowed_hosts if it is",
-                    crate::text::printable(&crate::dead_letter::truncate(host, 80)),
+                    crate::text::printable(&crate::text::truncate(host, 80)),
                     self.listen
                 )));
             }
@@ -82,7 +82,7 @@ impl Access {
             if !own {
                 return Err(Refusal::Forbidden(format!(
                     "cross-origin request from {:?} refused: manual control only from the endpoint itself (curl, rabbit-guard)",
-                    crate::text::printable(&crate::dead_letter::truncate(origin, 80))
+                    crate::text::printable(&crate::text::truncate(origin, 80))
                 )));
             }
         }

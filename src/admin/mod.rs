@@ -214,7 +214,7 @@ async fn control(
                 StatusCode::NOT_FOUND,
                 &format!(
                     "unknown action {:?}: use open, close, disable or reset",
-                    crate::text::printable(&crate::dead_letter::truncate(other, 40))
+                    crate::text::printable(&crate::text::truncate(other, 40))
                 ),
             );
         }
@@ -224,7 +224,7 @@ async fn control(
             StatusCode::NOT_FOUND,
             &format!(
                 "no breaker named {:?}",
-                crate::text::printable(&crate::dead_letter::truncate(&name, 80))
+                crate::text::printable(&crate::text::truncate(&name, 80))
             ),
         );
     };

@@ -59,6 +59,38 @@ pub(crate) fn deadline(now: Instant, d: Duration) -> Instant {
         .unwrap_or(now)
 }
 
+/// `(messages ready, consumers)` of `queue`, from a passive declare on a
+/// channel of its own (a missing queue closes that channel, not the
+/// caller's).
+///
+/// # Errors
+///
+/// lapin's error: 404 `NOT_FOUND` when the queue does not exist.
+pub(crate) async fn queue_counts(
+    connection: &lapin::Connection,
+    queue: &str,
+) -> Result<(u32, u32), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let name = short(queue).map_err(|_| {
+        lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "queue name over 255 bytes",
+        ))
+    })?;
+    let declared = channel
+        .queue_declare(
+            name,
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    let _ = channel.close(200, "counted".into()).await;
+    declared.map(|q| (q.message_count(), q.consumer_count()))
+}
+
 /// Parses `broker.url` into what lapin connects to. The error names the
 /// problem without ever quoting the password. An IPv6 literal host
 /// (`amqp://…@[2001:db8::1]:5672/`) is kept as that address (the URI

@@ -71,8 +71,8 @@ pub(crate) async fn confirmed(
     properties: BasicProperties,
 ) -> Result<(), PublishError> {
     let unroutable = || PublishError::Unroutable {
-        exchange: crate::dead_letter::truncate(exchange, 80),
-        routing_key: crate::dead_letter::truncate(routing_key, 80),
+        exchange: crate::text::truncate(exchange, 80),
+        routing_key: crate::text::truncate(routing_key, 80),
     };
     let (Ok(exchange_name), Ok(key)) = (super::short(exchange), super::short(routing_key)) else {
         // No queue or exchange has a name that long.
@@ -225,23 +225,13 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        tokio::time::timeout(
-            self.timeout(),
-            self.publish(exchange, routing_key, body, properties),
-        )
-        .await
-        .unwrap_or(Err(PublishError::TimedOut(self.timeout())))
-    }
-
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> Result<(), PublishError> {
-        let channel = self.channel().await.map_err(PublishError::Broker)?;
-        confirmed(&channel, exchange, routing_key, body, properties).await
+        let publish = async {
+            let channel = self.channel().await.map_err(PublishError::Broker)?;
+            confirmed(&channel, exchange, routing_key, body, properties).await
+        };
+        tokio::time::timeout(self.timeout(), publish)
+            .await
+            .unwrap_or(Err(PublishError::TimedOut(self.timeout())))
     }
 
     pub(crate) async fn close(&self) {

@@ -70,10 +70,7 @@ impl HttpSettings {
         if http::Method::from_bytes(self.method.as_bytes()).is_err() {
             out.push((
                 "http.method".into(),
-                Some(format!(
-                    "{:?}",
-                    crate::dead_letter::truncate(&self.method, 40)
-                )),
+                Some(format!("{:?}", crate::text::truncate(&self.method, 40))),
                 "not an HTTP method".into(),
             ));
         }
@@ -81,7 +78,7 @@ impl HttpSettings {
             if http::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 out.push((
                     "http.headers".into(),
-                    Some(format!("{:?}", crate::dead_letter::truncate(name, 40))),
+                    Some(format!("{:?}", crate::text::truncate(name, 40))),
                     "not an HTTP header name".into(),
                 ));
             } else if http::header::HeaderValue::from_str(value.expose()).is_err() {

@@ -32,7 +32,7 @@ fn too_long(key: &str, d: Duration) -> Option<Problem> {
 fn name_problem(key: String, name: &str) -> Option<Problem> {
     check_name(name)
         .err()
-        .map(|why| problem(key, quoted(&crate::dead_letter::truncate(name, 40)), why))
+        .map(|why| problem(key, quoted(&crate::text::truncate(name, 40)), why))
 }
 
 fn problem(key: impl Into<String>, value: Option<String>, message: impl Into<String>) -> Problem {
@@ -413,10 +413,10 @@ impl ConsumerSettings {
             {
                 out.push(problem(
                     p.key,
-                    quoted(&crate::dead_letter::truncate(&self.queue, 40)),
+                    quoted(&crate::text::truncate(&self.queue, 40)),
                     format!(
                         "its delay queue {:?} {}",
-                        crate::dead_letter::truncate(&self.delay_queue(*d), 40),
+                        crate::text::truncate(&self.delay_queue(*d), 40),
                         p.message
                     ),
                 ));

@@ -23,8 +23,9 @@ use super::stats::{ConsumerStats, inc};
 use crate::amqp::headers::{self, header_u64, number, text};
 use crate::amqp::publish::{PublishError, Publisher};
 use crate::breaker::{Breaker, CallOutcome, HealthVerdict, Permit};
-use crate::dead_letter::{DeadLetterReason, MAX_ERROR_LEN, truncate};
+use crate::dead_letter::{DeadLetterReason, MAX_ERROR_LEN};
 use crate::handler::{CallResult, Context, ErasedHandler, HandlerError};
+use crate::text::truncate;
 use crate::topology::Topology;
 
 /// What every task of one consumer shares.

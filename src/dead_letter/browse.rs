@@ -6,9 +6,7 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, Consumer};
 use tokio::time::Instant;
@@ -33,23 +31,8 @@ pub struct Browse {
 }
 
 pub(crate) async fn message_count(connection: &Connection, queue: &str) -> Result<u32, Error> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| Error::broker("opening a channel", e))?;
-    let result = channel
-        .queue_declare(
-            ShortString::from(queue),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    let _ = channel.close(200, "counted".into()).await;
-    match result {
-        Ok(q) => Ok(q.message_count()),
+    match crate::amqp::queue_counts(connection, queue).await {
+        Ok((messages, _)) => Ok(messages),
         Err(e) if matches!(amqp_error(&e), Some((404, _))) => Err(Error::QueueNotFound {
             queue: queue.to_owned(),
         }),
@@ -114,6 +97,30 @@ impl Reader {
         };
         self.read += 1;
         Ok(Some(DeadLetter::from_delivery(self.read, delivery)))
+    }
+
+    /// The next message `selector` picks among the first `in_queue` (those
+    /// in the queue when the operation began: copies it made itself come
+    /// later and are never read), telling `progress` of each one looked at;
+    /// `None` at the end.
+    pub(crate) async fn next_selected(
+        &mut self,
+        selector: &super::Selector,
+        now: std::time::SystemTime,
+        report: &mut super::MoveReport,
+        progress: &mut impl FnMut(&super::MoveReport),
+    ) -> Result<Option<DeadLetter>, Error> {
+        while self.read < u64::from(report.in_queue) {
+            let Some(dl) = self.next_letter().await? else {
+                return Ok(None);
+            };
+            report.scanned = dl.position;
+            if selector.matches(&dl, now) {
+                return Ok(Some(dl));
+            }
+            progress(report);
+        }
+        Ok(None)
     }
 
     /// Messages read so far.

@@ -117,7 +117,7 @@ fn bad(what: &str) -> String {
 
 /// A value quoted in an error, cut to a readable length.
 fn cut(s: &str) -> String {
-    crate::dead_letter::truncate(s, 60)
+    crate::text::truncate(s, 60)
 }
 
 fn short(s: &str) -> Result<ShortString, String> {

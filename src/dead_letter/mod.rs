@@ -89,15 +89,4 @@ impl fmt::Display for DeadLetterReason {
     }
 }
 
-/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
-#[must_use]
-pub fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max.saturating_sub(3);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
-}
+pub use crate::text::truncate;

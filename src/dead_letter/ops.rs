@@ -228,15 +228,10 @@ pub async fn replay(
     let now = std::time::SystemTime::now();
     let mut pace = Pace::new(options.rate);
     let mut broken = None;
-    while reader.read() < u64::from(report.in_queue) {
-        let Some(dl) = reader.next_letter().await? else {
-            break;
-        };
-        report.scanned = dl.position;
-        if !selector.matches(&dl, now) {
-            progress(&report);
-            continue;
-        }
+    while let Some(dl) = reader
+        .next_selected(selector, now, &mut report, &mut progress)
+        .await?
+    {
         let handled = (report.done.len() + report.skipped.len() + report.failed.len()) as u64;
         if options.limit.is_some_and(|limit| handled >= limit) {
             break;
@@ -331,15 +326,10 @@ pub async fn purge(
     }
     let mut reader = Reader::open(connection, dlq).await?;
     let now = std::time::SystemTime::now();
-    while reader.read() < u64::from(report.in_queue) {
-        let Some(dl) = reader.next_letter().await? else {
-            break;
-        };
-        report.scanned = dl.position;
-        if !selector.matches(&dl, now) {
-            progress(&report);
-            continue;
-        }
+    while let Some(dl) = reader
+        .next_selected(selector, now, &mut report, &mut progress)
+        .await?
+    {
         if limit.is_some_and(|l| report.done.len() as u64 >= l) {
             break;
         }

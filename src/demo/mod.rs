@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lapin::Connection;
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::ShortString;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -173,20 +173,7 @@ fn demo_settings(broker: &BrokerSettings, prefix: &str, url: String) -> Settings
 }
 
 async fn queue_counts(connection: &Connection, queue: &str) -> Option<(u32, u32)> {
-    let channel = connection.create_channel().await.ok()?;
-    let q = channel
-        .queue_declare(
-            ShortString::from(queue),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .ok();
-    let _ = channel.close(200, "counted".into()).await;
-    q.map(|q| (q.message_count(), q.consumer_count()))
+    crate::amqp::queue_counts(connection, queue).await.ok()
 }
 
 async fn cleanup(connection: &Connection, consumer: &ConsumerSettings) -> Result<(), Error> {

@@ -423,32 +423,25 @@ fn log_transition(name: &str, t: &Transition) {
         t.counts.slow,
         t.consecutive_failures,
     );
+    macro_rules! transition {
+        ($level:ident, $($extra:tt)*) => {
+            $level!(
+                breaker = %name,
+                from = t.from.name(),
+                to = t.to.name(),
+                reason = t.reason.name(),
+                failure_rate = fields.0,
+                calls = fields.1,
+                failures = fields.2,
+                slow_calls = fields.3,
+                consecutive_failures = fields.4,
+                $($extra)*
+            )
+        };
+    }
     if t.reason.opens() {
-        warn!(
-            breaker = %name,
-            from = t.from.name(),
-            to = t.to.name(),
-            reason = t.reason.name(),
-            failure_rate = fields.0,
-            calls = fields.1,
-            failures = fields.2,
-            slow_calls = fields.3,
-            consecutive_failures = fields.4,
-            open_for = %open_for,
-            "breaker opened"
-        );
+        transition!(warn, open_for = %open_for, "breaker opened");
     } else {
-        info!(
-            breaker = %name,
-            from = t.from.name(),
-            to = t.to.name(),
-            reason = t.reason.name(),
-            failure_rate = fields.0,
-            calls = fields.1,
-            failures = fields.2,
-            slow_calls = fields.3,
-            consecutive_failures = fields.4,
-            "breaker state changed"
-        );
+        transition!(info, "breaker state changed");
     }
 }

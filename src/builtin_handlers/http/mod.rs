@@ -216,7 +216,7 @@ async fn body_snippet(mut response: reqwest::Response) -> String {
         }
     }
     let text = String::from_utf8_lossy(&bytes);
-    crate::dead_letter::truncate(text.trim(), BODY_SNIPPET)
+    crate::text::truncate(text.trim(), BODY_SNIPPET)
 }
 
 #[cfg(test)]
