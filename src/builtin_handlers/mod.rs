@@ -17,7 +17,7 @@ mod http_settings;
 mod noop;
 
 #[cfg(feature = "http-handler")]
-pub use http::HttpHandler;
+pub use http::{HttpHandler, HttpSettingsError};
 pub use http_settings::HttpSettings;
 pub use noop::NoopHandler;
 

@@ -97,22 +97,24 @@ pub struct MoveReport {
     pub failed: Vec<Moved>,
 }
 
-/// Publishes to `queue` through the default exchange with confirms; `Err`
-/// says why not, for the report.
+/// Publishes to `queue` through the default exchange with confirms.
 async fn publish_confirmed(
     channel: &Channel,
     queue: &str,
     body: &[u8],
     properties: BasicProperties,
-) -> Result<(), String> {
-    confirmed(channel, "", queue, body, properties)
-        .await
-        .map_err(|e| match e {
-            PublishError::Unroutable { .. } => {
-                format!("queue {queue:?} does not exist (returned unroutable)")
-            }
-            other => other.to_string(),
-        })
+) -> Result<(), PublishError> {
+    confirmed(channel, "", queue, body, properties).await
+}
+
+/// Why a message was not moved, for the report.
+fn not_moved(queue: &str, e: &PublishError) -> String {
+    match e {
+        PublishError::Unroutable { .. } => {
+            format!("queue {queue:?} does not exist (returned unroutable)")
+        }
+        other => other.to_string(),
+    }
 }
 
 /// `user_id` must be the publishing connection's user, or the broker closes
@@ -277,8 +279,11 @@ pub async fn replay(
                 }
                 report.done.push(Moved { id, detail: target });
             }
-            Err(why) => {
-                report.failed.push(Moved { id, detail: why });
+            Err(e) => {
+                report.failed.push(Moved {
+                    id,
+                    detail: not_moved(&target, &e),
+                });
                 if !publisher.status().connected() {
                     break;
                 }
@@ -445,9 +450,9 @@ pub async fn import(
         .await
         {
             Ok(()) => report.published += 1,
-            Err(why) => report.failed.push(Moved {
+            Err(e) => report.failed.push(Moved {
                 id: line_no,
-                detail: why,
+                detail: not_moved(queue, &e),
             }),
         }
         progress(&report);

@@ -27,7 +27,9 @@ fn build(c: &ConsumerSettings, call_timeout: Duration) -> super::Built {
         .http
         .as_ref()
         .ok_or("http.url must be set for handler = \"http\"")?;
-    Ok(erase(HttpHandler::new(settings, call_timeout)?))
+    Ok(erase(
+        HttpHandler::new(settings, call_timeout).map_err(|e| e.to_string())?,
+    ))
 }
 
 /// Sends each message body to an HTTP endpoint.
@@ -67,6 +69,37 @@ impl std::fmt::Debug for HttpHandler {
     }
 }
 
+/// Why an [`HttpHandler`] cannot be built from its settings (validation
+/// reports these first, with their keys).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HttpSettingsError {
+    /// `http.url` does not parse.
+    #[error("http.url {url:?} is not a URL: {source}")]
+    Url {
+        /// The URL, credentials masked.
+        url: String,
+        /// The parser's error.
+        #[source]
+        source: url::ParseError,
+    },
+    /// `http.method` is no HTTP method.
+    #[error("http.method {0:?} is not an HTTP method")]
+    Method(String),
+    /// A header name is not one.
+    #[error("http.headers: {0:?} is not a header name")]
+    HeaderName(String),
+    /// A header value has characters a header cannot carry.
+    #[error("http.headers.{0}: not a valid header value")]
+    HeaderValue(String),
+    /// A transient status is no HTTP status.
+    #[error("http.transient_statuses: {0} is not an HTTP status")]
+    Status(u16),
+    /// reqwest could not make its client (TLS set-up).
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
 /// How much of an error response body is kept in the error text.
 const BODY_SNIPPET: usize = 512;
 
@@ -77,18 +110,23 @@ impl HttpHandler {
     ///
     /// # Errors
     ///
-    /// A message naming the bad key when the URL, method or a header is invalid.
-    pub fn new(settings: &HttpSettings, timeout: Duration) -> Result<Self, String> {
-        let url = reqwest::Url::parse(settings.url.expose())
-            .map_err(|e| format!("http.url {:?} is not a URL: {e}", settings.url.masked()))?;
+    /// [`HttpSettingsError`] naming the bad key when the URL, method, a
+    /// header or a status is invalid.
+    pub fn new(settings: &HttpSettings, timeout: Duration) -> Result<Self, HttpSettingsError> {
+        let url = reqwest::Url::parse(settings.url.expose()).map_err(|source| {
+            HttpSettingsError::Url {
+                url: settings.url.masked(),
+                source,
+            }
+        })?;
         let method = Method::from_bytes(settings.method.as_bytes())
-            .map_err(|_| format!("http.method {:?} is not an HTTP method", settings.method))?;
+            .map_err(|_| HttpSettingsError::Method(settings.method.clone()))?;
         let mut headers = HeaderMap::new();
         for (name, value) in &settings.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("http.headers: {name:?} is not a header name"))?;
+                .map_err(|_| HttpSettingsError::HeaderName(name.clone()))?;
             let mut value = HeaderValue::from_str(value.expose())
-                .map_err(|_| format!("http.headers.{name}: not a valid header value"))?;
+                .map_err(|_| HttpSettingsError::HeaderValue(name.to_string()))?;
             value.set_sensitive(true);
             headers.insert(name, value);
         }
@@ -96,14 +134,11 @@ impl HttpHandler {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+            .map_err(HttpSettingsError::Client)?;
         let transient = settings
             .transient_statuses
             .iter()
-            .map(|&code| {
-                StatusCode::from_u16(code)
-                    .map_err(|_| format!("http.transient_statuses: {code} is not an HTTP status"))
-            })
+            .map(|&code| StatusCode::from_u16(code).map_err(|_| HttpSettingsError::Status(code)))
             .collect::<Result<_, _>>()?;
         let mut secrets: Vec<String> = settings
             .headers

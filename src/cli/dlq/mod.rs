@@ -252,13 +252,17 @@ impl DlqCommand {
 
 /// A usage error (exit 2) or a failure (exit 1).
 enum Failure {
+    /// The command line asks for something that cannot be (exit 2).
     Usage(String),
+    /// The library failed (exit 1); its error, source kept.
+    Failed(Error),
+    /// Something the command itself found wrong (exit 1).
     Error(String),
 }
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        Failure::Error(e.to_string())
+        Failure::Failed(e)
     }
 }
 
@@ -275,6 +279,10 @@ pub(crate) fn run(settings: &Settings, args: DlqArgs) -> ExitCode {
         }
         Err(Failure::Error(m)) => {
             output::error(&m);
+            ExitCode::FAILURE
+        }
+        Err(Failure::Failed(e)) => {
+            output::error(&e.to_string());
             ExitCode::FAILURE
         }
     }
