@@ -321,7 +321,8 @@ async fn cc_and_bcc_headers_are_not_carried_into_copies() {
 async fn a_forged_attempt_beyond_the_last_level_starts_over_instead_of_skipping_retries() {
     let broker = Arc::new(TestBroker::connect().await);
     let mut settings = settings("forged", "scripted", fast_breaker());
-    settings.consumers[0].retry.delays = vec![Duration::from_millis(200); 2];
+    settings.consumers[0].retry.delays =
+        vec![Duration::from_millis(200), Duration::from_millis(300)];
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);
     broker.declare(&consumer).await;
