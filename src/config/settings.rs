@@ -184,6 +184,10 @@ pub struct LogSettings {
     /// A `RUST_LOG`-style filter, e.g. `info` or `info,rabbit_guard=debug`.
     /// The `RUST_LOG` environment variable, when set, wins.
     pub level: String,
+    /// After the first handler failure of a kind (logged at once), how
+    /// often further ones are summed up in one warn line per queue and kind.
+    #[serde(with = "humantime_serde")]
+    pub failure_summary_every: Duration,
 }
 
 impl Default for LogSettings {
@@ -191,6 +195,7 @@ impl Default for LogSettings {
         Self {
             format: LogFormat::Text,
             level: "info".to_owned(),
+            failure_summary_every: Duration::from_secs(10),
         }
     }
 }

@@ -300,14 +300,26 @@ impl LogSettings {
     /// Every problem with `[log]`.
     #[must_use]
     pub fn problems(&self) -> Vec<Problem> {
-        match tracing_subscriber::EnvFilter::try_new(&self.level) {
-            Ok(_) => Vec::new(),
-            Err(e) => vec![problem(
+        let mut out = Vec::new();
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            out.push(problem(
                 "log.level",
                 quoted(&self.level),
                 format!("not a log filter ({e}); e.g. \"info\" or \"info,rabbit_guard=debug\""),
-            )],
+            ));
         }
+        if self.failure_summary_every < Duration::from_millis(100) {
+            out.push(problem(
+                "log.failure_summary_every",
+                quoted(&humantime::format_duration(self.failure_summary_every).to_string()),
+                "must be at least 100ms",
+            ));
+        }
+        out.extend(too_long(
+            "log.failure_summary_every",
+            self.failure_summary_every,
+        ));
+        out
     }
 }
 

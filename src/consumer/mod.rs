@@ -19,6 +19,7 @@
 //! dead-letter exchange with its reason; a failure while the breaker was
 //! tripping or probing does not count as an attempt.
 
+mod failures;
 mod in_flight;
 mod policy;
 mod probes;
@@ -29,6 +30,7 @@ mod stats;
 mod subscription;
 mod task;
 
+pub(crate) use failures::FailureLog;
 pub(crate) use run::ConsumerRuntime;
 pub use stats::{ConsumerStats, StatsSnapshot};
 pub(crate) use task::ConsumerShared;

@@ -42,6 +42,8 @@ pub(crate) struct ConsumerShared {
     pub(crate) verdict_slots: Arc<Semaphore>,
     /// How many consumers share this consumer's breaker.
     pub(crate) breaker_consumers: usize,
+    /// Why its handler fails, logged without flooding.
+    pub(crate) failures: super::failures::FailureLog,
 }
 
 impl std::fmt::Debug for ConsumerShared {
@@ -155,8 +157,43 @@ pub(crate) async fn run(
             }
         }
     };
+    log_failure(&shared, &ctx, &outcome, &disposition, ended);
     let settle = apply(&shared, &ctx, &outcome, &disposition, &publisher, &session).await;
     Finished { tag, settle }
+}
+
+/// Tells the failure log about a handling that did not succeed.
+fn log_failure(
+    shared: &ConsumerShared,
+    ctx: &Context,
+    outcome: &Outcome,
+    disposition: &Disposition,
+    now: Instant,
+) {
+    let kind = match outcome {
+        Outcome::Success => return,
+        Outcome::Transient(_) => "transient",
+        Outcome::TimedOut(_) => "timeout",
+        Outcome::Permanent(_) => "permanent",
+        Outcome::Decode(_) => "decode",
+        Outcome::Panic(_) => "panic",
+    };
+    let action = match disposition {
+        Disposition::Ack => "ack",
+        Disposition::DeadLetter(_) => "dead-letter",
+        Disposition::Retry { .. } => "retry",
+        Disposition::Defer { .. } => "put back",
+    };
+    shared.failures.record(
+        &super::failures::Failure {
+            outcome: kind,
+            action,
+            error: &outcome.error_text(),
+            message_id: ctx.message_id().unwrap_or("-"),
+            attempt: ctx.attempt(),
+        },
+        now,
+    );
 }
 
 /// The last attempt failed: asks the breaker whether the dependency is

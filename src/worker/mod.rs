@@ -125,6 +125,10 @@ impl WorkerBuilder {
                         .is_some()
                         .then(|| metrics.handler_histogram(&c.queue)),
                 )),
+                failures: crate::consumer::FailureLog::new(
+                    Arc::from(c.queue.as_str()),
+                    self.settings.log.failure_summary_every,
+                ),
                 verdict_slots: Arc::new(tokio::sync::Semaphore::new(usize::from(
                     c.prefetch.saturating_sub(c.concurrency),
                 ))),
@@ -310,6 +314,29 @@ impl Worker {
                 self.metrics.clone(),
                 infra.clone(),
             ));
+        }
+        {
+            // Failure summaries are written on time even when the failures stop.
+            let consumers = self.consumers.clone();
+            let every = self.settings.log.failure_summary_every;
+            let stop = infra.clone();
+            infra_tasks.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    let all = tokio::select! {
+                        () = stop.cancelled() => true,
+                        _ = tick.tick() => false,
+                    };
+                    let now = tokio::time::Instant::now();
+                    for c in &consumers {
+                        c.failures.flush(now, all);
+                    }
+                    if all {
+                        return;
+                    }
+                }
+            });
         }
         for conn in [consume, publish] {
             let conn = conn.clone();
