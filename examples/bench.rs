@@ -695,6 +695,11 @@ fn main() {
                 .build(),
         }
         .unwrap();
+        if args.child.as_deref() == Some("guard") {
+            // Logging as the binary sets it up (info, nothing per message),
+            // so the cost of each delivery's span is counted.
+            rabbit_guard::telemetry::init(&rabbit_guard::config::LogSettings::default());
+        }
         rt.block_on(child(args));
         return;
     }

@@ -80,6 +80,7 @@ pub mod status;
 pub mod telemetry;
 pub mod text;
 pub mod topology;
+pub mod trace_context;
 pub mod worker;
 
 pub use amqp::publish::PublishError;

@@ -36,7 +36,10 @@ pub fn init(log: &LogSettings) {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            // The delivery's span (queue, message id, attempt, trace id) on
+            // every line logged while handling it, the handler's own too.
+            .with_current_span(true)
+            .with_span_list(false)
             .try_init()
             .is_ok(),
     };

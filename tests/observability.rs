@@ -94,3 +94,167 @@ async fn a_flood_of_422s_is_a_handful_of_warn_lines_naming_422_and_every_failure
     }
     broker.cleanup().await;
 }
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// A handler that logs, as application code does.
+struct Chatty;
+
+impl rabbit_guard::handler::Handler for Chatty {
+    type Message = Vec<u8>;
+
+    async fn handle(
+        &self,
+        _body: Vec<u8>,
+        _ctx: &rabbit_guard::handler::Context,
+    ) -> Result<(), rabbit_guard::handler::HandlerError> {
+        tracing::info!(charged_cents = 1200, "charged the order");
+        Ok(())
+    }
+}
+
+/// A `Write` that keeps what the subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_handlers_own_log_line_carries_its_deliverys_span_and_trace_id() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_env_filter("info,lapin=off")
+        .with_writer(move || writer.clone())
+        .finish();
+    // A runtime of its own on this thread, so every task sees the subscriber.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let queue = tracing::subscriber::with_default(subscriber, || {
+        rt.block_on(async {
+            let broker = Arc::new(TestBroker::connect().await);
+            let settings = settings("span", "chatty", fast_breaker());
+            let consumer = settings.consumers[0].clone();
+            broker.track(&consumer);
+            broker.declare(&consumer).await;
+            let mut h = lapin::types::FieldTable::default();
+            h.insert(
+                "traceparent".into(),
+                lapin::types::AMQPValue::LongString(TRACEPARENT.into()),
+            );
+            broker
+                .publish_with_headers(&consumer.queue, "traced-1", h, b"{}")
+                .await;
+            let worker = rabbit_guard::Worker::builder(settings)
+                .handler("chatty", Chatty)
+                .build()
+                .unwrap();
+            let stats = worker.stats(&consumer.queue).unwrap();
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(worker.run_until(stop.clone()));
+            let done =
+                wait_until(Duration::from_secs(15), || stats.snapshot().succeeded == 1).await;
+            stop.cancel();
+            let _ = task.await;
+            broker.cleanup().await;
+            assert!(done, "the message should be handled within 15 s");
+            consumer.queue
+        })
+    });
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let line = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "charged the order")
+        .unwrap_or_else(|| panic!("the handler's line is in the JSON log:\n{text}"));
+    let span = &line["span"];
+    assert_eq!(span["name"], "delivery", "{line}");
+    assert_eq!(span["queue"], queue.as_str(), "{line}");
+    assert_eq!(span["message_id"], "traced-1", "{line}");
+    assert_eq!(span["attempt"], 1, "{line}");
+    assert_eq!(span["redelivered"], false, "{line}");
+    assert_eq!(
+        span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{line}"
+    );
+    assert_eq!(span["parent_span_id"], "00f067aa0ba902b7", "{line}");
+    assert_eq!(
+        line["charged_cents"], 1200,
+        "the handler's own fields stay: {line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_handler_forwards_trace_context_and_drops_a_forged_one() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Healthy);
+    let settings = with_http(settings("traceout", "http", fast_breaker()), &downstream);
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let with = |pairs: &[(&str, &str)]| {
+        let mut h = lapin::types::FieldTable::default();
+        for (k, v) in pairs {
+            h.insert(
+                (*k).into(),
+                lapin::types::AMQPValue::LongString((*v).into()),
+            );
+        }
+        h
+    };
+    broker
+        .publish_with_headers(
+            &consumer.queue,
+            "traced",
+            with(&[
+                ("traceparent", TRACEPARENT),
+                ("tracestate", "rojo=00f067aa0ba902b7"),
+            ]),
+            b"{}",
+        )
+        .await;
+    broker
+        .publish_with_headers(
+            &consumer.queue,
+            "forged",
+            with(&[("traceparent", "00-zz-not-a-trace"), ("tracestate", "a=b")]),
+            b"{}",
+        )
+        .await;
+    let running = Running::start(rabbit_guard::Worker::builder(settings)).await;
+    assert!(
+        wait_until(Duration::from_secs(15), || downstream.succeeded_ids().len()
+            == 2)
+        .await,
+        "both handled within 15 s: {:?}",
+        downstream.succeeded_ids()
+    );
+    running.stop().await;
+    let calls = downstream.calls();
+    let call = |id: &str| calls.iter().find(|c| c.id == id).unwrap().clone();
+    let traced = call("traced");
+    assert_eq!(traced.traceparent.as_deref(), Some(TRACEPARENT));
+    assert_eq!(traced.tracestate.as_deref(), Some("rojo=00f067aa0ba902b7"));
+    let forged = call("forged");
+    assert_eq!(
+        (forged.traceparent, forged.tracestate),
+        (None, None),
+        "a malformed traceparent is not forwarded, and its tracestate neither"
+    );
+    broker.cleanup().await;
+}

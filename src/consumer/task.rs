@@ -89,8 +89,47 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     format!("handler panicked: {text}")
 }
 
-/// Runs the handler for one delivery and decides its fate.
+/// The span a delivery is handled in: the handler's own logs and spans are
+/// tied to its message, and a `traceparent` header links it to the
+/// publisher's trace.
+pub(crate) fn delivery_span(queue: &str, ctx: &Context) -> tracing::Span {
+    let span = tracing::info_span!(
+        "delivery",
+        queue = %queue,
+        message_id = ctx.message_id().unwrap_or("-"),
+        delivery_tag = ctx.delivery_tag(),
+        attempt = ctx.attempt(),
+        redelivered = ctx.redelivered(),
+        trace_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
+    );
+    if !span.is_disabled()
+        && let Some(tp) = crate::trace_context::TraceParent::from_header(
+            ctx.header(crate::trace_context::TRACEPARENT),
+        )
+    {
+        span.record("trace_id", tp.trace_id);
+        span.record("parent_span_id", tp.parent_id);
+    }
+    span
+}
+
+/// Runs the handler for one delivery and decides its fate, inside the
+/// delivery's span.
 pub(crate) async fn run(
+    shared: Arc<ConsumerShared>,
+    ctx: Context,
+    permit: Permit,
+    slot: OwnedSemaphorePermit,
+    publisher: Publisher,
+    session: CancellationToken,
+) -> Finished {
+    let span = delivery_span(&shared.queue, &ctx);
+    tracing::Instrument::instrument(handle(shared, ctx, permit, slot, publisher, session), span)
+        .await
+}
+
+async fn handle(
     shared: Arc<ConsumerShared>,
     ctx: Context,
     permit: Permit,

@@ -37,6 +37,9 @@ pub struct Call {
     pub at: Instant,
     pub attempt: u32,
     pub content_type: String,
+    /// The W3C trace context the request carried, if any.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 #[derive(Default)]
@@ -78,6 +81,13 @@ async fn downstream_handler(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
     let at = Instant::now();
     inner
         .arrived
@@ -124,6 +134,8 @@ async fn downstream_handler(
         at,
         attempt,
         content_type,
+        traceparent,
+        tracestate,
     });
     StatusCode::from_u16(status).unwrap()
 }

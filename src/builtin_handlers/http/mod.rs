@@ -189,6 +189,17 @@ impl Handler for HttpHandler {
         if let Some(id) = ctx.message_id() {
             request = request.header("X-Message-Id", id);
         }
+        // W3C trace context, so the dependency's spans join the publisher's trace.
+        if let Some(tp) = crate::trace_context::TraceParent::from_header(
+            ctx.header(crate::trace_context::TRACEPARENT),
+        ) {
+            request = request.header(crate::trace_context::TRACEPARENT, tp.header);
+            if let Some(state) =
+                crate::trace_context::tracestate(ctx.header(crate::trace_context::TRACESTATE))
+            {
+                request = request.header(crate::trace_context::TRACESTATE, state);
+            }
+        }
         let response = match request.send().await {
             Ok(response) => response,
             // The request could not even be built from this message (a
