@@ -13,22 +13,35 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 
+use std::sync::Arc;
+
 use super::task::Finished;
+use crate::worker::control::{PollSlot, Watched};
 
 /// What a message's future yields: its tag, and how to settle it (or the
 /// panic that escaped it, which settles it as a requeue).
 pub(super) type TaskOutput = (u64, std::thread::Result<Finished>);
 
 /// The deliveries being handled now, by tag.
-#[derive(Default)]
 pub(super) struct InFlight {
     futures: FuturesUnordered<BoxFuture<'static, TaskOutput>>,
     tags: HashSet<u64>,
+    /// Every poll of a handler is seen by the watchdog through this.
+    slot: Arc<PollSlot>,
 }
 
 impl InFlight {
+    pub(super) fn new(slot: Arc<PollSlot>) -> Self {
+        Self {
+            futures: FuturesUnordered::new(),
+            tags: HashSet::new(),
+            slot,
+        }
+    }
+
     pub(super) fn push(&mut self, tag: u64, task: impl Future<Output = Finished> + Send + 'static) {
         self.tags.insert(tag);
+        let task = Watched::new(task, self.slot.clone());
         self.futures.push(Box::pin(async move {
             (tag, AssertUnwindSafe(task).catch_unwind().await)
         }));

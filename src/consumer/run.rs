@@ -109,7 +109,7 @@ impl ConsumerRuntime {
             token,
             sub: None,
             pending: VecDeque::new(),
-            running: InFlight::default(),
+            running: InFlight::new(self.shared.poll_slot.clone()),
             slots: Arc::new(Semaphore::new(usize::from(self.settings.concurrency))),
             tracker: AckTracker::default(),
             ops: Vec::new(),

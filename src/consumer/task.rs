@@ -44,6 +44,8 @@ pub(crate) struct ConsumerShared {
     pub(crate) breaker_consumers: usize,
     /// Why its handler fails, logged without flooding.
     pub(crate) failures: super::failures::FailureLog,
+    /// Tells the watchdog when one of its handlers is being polled.
+    pub(crate) poll_slot: Arc<crate::worker::control::PollSlot>,
 }
 
 impl std::fmt::Debug for ConsumerShared {

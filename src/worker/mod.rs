@@ -29,6 +29,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::instrument::WithSubscriber;
 use tracing::{info, warn};
 
 #[cfg(feature = "admin")]
@@ -43,6 +44,7 @@ use crate::handler::{ErasedHandler, Handler, erase};
 use crate::metrics::Metrics;
 use crate::topology::Topology;
 
+pub(crate) mod control;
 pub mod safety;
 
 /// Extra time, beyond the grace period, that closing channels may take.
@@ -125,6 +127,7 @@ impl WorkerBuilder {
                         .is_some()
                         .then(|| metrics.handler_histogram(&c.queue)),
                 )),
+                poll_slot: Arc::default(),
                 failures: crate::consumer::FailureLog::new(
                     Arc::from(c.queue.as_str()),
                     self.settings.log.failure_summary_every,
@@ -267,21 +270,31 @@ impl Worker {
         let broker = &self.settings.broker;
         let consume = Arc::new(ManagedConnection::new(broker, "consume")?);
         let publish = Arc::new(ManagedConnection::new(broker, "publish")?);
+        let control = control::Control::new().map_err(|source| Error::Io {
+            context: "starting the control thread (connections' I/O, admin endpoint)".into(),
+            source,
+        })?;
         // The admin endpoint first: a taken port fails fast, before any
         // broker work, and health checks can see the worker waiting for it.
         #[cfg(feature = "admin")]
-        let admin = crate::admin::start(
-            &self.settings.admin,
-            WorkerView::new(
-                self.breakers.clone(),
-                self.consumers.clone(),
-                vec![consume.clone(), publish.clone()],
+        let admin = {
+            let (admin, view, metrics) = (
+                self.settings.admin.clone(),
+                WorkerView::new(
+                    self.breakers.clone(),
+                    self.consumers.clone(),
+                    vec![consume.clone(), publish.clone()],
+                    self.metrics.clone(),
+                ),
                 self.metrics.clone(),
-            ),
-            self.metrics.clone(),
-        )
-        .await?;
-        let result = self.run_connected(&consume, &publish, shutdown).await;
+            );
+            control
+                .run(async move { crate::admin::start(&admin, view, metrics).await })
+                .await?
+        };
+        let result = self
+            .run_connected(&control, &consume, &publish, shutdown)
+            .await;
         #[cfg(feature = "admin")]
         if let Some(admin) = admin {
             admin.stop().await;
@@ -291,12 +304,19 @@ impl Worker {
 
     async fn run_connected(
         &self,
+        control: &control::Control,
         consume: &Arc<ManagedConnection>,
         publish: &Arc<ManagedConnection>,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        consume.start(&shutdown).await?;
-        publish.start(&shutdown).await?;
+        // Connected from the control runtime, so lapin's heartbeats and
+        // internal tasks run there, whatever the handlers do.
+        for conn in [consume, publish] {
+            let (conn, shutdown) = (conn.clone(), shutdown.clone());
+            control
+                .run(async move { conn.start(&shutdown).await })
+                .await?;
+        }
         if let Err(e) = self.declare_all(consume, &shutdown).await {
             publish.close().await;
             consume.close().await;
@@ -342,14 +362,26 @@ impl Worker {
             let conn = conn.clone();
             let token = infra.clone();
             let fatal = fatal_tx.clone();
-            infra_tasks.spawn(async move {
-                if let Err(e) = conn.supervise(token).await {
-                    let _ = fatal.send(e).await;
+            infra_tasks.spawn_on(
+                async move {
+                    if let Err(e) = conn.supervise(token).await {
+                        let _ = fatal.send(e).await;
+                    }
                 }
-            });
+                .with_current_subscriber(),
+                &control.handle(),
+            );
         }
         drop(fatal_tx);
 
+        let _watchdog = control::Watchdog::start(
+            self.consumers
+                .iter()
+                .map(|c| (c.queue.clone(), c.poll_slot.clone()))
+                .collect(),
+        )
+        .map_err(|e| warn!(error = %e, "cannot start the watchdog thread; a blocking handler will go unnoticed"))
+        .ok();
         let consumers = TaskTracker::new();
         let grace = self.settings.worker.shutdown_grace;
         for (shared, settings) in self.consumers.iter().zip(&self.settings.consumers) {
