@@ -1,6 +1,7 @@
 //! What an operator sees: why handlers fail (without a flood), a span per
 //! delivery that a handler's own logs are tied to, trace context in and out.
 #![allow(clippy::print_stderr)]
+#![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
 
 mod common;
 

@@ -335,29 +335,11 @@ impl Worker {
                 infra.clone(),
             ));
         }
-        {
-            // Failure summaries are written on time even when the failures stop.
-            let consumers = self.consumers.clone();
-            let every = self.settings.log.failure_summary_every;
-            let stop = infra.clone();
-            infra_tasks.spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    let all = tokio::select! {
-                        () = stop.cancelled() => true,
-                        _ = tick.tick() => false,
-                    };
-                    let now = tokio::time::Instant::now();
-                    for c in &consumers {
-                        c.failures.flush(now, all);
-                    }
-                    if all {
-                        return;
-                    }
-                }
-            });
-        }
+        infra_tasks.spawn(flush_failures(
+            self.consumers.clone(),
+            self.settings.log.failure_summary_every,
+            infra.clone(),
+        ));
         for conn in [consume, publish] {
             let conn = conn.clone();
             let token = infra.clone();
@@ -444,6 +426,30 @@ impl Worker {
             info!(topology = %shared.topology, "topology ready");
         }
         Ok(())
+    }
+}
+
+/// Writes the failure summaries on time, even when the failures stop, and
+/// what is pending at shutdown.
+async fn flush_failures(
+    consumers: Vec<Arc<ConsumerShared>>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let all = tokio::select! {
+            () = stop.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let now = tokio::time::Instant::now();
+        for c in &consumers {
+            c.failures.flush(now, all);
+        }
+        if all {
+            return;
+        }
     }
 }
 
