@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::{
 
 use crate::breaker::{Breaker, Transition};
 use crate::connection::ManagedConnection;
-use crate::consumer::{ConsumerShared, ConsumerStats};
+use crate::consumer::{ConsumerShared, ConsumerStats, HANDLER_OUTCOMES};
 
 const META: Metadata<'static> = Metadata::new("rabbit_guard", Level::INFO, Some(module_path!()));
 
@@ -29,12 +29,73 @@ const STATES: &[&str] = &["closed", "open", "half-open", "forced-open", "disable
 pub(crate) struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    process: Arc<metrics_process::Collector>,
 }
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
+}
+
+/// The worker's recorder, as the process-wide one.
+struct Global(Arc<PrometheusRecorder>);
+
+impl Recorder for Global {
+    fn describe_counter(&self, key: metrics::KeyName, unit: Option<Unit>, d: SharedString) {
+        self.0.describe_counter(key, unit, d);
+    }
+    fn describe_gauge(&self, key: metrics::KeyName, unit: Option<Unit>, d: SharedString) {
+        self.0.describe_gauge(key, unit, d);
+    }
+    fn describe_histogram(&self, key: metrics::KeyName, unit: Option<Unit>, d: SharedString) {
+        self.0.describe_histogram(key, unit, d);
+    }
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> metrics::Counter {
+        self.0.register_counter(key, metadata)
+    }
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> metrics::Gauge {
+        self.0.register_gauge(key, metadata)
+    }
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> metrics::Histogram {
+        self.0.register_histogram(key, metadata)
+    }
+}
+
+/// The exposition text in a stable order: families sorted by name, and
+/// the samples of counters and gauges by their labels (the exporter writes
+/// them from hash maps). Histogram samples keep their bucket order.
+fn stable_order(text: &str) -> String {
+    let mut families: Vec<(String, Vec<&str>)> = text
+        .split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let lines: Vec<&str> = block.lines().filter(|l| !l.is_empty()).collect();
+            let name = lines
+                .iter()
+                .find_map(|l| l.strip_prefix("# TYPE "))
+                .or_else(|| lines.first().copied())
+                .unwrap_or("")
+                .to_owned();
+            (name, lines)
+        })
+        .collect();
+    families.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = String::with_capacity(text.len());
+    for (name, lines) in families {
+        let (mut head, mut samples): (Vec<&str>, Vec<&str>) =
+            lines.into_iter().partition(|l| l.starts_with('#'));
+        head.sort_by_key(|l| !l.starts_with("# HELP"));
+        if !name.ends_with(" histogram") && !name.ends_with(" summary") {
+            samples.sort_unstable();
+        }
+        for l in head.into_iter().chain(samples) {
+            out.push_str(l);
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
@@ -62,9 +123,27 @@ impl Metrics {
         let m = Self {
             recorder: Arc::new(recorder),
             handle,
+            process: Arc::new(metrics_process::Collector::default()),
         };
         m.describe();
+        metrics::with_local_recorder(&*m.recorder, || m.process.describe());
+        m.install_global();
         m
+    }
+
+    /// Makes this worker's registry the process's global recorder, so that
+    /// `metrics::counter!` in handler code shows on `/metrics` too. Only one
+    /// can be: the first worker of a process installs it, and a recorder the
+    /// application installed itself is left alone.
+    fn install_global(&self) {
+        static INSTALLED: std::sync::Once = std::sync::Once::new();
+        INSTALLED.call_once(|| {
+            if metrics::set_global_recorder(Global(self.recorder.clone())).is_err() {
+                tracing::debug!(
+                    "a metrics recorder is installed already: metrics from handler code go there, not to /metrics"
+                );
+            }
+        });
     }
 
     fn describe(&self) {
@@ -85,11 +164,19 @@ impl Metrics {
         );
         c(
             "rabbit_guard_breaker_calls_total",
-            "Calls through each breaker by outcome: success, failure (timeouts included), timeout, slow, rejected",
+            "Calls through each breaker by outcome: success, failure, timeout (each call once), rejected (refused while open or probing)",
+        );
+        c(
+            "rabbit_guard_breaker_slow_calls_total",
+            "Calls slower than slow_call_duration, whatever their outcome",
         );
         g(
-            "rabbit_guard_breaker_failure_rate",
+            "rabbit_guard_breaker_failure_ratio",
             "Failures / calls in the breaker's window now",
+        );
+        g(
+            "rabbit_guard_build_info",
+            "1, labelled with the version of rabbit-guard running",
         );
         g(
             "rabbit_guard_breaker_window_calls",
@@ -147,7 +234,7 @@ impl Metrics {
         r.describe_histogram(
             "rabbit_guard_handler_duration_seconds".into(),
             Some(Unit::Seconds),
-            SharedString::const_str("Handler call duration"),
+            SharedString::const_str("Handler call duration, by outcome: success, transient, timeout, permanent, decode, panic"),
         );
         g(
             "rabbit_guard_connection_up",
@@ -160,12 +247,21 @@ impl Metrics {
         c("rabbit_guard_reconnects_total", "Successful reconnections");
     }
 
-    /// The handler-duration histogram of `queue`.
-    pub(crate) fn handler_histogram(&self, queue: &str) -> metrics::Histogram {
-        self.recorder.register_histogram(
-            &key("rabbit_guard_handler_duration_seconds", &[("queue", queue)]),
-            &META,
-        )
+    /// The handler-duration histograms of `queue`, one per outcome (in
+    /// [`HANDLER_OUTCOMES`] order).
+    pub(crate) fn handler_histograms(&self, queue: &str) -> Vec<metrics::Histogram> {
+        HANDLER_OUTCOMES
+            .iter()
+            .map(|outcome| {
+                self.recorder.register_histogram(
+                    &key(
+                        "rabbit_guard_handler_duration_seconds",
+                        &[("queue", queue), ("outcome", outcome)],
+                    ),
+                    &META,
+                )
+            })
+            .collect()
     }
 
     /// Folds recorded durations into their histograms every `every`, forever.
@@ -239,8 +335,16 @@ impl Metrics {
                 c.reconnects(),
             );
         }
+        self.gauge(
+            "rabbit_guard_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1.0,
+        );
+        // Process metrics (CPU seconds, RSS, open fds, threads), into this
+        // worker's registry.
+        metrics::with_local_recorder(&*self.recorder, || self.process.collect());
         self.handle.run_upkeep();
-        self.handle.render()
+        stable_order(&self.handle.render())
     }
 
     #[allow(clippy::cast_precision_loss)]
@@ -266,11 +370,11 @@ impl Metrics {
             .filter(|c| c.breaker.name() == name)
             .map(|c| c.stats.snapshot().timed_out)
             .sum();
+        // The breaker counts a timeout as a failure: count it once, as a timeout.
         for (outcome, n) in [
             ("success", success),
-            ("failure", failure),
+            ("failure", failure.saturating_sub(timeout)),
             ("timeout", timeout),
-            ("slow", slow),
             ("rejected", rejected),
         ] {
             self.counter(
@@ -279,8 +383,13 @@ impl Metrics {
                 n,
             );
         }
+        self.counter(
+            "rabbit_guard_breaker_slow_calls_total",
+            &[("breaker", name)],
+            slow,
+        );
         self.gauge(
-            "rabbit_guard_breaker_failure_rate",
+            "rabbit_guard_breaker_failure_ratio",
             &[("breaker", name)],
             snapshot.counts.failure_rate(),
         );

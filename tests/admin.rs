@@ -171,12 +171,89 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
         Some(0.0),
         "an outage dead-letters nothing as retries-exhausted"
     );
-    let count = prom::value(
-        &samples,
-        "rabbit_guard_handler_duration_seconds_count",
-        &[("queue", q)],
+    let duration_count = |outcome: &str| {
+        prom::value(
+            &samples,
+            "rabbit_guard_handler_duration_seconds_count",
+            &[("queue", q), ("outcome", outcome)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        (duration_count("success"), duration_count("transient")),
+        (ok, failed),
+        "one duration per call, labelled by its outcome"
     );
-    assert_eq!(count, Some(ok + failed), "one duration per call");
+    let by_outcome: f64 = samples
+        .iter()
+        .filter(|s| s.name == "rabbit_guard_breaker_calls_total" && s.labels["breaker"] == "dep")
+        .filter(|s| s.labels["outcome"] != "rejected")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(
+        by_outcome,
+        ok + failed,
+        "outcomes do not overlap: their sum is the calls made ({ok} + {failed})"
+    );
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.name == "rabbit_guard_breaker_slow_calls_total"),
+        "slow calls are their own counter"
+    );
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.name == "rabbit_guard_breaker_failure_ratio"),
+        "a ratio is named _ratio"
+    );
+    assert_eq!(
+        prom::value(
+            &samples,
+            "rabbit_guard_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0),
+        "build_info names the version"
+    );
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_threads",
+    ] {
+        assert!(
+            samples.iter().any(|s| s.name == name && s.value > 0.0),
+            "process metric {name} is exported"
+        );
+    }
+    let families = |text: &str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let (fa, fb) = (families(&a), families(&b));
+    let mut sorted = fa.clone();
+    sorted.sort();
+    assert!(
+        fa == fb && fa == sorted,
+        "families come in a stable, sorted order: {fa:?} then {fb:?}"
+    );
     let transitions: f64 = samples
         .iter()
         .filter(|s| s.name == "rabbit_guard_breaker_transitions_total" && s.labels["to"] == "open")

@@ -32,5 +32,5 @@ mod task;
 
 pub(crate) use failures::FailureLog;
 pub(crate) use run::ConsumerRuntime;
-pub use stats::{ConsumerStats, StatsSnapshot};
+pub use stats::{ConsumerStats, HANDLER_OUTCOMES, StatsSnapshot};
 pub(crate) use task::ConsumerShared;

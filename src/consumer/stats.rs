@@ -12,7 +12,8 @@ pub struct ConsumerStats {
     /// True while a session (channel and publisher) is established.
     pub(crate) session_active: AtomicBool,
     /// Handler durations, in seconds.
-    pub(crate) handler_seconds: Option<metrics::Histogram>,
+    /// Handler durations, one histogram per [`HANDLER_OUTCOMES`] entry.
+    pub(crate) handler_seconds: Option<Vec<metrics::Histogram>>,
     pub(crate) received: AtomicU64,
     pub(crate) redelivered: AtomicU64,
     pub(crate) succeeded: AtomicU64,
@@ -73,11 +74,22 @@ pub struct StatsSnapshot {
     pub subscriptions: u64,
 }
 
+/// How a handler call ended, as the duration histogram's `outcome` label.
+pub const HANDLER_OUTCOMES: [&str; 6] = [
+    "success",
+    "transient",
+    "timeout",
+    "permanent",
+    "decode",
+    "panic",
+];
+
 impl ConsumerStats {
     /// Counters for a consumer with `delay_levels` retry delays, recording
-    /// handler durations into `handler_seconds`.
+    /// handler durations into `handler_seconds` (one histogram per entry of
+    /// [`HANDLER_OUTCOMES`], in its order).
     #[must_use]
-    pub fn new(delay_levels: usize, handler_seconds: Option<metrics::Histogram>) -> Self {
+    pub fn new(delay_levels: usize, handler_seconds: Option<Vec<metrics::Histogram>>) -> Self {
         Self {
             delayed_by_level: (0..delay_levels).map(|_| AtomicU64::new(0)).collect(),
             handler_seconds,

@@ -158,7 +158,17 @@ async fn handle(
     let elapsed = ended.saturating_duration_since(started);
     drop(running);
     if let Some(h) = &shared.stats.handler_seconds {
-        h.record(elapsed.as_secs_f64());
+        let index = match outcome {
+            Outcome::Success => 0,
+            Outcome::Transient(_) => 1,
+            Outcome::TimedOut(_) => 2,
+            Outcome::Permanent(_) => 3,
+            Outcome::Decode(_) => 4,
+            Outcome::Panic(_) => 5,
+        };
+        if let Some(h) = h.get(index) {
+            h.record(elapsed.as_secs_f64());
+        }
     }
 
     let is_probe = permit.is_probe();

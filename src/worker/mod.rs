@@ -125,7 +125,7 @@ impl WorkerBuilder {
                         .admin
                         .listen
                         .is_some()
-                        .then(|| metrics.handler_histogram(&c.queue)),
+                        .then(|| metrics.handler_histograms(&c.queue)),
                 )),
                 poll_slot: Arc::default(),
                 failures: crate::consumer::FailureLog::new(
