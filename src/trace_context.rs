@@ -77,6 +77,53 @@ pub fn tracestate(value: Option<&AMQPValue>) -> Option<&str> {
     (s.len() <= 512 && !s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b))).then_some(s)
 }
 
+/// Makes `span` a child of the trace a message's `traceparent` names (with
+/// the `otel` feature: the exported span then joins the publisher's trace).
+#[cfg(feature = "otel")]
+pub(crate) fn link(span: &tracing::Span, headers: Option<&lapin::types::FieldTable>) {
+    use opentelemetry::propagation::{Extractor, TextMapPropagator};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    struct Headers<'a>(Option<&'a lapin::types::FieldTable>);
+    impl Extractor for Headers<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            let value = self.0?.inner().get(key);
+            match key {
+                TRACEPARENT => TraceParent::from_header(value).map(|t| t.header),
+                TRACESTATE => tracestate(value),
+                _ => None,
+            }
+        }
+        fn keys(&self) -> Vec<&str> {
+            vec![TRACEPARENT, TRACESTATE]
+        }
+    }
+    if TraceParent::from_header(headers.and_then(|h| h.inner().get(TRACEPARENT))).is_none() {
+        return;
+    }
+    let cx =
+        opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&Headers(headers));
+    let _ = span.set_parent(cx);
+}
+
+/// The W3C headers of the current span, when it is exported (feature
+/// `otel`): what the `http` handler sends so the dependency's spans are
+/// children of this delivery's.
+#[cfg(feature = "otel")]
+pub(crate) fn current() -> Vec<(String, String)> {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let cx = tracing::Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return Vec::new();
+    }
+    let mut out = std::collections::HashMap::new();
+    opentelemetry_sdk::propagation::TraceContextPropagator::new().inject_context(&cx, &mut out);
+    out.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

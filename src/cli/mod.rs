@@ -215,7 +215,8 @@ fn run<F>(settings: Settings, register: F) -> ExitCode
 where
     F: Fn(WorkerBuilder) -> WorkerBuilder,
 {
-    crate::telemetry::init(&settings.log);
+    // Kept until the end: dropping it flushes the last exported spans.
+    let _telemetry = crate::telemetry::init_with(&settings.log, &settings.telemetry);
     let json_logs = settings.log.format == crate::config::LogFormat::Json;
     let Some(runtime) = started(worker_runtime(settings.worker.threads)) else {
         return ExitCode::FAILURE;

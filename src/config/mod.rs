@@ -27,8 +27,8 @@ pub use error::{ConfigError, Problem};
 pub use load::{DEFAULT_CONFIG_FILE, ENV_PREFIX, Sources, load, load_unvalidated};
 pub use settings::{
     AdminSettings, BrokerSettings, ConsumerSettings, HttpSettings, LogFormat, LogSettings, OnPause,
-    QueueType, ReconnectSettings, RetrySettings, SafetyChecks, Settings, WorkerSettings,
-    compact_duration,
+    OtlpProtocol, QueueType, ReconnectSettings, RetrySettings, SafetyChecks, Settings,
+    TelemetrySettings, WorkerSettings, compact_duration,
 };
 pub use validate::{MAX_DURATION, MAX_RETRY_DELAY, MAX_THREADS};
 

@@ -21,6 +21,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// `[admin]`: the metrics, health and breaker-control endpoint.
     pub admin: AdminSettings,
+    /// `[telemetry]`: OpenTelemetry export of the spans (feature `otel`).
+    pub telemetry: TelemetrySettings,
     /// `[breakers.NAME]`: one breaker per guarded dependency.
     pub breakers: BTreeMap<String, BreakerConfig>,
     /// `[[consumers]]`: one per queue.
@@ -34,6 +36,9 @@ impl Settings {
     pub fn redacted(&self) -> Self {
         let mut shown = self.clone();
         shown.broker.url = SecretUrl::new(self.broker.url.masked());
+        if let Some(u) = &self.telemetry.otlp_endpoint {
+            shown.telemetry.otlp_endpoint = Some(SecretUrl::new(u.masked()));
+        }
         if shown.admin.token.is_some() {
             shown.admin.token = Some(Secret::new(MASK));
         }
@@ -198,6 +203,42 @@ impl Default for LogSettings {
             failure_summary_every: Duration::from_secs(10),
         }
     }
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP collector to export spans to, e.g. `http://127.0.0.1:4318`
+    /// (`/v1/traces` is added when the URL has no path). Unset: no export.
+    /// Needs the cargo feature `otel`.
+    pub otlp_endpoint: Option<crate::secret::SecretUrl>,
+    /// `http/protobuf` (default) or `http/json`.
+    pub otlp_protocol: OtlpProtocol,
+    /// The `service.name` the spans carry.
+    pub service_name: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::HttpProtobuf,
+            service_name: "rabbit-guard".to_owned(),
+        }
+    }
+}
+
+/// The OTLP encoding over HTTP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    /// Binary protobuf.
+    #[default]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// JSON.
+    #[serde(rename = "http/json")]
+    HttpJson,
 }
 
 /// Log line format.

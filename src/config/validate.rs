@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use super::error::{ConfigError, Problem};
 use super::settings::{
-    AdminSettings, BrokerSettings, ConsumerSettings, LogSettings, Settings, WorkerSettings,
+    AdminSettings, BrokerSettings, ConsumerSettings, LogSettings, Settings, TelemetrySettings,
+    WorkerSettings,
 };
 use crate::amqp::check_name;
 
@@ -72,6 +73,7 @@ impl Settings {
         out.extend(self.worker.problems());
         out.extend(self.admin.problems());
         out.extend(self.log.problems());
+        out.extend(self.telemetry.problems());
         for (name, cfg) in &self.breakers {
             for (key, message) in cfg.problems() {
                 let value = breaker_value(cfg, key);
@@ -290,6 +292,40 @@ impl AdminSettings {
                 "admin.token_file",
                 None,
                 "set admin.token or admin.token_file, not both",
+            ));
+        }
+        out
+    }
+}
+
+impl TelemetrySettings {
+    /// Every problem with `[telemetry]`.
+    #[must_use]
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let Some(url) = &self.otlp_endpoint else {
+            return out;
+        };
+        if !cfg!(feature = "otel") {
+            out.push(problem(
+                "telemetry.otlp_endpoint",
+                quoted(&url.masked()),
+                "this build has no OpenTelemetry export (it was built without the cargo feature \"otel\"): leave it out, or build with it",
+            ));
+        }
+        match url::Url::parse(url.expose()) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {}
+            _ => out.push(problem(
+                "telemetry.otlp_endpoint",
+                quoted(&url.masked()),
+                "must be an http:// or https:// URL, e.g. \"http://127.0.0.1:4318\"",
+            )),
+        }
+        if self.service_name.trim().is_empty() {
+            out.push(problem(
+                "telemetry.service_name",
+                quoted(""),
+                "must not be empty",
             ));
         }
         out

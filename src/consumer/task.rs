@@ -112,6 +112,8 @@ pub(crate) fn delivery_span(queue: &str, ctx: &Context) -> tracing::Span {
     {
         span.record("trace_id", tp.trace_id);
         span.record("parent_span_id", tp.parent_id);
+        #[cfg(feature = "otel")]
+        crate::trace_context::link(&span, ctx.headers());
     }
     span
 }

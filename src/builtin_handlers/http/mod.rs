@@ -189,10 +189,22 @@ impl Handler for HttpHandler {
         if let Some(id) = ctx.message_id() {
             request = request.header("X-Message-Id", id);
         }
-        // W3C trace context, so the dependency's spans join the publisher's trace.
-        if let Some(tp) = crate::trace_context::TraceParent::from_header(
-            ctx.header(crate::trace_context::TRACEPARENT),
-        ) {
+        // W3C trace context, so the dependency's spans join the publisher's
+        // trace: this delivery's own span when it is exported, else the
+        // message's as it came.
+        #[cfg(feature = "otel")]
+        let exported = crate::trace_context::current();
+        #[cfg(not(feature = "otel"))]
+        let exported: Vec<(String, String)> = Vec::new();
+        let forwarded = !exported.is_empty();
+        for (name, value) in exported {
+            request = request.header(name, value);
+        }
+        if !forwarded
+            && let Some(tp) = crate::trace_context::TraceParent::from_header(
+                ctx.header(crate::trace_context::TRACEPARENT),
+            )
+        {
             request = request.header(crate::trace_context::TRACEPARENT, tp.header);
             if let Some(state) =
                 crate::trace_context::tracestate(ctx.header(crate::trace_context::TRACESTATE))
