@@ -109,7 +109,7 @@ pub(crate) fn link(span: &tracing::Span, headers: Option<&lapin::types::FieldTab
 /// The W3C headers of the current span, when it is exported (feature
 /// `otel`): what the `http` handler sends so the dependency's spans are
 /// children of this delivery's.
-#[cfg(feature = "otel")]
+#[cfg(all(feature = "otel", feature = "http-handler"))]
 pub(crate) fn current() -> Vec<(String, String)> {
     use opentelemetry::propagation::TextMapPropagator;
     use opentelemetry::trace::TraceContextExt;
