@@ -248,7 +248,10 @@ fn guard_settings(queue: &str, prefetch: u16, concurrency: u16, latency_ms: u64)
         handler: if latency_ms == 0 { "noop" } else { "work" }.into(),
         prefetch,
         concurrency: concurrency.min(prefetch),
-        retry: RetrySettings { delays: vec![] },
+        retry: RetrySettings {
+            delays: vec![],
+            ..RetrySettings::default()
+        },
         ..ConsumerSettings::default()
     });
     s
@@ -546,6 +549,7 @@ async fn outage(conn: &Connection) {
     settings.breakers.insert("bench".into(), breaker);
     settings.consumers[0].retry = RetrySettings {
         delays: vec![Duration::from_secs(1)],
+        ..RetrySettings::default()
     };
     let c = settings.consumers[0].clone();
     {

@@ -98,6 +98,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         handler: "charge-orders".into(),
         retry: RetrySettings {
             delays: vec![Duration::from_secs(2), Duration::from_secs(10)],
+            ..RetrySettings::default()
         },
         ..ConsumerSettings::default()
     });

@@ -80,6 +80,12 @@ pub enum Error {
         /// The queue.
         queue: String,
     },
+    /// The application's setup (`WorkerBuilder::setup`, `cli::App::setup`) failed.
+    #[error("setup failed: {message}")]
+    Setup {
+        /// The setup's error, with its causes (URL passwords masked).
+        message: String,
+    },
     /// A handler could not be built from its settings.
     #[error("consumers[{index}]: {message}")]
     Handler {
@@ -119,6 +125,24 @@ pub enum Error {
 }
 
 impl Error {
+    /// A setup's error with its causes on one line, URL passwords masked.
+    #[allow(clippy::needless_pass_by_value)] // made for map_err
+    pub(crate) fn setup(e: crate::handler::BoxError) -> Self {
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = s.source();
+        }
+        Self::Setup {
+            message: crate::secret::mask_url(&message),
+        }
+    }
+
     pub(crate) fn broker(context: impl Into<String>, source: lapin::Error) -> Self {
         Self::Broker {
             context: context.into(),

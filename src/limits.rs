@@ -10,3 +10,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(3_155_760_000);
 /// Longest name AMQP can carry (a queue, an exchange, a routing key, a
 /// short string): 255 bytes.
 pub(crate) const MAX_NAME_LEN: usize = 255;
+
+/// Most `retry.immediate` calls per delivery: each one is another call to
+/// a dependency that just failed, inside one delivery's time.
+pub(crate) const MAX_IMMEDIATE_RETRIES: u32 = 10;

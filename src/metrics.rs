@@ -408,6 +408,11 @@ impl Metrics {
         self.counter("rabbit_guard_messages_redelivered_total", &q, s.redelivered);
         self.counter("rabbit_guard_messages_acked_total", &q, s.succeeded);
         self.counter("rabbit_guard_messages_failed_total", &q, s.failed);
+        self.counter(
+            "rabbit_guard_immediate_retries_total",
+            &q,
+            s.immediate_retries,
+        );
         self.counter("rabbit_guard_messages_requeued_total", &q, s.requeued);
         self.counter("rabbit_guard_messages_deferred_total", &q, s.deferred);
         self.counter("rabbit_guard_settles_dropped_total", &q, s.stale);

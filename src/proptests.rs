@@ -212,7 +212,10 @@ fn settings() -> impl Strategy<Value = Settings> {
                 dead_letter_queue: names.2,
                 prefetch: numbers.0,
                 concurrency: numbers.1,
-                retry: RetrySettings { delays: numbers.3 },
+                retry: RetrySettings {
+                    delays: numbers.3,
+                    ..RetrySettings::default()
+                },
                 http: Some(HttpSettings {
                     headers: http.2.into_iter().map(|(k, v)| (k, v.into())).collect(),
                     ..HttpSettings::to(http.1)

@@ -46,6 +46,7 @@ async fn chaos_loses_nothing() {
             Duration::from_millis(500),
             Duration::from_secs(1),
         ],
+        ..RetrySettings::default()
     };
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);

@@ -29,6 +29,7 @@ fn settings_for(prefix: &str) -> Settings {
     let mut s = settings(prefix, "picky", fast_breaker());
     s.consumers[0].retry = RetrySettings {
         delays: vec![Duration::from_millis(100), Duration::from_millis(200)],
+        ..RetrySettings::default()
     };
     s
 }

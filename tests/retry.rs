@@ -44,6 +44,7 @@ async fn a_failing_message_walks_each_delay_level_in_order_then_is_dead_lettered
     let mut settings = with_http(settings("retry", "http", fast_breaker()), &downstream);
     settings.consumers[0].retry = RetrySettings {
         delays: delays.to_vec(),
+        ..RetrySettings::default()
     };
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);
@@ -210,6 +211,7 @@ async fn a_lone_failing_message_in_an_idle_queue_still_ends_dead_lettered() {
     let mut settings = with_http(settings("lone", "http", breaker), &downstream);
     settings.consumers[0].retry = RetrySettings {
         delays: vec![Duration::from_millis(200), Duration::from_millis(300)],
+        ..RetrySettings::default()
     };
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);
@@ -273,6 +275,7 @@ async fn a_bad_message_picked_as_probe_does_not_keep_the_breaker_open() {
     // Deferred messages wait long enough to be out of the way of the probes.
     settings.consumers[0].retry = RetrySettings {
         delays: vec![Duration::from_secs(4)],
+        ..RetrySettings::default()
     };
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);

@@ -124,6 +124,7 @@ async fn no_secret_appears_anywhere_the_worker_or_the_cli_writes() {
     settings.consumers[0].http = Some(http(dependency));
     settings.consumers[0].retry = RetrySettings {
         delays: vec![Duration::from_millis(100)],
+        ..RetrySettings::default()
     };
     // A second consumer whose dependency refuses connections.
     let mut refused = settings.consumers[0].clone();

@@ -1,6 +1,8 @@
 //! The `rabbit-guard` command line: `run`, `check-config`, `dlq …`.
 //!
-//! A binary with custom handlers reuses it with [`main_with`]:
+//! An application's own binary reuses it with [`App`] (its name and
+//! version, its `[app]` settings, an async setup), or with [`main_with`]
+//! for a synchronous registration:
 //!
 //! ```no_run
 //! # use rabbit_guard::builtin_handlers::NoopHandler as MyHandler;
@@ -10,6 +12,7 @@
 //! ```
 
 pub(crate) mod admin_client;
+mod app;
 #[cfg(feature = "admin")]
 mod breaker;
 mod dlq;
@@ -24,6 +27,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+
+pub use app::App;
 
 use crate::config::{self, Settings, Sources};
 use crate::{Worker, WorkerBuilder};
@@ -82,18 +87,50 @@ pub fn main() -> ExitCode {
     main_with(|w| w)
 }
 
-/// The entry point for a binary that registers its own handlers.
+/// The entry point for a binary that registers its own handlers with a
+/// synchronous closure. `register` is called once with default settings to
+/// learn the handler names, and once more by `run`; for an async setup that
+/// receives the loaded settings, and for the application's own name and
+/// version in `--version`, use [`App`].
 #[must_use]
 pub fn main_with<F>(register: F) -> ExitCode
 where
-    F: Fn(WorkerBuilder) -> WorkerBuilder,
+    F: Fn(WorkerBuilder) -> WorkerBuilder + 'static,
 {
-    let cli = Cli::parse();
-    let handler_names: Vec<String> = register(Worker::builder(Settings::default()))
+    let names: Vec<String> = register(Worker::builder(Settings::default()))
         .handler_names()
         .into_iter()
         .map(str::to_owned)
         .collect();
+    dispatch(
+        None,
+        &names,
+        |_| Ok(()),
+        Box::new(move |worker| Box::pin(async move { Ok(register(worker)) })),
+    )
+}
+
+/// The command line as `identity` names it (rabbit-guard's own when `None`).
+fn parse(identity: Option<app::Identity>) -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut command = Cli::command();
+    if let Some(id) = identity {
+        command = command.name(id.name).bin_name(id.name).version(id.version);
+        if let Some(about) = id.about {
+            command = command.about(about);
+        }
+    }
+    let mut matches = command.get_matches();
+    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.exit())
+}
+
+fn dispatch(
+    identity: Option<app::Identity>,
+    handler_names: &[String],
+    check_app: app::CheckApp,
+    setup: app::Setup,
+) -> ExitCode {
+    let cli = parse(identity);
     let names: Vec<&str> = handler_names.iter().map(String::as_str).collect();
     let sources = Sources::from_env(Some(cli.config.clone()));
     let loaded = match cli.command.needs() {
@@ -112,7 +149,7 @@ where
                 Err(config::ConfigError::Invalid(problems))
             }
         }),
-        Needs::Valid => config::load(&sources, &names),
+        Needs::Valid => config::load(&sources, &names).and_then(|s| check_app(&s).map(|()| s)),
     };
     let settings = match loaded {
         Ok(s) => s,
@@ -123,14 +160,14 @@ where
     };
     match cli.command {
         Command::CheckConfig { json } => check_config(&settings, json),
-        Command::Run => run(settings, register),
+        Command::Run => run(settings, setup),
         Command::Dlq(args) => dlq::run(&settings, args),
         Command::Status(args) => status::run(&settings, &args),
         #[cfg(feature = "admin")]
         Command::Breaker(args) => breaker::run(&settings, &args),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
-            let name = command.get_name().to_owned();
+            let name = identity.map_or("rabbit-guard", |id| id.name);
             clap_complete::generate(shell, &mut command, name, &mut output::stream());
             ExitCode::SUCCESS
         }
@@ -201,6 +238,11 @@ fn check_config(settings: &Settings, as_json: bool) -> ExitCode {
             for advice in crate::worker::safety::advisories(settings) {
                 output::line(&format!("# warning: {advice}"));
             }
+            if settings.app.is_present() {
+                output::line(
+                    "# [app]: the application's own settings, read by its binary (never printed)",
+                );
+            }
             output::line(&text);
             ExitCode::SUCCESS
         }
@@ -211,10 +253,7 @@ fn check_config(settings: &Settings, as_json: bool) -> ExitCode {
     }
 }
 
-fn run<F>(settings: Settings, register: F) -> ExitCode
-where
-    F: Fn(WorkerBuilder) -> WorkerBuilder,
-{
+fn run(settings: Settings, setup: app::Setup) -> ExitCode {
     // Kept until the end: dropping it flushes the last exported spans.
     let _telemetry = crate::telemetry::init_with(&settings.log, &settings.telemetry);
     let json_logs = settings.log.format == crate::config::LogFormat::Json;
@@ -224,7 +263,10 @@ where
     let received = Arc::new(std::sync::Mutex::new(None));
     let seen = received.clone();
     let result = runtime.block_on(async move {
-        let worker = register(Worker::builder(settings)).build()?;
+        let worker = setup(Worker::builder(settings))
+            .await
+            .map_err(crate::Error::setup)?
+            .build()?;
         let shutdown = CancellationToken::new();
         let signals = signals(shutdown.clone(), seen)?;
         let result = worker.run_until(shutdown).await;

@@ -72,6 +72,14 @@ pub enum ConfigError {
         /// The same with the separators doubled.
         suggestion: String,
     },
+    /// The `[app]` table does not fit the application's settings type.
+    #[error("{key}: {message} (in the application's [app] settings)")]
+    App {
+        /// The key, e.g. `app.database.pool_size`.
+        key: String,
+        /// What did not fit (values masked).
+        message: String,
+    },
     /// Keys that no setting has (every one of them, with the closest known key).
     #[error("{}", unknown_message(files, keys))]
     UnknownKeys {
@@ -102,8 +110,18 @@ fn unknown_message(files: &str, keys: &[(String, Option<String>)]) -> String {
         })
         .collect();
     let noun = if keys.len() == 1 { "key" } else { "keys" };
+    // A whole unknown table, like `[payments]`: most likely the
+    // application's own settings.
+    let app_hint = if keys
+        .iter()
+        .any(|(k, hint)| hint.is_none() && !k.contains(['.', '[']))
+    {
+        "; an application's own settings go under [app] (read them with rabbit_guard::config::load_with)"
+    } else {
+        ""
+    };
     format!(
-        "invalid configuration (from {files}): unknown {noun} {}; every key is listed in the README (Configuration, Reference)",
+        "invalid configuration (from {files}): unknown {noun} {}{app_hint}; every key is listed in the README (Configuration, Reference)",
         list.join(", ")
     )
 }

@@ -35,6 +35,8 @@ fn schema() -> Value {
     s["consumers"] = json!([serde_json::to_value(consumer).unwrap_or_default()]);
     s["breakers"] =
         json!({ "*": serde_json::to_value(BreakerConfig::default()).unwrap_or_default() });
+    // The application's own: its type checks it (`load_with`).
+    s["app"] = json!({});
     s
 }
 

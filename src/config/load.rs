@@ -56,6 +56,38 @@ pub fn load(sources: &Sources, handlers: &[&str]) -> Result<Settings, ConfigErro
     Ok(settings)
 }
 
+/// Loads and validates settings as [`load`] does, and the application's
+/// own `[app]` table as `A` (from the same files and `RABBIT_GUARD__APP__…`
+/// variables).
+///
+/// ```no_run
+/// use rabbit_guard::config::{Sources, load_with};
+/// use rabbit_guard::secret::SecretUrl;
+///
+/// #[derive(serde::Deserialize)]
+/// struct Payments {
+///     database_url: SecretUrl, // masked wherever it is printed
+///     #[serde(default)]
+///     pool_size: u32,
+/// }
+///
+/// let (settings, payments) = load_with::<Payments>(&Sources::from_env(None), &["charge"])?;
+/// # Ok::<(), rabbit_guard::config::ConfigError>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`load`]; [`ConfigError::App`] naming the key when `[app]` does not
+/// fit `A`.
+pub fn load_with<A: serde::de::DeserializeOwned>(
+    sources: &Sources,
+    handlers: &[&str],
+) -> Result<(Settings, A), ConfigError> {
+    let settings = load(sources, handlers)?;
+    let app = settings.app.read::<A>()?;
+    Ok((settings, app))
+}
+
 /// Loads settings without validating them.
 ///
 /// # Errors
@@ -217,7 +249,7 @@ fn mask_line(line: &str) -> String {
 /// type: string "hunter2", expected a map` → `invalid type: a string,
 /// expected a map`) when they may be secret: the key holds a URL, a token
 /// or header values, or the message names no key.
-fn without_values(message: &str) -> String {
+pub(super) fn without_values(message: &str) -> String {
     let key = message
         .rsplit_once("for key `")
         .map(|(_, k)| k.trim_end_matches('`').to_ascii_lowercase());
@@ -229,6 +261,12 @@ fn without_values(message: &str) -> String {
     if !secret {
         return message.to_owned();
     }
+    without_any_values(message)
+}
+
+/// A deserializer's message with every value it quotes cut out: for the
+/// application's `[app]` table, whose secrets the worker cannot tell.
+pub(super) fn without_any_values(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(at) = rest.find("string \"") {

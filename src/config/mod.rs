@@ -16,6 +16,10 @@
 //! exceed [`MAX_DURATION`] (100 years). Environment values for keys that
 //! take a string (a token, a URL, a header value) stay exactly as written:
 //! `0x10` is the text `0x10`, not the number 16.
+//!
+//! An application's own settings live in an `[app]` table of the same
+//! files (`RABBIT_GUARD__APP__…` in the environment), read typed with
+//! [`load_with`]; the worker ignores it and never prints it.
 
 mod error;
 mod keys;
@@ -24,11 +28,11 @@ mod settings;
 mod validate;
 
 pub use error::{ConfigError, Problem};
-pub use load::{DEFAULT_CONFIG_FILE, ENV_PREFIX, Sources, load, load_unvalidated};
+pub use load::{DEFAULT_CONFIG_FILE, ENV_PREFIX, Sources, load, load_unvalidated, load_with};
 pub use settings::{
-    AdminSettings, BrokerSettings, ConsumerSettings, HttpSettings, LogFormat, LogSettings, OnPause,
-    OtlpProtocol, QueueType, ReconnectSettings, RetrySettings, SafetyChecks, Settings,
-    TelemetrySettings, WorkerSettings, compact_duration,
+    AdminSettings, AppSection, BrokerSettings, ConsumerSettings, HttpSettings, LogFormat,
+    LogSettings, OnPause, OtlpProtocol, QueueType, ReconnectSettings, RetrySettings, SafetyChecks,
+    Settings, TelemetrySettings, WorkerSettings, compact_duration,
 };
 pub use validate::{MAX_DURATION, MAX_RETRY_DELAY, MAX_THREADS};
 

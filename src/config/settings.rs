@@ -27,6 +27,80 @@ pub struct Settings {
     pub breakers: BTreeMap<String, BreakerConfig>,
     /// `[[consumers]]`: one per queue.
     pub consumers: Vec<ConsumerSettings>,
+    /// `[app]`: the application's own settings, in the same files and
+    /// `RABBIT_GUARD__APP__…` variables; the worker does not read them.
+    /// Read them typed with [`load_with`](super::load_with) or
+    /// [`AppSection::read`]. Never printed.
+    #[serde(skip_serializing)]
+    pub app: AppSection,
+}
+
+/// The raw `[app]` table of a config, read into the application's own type
+/// with [`read`](Self::read). Its `Debug` shows the keys, never the values
+/// (they may be secrets).
+#[derive(Clone, Default, PartialEq)]
+pub struct AppSection {
+    raw: Option<config::Value>,
+}
+
+impl std::fmt::Debug for AppSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<String> = match self.raw.clone().map(config::Value::into_table) {
+            Some(Ok(table)) => table.into_keys().collect(),
+            _ => Vec::new(),
+        };
+        f.debug_struct("AppSection")
+            .field("present", &self.raw.is_some())
+            .field("keys", &keys)
+            .finish()
+    }
+}
+
+impl AppSection {
+    /// True when the config has an `[app]` table.
+    #[must_use]
+    pub fn is_present(&self) -> bool {
+        self.raw.is_some()
+    }
+
+    /// The table as `A`. A missing table reads as an empty one, so an `A`
+    /// whose fields all have defaults needs none. Text from environment
+    /// variables becomes a number or boolean where `A` takes one.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::App`](super::ConfigError::App) naming the key when
+    /// the table does not fit `A`.
+    pub fn read<A: serde::de::DeserializeOwned>(&self) -> Result<A, super::ConfigError> {
+        let raw = self.raw.clone().unwrap_or_else(|| {
+            config::Value::new(None, config::ValueKind::Table(config::Map::new()))
+        });
+        let mut track = serde_path_to_error::Track::new();
+        A::deserialize(serde_path_to_error::Deserializer::new(raw, &mut track)).map_err(|e| {
+            let path = track.path().to_string();
+            super::ConfigError::App {
+                key: if path == "." || path.is_empty() {
+                    "app".to_owned()
+                } else {
+                    format!("app.{path}")
+                },
+                message: {
+                    // The key is named in front; drop config-rs' own mention.
+                    let text = super::load::without_any_values(&e.to_string());
+                    text.rsplit_once(" for key `")
+                        .map_or(text.clone(), |(m, _)| m.to_owned())
+                },
+            }
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for AppSection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self {
+            raw: Some(config::Value::deserialize(d)?),
+        })
+    }
 }
 
 impl Settings {
@@ -377,6 +451,11 @@ pub struct RetrySettings {
     /// with reason `retries-exhausted`. Empty: no retries.
     #[serde(with = "duration_list")]
     pub delays: Vec<Duration>,
+    /// Calls made again at once, in the same delivery, after a transient or
+    /// `retry` failure and before the message waits in a delay level (as
+    /// NServiceBus' and MassTransit's immediate retries). Each call counts
+    /// against the breaker; they stop as soon as it opens. 0 (default): none.
+    pub immediate: u32,
 }
 
 impl Default for RetrySettings {
@@ -387,6 +466,7 @@ impl Default for RetrySettings {
                 Duration::from_secs(30),
                 Duration::from_secs(120),
             ],
+            immediate: 0,
         }
     }
 }

@@ -97,7 +97,7 @@ impl Settings {
                 own.push(problem(
                     format!("consumers[{i}].queue"),
                     quoted(&c.queue),
-                    "this queue already has a consumer above; one consumer per queue",
+                    "this queue already has a consumer above: one consumer per queue in a process, because its pause at the broker, its probes, its delay queues and its counters are the queue's; for more throughput raise its concurrency (and prefetch), or run more worker processes, each its own consumer at the broker",
                 ));
             }
             out.extend(own);
@@ -421,6 +421,16 @@ impl ConsumerSettings {
                     ),
                 ));
             }
+        }
+        if self.retry.immediate > crate::limits::MAX_IMMEDIATE_RETRIES {
+            out.push(problem(
+                key("retry.immediate"),
+                Some(self.retry.immediate.to_string()),
+                format!(
+                    "must be at most {}: each is another call to a failing dependency within one delivery; use retry.delays to wait between attempts",
+                    crate::limits::MAX_IMMEDIATE_RETRIES
+                ),
+            ));
         }
         if self.delivery_limit.is_some() && self.queue_type != super::settings::QueueType::Quorum {
             out.push(problem(

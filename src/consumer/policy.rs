@@ -12,6 +12,8 @@ pub(crate) enum Outcome {
     Success,
     /// The handler said the dependency failed.
     Transient(String),
+    /// The handler asked for another try, not the dependency's fault.
+    Retry(String),
     /// The call outlived `call_timeout` and was cancelled.
     TimedOut(Duration),
     Permanent(String),
@@ -20,10 +22,32 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// Index in [`HANDLER_OUTCOMES`](super::HANDLER_OUTCOMES).
+    pub(crate) fn index(&self) -> usize {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Transient(_) => 1,
+            Outcome::Retry(_) => 2,
+            Outcome::TimedOut(_) => 3,
+            Outcome::Permanent(_) => 4,
+            Outcome::Decode(_) => 5,
+            Outcome::Panic(_) => 6,
+        }
+    }
+
+    /// Worth calling again: the dependency failed or the handler asked.
+    pub(crate) fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Transient(_) | Outcome::TimedOut(_) | Outcome::Retry(_)
+        )
+    }
+
     pub(crate) fn error_text(&self) -> String {
         match self {
             Outcome::Success => String::new(),
             Outcome::Transient(e)
+            | Outcome::Retry(e)
             | Outcome::Permanent(e)
             | Outcome::Decode(e)
             | Outcome::Panic(e) => e.clone(),
@@ -75,40 +99,115 @@ pub(crate) const MAX_VERDICT_WAIT: Duration = Duration::from_secs(2);
 /// failures with no verdict either way count; outage deferrals never do.
 pub(crate) const MAX_INCONCLUSIVE: u32 = 3;
 
+/// The shortest delay level at least `wait` long, if any.
+pub(crate) fn level_at_least(delays: &[Duration], wait: Duration) -> Option<usize> {
+    delays
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| **d >= wait)
+        .min_by_key(|(_, d)| **d)
+        .map(|(i, _)| i)
+}
+
+/// The outcome's error text says why a message is dead-lettered when the
+/// handler asked for a wait longer than every delay level.
+pub(crate) fn with_wait_note(
+    outcome: Outcome,
+    retry_after: Option<Duration>,
+    delays: &[Duration],
+) -> Outcome {
+    let Some(wait) = retry_after else {
+        return outcome;
+    };
+    if level_at_least(delays, wait).is_some() {
+        return outcome;
+    }
+    let note = |e: String| {
+        let longest = delays.iter().max().map_or_else(
+            || "none".to_owned(),
+            |d| humantime::format_duration(*d).to_string(),
+        );
+        format!(
+            "{e} (retry_after {} is longer than every retry delay; the longest is {longest})",
+            humantime::format_duration(wait)
+        )
+    };
+    match outcome {
+        Outcome::Transient(e) => Outcome::Transient(note(e)),
+        Outcome::Retry(e) => Outcome::Retry(note(e)),
+        other => other,
+    }
+}
+
 /// Decides what to do with a message.
 ///
 /// `outage_suspected` is true when the call was a half-open probe or the
 /// breaker was no longer closed right after recording it: such a failure is
 /// the dependency's, not the message's, and must not use up an attempt.
+/// `retry_after` (the handler's wish) picks the delay level of a counted
+/// retry: the shortest at least that long; none that long dead-letters.
 pub(crate) fn decide(
     outcome: &Outcome,
     attempt: u32,
-    delays: usize,
+    delays: &[Duration],
+    retry_after: Option<Duration>,
     outage_suspected: bool,
 ) -> Decision {
     let final_ = Decision::Final;
+    let attempt = attempt.max(1);
+    // `Some(None)`: a wait no level is long enough for.
+    let wanted = retry_after.map(|wait| level_at_least(delays, wait));
+    let counted_retry = || match wanted {
+        None => Disposition::Retry {
+            level: attempt as usize - 1,
+            next_attempt: attempt + 1,
+        },
+        Some(Some(level)) => Disposition::Retry {
+            level,
+            next_attempt: attempt + 1,
+        },
+        Some(None) => Disposition::DeadLetter(DeadLetterReason::RetriesExhausted),
+    };
     match outcome {
         Outcome::Success => final_(Disposition::Ack),
         Outcome::Permanent(_) => final_(Disposition::DeadLetter(DeadLetterReason::Permanent)),
         Outcome::Decode(_) => final_(Disposition::DeadLetter(DeadLetterReason::Decode)),
         Outcome::Panic(_) => final_(Disposition::DeadLetter(DeadLetterReason::Panic)),
+        // Not the dependency's fault: no outage deferral, no verdict.
+        Outcome::Retry(_) if (attempt as usize) <= delays.len() => final_(counted_retry()),
+        Outcome::Retry(_) => final_(Disposition::DeadLetter(DeadLetterReason::RetriesExhausted)),
         Outcome::Transient(_) | Outcome::TimedOut(_) => {
-            let attempt = attempt.max(1);
             if outage_suspected {
+                // An outage never dead-letters; a longer wait than the
+                // attempt's own level is honoured where a level allows it.
+                let own = defer_level(attempt, delays.len());
+                let level = match (own, wanted) {
+                    (Some(own), Some(Some(w))) => {
+                        Some(if delays[w] > delays[own] { w } else { own })
+                    }
+                    (Some(_), Some(None)) => Some(longest_level(delays)),
+                    (own, _) => own,
+                };
                 final_(Disposition::Defer {
-                    level: defer_level(attempt, delays),
+                    level,
                     inconclusive: false,
                 })
-            } else if (attempt as usize) <= delays {
-                final_(Disposition::Retry {
-                    level: attempt as usize - 1,
-                    next_attempt: attempt + 1,
-                })
+            } else if (attempt as usize) <= delays.len() {
+                final_(counted_retry())
             } else {
                 Decision::NeedsVerdict
             }
         }
     }
+}
+
+/// The index of the longest delay (0 when there is one level).
+fn longest_level(delays: &[Duration]) -> usize {
+    delays
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, d)| **d)
+        .map_or(0, |(i, _)| i)
 }
 
 /// The delay level a deferred message waits in: the one its current attempt
@@ -146,9 +245,13 @@ pub(crate) fn after_verdict(
 mod tests {
     use super::*;
 
-    /// `decide`'s disposition, when it has one.
+    /// `decide` with `delays` levels of 1 s, 2 s, …, no wait asked for.
     fn decide(outcome: &Outcome, attempt: u32, delays: usize, outage: bool) -> Decision {
-        super::decide(outcome, attempt, delays, outage)
+        super::decide(outcome, attempt, &levels(delays), None, outage)
+    }
+
+    fn levels(n: usize) -> Vec<Duration> {
+        (1..=n as u64).map(Duration::from_secs).collect()
     }
 
     fn fin(d: Disposition) -> Decision {
@@ -231,6 +334,102 @@ mod tests {
         assert_eq!(
             after_verdict(HealthVerdict::Unknown, 3, MAX_INCONCLUSIVE, 2),
             Disposition::DeadLetter(DeadLetterReason::RetriesExhausted)
+        );
+    }
+
+    #[test]
+    fn retry_after_picks_the_shortest_level_at_least_that_long() {
+        let delays = [
+            Duration::from_secs(5),
+            Duration::from_secs(120),
+            Duration::from_secs(30),
+        ];
+        let wait = |secs| {
+            super::decide(
+                &transient(),
+                1,
+                &delays,
+                Some(Duration::from_secs(secs)),
+                false,
+            )
+        };
+        let retry = |level| {
+            fin(Disposition::Retry {
+                level,
+                next_attempt: 2,
+            })
+        };
+        assert_eq!(wait(1), retry(0));
+        assert_eq!(wait(5), retry(0));
+        assert_eq!(
+            wait(6),
+            retry(2),
+            "30 s is the shortest level of at least 6 s"
+        );
+        assert_eq!(wait(31), retry(1));
+        assert_eq!(
+            wait(121),
+            fin(Disposition::DeadLetter(DeadLetterReason::RetriesExhausted)),
+            "no level waits that long"
+        );
+        // The attempt still counts: past the last level the usual verdict.
+        assert_eq!(
+            super::decide(
+                &transient(),
+                4,
+                &delays,
+                Some(Duration::from_secs(1)),
+                false
+            ),
+            Decision::NeedsVerdict
+        );
+        // An outage never dead-letters; the longer of the two waits is kept.
+        assert_eq!(
+            super::decide(
+                &transient(),
+                1,
+                &delays,
+                Some(Duration::from_secs(600)),
+                true
+            ),
+            fin(defer(Some(1), false))
+        );
+        assert_eq!(
+            super::decide(&transient(), 3, &delays, Some(Duration::from_secs(6)), true),
+            fin(defer(Some(2), false)),
+            "attempt 3's own level (30 s) is longer than the 6 s asked for"
+        );
+        let noted = with_wait_note(transient(), Some(Duration::from_secs(600)), &delays);
+        assert!(
+            noted
+                .error_text()
+                .contains("retry_after 10m is longer than every retry delay; the longest is 2m"),
+            "{noted:?}"
+        );
+        assert_eq!(
+            with_wait_note(transient(), Some(Duration::from_secs(6)), &delays),
+            transient()
+        );
+    }
+
+    #[test]
+    fn retry_is_counted_without_outage_deferral_or_verdict() {
+        let retry = Outcome::Retry("row locked".into());
+        assert_eq!(
+            decide(&retry, 1, 2, true),
+            fin(Disposition::Retry {
+                level: 0,
+                next_attempt: 2
+            }),
+            "not the dependency's fault: an open breaker does not make it a deferral"
+        );
+        assert_eq!(
+            decide(&retry, 3, 2, false),
+            fin(Disposition::DeadLetter(DeadLetterReason::RetriesExhausted))
+        );
+        assert_eq!(
+            decide(&retry, 1, 0, false),
+            fin(Disposition::DeadLetter(DeadLetterReason::RetriesExhausted))
         );
     }
 }

@@ -11,7 +11,6 @@ pub struct ConsumerStats {
     pub(crate) delayed_by_level: Vec<AtomicU64>,
     /// True while a session (channel and publisher) is established.
     pub(crate) session_active: AtomicBool,
-    /// Handler durations, in seconds.
     /// Handler durations, one histogram per [`HANDLER_OUTCOMES`] entry.
     pub(crate) handler_seconds: Option<Vec<metrics::Histogram>>,
     pub(crate) received: AtomicU64,
@@ -19,6 +18,7 @@ pub struct ConsumerStats {
     pub(crate) succeeded: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) timed_out: AtomicU64,
+    pub(crate) immediate_retries: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) deferred: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
@@ -50,6 +50,8 @@ pub struct StatsSnapshot {
     pub failed: u64,
     /// Of those, calls that outlived `call_timeout`.
     pub timed_out: u64,
+    /// Calls made again at once after a failure (`retry.immediate`).
+    pub immediate_retries: u64,
     /// Moved to a delay queue as a counted attempt.
     pub retried: u64,
     /// Moved back without counting an attempt (the dependency's fault).
@@ -75,9 +77,10 @@ pub struct StatsSnapshot {
 }
 
 /// How a handler call ended, as the duration histogram's `outcome` label.
-pub const HANDLER_OUTCOMES: [&str; 6] = [
+pub const HANDLER_OUTCOMES: [&str; 7] = [
     "success",
     "transient",
+    "retry",
     "timeout",
     "permanent",
     "decode",
@@ -144,6 +147,7 @@ impl ConsumerStats {
             succeeded: r(&self.succeeded),
             failed: r(&self.failed),
             timed_out: r(&self.timed_out),
+            immediate_retries: r(&self.immediate_retries),
             retried: r(&self.retried),
             deferred: r(&self.deferred),
             dead_lettered: r(&self.dead_lettered),

@@ -24,7 +24,7 @@ use crate::amqp::headers::{self, header_u64, number, text};
 use crate::amqp::publish::{PublishError, Publisher};
 use crate::breaker::{Breaker, CallOutcome, HealthVerdict, Permit};
 use crate::dead_letter::{DeadLetterReason, MAX_ERROR_LEN};
-use crate::handler::{CallResult, Context, ErasedHandler, HandlerError};
+use crate::handler::{CallResult, Context, ErasedHandler, ErrorKind};
 use crate::text::truncate;
 use crate::topology::Topology;
 
@@ -35,6 +35,10 @@ pub(crate) struct ConsumerShared {
     pub(crate) handler: Arc<dyn ErasedHandler>,
     pub(crate) breaker: Breaker,
     pub(crate) topology: Topology,
+    /// The retry delays, level by level (as in `topology.delay_queues`).
+    pub(crate) delays: Vec<Duration>,
+    /// `retry.immediate`: calls made again at once before a delay level.
+    pub(crate) immediate_retries: u32,
     pub(crate) stats: Arc<ConsumerStats>,
     /// Deliveries that may wait for a health verdict at once: `prefetch -
     /// concurrency`, so waiting never starves the handlers of deliveries
@@ -128,63 +132,52 @@ pub(crate) async fn run(
     publisher: Publisher,
     session: CancellationToken,
 ) -> Finished {
+    let mut ctx = ctx;
+    ctx.set_publisher(publisher.clone());
     let span = delivery_span(&shared.queue, &ctx);
     tracing::Instrument::instrument(handle(shared, ctx, permit, slot, publisher, session), span)
         .await
 }
 
-async fn handle(
-    shared: Arc<ConsumerShared>,
-    ctx: Context,
-    permit: Permit,
-    slot: OwnedSemaphorePermit,
-    publisher: Publisher,
-    session: CancellationToken,
-) -> Finished {
-    let tag = ctx.delivery_tag();
+/// One handler call's result, timeouts and panics included.
+struct Call {
+    outcome: Outcome,
+    /// What the handler asked for with `retry_after`.
+    retry_after: Option<Duration>,
+    ended: Instant,
+    elapsed: Duration,
+}
+
+/// Calls the handler once under the call timeout, panics caught, and
+/// records its duration.
+async fn call_once(shared: &ConsumerShared, ctx: &Context) -> Call {
     let call_timeout = shared.breaker.config().call_timeout;
     let running = InFlight::new(&shared.stats);
     let started = tokio::time::Instant::now();
-    let call = AssertUnwindSafe(shared.handler.call(&ctx)).catch_unwind();
-    let outcome = match tokio::time::timeout(call_timeout, call).await {
-        Err(_) => Outcome::TimedOut(call_timeout),
-        Ok(Err(payload)) => Outcome::Panic(panic_text(payload.as_ref())),
-        Ok(Ok(CallResult::Ok)) => Outcome::Success,
-        Ok(Ok(CallResult::Decode(e))) => Outcome::Decode(e.0),
-        Ok(Ok(CallResult::Failed(e @ HandlerError::Transient(_)))) => {
-            Outcome::Transient(e.to_string())
+    let call = AssertUnwindSafe(shared.handler.call(ctx)).catch_unwind();
+    let (outcome, retry_after) = match tokio::time::timeout(call_timeout, call).await {
+        Err(_) => (Outcome::TimedOut(call_timeout), None),
+        Ok(Err(payload)) => (Outcome::Panic(panic_text(payload.as_ref())), None),
+        Ok(Ok(CallResult::Ok)) => (Outcome::Success, None),
+        Ok(Ok(CallResult::Decode(e))) => (Outcome::Decode(e.0), None),
+        Ok(Ok(CallResult::Failed(e))) => {
+            let wait = e.retry_after_hint();
+            let text = e.to_string();
+            match e.kind() {
+                ErrorKind::Transient => (Outcome::Transient(text), wait),
+                ErrorKind::Retry => (Outcome::Retry(text), wait),
+                ErrorKind::Permanent => (Outcome::Permanent(text), None),
+            }
         }
-        Ok(Ok(CallResult::Failed(e))) => Outcome::Permanent(e.to_string()),
     };
     let ended = tokio::time::Instant::now();
     let elapsed = ended.saturating_duration_since(started);
     drop(running);
-    if let Some(h) = &shared.stats.handler_seconds {
-        let index = match outcome {
-            Outcome::Success => 0,
-            Outcome::Transient(_) => 1,
-            Outcome::TimedOut(_) => 2,
-            Outcome::Permanent(_) => 3,
-            Outcome::Decode(_) => 4,
-            Outcome::Panic(_) => 5,
-        };
-        if let Some(h) = h.get(index) {
-            h.record(elapsed.as_secs_f64());
-        }
+    if let Some(h) = &shared.stats.handler_seconds
+        && let Some(h) = h.get(outcome.index())
+    {
+        h.record(elapsed.as_secs_f64());
     }
-
-    let is_probe = permit.is_probe();
-    let successes_at_start = permit.successes_at_start();
-    // Record before freeing the concurrency slot: a failure that trips the
-    // breaker must be seen before the loop can start another call.
-    let call = match outcome {
-        Outcome::Success => CallOutcome::Success,
-        Outcome::Transient(_) | Outcome::TimedOut(_) => CallOutcome::Failure,
-        Outcome::Permanent(_) | Outcome::Decode(_) | Outcome::Panic(_) => CallOutcome::Ignored,
-    };
-    let state_after = permit.record(call.took(elapsed).ended(ended));
-    // The handler is done: free its slot before any publishing.
-    drop(slot);
     match outcome {
         Outcome::Success => inc(&shared.stats.succeeded),
         Outcome::TimedOut(_) => {
@@ -194,9 +187,74 @@ async fn handle(
         Outcome::Transient(_) => inc(&shared.stats.failed),
         _ => {}
     }
+    Call {
+        outcome,
+        retry_after,
+        ended,
+        elapsed,
+    }
+}
+
+async fn handle(
+    shared: Arc<ConsumerShared>,
+    ctx: Context,
+    mut permit: Permit,
+    slot: OwnedSemaphorePermit,
+    publisher: Publisher,
+    session: CancellationToken,
+) -> Finished {
+    let tag = ctx.delivery_tag();
+    let mut immediate_left = shared.immediate_retries;
+    let (call, state_after, is_probe, successes_at_start) = loop {
+        let call = call_once(&shared, &ctx).await;
+        let is_probe = permit.is_probe();
+        let successes_at_start = permit.successes_at_start();
+        // Record before freeing the concurrency slot: a failure that trips
+        // the breaker must be seen before the loop can start another call.
+        let record = match call.outcome {
+            Outcome::Success => CallOutcome::Success,
+            Outcome::Transient(_) | Outcome::TimedOut(_) => CallOutcome::Failure,
+            Outcome::Retry(_) | Outcome::Permanent(_) | Outcome::Decode(_) | Outcome::Panic(_) => {
+                CallOutcome::Ignored
+            }
+        };
+        let state_after = permit.record(record.took(call.elapsed).ended(call.ended));
+        // Immediate retries: only for failures worth retrying, never for a
+        // probe (one trial decides), and only while the breaker admits
+        // every call and gives a new permit, so they stop the moment it opens.
+        if immediate_left > 0
+            && call.outcome.is_retryable()
+            && !is_probe
+            && state_after.admits_all()
+            && !session.is_cancelled()
+            && let Ok(next) = shared.breaker.try_acquire()
+            && !next.is_probe()
+        {
+            immediate_left -= 1;
+            inc(&shared.stats.immediate_retries);
+            debug!(
+                queue = %shared.queue,
+                attempt = ctx.attempt(),
+                error = %call.outcome.error_text(),
+                "retrying at once"
+            );
+            permit = next;
+            continue;
+        }
+        break (call, state_after, is_probe, successes_at_start);
+    };
+    // The handler is done: free its slot before any publishing.
+    drop(slot);
     let outage_suspected = is_probe || !state_after.admits_all();
-    let delays = shared.topology.delay_queues.len();
-    let disposition = match policy::decide(&outcome, ctx.attempt(), delays, outage_suspected) {
+    let delays = &shared.delays;
+    let outcome = policy::with_wait_note(call.outcome, call.retry_after, delays);
+    let disposition = match policy::decide(
+        &outcome,
+        ctx.attempt(),
+        delays,
+        call.retry_after,
+        outage_suspected,
+    ) {
         Decision::Final(d) => d,
         Decision::NeedsVerdict => {
             match verdict(&shared, &ctx, successes_at_start, &session).await {
@@ -210,7 +268,7 @@ async fn handle(
             }
         }
     };
-    log_failure(&shared, &ctx, &outcome, &disposition, ended);
+    log_failure(&shared, &ctx, &outcome, &disposition, call.ended);
     let settle = apply(&shared, &ctx, &outcome, &disposition, &publisher, &session).await;
     Finished { tag, settle }
 }
@@ -226,6 +284,7 @@ fn log_failure(
     let kind = match outcome {
         Outcome::Success => return,
         Outcome::Transient(_) => "transient",
+        Outcome::Retry(_) => "retry",
         Outcome::TimedOut(_) => "timeout",
         Outcome::Permanent(_) => "permanent",
         Outcome::Decode(_) => "decode",
@@ -660,6 +719,7 @@ mod tests {
                 queue: "orders".into(),
                 retry: RetrySettings {
                     delays: vec![Duration::from_secs(1), Duration::from_secs(5)],
+                    ..RetrySettings::default()
                 },
                 ..ConsumerSettings::default()
             },

@@ -36,7 +36,7 @@ pub const MAX_ERROR_LEN: usize = 4096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum DeadLetterReason {
-    /// The handler said the message is bad ([`HandlerError::Permanent`](crate::handler::HandlerError::Permanent)).
+    /// The handler said the message is bad ([`HandlerError::permanent`](crate::handler::HandlerError::permanent)).
     Permanent,
     /// The body could not be decoded into the handler's message type.
     Decode,

@@ -165,6 +165,7 @@ fn demo_settings(broker: &BrokerSettings, prefix: &str, url: String) -> Settings
         concurrency: 4,
         retry: RetrySettings {
             delays: vec![Duration::from_secs(1), Duration::from_secs(3)],
+            ..RetrySettings::default()
         },
         http: Some(HttpSettings::to(url)),
         ..ConsumerSettings::default()

@@ -6,18 +6,29 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::amqp::headers::{self, header_u64, value_str};
+use crate::amqp::publish::Publisher;
 
-/// The delivery a handler is working on: properties, headers, attempt number.
+use super::HandlerError;
+
+/// The delivery a handler is working on: properties, headers, attempt
+/// number, and a way to publish. Cheap to clone (the delivery is shared), so
+/// a [`handler_fn`](super::handler_fn) takes it by value.
 #[derive(Debug, Clone)]
 pub struct Context {
-    pub(crate) queue: Arc<str>,
-    pub(crate) delivery_tag: u64,
-    pub(crate) exchange: String,
-    pub(crate) routing_key: String,
-    pub(crate) redelivered: bool,
-    pub(crate) properties: BasicProperties,
-    pub(crate) body: Vec<u8>,
-    pub(crate) attempt: u32,
+    delivery: Arc<Delivery>,
+    publisher: Option<Publisher>,
+}
+
+#[derive(Debug)]
+struct Delivery {
+    queue: Arc<str>,
+    delivery_tag: u64,
+    exchange: String,
+    routing_key: String,
+    redelivered: bool,
+    properties: BasicProperties,
+    body: Vec<u8>,
+    attempt: u32,
 }
 
 impl Context {
@@ -44,15 +55,23 @@ impl Context {
             .filter(|n| (1..=last_attempt).contains(n))
             .unwrap_or(1);
         Self {
-            queue,
-            delivery_tag,
-            exchange,
-            routing_key,
-            redelivered,
-            properties,
-            body,
-            attempt,
+            delivery: Arc::new(Delivery {
+                queue,
+                delivery_tag,
+                exchange,
+                routing_key,
+                redelivered,
+                properties,
+                body,
+                attempt,
+            }),
+            publisher: None,
         }
+    }
+
+    /// Handler publishes go out on the consumer's publishing connection.
+    pub(crate) fn set_publisher(&mut self, publisher: Publisher) {
+        self.publisher = Some(publisher);
     }
 
     /// A context for unit-testing a handler without a broker.
@@ -73,19 +92,24 @@ impl Context {
     /// The queue the message was consumed from.
     #[must_use]
     pub fn queue(&self) -> &str {
-        &self.queue
+        &self.delivery.queue
     }
 
     /// The message's `message_id` property, if the publisher set one.
     #[must_use]
     pub fn message_id(&self) -> Option<&str> {
-        self.properties.message_id().as_ref().map(|s| s.as_str())
+        self.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str())
     }
 
     /// The `correlation_id` property.
     #[must_use]
     pub fn correlation_id(&self) -> Option<&str> {
-        self.properties
+        self.delivery
+            .properties
             .correlation_id()
             .as_ref()
             .map(|s| s.as_str())
@@ -94,45 +118,49 @@ impl Context {
     /// The `content_type` property, e.g. `application/json`.
     #[must_use]
     pub fn content_type(&self) -> Option<&str> {
-        self.properties.content_type().as_ref().map(|s| s.as_str())
+        self.delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|s| s.as_str())
     }
 
     /// True when the broker has delivered this message before (to this or
     /// another consumer) without it being acknowledged.
     #[must_use]
     pub fn redelivered(&self) -> bool {
-        self.redelivered
+        self.delivery.redelivered
     }
 
     /// Which attempt this is: 1 the first time, 2 after one transient failure
     /// and a delay, and so on. Kept in the `rg-attempt` header.
     #[must_use]
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.delivery.attempt
     }
 
     /// The exchange the message was published to (empty for the default exchange).
     #[must_use]
     pub fn exchange(&self) -> &str {
-        &self.exchange
+        &self.delivery.exchange
     }
 
     /// The routing key it was published with.
     #[must_use]
     pub fn routing_key(&self) -> &str {
-        &self.routing_key
+        &self.delivery.routing_key
     }
 
     /// All message properties.
     #[must_use]
     pub fn properties(&self) -> &BasicProperties {
-        &self.properties
+        &self.delivery.properties
     }
 
     /// The application headers (empty when there are none).
     #[must_use]
     pub fn headers(&self) -> Option<&FieldTable> {
-        self.properties.headers().as_ref()
+        self.delivery.properties.headers().as_ref()
     }
 
     /// One header's raw value.
@@ -150,13 +178,74 @@ impl Context {
     /// The raw body bytes.
     #[must_use]
     pub fn body(&self) -> &[u8] {
-        &self.body
+        &self.delivery.body
     }
 
     /// The delivery tag (per channel; for logs).
     #[must_use]
     pub fn delivery_tag(&self) -> u64 {
-        self.delivery_tag
+        self.delivery.delivery_tag
+    }
+}
+
+impl Context {
+    /// Publishes a message with publisher confirms on the worker's
+    /// publishing connection (the one retries and dead letters use, so it
+    /// shares the blocked-connection handling), `mandatory`, and waits for
+    /// the broker to confirm it.
+    ///
+    /// # Errors
+    ///
+    /// A transient [`HandlerError`] when the broker did not store it
+    /// (refused, unroutable, connection lost, no confirm within the publish
+    /// timeout): the delivery is then retried like any transient failure, so
+    /// a handler that publishes must tolerate publishing twice.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), HandlerError> {
+        let Some(publisher) = &self.publisher else {
+            return Err(HandlerError::transient(
+                "this context has no publishing connection (Context::for_test)",
+            ));
+        };
+        publisher
+            .publish_confirmed(exchange, routing_key, body, properties)
+            .await
+            .map_err(|e| {
+                HandlerError::transient(format!(
+                    "publishing to exchange {exchange:?} with routing key {routing_key:?}: {e}"
+                ))
+            })
+    }
+
+    /// Answers an RPC request: publishes `body` to the default exchange with
+    /// the request's `reply_to` as routing key and its `correlation_id`
+    /// (when it has one) set on `properties`, confirmed as [`publish`](Self::publish).
+    ///
+    /// # Errors
+    ///
+    /// A permanent [`HandlerError`] when the request has no `reply_to` (no
+    /// retry will give it one); a transient one when the reply was not
+    /// stored, as [`publish`](Self::publish).
+    pub async fn reply(
+        &self,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), HandlerError> {
+        let Some(reply_to) = self.delivery.properties.reply_to().as_ref() else {
+            return Err(HandlerError::permanent(
+                "the request has no reply_to property: there is nowhere to send the reply",
+            ));
+        };
+        let properties = match self.correlation_id() {
+            Some(id) => properties.with_correlation_id(id.into()),
+            None => properties,
+        };
+        self.publish("", reply_to.as_str(), body, properties).await
     }
 }
 

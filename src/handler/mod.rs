@@ -28,24 +28,30 @@
 //! }
 //! ```
 //!
-//! Outcomes: `Ok(())` acks; [`HandlerError::Transient`] retries through the
-//! delay queues and counts against the breaker; [`HandlerError::Permanent`]
+//! Outcomes: `Ok(())` acks; [`HandlerError::transient`] retries through the
+//! delay queues and counts against the breaker; [`HandlerError::retry`]
+//! retries without counting; [`HandlerError::permanent`]
 //! and bodies that fail to [`Decode`] are dead-lettered at once; a panic is
 //! caught and the message dead-lettered with reason `panic`. Every call is
 //! bounded by the breaker's `call_timeout`; a call that outlives it is a
 //! transient failure.
+//!
+//! A plain async function works too: [`handler_fn`], and [`with_state`] for
+//! one that shares a pool or client.
 
 mod context;
 mod decode;
 mod erased;
 mod error;
+mod func;
 
 use std::future::Future;
 
 pub use context::Context;
 pub use decode::{Decode, DecodeError, Json};
 pub(crate) use erased::{CallResult, ErasedHandler, erase};
-pub use error::{BoxError, HandlerError, ResultExt};
+pub use error::{BoxError, ErrorKind, HandlerError, ResultExt};
+pub use func::{HandlerFn, StatefulHandlerFn, handler_fn, with_state};
 
 /// Processes one queue's messages. Implement it with a plain `async fn`.
 ///

@@ -72,6 +72,46 @@ impl WorkerBuilder {
         self
     }
 
+    /// The settings the worker will run with (its `app` section included).
+    #[must_use]
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Runs an async setup with the builder: open pools and clients from
+    /// the loaded settings, then register the handlers that own them.
+    ///
+    /// ```no_run
+    /// # use rabbit_guard::builtin_handlers::NoopHandler;
+    /// # async fn f(settings: rabbit_guard::config::Settings) -> Result<(), rabbit_guard::Error> {
+    /// #[derive(serde::Deserialize, Default)]
+    /// #[serde(default)]
+    /// struct App { billing_url: String }
+    ///
+    /// rabbit_guard::Worker::builder(settings)
+    ///     .setup(|worker| async move {
+    ///         let app: App = worker.settings().app.read()?;
+    ///         let client = reqwest::Client::builder().build()?;
+    ///         # let _ = (app, client);
+    ///         Ok(worker.handler("charge", NoopHandler))
+    ///     })
+    ///     .await?
+    ///     .run()
+    ///     .await
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Setup`] with the setup's own error.
+    pub async fn setup<F, Fut>(self, setup: F) -> Result<Self, Error>
+    where
+        F: FnOnce(Self) -> Fut,
+        Fut: std::future::Future<Output = Result<Self, crate::handler::BoxError>>,
+    {
+        setup(self).await.map_err(Error::setup)
+    }
+
     /// The names of the handlers registered so far.
     #[must_use]
     pub fn handler_names(&self) -> Vec<&str> {
@@ -118,6 +158,8 @@ impl WorkerBuilder {
                 handler,
                 breaker,
                 topology: Topology::of(index, c),
+                delays: c.retry.delays.clone(),
+                immediate_retries: c.retry.immediate,
                 stats: Arc::new(ConsumerStats::new(
                     c.retry.delays.len(),
                     // Durations are only kept for an endpoint that can serve them.

@@ -35,6 +35,7 @@ pub fn settings(prefix: &str, handler: &str, breaker: BreakerConfig) -> Settings
         concurrency: 8,
         retry: RetrySettings {
             delays: vec![Duration::from_millis(500), Duration::from_secs(1)],
+            ..RetrySettings::default()
         },
         ..ConsumerSettings::default()
     });
