@@ -51,7 +51,7 @@ pub enum Error {
     },
     /// A queue or exchange already exists with other arguments.
     #[error(
-        "consumers[{index}]: {detail}; make the consumer's settings match the existing {kind} or delete it so it can be declared again"
+        "consumers[{index}]: {detail}; make the consumer's settings match the existing {kind}, delete it so it can be declared again, or, for a work queue declared by someone else, set consumers[{index}].declare = \"policy\" (keep its arguments; check-config prints the policy that adds dead-lettering) or \"passive\""
     )]
     TopologyMismatch {
         /// Which consumer.
@@ -63,7 +63,7 @@ pub enum Error {
     },
     /// A queue or exchange that must exist does not.
     #[error(
-        "consumers[{index}]: {detail}; declare it, or set consumers[{index}].declare = true to let rabbit-guard declare it"
+        "consumers[{index}]: {detail}; declare it, or set consumers[{index}].declare = \"full\" (or \"policy\" to declare all but the work queue) to let rabbit-guard declare it"
     )]
     TopologyMissing {
         /// Which consumer.

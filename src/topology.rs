@@ -13,7 +13,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
-use crate::config::{ConsumerSettings, QueueType};
+use crate::config::{Binding, ConsumerSettings, Declare, ExchangeType, QueueType};
 use crate::error::{Error, amqp_error};
 
 /// The names and arguments one consumer uses.
@@ -31,8 +31,10 @@ pub struct Topology {
     pub dead_letter_queue: String,
     /// `(delay, queue name)` per retry level, in order.
     pub delay_queues: Vec<(Duration, String)>,
-    /// Whether to declare (true) or only check that everything exists (false).
-    pub declare: bool,
+    /// How much of it to declare.
+    pub declare: Declare,
+    /// Exchanges the work queue is bound to.
+    pub bindings: Vec<Binding>,
     /// Quorum delivery limit to declare on the work queue.
     pub delivery_limit: Option<u32>,
 }
@@ -58,6 +60,7 @@ impl Topology {
                 .map(|d| (*d, c.delay_queue(*d)))
                 .collect(),
             declare: c.declare,
+            bindings: c.bind.clone(),
             delivery_limit: c.delivery_limit,
         }
     }
@@ -108,12 +111,11 @@ impl Topology {
         args
     }
 
-    fn queue_options(&self) -> QueueDeclareOptions {
-        QueueDeclareOptions {
-            durable: true,
-            passive: !self.declare,
-            ..QueueDeclareOptions::default()
-        }
+    /// True when rabbit-guard declares the queues beside the work queue
+    /// (and may declare them again after a copy found one missing).
+    #[must_use]
+    pub fn declares(&self) -> bool {
+        self.declare != Declare::Passive
     }
 
     fn error(&self, kind: &'static str, e: &lapin::Error) -> Error {
@@ -134,65 +136,204 @@ impl Topology {
         }
     }
 
-    async fn queue(&self, channel: &Channel, name: &str, args: FieldTable) -> Result<(), Error> {
-        let args = if self.declare {
-            args
-        } else {
-            FieldTable::default()
+    /// Declares queue `name` with `args`, or only checks that it exists.
+    async fn queue(
+        &self,
+        channel: &Channel,
+        name: &str,
+        args: FieldTable,
+        declare: bool,
+    ) -> Result<(), Error> {
+        let options = QueueDeclareOptions {
+            durable: true,
+            passive: !declare,
+            ..QueueDeclareOptions::default()
         };
+        let args = if declare { args } else { FieldTable::default() };
         channel
-            .queue_declare(ShortString::from(name), self.queue_options(), args)
+            .queue_declare(ShortString::from(name), options, args)
             .await
             .map(drop)
             .map_err(|e| self.error("queue", &e))
     }
 
-    /// Declares (or, with `declare = false`, checks) everything. Idempotent.
+    async fn exchange(
+        &self,
+        channel: &Channel,
+        name: &str,
+        kind: ExchangeKind,
+        declare: bool,
+    ) -> Result<(), Error> {
+        channel
+            .exchange_declare(
+                ShortString::from(name),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    passive: !declare,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| self.error("exchange", &e))
+    }
+
+    /// Declares (or checks, as `declare` says) everything. Idempotent.
     /// A broker error closes `channel`; use a channel of its own.
     ///
     /// # Errors
     ///
     /// [`Error::TopologyMismatch`] naming the queue and the differing argument
     /// when something exists with other arguments; [`Error::TopologyMissing`]
-    /// when `declare = false` and something is absent.
+    /// when something that must exist does not.
     pub async fn declare(&self, channel: &Channel) -> Result<(), Error> {
-        self.queue(channel, &self.queue, self.work_queue_args())
-            .await?;
+        let beside = self.declares();
+        self.queue(
+            channel,
+            &self.queue,
+            self.work_queue_args(),
+            self.declare == Declare::Full,
+        )
+        .await?;
         let mut dlq_args = FieldTable::default();
         self.type_args(&mut dlq_args);
-        self.queue(channel, &self.dead_letter_queue, dlq_args)
+        self.queue(channel, &self.dead_letter_queue, dlq_args, beside)
             .await?;
-        channel
-            .exchange_declare(
-                ShortString::from(self.dead_letter_exchange.as_str()),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    passive: !self.declare,
-                    ..ExchangeDeclareOptions::default()
-                },
+        self.exchange(
+            channel,
+            &self.dead_letter_exchange,
+            ExchangeKind::Direct,
+            beside,
+        )
+        .await?;
+        if beside {
+            self.bind(
+                channel,
+                &self.dead_letter_queue,
+                &self.dead_letter_exchange,
+                &self.dead_letter_queue,
                 FieldTable::default(),
             )
-            .await
-            .map_err(|e| self.error("exchange", &e))?;
-        if self.declare {
-            channel
-                .queue_bind(
-                    ShortString::from(self.dead_letter_queue.as_str()),
-                    ShortString::from(self.dead_letter_exchange.as_str()),
-                    ShortString::from(self.dead_letter_queue.as_str()),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| self.error("binding", &e))?;
+            .await?;
         }
         for (delay, name) in &self.delay_queues {
-            self.queue(channel, name, self.delay_queue_args(*delay))
+            self.queue(channel, name, self.delay_queue_args(*delay), beside)
                 .await?;
+        }
+        for b in &self.bindings {
+            // amq.* exchanges are the broker's own: they cannot be declared.
+            let declare_it = beside && !b.exchange.starts_with("amq.");
+            self.exchange(channel, &b.exchange, exchange_kind(b.kind), declare_it)
+                .await?;
+            self.bind(
+                channel,
+                &self.queue,
+                &b.exchange,
+                &b.routing_key,
+                binding_arguments(&b.arguments),
+            )
+            .await?;
         }
         Ok(())
     }
+
+    async fn bind(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), Error> {
+        channel
+            .queue_bind(
+                ShortString::from(queue),
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                QueueBindOptions::default(),
+                arguments,
+            )
+            .await
+            .map_err(|e| self.error("binding", &e))
+    }
+
+    /// With `declare = "policy"`: the `rabbitmqctl set_policy` command that
+    /// gives the work queue the broker-side dead-lettering (and delivery
+    /// limit) `declare = "full"` would have declared as arguments. `vhost`
+    /// is the broker URL's.
+    #[must_use]
+    pub fn policy_command(&self, vhost: &str) -> Option<String> {
+        if self.declare != Declare::Policy {
+            return None;
+        }
+        let mut definition = serde_json::json!({
+            "dead-letter-exchange": self.dead_letter_exchange,
+            "dead-letter-routing-key": self.dead_letter_queue,
+        });
+        if let (QueueType::Quorum, Some(limit)) = (self.queue_type, self.delivery_limit) {
+            definition["delivery-limit"] = limit.into();
+        }
+        let vhost = if vhost == "/" || vhost.is_empty() {
+            String::new()
+        } else {
+            format!("-p {} ", shell_quote(vhost))
+        };
+        let name = format!("rabbit-guard.{}", self.queue);
+        let pattern = format!("^{}$", regex_escape(&self.queue));
+        Some(format!(
+            "rabbitmqctl set_policy {vhost}--apply-to queues {} {} {}",
+            shell_quote(&name),
+            shell_quote(&pattern),
+            shell_quote(&definition.to_string())
+        ))
+    }
+}
+
+fn exchange_kind(kind: ExchangeType) -> ExchangeKind {
+    match kind {
+        ExchangeType::Direct => ExchangeKind::Direct,
+        ExchangeType::Topic => ExchangeKind::Topic,
+        ExchangeType::Fanout => ExchangeKind::Fanout,
+        ExchangeType::Headers => ExchangeKind::Headers,
+    }
+}
+
+/// Binding arguments as AMQP values: strings, integers, booleans
+/// (validation refuses anything else).
+fn binding_arguments(
+    arguments: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (k, v) in arguments {
+        let value = match v {
+            serde_json::Value::Bool(b) => AMQPValue::Boolean(*b),
+            serde_json::Value::Number(n) if n.is_i64() => {
+                AMQPValue::LongLongInt(n.as_i64().unwrap_or_default())
+            }
+            serde_json::Value::String(s) => long(s),
+            _ => continue,
+        };
+        table.insert(k.as_str().into(), value);
+    }
+    table
+}
+
+/// `s` as one shell word: in single quotes, a `'` written `'\''`.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// `s` matching itself in a regular expression (a queue name's `.`).
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 impl std::fmt::Display for Topology {

@@ -61,7 +61,7 @@ async fn a_missing_dead_letter_queue_is_retried_with_backoff_not_in_a_hot_loop()
     broker.declare(&consumer).await;
     // The worker only checks the topology, so it cannot re-create the
     // dead-letter queue once it is gone.
-    settings.consumers[0].declare = false;
+    settings.consumers[0].declare = rabbit_guard::config::Declare::Passive;
     let mut worker = Child::spawn(&settings, &["run"]);
     let q = consumer.queue.clone();
     assert!(

@@ -30,6 +30,7 @@ fn schema() -> Value {
     let mut s = serde_json::to_value(Settings::default()).unwrap_or_default();
     let consumer = ConsumerSettings {
         http: Some(HttpSettings::to("")),
+        bind: vec![super::settings::Binding::default()],
         ..ConsumerSettings::default()
     };
     s["consumers"] = json!([serde_json::to_value(consumer).unwrap_or_default()]);

@@ -348,6 +348,95 @@ pub enum QueueType {
     Quorum,
 }
 
+/// How much of a consumer's topology rabbit-guard declares (`declare`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Declare {
+    /// Declare everything, the work queue with its dead-lettering arguments
+    /// (`x-dead-letter-exchange`, `x-dead-letter-routing-key`,
+    /// `x-delivery-limit`). `true` means this.
+    #[default]
+    Full,
+    /// The work queue is someone else's: check that it exists and leave its
+    /// arguments alone; declare the dead-letter exchange and queue and the
+    /// delay queues. Its broker-side dead-lettering comes from a policy,
+    /// which `check-config` prints.
+    Policy,
+    /// Declare nothing: check that every queue and exchange exists. `false`
+    /// means this.
+    Passive,
+}
+
+impl Declare {
+    /// The name written in a config file.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Policy => "policy",
+            Self::Passive => "passive",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Declare {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Declare;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "\"full\", \"policy\" or \"passive\" (true and false mean full and passive)",
+                )
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Declare, E> {
+                Ok(if v { Declare::Full } else { Declare::Passive })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Declare, E> {
+                match v {
+                    "full" | "true" => Ok(Declare::Full),
+                    "policy" => Ok(Declare::Policy),
+                    "passive" | "false" => Ok(Declare::Passive),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// One `consumers[].bind` entry: an exchange (declared, or checked with
+/// `declare = "passive"`) and the binding of the work queue to it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Binding {
+    /// The exchange (not `""`; an `amq.*` exchange is checked, never declared).
+    pub exchange: String,
+    /// Its type: `direct`, `topic`, `fanout` or `headers`.
+    #[serde(rename = "type")]
+    pub kind: ExchangeType,
+    /// The binding's routing key (a pattern for `topic`).
+    pub routing_key: String,
+    /// Binding arguments, e.g. `{ "x-match" = "all", region = "eu" }` for a
+    /// headers exchange: strings, integers and booleans.
+    pub arguments: BTreeMap<String, serde_json::Value>,
+}
+
+/// An exchange type for [`Binding`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExchangeType {
+    /// Routes by exact routing key.
+    #[default]
+    Direct,
+    /// Routes by routing-key pattern (`order.*`, `#.eu`).
+    Topic,
+    /// Routes to every bound queue.
+    Fanout,
+    /// Routes by header values (`arguments`).
+    Headers,
+}
+
 /// `[[consumers]]`: one queue, its handler and the breaker guarding it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -366,9 +455,12 @@ pub struct ConsumerSettings {
     pub on_pause: OnPause,
     /// Type of the work queue, its dead-letter queue and its delay queues.
     pub queue_type: QueueType,
-    /// Declare the queues and exchange at startup (idempotent). When false,
-    /// they must already exist.
-    pub declare: bool,
+    /// What to declare at startup (idempotent): `"full"` (default, or
+    /// `true`), `"policy"` (a work queue declared elsewhere keeps its
+    /// arguments) or `"passive"` (or `false`: only check that everything exists).
+    pub declare: Declare,
+    /// Exchanges to bind the work queue to.
+    pub bind: Vec<Binding>,
     /// Quorum queues only: the delivery limit, declared as `x-delivery-limit`.
     /// Unset: the broker's default (none before RabbitMQ 4.0, 20 since).
     pub delivery_limit: Option<u32>,
@@ -392,7 +484,8 @@ impl Default for ConsumerSettings {
             concurrency: 8,
             on_pause: OnPause::Requeue,
             queue_type: QueueType::Classic,
-            declare: true,
+            declare: Declare::Full,
+            bind: Vec::new(),
             delivery_limit: None,
             dead_letter_exchange: None,
             dead_letter_queue: None,

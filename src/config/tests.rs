@@ -465,7 +465,11 @@ fn string_keys_from_the_environment_stay_exactly_as_written() {
         "1e3"
     );
     assert_eq!(s.broker.connection_name, "true");
-    assert!(!s.consumers[0].declare, "a boolean key still reads false");
+    assert_eq!(
+        s.consumers[0].declare,
+        super::Declare::Passive,
+        "a boolean key still reads false"
+    );
     assert_eq!(s.worker.threads, 2, "a number key still reads 2");
 }
 
@@ -609,4 +613,54 @@ fn a_syntax_error_shows_its_line_with_a_caret_and_no_secret() {
     let file = write(dir.path(), "d.toml", "[admin]\ntoken = \"hunter2\" junk\n");
     let e = load(&sources(file), &[]).expect_err("bad TOML").to_string();
     assert!(!e.contains("hunter2") && e.contains("token = ***"), "{e}");
+}
+
+#[test]
+fn declare_modes_and_bindings_are_read_and_checked() {
+    let base = r#"
+[breakers.dep]
+[[consumers]]
+queue = "q"
+breaker = "dep"
+handler = "noop"
+"#;
+    for (written, mode) in [
+        ("true", super::Declare::Full),
+        ("false", super::Declare::Passive),
+        ("\"policy\"", super::Declare::Policy),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            dir.path(),
+            "c.toml",
+            &format!("{base}declare = {written}\n"),
+        );
+        let s = load(&sources(file), &[]).unwrap();
+        assert_eq!(s.consumers[0].declare, mode, "declare = {written}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "c.toml",
+        &format!("{base}declare = \"sometimes\"\n"),
+    );
+    let err = load(&sources(file), &[]).unwrap_err().to_string();
+    assert!(err.contains("\"policy\""), "{err}");
+    let bind = format!(
+        "{base}bind = [{{ exchange = \"\", routing_key = \"k\" }}, {{ exchange = \"h\", type = \"headers\", arguments = {{ ratio = 0.5 }} }}]\n"
+    );
+    assert_problem(&bind, "consumers[0].bind[0].exchange", &["is required"]);
+    assert_problem(
+        &bind,
+        "consumers[0].bind[1].arguments.ratio",
+        &["integers or booleans"],
+    );
+    let typo = format!("{base}bind = [{{ exchange = \"x\", routingkey = \"k\" }}]\n");
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "c.toml", &typo);
+    let err = load(&sources(file), &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("consumers[0].bind[0].routingkey (did you mean routing_key?)"),
+        "{err}"
+    );
 }

@@ -367,9 +367,53 @@ impl ConsumerSettings {
     pub fn problems(&self, index: usize) -> Vec<Problem> {
         let mut out = self.name_problems(index);
         out.extend(self.flow_problems(index));
+        out.extend(self.binding_problems(index));
         if let Some(builtin) = crate::builtin_handlers::builtin(&self.handler) {
             for (k, value, message) in (builtin.problems)(self) {
                 out.push(problem(format!("consumers[{index}].{k}"), value, message));
+            }
+        }
+        out
+    }
+
+    /// `bind`: exchange names, routing keys and argument values.
+    fn binding_problems(&self, i: usize) -> Vec<Problem> {
+        let mut out = Vec::new();
+        for (j, b) in self.bind.iter().enumerate() {
+            let key = |k: &str| format!("consumers[{i}].bind[{j}].{k}");
+            if b.exchange.is_empty() {
+                out.push(problem(
+                    key("exchange"),
+                    None,
+                    "is required: the exchange to bind the work queue to (every queue is already bound to the default exchange by its name)",
+                ));
+            } else if b.exchange.len() > crate::limits::MAX_NAME_LEN {
+                out.push(problem(
+                    key("exchange"),
+                    None,
+                    format!("is {} bytes; AMQP names are at most 255", b.exchange.len()),
+                ));
+            }
+            if b.routing_key.len() > crate::limits::MAX_NAME_LEN {
+                out.push(problem(
+                    key("routing_key"),
+                    None,
+                    format!(
+                        "is {} bytes; AMQP routing keys are at most 255",
+                        b.routing_key.len()
+                    ),
+                ));
+            }
+            for (name, v) in &b.arguments {
+                let fits =
+                    v.is_boolean() || v.is_i64() || v.as_str().is_some_and(|s| s.len() <= 65_535);
+                if !fits || name.len() > crate::limits::MAX_NAME_LEN {
+                    out.push(problem(
+                        key(&format!("arguments.{name}")),
+                        None,
+                        "binding arguments are strings, integers or booleans (names up to 255 bytes)",
+                    ));
+                }
             }
         }
         out

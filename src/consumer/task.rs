@@ -575,7 +575,7 @@ async fn store_copy(
         inc(&shared.stats.publish_failures);
         waiting.get_or_insert_with(|| CopyWaiting::new(&shared.stats));
         copy_failed(shared, routing_key, &error);
-        if shared.topology.declare
+        if shared.topology.declares()
             && matches!(
                 error,
                 PublishError::Unroutable { .. } | PublishError::Broker(_)

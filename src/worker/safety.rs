@@ -53,7 +53,7 @@ pub fn risks(settings: &Settings) -> Vec<String> {
 /// `worker.safety_checks = "off"`).
 #[must_use]
 pub fn advisories(settings: &Settings) -> Vec<String> {
-    settings
+    let classic = settings
         .consumers
         .iter()
         .enumerate()
@@ -66,8 +66,19 @@ pub fn advisories(settings: &Settings) -> Vec<String> {
                  one keeps its type)",
                 c.queue
             )
-        })
-        .collect()
+        });
+    let vhost =
+        crate::amqp::parse_uri(&settings.broker.url).map_or_else(|_| "/".to_owned(), |u| u.vhost);
+    let policies = settings.consumers.iter().enumerate().filter_map(|(i, c)| {
+        let command = crate::topology::Topology::of(i, c).policy_command(&vhost)?;
+        Some(format!(
+            "consumers[{i}] (queue {:?}): declare = \"policy\" leaves the work queue's arguments alone, \
+             so the broker dead-letters what it drops itself (delivery limit, TTL, overflow) only once \
+             a policy says where to; apply it with: {command}",
+            c.queue
+        ))
+    });
+    classic.chain(policies).collect()
 }
 
 #[cfg(test)]

@@ -78,6 +78,10 @@ impl TestBroker {
         self.queues.lock().unwrap().push(name.to_owned());
     }
 
+    pub fn track_exchange(&self, name: &str) {
+        self.exchanges.lock().unwrap().push(name.to_owned());
+    }
+
     pub async fn cleanup(&self) {
         let queues: Vec<String> = self.queues.lock().unwrap().drain(..).collect();
         let exchanges: Vec<String> = self.exchanges.lock().unwrap().drain(..).collect();
