@@ -30,30 +30,44 @@ const BLOCKED_TICKS: u64 = 5;
 /// At most one warning per queue this often.
 const WARN_EVERY_TICKS: u64 = 600;
 
-/// The control runtime.
+/// The control runtime: a current-thread runtime driven by a thread of its
+/// own, so waking it costs one thread, not a scheduler's worker and its
+/// driver.
 #[derive(Debug)]
 pub(crate) struct Control {
-    runtime: Option<Runtime>,
+    handle: Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Control {
-    /// A one-thread runtime named `rg-control`.
+    /// A one-thread runtime on a thread named `rg-control`.
     pub(crate) fn new() -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("rg-control")
+        let runtime: Runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("rg-control".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                // Whatever is still running (an admin request, a reconnect)
+                // is dropped with the runtime, on its own thread.
+                runtime.shutdown_background();
+            })?;
         Ok(Self {
-            runtime: Some(runtime),
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
         })
     }
 
     /// Where to spawn control tasks.
     pub(crate) fn handle(&self) -> Handle {
-        self.runtime
-            .as_ref()
-            .map_or_else(Handle::current, |r| r.handle().clone())
+        self.handle.clone()
     }
 
     /// Runs `task` on the control runtime (with the caller's log
@@ -71,9 +85,11 @@ impl Control {
 
 impl Drop for Control {
     fn drop(&mut self) {
-        // Dropping a runtime inside another one would panic: let it go.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
