@@ -13,10 +13,21 @@ use super::HandlerError;
 /// The delivery a handler is working on: properties, headers, attempt
 /// number, and a way to publish. Cheap to clone (the delivery is shared), so
 /// a [`handler_fn`](super::handler_fn) takes it by value.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Context {
     delivery: Arc<Delivery>,
     publisher: Option<Publisher>,
+}
+
+/// The delivery, not the publishing connection (its settings are the
+/// broker's business, not a log line's).
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("delivery", &self.delivery)
+            .field("can_publish", &self.publisher.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug)]
