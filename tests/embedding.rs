@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{FieldTable, ShortString};
 use rabbit_guard::Worker;
 use rabbit_guard::config::{ConfigError, RetrySettings, Sources, load_with};
@@ -228,15 +228,8 @@ async fn a_handler_replies_to_an_rpc_request_with_its_correlation_id() {
     broker.track(&consumer);
     let replies = unique("embed-replies");
     broker.track_queue(&replies);
+    broker.declare_queue(&replies, FieldTable::default()).await;
     let channel = broker.connection.create_channel().await.unwrap();
-    channel
-        .queue_declare(
-            ShortString::from(replies.as_str()),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
 
     let handler = handler_fn(|body: String, ctx: Context| async move {
         let answer = format!("charged {body}");
@@ -304,15 +297,7 @@ async fn a_publish_that_fails_is_a_transient_error_and_nothing_is_lost() {
     broker.track(&consumer);
     let out = unique("embed-out");
     broker.track_queue(&out);
-    let channel = broker.connection.create_channel().await.unwrap();
-    channel
-        .queue_declare(
-            ShortString::from(out.as_str()),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    broker.declare_queue(&out, FieldTable::default()).await;
     let missing_exchange = unique("embed-no-such-exchange");
     let errors = Arc::new(Mutex::new(Vec::new()));
     let seen = errors.clone();

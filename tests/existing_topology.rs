@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use rabbit_guard::Worker;
 use rabbit_guard::config::{
@@ -49,18 +49,7 @@ fn settings_for(prefix: &str, declare: Declare) -> Settings {
 async fn declare_foreign_queue(broker: &TestBroker, queue: &str) {
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(100_000));
-    broker
-        .channel
-        .queue_declare(
-            ShortString::from(queue),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
+    broker.declare_queue(queue, args).await;
 }
 
 async fn publish_mix(broker: &TestBroker, queue: &str) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use rabbit_guard::Worker;
 use rabbit_guard::breaker::BreakerState;
-use rabbit_guard::config::RetrySettings;
+use rabbit_guard::config::{ConsumerSettings, RetrySettings, Settings};
 use rabbit_guard::handler::{Context, Handler, HandlerError};
 use tokio::time::Instant;
 
@@ -94,6 +94,22 @@ impl Handler for Scripted {
     }
 }
 
+/// A worker running a fresh [`Scripted`] on `settings`' queue with `retry`;
+/// the queues are tracked for cleanup.
+async fn start(
+    broker: &TestBroker,
+    mut settings: Settings,
+    retry: RetrySettings,
+) -> (ConsumerSettings, Scripted, Running) {
+    settings.consumers[0].retry = retry;
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    let handler = Scripted::default();
+    let running =
+        Running::start(Worker::builder(settings).handler("scripted", handler.clone())).await;
+    (consumer, handler, running)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_goes_to_the_shortest_delay_level_at_least_that_long() {
     let broker = TestBroker::connect().await;
@@ -103,16 +119,16 @@ async fn retry_after_goes_to_the_shortest_delay_level_at_least_that_long() {
         Duration::from_secs(4),
         Duration::from_millis(1_500),
     ];
-    let mut settings = settings("retry-after", "scripted", fast_breaker());
-    settings.consumers[0].retry = RetrySettings {
-        delays: delays.to_vec(),
-        ..RetrySettings::default()
-    };
-    let consumer = settings.consumers[0].clone();
-    broker.track(&consumer);
-    let handler = Scripted::default();
-    let running =
-        Running::start(Worker::builder(settings).handler("scripted", handler.clone())).await;
+    let settings = settings("retry-after", "scripted", fast_breaker());
+    let (consumer, handler, running) = start(
+        &broker,
+        settings,
+        RetrySettings {
+            delays: delays.to_vec(),
+            ..RetrySettings::default()
+        },
+    )
+    .await;
     for id in ["wait-1000-a", "wait-10-b", "wait-60000-c"] {
         broker
             .publish_raw(&consumer.queue, id, b"x", "text/plain")
@@ -174,16 +190,16 @@ async fn retry_is_retried_but_not_counted_against_the_breaker() {
     let broker = TestBroker::connect().await;
     let mut breaker = fast_breaker();
     breaker.consecutive_failures = Some(3);
-    let mut settings = settings("retry-kind", "scripted", breaker);
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_millis(300)],
-        ..RetrySettings::default()
-    };
-    let consumer = settings.consumers[0].clone();
-    broker.track(&consumer);
-    let handler = Scripted::default();
-    let running =
-        Running::start(Worker::builder(settings).handler("scripted", handler.clone())).await;
+    let settings = settings("retry-kind", "scripted", breaker);
+    let (consumer, handler, running) = start(
+        &broker,
+        settings,
+        RetrySettings {
+            delays: vec![Duration::from_millis(300)],
+            ..RetrySettings::default()
+        },
+    )
+    .await;
     let n = 30;
     for i in 0..n {
         broker
@@ -227,16 +243,16 @@ async fn retry_is_retried_but_not_counted_against_the_breaker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn immediate_retries_run_in_the_same_delivery_before_a_delay_level() {
     let broker = TestBroker::connect().await;
-    let mut settings = settings("immediate", "scripted", fast_breaker());
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_millis(300)],
-        immediate: 2,
-    };
-    let consumer = settings.consumers[0].clone();
-    broker.track(&consumer);
-    let handler = Scripted::default();
-    let running =
-        Running::start(Worker::builder(settings).handler("scripted", handler.clone())).await;
+    let settings = settings("immediate", "scripted", fast_breaker());
+    let (consumer, handler, running) = start(
+        &broker,
+        settings,
+        RetrySettings {
+            delays: vec![Duration::from_millis(300)],
+            immediate: 2,
+        },
+    )
+    .await;
     broker
         .publish_raw(&consumer.queue, "fail2-a", b"x", "text/plain")
         .await;
@@ -294,15 +310,15 @@ async fn immediate_retries_stop_when_the_breaker_opens_and_nothing_is_lost() {
     let mut settings = settings("immediate-open", "scripted", breaker);
     settings.consumers[0].concurrency = 1;
     settings.consumers[0].prefetch = 1;
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_secs(60)],
-        immediate: 5,
-    };
-    let consumer = settings.consumers[0].clone();
-    broker.track(&consumer);
-    let handler = Scripted::default();
-    let running =
-        Running::start(Worker::builder(settings).handler("scripted", handler.clone())).await;
+    let (consumer, handler, running) = start(
+        &broker,
+        settings,
+        RetrySettings {
+            delays: vec![Duration::from_secs(60)],
+            immediate: 5,
+        },
+    )
+    .await;
     broker
         .publish_raw(&consumer.queue, "always-a", b"x", "text/plain")
         .await;

@@ -35,6 +35,11 @@ impl Outcome {
         }
     }
 
+    /// Its name: the histogram's `outcome` label and the failure log's kind.
+    pub(crate) fn name(&self) -> &'static str {
+        super::HANDLER_OUTCOMES[self.index()]
+    }
+
     /// Worth calling again: the dependency failed or the handler asked.
     pub(crate) fn is_retryable(&self) -> bool {
         matches!(
@@ -157,16 +162,12 @@ pub(crate) fn decide(
     let attempt = attempt.max(1);
     // `Some(None)`: a wait no level is long enough for.
     let wanted = retry_after.map(|wait| level_at_least(delays, wait));
-    let counted_retry = || match wanted {
-        None => Disposition::Retry {
-            level: attempt as usize - 1,
-            next_attempt: attempt + 1,
-        },
-        Some(Some(level)) => Disposition::Retry {
+    let counted_retry = || match wanted.unwrap_or(Some(attempt as usize - 1)) {
+        Some(level) => Disposition::Retry {
             level,
             next_attempt: attempt + 1,
         },
-        Some(None) => Disposition::DeadLetter(DeadLetterReason::RetriesExhausted),
+        None => Disposition::DeadLetter(DeadLetterReason::RetriesExhausted),
     };
     match outcome {
         Outcome::Success => final_(Disposition::Ack),
@@ -260,6 +261,22 @@ mod tests {
 
     fn transient() -> Outcome {
         Outcome::Transient("503".into())
+    }
+
+    #[test]
+    fn each_outcome_is_named_by_its_own_label() {
+        let named = [
+            (Outcome::Success, "success"),
+            (transient(), "transient"),
+            (Outcome::Retry("r".into()), "retry"),
+            (Outcome::TimedOut(Duration::from_secs(1)), "timeout"),
+            (Outcome::Permanent("p".into()), "permanent"),
+            (Outcome::Decode("d".into()), "decode"),
+            (Outcome::Panic("x".into()), "panic"),
+        ];
+        for (outcome, name) in named {
+            assert_eq!(outcome.name(), name, "{outcome:?}");
+        }
     }
 
     #[test]

@@ -281,15 +281,9 @@ fn log_failure(
     disposition: &Disposition,
     now: Instant,
 ) {
-    let kind = match outcome {
-        Outcome::Success => return,
-        Outcome::Transient(_) => "transient",
-        Outcome::Retry(_) => "retry",
-        Outcome::TimedOut(_) => "timeout",
-        Outcome::Permanent(_) => "permanent",
-        Outcome::Decode(_) => "decode",
-        Outcome::Panic(_) => "panic",
-    };
+    if *outcome == Outcome::Success {
+        return;
+    }
     let action = match disposition {
         Disposition::Ack => "ack",
         Disposition::DeadLetter(_) => "dead-letter",
@@ -298,7 +292,7 @@ fn log_failure(
     };
     shared.failures.record(
         &super::failures::Failure {
-            outcome: kind,
+            outcome: outcome.name(),
             action,
             error: &outcome.error_text(),
             message_id: ctx.message_id().unwrap_or("-"),

@@ -78,6 +78,21 @@ impl TestBroker {
         self.queues.lock().unwrap().push(name.to_owned());
     }
 
+    /// Declares a durable queue `name` with `args` (track it to delete it).
+    pub async fn declare_queue(&self, name: &str, args: FieldTable) {
+        self.channel
+            .queue_declare(
+                ShortString::from(name),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("declare queue {name}: {e}"));
+    }
+
     pub fn track_exchange(&self, name: &str) {
         self.exchanges.lock().unwrap().push(name.to_owned());
     }
