@@ -312,7 +312,7 @@ impl Metrics {
         connections: &[Arc<ManagedConnection>],
     ) -> String {
         for (name, breaker) in breakers {
-            self.breaker(name, breaker, consumers);
+            self.breaker(name, breaker);
         }
         for shared in consumers {
             self.consumer(&shared.queue, &shared.stats, shared);
@@ -348,7 +348,7 @@ impl Metrics {
     }
 
     #[allow(clippy::cast_precision_loss)]
-    fn breaker(&self, name: &str, breaker: &Breaker, consumers: &[Arc<ConsumerShared>]) {
+    fn breaker(&self, name: &str, breaker: &Breaker) {
         let snapshot = breaker.snapshot();
         let current = snapshot.state.name();
         for state in STATES {
@@ -365,11 +365,7 @@ impl Metrics {
             counts.slow,
             counts.rejected,
         );
-        let timeout: u64 = consumers
-            .iter()
-            .filter(|c| c.breaker.name() == name)
-            .map(|c| c.stats.snapshot().timed_out)
-            .sum();
+        let timeout = breaker.timeouts();
         // The breaker counts a timeout as a failure: count it once, as a timeout.
         for (outcome, n) in [
             ("success", success),

@@ -97,8 +97,12 @@ pub struct WindowView {
 pub struct ConsumerView {
     /// Its work queue.
     pub queue: String,
-    /// Its breaker.
+    /// Its (first) breaker.
     pub breaker: String,
+    /// All its breakers, in order (`breakers = [...]`; the one above alone
+    /// for most consumers).
+    #[serde(default)]
+    pub breakers: Vec<String>,
     /// Whether it has a consumer at the broker now.
     pub subscribed: bool,
     /// Whether it has a working channel.

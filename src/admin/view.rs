@@ -94,11 +94,11 @@ impl WorkerView {
                     s.stats.snapshot().copies_waiting
                 ));
             }
-            let state = s.breaker.state();
+            let state = s.breakers.state();
             if !state.admits_all() {
                 paused.push(json!({
                     "queue": &*s.queue,
-                    "breaker": s.breaker.name(),
+                    "breaker": s.breakers.closed_to_calls(),
                     "state": state.name(),
                 }));
             }
@@ -125,7 +125,7 @@ impl WorkerView {
                     .0
                     .consumers
                     .iter()
-                    .filter(|c| c.breaker.name() == name)
+                    .filter(|c| c.breakers.position(name).is_some())
                     .map(|c| c.queue.to_string())
                     .collect();
                 BreakerView {
@@ -168,7 +168,8 @@ impl WorkerView {
                 let s = c.stats.snapshot();
                 ConsumerView {
                     queue: c.queue.to_string(),
-                    breaker: c.breaker.name().to_owned(),
+                    breaker: c.breakers.first().name().to_owned(),
+                    breakers: c.breakers.iter().map(|b| b.name().to_owned()).collect(),
                     subscribed: s.subscribed,
                     channel: c.stats.session_active(),
                     in_flight: s.in_flight,

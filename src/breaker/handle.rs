@@ -91,6 +91,8 @@ struct Inner {
     failures: AtomicU64,
     slow_calls: AtomicU64,
     rejected: AtomicU64,
+    /// Failures that were timeouts (counted in `failures` too).
+    timeouts: AtomicU64,
     verdict_waiters: AtomicUsize,
     success_notify: Notify,
 }
@@ -161,6 +163,7 @@ impl Breaker {
                 failures: AtomicU64::new(0),
                 slow_calls: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
+                timeouts: AtomicU64::new(0),
                 verdict_waiters: AtomicUsize::new(0),
                 success_notify: Notify::new(),
             }),
@@ -221,6 +224,18 @@ impl Breaker {
             slow: self.inner.slow_calls.load(Ordering::Relaxed),
             rejected: self.inner.rejected.load(Ordering::Relaxed),
         }
+    }
+
+    /// Notes that a failure recorded on this breaker was a timeout (for
+    /// metrics, which count a timeout once, as a timeout).
+    pub(crate) fn note_timeout(&self) {
+        self.inner.timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failures that were timeouts, as noted with `note_timeout`.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // read by the metrics
+    pub(crate) fn timeouts(&self) -> u64 {
+        self.inner.timeouts.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Guarded> {

@@ -37,6 +37,7 @@
 mod config;
 mod handle;
 mod machine;
+mod set;
 mod window;
 
 pub use config::{BreakerConfig, MAX_HALF_OPEN_PROBES, MAX_WINDOW_BUCKETS};
@@ -44,6 +45,8 @@ pub use handle::{Breaker, CallCounts, CallRecord, HealthVerdict, ManualAction, P
 pub use machine::{
     BreakerState, CallOutcome, PermitKind, Rejected, StateMachine, Transition, TransitionReason,
 };
+pub use set::MAX_BREAKERS_PER_CONSUMER;
+pub(crate) use set::{BreakerSet, Permits, ReleaseWatch, blame};
 pub use window::Counts;
 
 #[cfg(test)]

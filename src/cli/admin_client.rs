@@ -103,7 +103,7 @@ pub(crate) async fn open_breaker_for_dlq(settings: &Settings, dlq: &str) -> Opti
         Ok(v) => v
             .breakers
             .iter()
-            .find(|b| b.name == consumer.breaker && b.is_open())
+            .find(|b| consumer.breaker_names().contains(&b.name.as_str()) && b.is_open())
             .map(|b| format!("{} ({})", b.name, b.state)),
         Err(e) => {
             output::error(&format!(

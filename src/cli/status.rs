@@ -139,7 +139,11 @@ fn render(status: &StatusView) -> Vec<String> {
     for c in &status.consumers {
         consumers.add_row(vec![
             printable(&c.queue),
-            printable(&c.breaker),
+            printable(&if c.breakers.len() > 1 {
+                c.breakers.join(", ")
+            } else {
+                c.breaker.clone()
+            }),
             yes(c.subscribed).to_owned(),
             c.in_flight.to_string(),
             c.received.to_string(),

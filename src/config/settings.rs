@@ -445,6 +445,11 @@ pub struct ConsumerSettings {
     pub queue: String,
     /// Name of the breaker (a key of `[breakers]`) guarding the handler's dependency.
     pub breaker: String,
+    /// Several breakers, for a handler that calls several dependencies
+    /// (instead of `breaker`, not with it): the consumer pauses while any is
+    /// open. A transient failure counts against the breaker the handler
+    /// names (`HandlerError::dependency`, `Context::guard`), else the first.
+    pub breakers: Vec<String>,
     /// Handler kind: `http`, `noop`, or a name registered from Rust.
     pub handler: String,
     /// Unacknowledged messages the broker may push to this consumer (1-65535).
@@ -479,6 +484,7 @@ impl Default for ConsumerSettings {
         Self {
             queue: String::new(),
             breaker: String::new(),
+            breakers: Vec::new(),
             handler: String::new(),
             prefetch: 50,
             concurrency: 8,
@@ -496,6 +502,16 @@ impl Default for ConsumerSettings {
 }
 
 impl ConsumerSettings {
+    /// The breakers guarding the handler, in order: `breaker`, then
+    /// `breakers` (validation refuses both at once).
+    #[must_use]
+    pub fn breaker_names(&self) -> Vec<&str> {
+        std::iter::once(self.breaker.as_str())
+            .filter(|b| !b.is_empty())
+            .chain(self.breakers.iter().map(String::as_str))
+            .collect()
+    }
+
     /// The dead-letter exchange name.
     #[must_use]
     pub fn dead_letter_exchange(&self) -> String {

@@ -299,6 +299,48 @@ fn unknown_breaker_is_named_with_the_known_ones() {
 }
 
 #[test]
+fn several_breakers_are_checked_like_one() {
+    let two = "[breakers.dep]\n[breakers.inventory]\n\n[[consumers]]\nqueue = \"q\"\nhandler = \"noop\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "c.toml",
+        &format!("{two}breakers = [\"dep\", \"inventory\"]\n"),
+    );
+    let settings = load(&sources(file), &[]).expect("two known breakers are valid");
+    assert_eq!(
+        settings.consumers[0].breaker_names(),
+        ["dep", "inventory"],
+        "both guard the consumer, in order; neither is unused"
+    );
+    assert_problem(
+        &format!("{two}breaker = \"dep\"\nbreakers = [\"inventory\"]\n"),
+        "consumers[0].breakers",
+        &["not both"],
+    );
+    assert_problem(
+        &format!("{two}breakers = [\"dep\", \"invntory\"]\n"),
+        "consumers[0].breakers[1]",
+        &["\"invntory\"", "unknown breaker", "inventory"],
+    );
+    assert_problem(
+        &format!("{two}breakers = [\"dep\", \"dep\"]\n"),
+        "consumers[0].breakers[1]",
+        &["named twice"],
+    );
+    assert_problem(
+        &format!("{two}breakers = []\n"),
+        "consumers[0].breaker",
+        &["must name a breaker"],
+    );
+    assert_problem(
+        &format!("{two}breakers = [\"dep\"]\n"),
+        "breakers.inventory",
+        &["no consumer uses this breaker"],
+    );
+}
+
+#[test]
 fn prefetch_below_concurrency() {
     assert_problem(
         &format!("{MINIMAL}prefetch = 4\nconcurrency = 8\n"),

@@ -10,6 +10,7 @@ use super::settings::{
     WorkerSettings,
 };
 use crate::amqp::check_name;
+use crate::breaker::MAX_BREAKERS_PER_CONSUMER;
 
 pub use crate::limits::MAX_DURATION;
 
@@ -109,7 +110,11 @@ impl Settings {
     /// A breaker no consumer names is a mistake (often a mistyped name, or
     /// an environment variable that spelt `-` as `_` and made a new one).
     fn unused_breakers(&self) -> Vec<Problem> {
-        let used: Vec<&str> = self.consumers.iter().map(|c| c.breaker.as_str()).collect();
+        let used: Vec<&str> = self
+            .consumers
+            .iter()
+            .flat_map(ConsumerSettings::breaker_names)
+            .collect();
         self.breakers
             .keys()
             .filter(|name| !used.contains(&name.as_str()))
@@ -145,24 +150,52 @@ impl Settings {
     ) -> Vec<Problem> {
         let mut out = Vec::new();
         let key = |k: &str| format!("consumers[{i}].{k}");
-        if c.breaker.is_empty() {
+        let names = c.breaker_names();
+        if !c.breaker.is_empty() && !c.breakers.is_empty() {
+            out.push(problem(
+                key("breakers"),
+                Some(format!("{:?}", c.breakers)),
+                format!(
+                    "set breaker (one) or breakers (several), not both; e.g. breakers = {names:?}"
+                ),
+            ));
+        } else if names.is_empty() {
             out.push(problem(
                 key("breaker"),
                 None,
-                "must name a breaker from [breakers.NAME]",
+                "must name a breaker from [breakers.NAME] (or several: breakers = [\"a\", \"b\"])",
             ));
-        } else if !self.breakers.contains_key(&c.breaker) {
-            let known = self.breakers.keys().cloned().collect::<Vec<_>>().join(", ");
-            let hint = if known.is_empty() {
-                "no breakers are defined: add [breakers.NAME]".to_owned()
-            } else {
-                format!("defined breakers: {known}")
-            };
+        } else if names.len() > MAX_BREAKERS_PER_CONSUMER {
             out.push(problem(
-                key("breaker"),
-                quoted(&c.breaker),
-                format!("unknown breaker; {hint}"),
+                key("breakers"),
+                None,
+                format!(
+                    "{} breakers; at most {MAX_BREAKERS_PER_CONSUMER} per consumer",
+                    names.len()
+                ),
             ));
+        }
+        // `breaker` comes first in `names`, then `breakers[…]`.
+        let offset = usize::from(!c.breaker.is_empty());
+        for (j, name) in names.iter().enumerate() {
+            let k = if j < offset {
+                key("breaker")
+            } else {
+                key(&format!("breakers[{}]", j - offset))
+            };
+            if names[..j].contains(name) {
+                out.push(problem(k, quoted(name), "named twice"));
+            } else if name.is_empty() {
+                out.push(problem(k, None, "an empty breaker name"));
+            } else if !self.breakers.contains_key(*name) {
+                let known = self.breakers.keys().cloned().collect::<Vec<_>>().join(", ");
+                let hint = if known.is_empty() {
+                    "no breakers are defined: add [breakers.NAME]".to_owned()
+                } else {
+                    format!("defined breakers: {known}")
+                };
+                out.push(problem(k, quoted(name), format!("unknown breaker; {hint}")));
+            }
         }
         let handler_known = crate::builtin_handlers::builtin(&c.handler).is_some()
             || extra_handlers.contains(&c.handler.as_str());

@@ -8,13 +8,14 @@
 
 use tokio::time::Instant;
 
-use crate::breaker::{Breaker, BreakerState, Permit, PermitKind};
+use crate::breaker::{BreakerSet, BreakerState, Permits};
 
 /// One consumer's part in the breaker's half-open trials.
 #[derive(Debug, Default)]
 pub(super) struct Probes {
-    /// Probe permits taken for `trial` and not used yet.
-    reserved: Vec<Permit>,
+    /// Probe permits (one from each breaker of the consumer) taken for
+    /// `trial` and not used yet.
+    reserved: Vec<Permits>,
     /// The trial `reserved` belongs to.
     trial: Option<u64>,
     /// When an unused reservation is handed to the other consumers.
@@ -25,14 +26,15 @@ pub(super) struct Probes {
 }
 
 impl Probes {
-    /// Takes as many probe permits of `trial` as the breaker still has
-    /// (up to `half_open_probes`); returns how many are reserved now.
-    pub(super) fn reserve(&mut self, breaker: &Breaker, trial: u64) -> usize {
-        let probes = breaker.config().half_open_probes as usize;
+    /// Takes as many probe permits of `trial` as the breakers still have
+    /// (up to `half_open_probes`, the fewest of the half-open ones); returns
+    /// how many are reserved now.
+    pub(super) fn reserve(&mut self, breakers: &BreakerSet, trial: u64) -> usize {
+        let probes = breakers.probes_per_trial();
         while self.reserved.len() < probes {
-            match breaker.try_acquire() {
-                Ok(permit) if permit.kind() == (PermitKind::Probe { trial }) => {
-                    self.reserved.push(permit);
+            match breakers.try_acquire() {
+                Ok(permits) if permits.trial() == Some(trial) => {
+                    self.reserved.push(permits);
                 }
                 // Another trial, or closed meanwhile: the state watch will tell.
                 Ok(_) | Err(_) => break,
@@ -56,7 +58,7 @@ impl Probes {
     }
 
     /// One reserved permit, to start a probe with.
-    pub(super) fn take(&mut self) -> Option<Permit> {
+    pub(super) fn take(&mut self) -> Option<Permits> {
         let permit = self.reserved.pop()?;
         if self.reserved.is_empty() {
             self.trial = None;
@@ -137,11 +139,11 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::breaker::{BreakerConfig, CallOutcome};
+    use crate::breaker::{Breaker, BreakerConfig, CallOutcome};
 
     /// A breaker with `probes` half-open probes, tripped and moved on to its
     /// first half-open trial.
-    async fn half_open(probes: u32) -> (Breaker, u64) {
+    async fn half_open(probes: u32) -> (BreakerSet, u64) {
         let breaker = Breaker::new(
             "dep",
             BreakerConfig {
@@ -160,7 +162,7 @@ mod tests {
         let BreakerState::HalfOpen { trial } = breaker.state() else {
             panic!("half-open after the open time: {:?}", breaker.state());
         };
-        (breaker, trial)
+        (BreakerSet::new(vec![breaker]), trial)
     }
 
     #[tokio::test(start_paused = true)]

@@ -115,7 +115,7 @@ impl ConsumerRuntime {
             ops: Vec::new(),
             flush_at: None,
             probes: Probes::default(),
-            released_rx: self.shared.breaker.probe_releases(),
+            released_rx: self.shared.breakers.probe_releases(),
         };
         self.shared
             .stats

@@ -10,7 +10,7 @@ use std::time::Duration;
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicQosOptions};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -23,7 +23,7 @@ use super::stats::{add, inc};
 use super::subscription::{Mode, Subscription, next_delivery, ready_delivery};
 use super::task::{self, ConsumerShared};
 use crate::amqp::publish::Publisher;
-use crate::breaker::{BreakerState, Rejected};
+use crate::breaker::{BreakerState, Rejected, ReleaseWatch};
 use crate::config::OnPause;
 use crate::error::describe;
 
@@ -89,8 +89,8 @@ pub(super) struct Session<'a> {
     /// Half-open probe permits reserved before subscribing, and whether
     /// this consumer is done with the current trial.
     pub(super) probes: Probes,
-    /// Probe slots given back by the breaker (a probe told nothing).
-    pub(super) released_rx: watch::Receiver<u64>,
+    /// Probe slots given back by the breakers (a probe told nothing).
+    pub(super) released_rx: ReleaseWatch,
 }
 
 impl Session<'_> {
@@ -103,10 +103,10 @@ impl Session<'_> {
     }
 
     pub(super) async fn run(&mut self, shutdown: &CancellationToken) -> SessionResult {
-        let mut state_rx = self.shared().breaker.subscribe();
+        let mut state_rx = self.shared().breakers.subscribe();
         self.released_rx.borrow_and_update();
         loop {
-            let state = *state_rx.borrow_and_update();
+            let state = state_rx.borrow_and_update();
             self.reconcile(state).await?;
             self.dispatch();
             self.flush(false).await?;
@@ -160,7 +160,7 @@ impl Session<'_> {
                 permit = slots.acquire_owned(), if waiting_for_slot => drop(permit),
                 changed = self.released_rx.changed() => {
                     if changed.is_ok() {
-                        self.probes.slot_released(self.runtime.shared.breaker.state());
+                        self.probes.slot_released(self.runtime.shared.breakers.state());
                     }
                 }
                 () = sleep_until(self.probes.hand_over_deadline()), if self.probes.hand_over_deadline().is_some() => {
@@ -218,13 +218,13 @@ impl Session<'_> {
         // One clock read for the whole batch of permits.
         let now = Instant::now();
         while !self.pending.is_empty() {
-            if self.probes.is_empty() && self.shared().breaker.admits_all_now() {
+            if self.probes.is_empty() && self.shared().breakers.admits_all_now() {
                 // The common case, read without a lock: closed, no probes held.
                 if self.slots.available_permits() == 0 {
                     break;
                 }
             } else {
-                let state = self.shared().breaker.state();
+                let state = self.shared().breakers.state();
                 let can_run =
                     !matches!(state, BreakerState::Open { .. } | BreakerState::ForcedOpen);
                 if can_run && self.slots.available_permits() == 0 {
@@ -236,7 +236,7 @@ impl Session<'_> {
             let shared = self.runtime.shared.clone();
             let permit = match self.probes.take() {
                 Some(permit) => Ok(permit),
-                None => shared.breaker.try_acquire_at(now),
+                None => shared.breakers.try_acquire_at(now),
             };
             match permit {
                 Ok(permit) => {
@@ -266,7 +266,7 @@ impl Session<'_> {
                     };
                     inc(&shared.stats.rejected_by_breaker);
                     if rejected == Rejected::ProbesTaken
-                        && let BreakerState::HalfOpen { trial } = shared.breaker.state()
+                        && let BreakerState::HalfOpen { trial } = shared.breakers.state()
                     {
                         self.probes.mark_done(trial);
                     }

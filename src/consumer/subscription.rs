@@ -73,7 +73,7 @@ impl Session<'_> {
             } else {
                 info!(
                     queue = %self.queue(),
-                    breaker = %self.shared().breaker.name(),
+                    breaker = %self.shared().breakers.closed_to_calls(),
                     state = state.name(),
                     "consumer paused: no consumer at the broker, messages wait in the queue"
                 );
@@ -83,7 +83,7 @@ impl Session<'_> {
         let prefetch = match mode {
             Mode::Full => self.runtime.settings.prefetch,
             Mode::Probe(trial) => {
-                let reserved = self.probes.reserve(&self.runtime.shared.breaker, trial);
+                let reserved = self.probes.reserve(&self.runtime.shared.breakers, trial);
                 // Deliveries already here (prefetched before the breaker
                 // opened, if this consumer saw it late) are probes too.
                 let need = reserved.saturating_sub(self.pending.len());
@@ -110,7 +110,7 @@ impl Session<'_> {
                 }
                 info!(
                     queue = %self.queue(),
-                    breaker = %self.shared().breaker.name(),
+                    breaker = %self.shared().breakers.names(),
                     trial,
                     probes = prefetch,
                     "consumer subscribed for half-open probes"

@@ -22,7 +22,7 @@ use super::settle::Settle;
 use super::stats::{ConsumerStats, inc};
 use crate::amqp::headers::{self, header_u64, number, text};
 use crate::amqp::publish::{PublishError, Publisher};
-use crate::breaker::{Breaker, CallOutcome, HealthVerdict, Permit};
+use crate::breaker::{BreakerSet, BreakerState, CallOutcome, HealthVerdict, Permits, blame};
 use crate::dead_letter::{DeadLetterReason, MAX_ERROR_LEN};
 use crate::handler::{CallResult, Context, ErasedHandler, ErrorKind};
 use crate::text::truncate;
@@ -33,7 +33,8 @@ pub(crate) struct ConsumerShared {
     pub(crate) queue: Arc<str>,
     pub(crate) handler_name: Arc<str>,
     pub(crate) handler: Arc<dyn ErasedHandler>,
-    pub(crate) breaker: Breaker,
+    /// The breakers guarding the handler's dependencies (usually one).
+    pub(crate) breakers: BreakerSet,
     pub(crate) topology: Topology,
     /// The retry delays, level by level (as in `topology.delay_queues`).
     pub(crate) delays: Vec<Duration>,
@@ -44,7 +45,8 @@ pub(crate) struct ConsumerShared {
     /// concurrency`, so waiting never starves the handlers of deliveries
     /// (and of the very successes a verdict waits for).
     pub(crate) verdict_slots: Arc<Semaphore>,
-    /// How many consumers share this consumer's breaker.
+    /// How many consumers share one of this consumer's breakers (the most
+    /// of any of them).
     pub(crate) breaker_consumers: usize,
     /// Why its handler fails, logged without flooding.
     pub(crate) failures: super::failures::FailureLog,
@@ -127,15 +129,16 @@ pub(crate) fn delivery_span(queue: &str, ctx: &Context) -> tracing::Span {
 pub(crate) async fn run(
     shared: Arc<ConsumerShared>,
     ctx: Context,
-    permit: Permit,
+    permits: Permits,
     slot: OwnedSemaphorePermit,
     publisher: Publisher,
     session: CancellationToken,
 ) -> Finished {
     let mut ctx = ctx;
     ctx.set_publisher(publisher.clone());
+    ctx.set_breakers(shared.breakers.clone());
     let span = delivery_span(&shared.queue, &ctx);
-    tracing::Instrument::instrument(handle(shared, ctx, permit, slot, publisher, session), span)
+    tracing::Instrument::instrument(handle(shared, ctx, permits, slot, publisher, session), span)
         .await
 }
 
@@ -144,6 +147,8 @@ struct Call {
     outcome: Outcome,
     /// What the handler asked for with `retry_after`.
     retry_after: Option<Duration>,
+    /// The breaker the handler named with `HandlerError::dependency`.
+    dependency: Option<String>,
     ended: Instant,
     elapsed: Duration,
 }
@@ -151,10 +156,11 @@ struct Call {
 /// Calls the handler once under the call timeout, panics caught, and
 /// records its duration.
 async fn call_once(shared: &ConsumerShared, ctx: &Context) -> Call {
-    let call_timeout = shared.breaker.config().call_timeout;
+    let call_timeout = shared.breakers.call_timeout();
     let running = InFlight::new(&shared.stats);
     let started = tokio::time::Instant::now();
     let call = AssertUnwindSafe(shared.handler.call(ctx)).catch_unwind();
+    let mut dependency = None;
     let (outcome, retry_after) = match tokio::time::timeout(call_timeout, call).await {
         Err(_) => (Outcome::TimedOut(call_timeout), None),
         Ok(Err(payload)) => (Outcome::Panic(panic_text(payload.as_ref())), None),
@@ -163,6 +169,7 @@ async fn call_once(shared: &ConsumerShared, ctx: &Context) -> Call {
         Ok(Ok(CallResult::Failed(e))) => {
             let wait = e.retry_after_hint();
             let text = e.to_string();
+            dependency = e.dependency_name().map(str::to_owned);
             match e.kind() {
                 ErrorKind::Transient => (Outcome::Transient(text), wait),
                 ErrorKind::Retry => (Outcome::Retry(text), wait),
@@ -190,44 +197,117 @@ async fn call_once(shared: &ConsumerShared, ctx: &Context) -> Call {
     Call {
         outcome,
         retry_after,
+        dependency,
         ended,
         elapsed,
+    }
+}
+
+/// What one handler call told the breakers.
+struct Counted {
+    /// A half-open probe of any of them.
+    is_probe: bool,
+    /// The breaker a failure counts against (see [`blame`]).
+    blamed: usize,
+    /// That breaker's state right after.
+    state_after: BreakerState,
+    /// Its success count when the call started.
+    successes_at_start: u64,
+}
+
+/// Records one handler call on each breaker whose permit it did not use in
+/// a guarded call: a success on every one, a transient failure or timeout
+/// on the breaker it blames (the dependency the error names, else the one
+/// a timeout cut a guarded call of, else the first), nothing on the others.
+fn count(
+    breakers: &BreakerSet,
+    lent: crate::handler::Lent,
+    call: &Call,
+    is_probe: bool,
+) -> Counted {
+    let cut_short = matches!(call.outcome, Outcome::TimedOut(_))
+        .then_some(lent.cut_short)
+        .filter(|bits| *bits != 0);
+    let blamed = match cut_short {
+        Some(bits) => bits.trailing_zeros() as usize,
+        None => blame(breakers, call.dependency.as_deref()),
+    };
+    let record = match call.outcome {
+        Outcome::Success => CallOutcome::Success,
+        Outcome::Transient(_) | Outcome::TimedOut(_) => CallOutcome::Failure,
+        Outcome::Retry(_) | Outcome::Permanent(_) | Outcome::Decode(_) | Outcome::Panic(_) => {
+            CallOutcome::Ignored
+        }
+    };
+    let mut blamed_after = None;
+    if let Some(permits) = lent.permits {
+        for (i, permit) in permits.into_held() {
+            let was_cut = lent.cut_short & (1 << i) != 0;
+            let outcome = match record {
+                CallOutcome::Failure if i != blamed => CallOutcome::Ignored,
+                // A guarded call dropped by the handler itself says nothing.
+                CallOutcome::Success if was_cut => CallOutcome::Ignored,
+                r => r,
+            };
+            let start = permit.successes_at_start();
+            if i == blamed
+                && matches!(call.outcome, Outcome::TimedOut(_))
+                && let Some(b) = breakers.get(i)
+            {
+                b.note_timeout();
+            }
+            let state = permit.record(outcome.took(call.elapsed).ended(call.ended));
+            if i == blamed {
+                blamed_after = Some((state, start));
+            }
+        }
+    }
+    // The blamed breaker's permit went to a guarded call, which recorded it.
+    let (state_after, successes_at_start) = blamed_after.unwrap_or_else(|| {
+        let b = breakers.get(blamed).unwrap_or(breakers.first());
+        let start = lent
+            .guard_starts
+            .get(blamed)
+            .copied()
+            .flatten()
+            .unwrap_or_else(|| b.successes());
+        (b.state(), start)
+    });
+    Counted {
+        is_probe,
+        blamed,
+        state_after,
+        successes_at_start,
     }
 }
 
 async fn handle(
     shared: Arc<ConsumerShared>,
     ctx: Context,
-    mut permit: Permit,
+    permits: Permits,
     slot: OwnedSemaphorePermit,
     publisher: Publisher,
     session: CancellationToken,
 ) -> Finished {
     let tag = ctx.delivery_tag();
     let mut immediate_left = shared.immediate_retries;
-    let (call, state_after, is_probe, successes_at_start) = loop {
+    let mut permits = permits;
+    let (call, counted) = loop {
+        let is_probe = permits.is_probe();
+        ctx.lend(permits);
         let call = call_once(&shared, &ctx).await;
-        let is_probe = permit.is_probe();
-        let successes_at_start = permit.successes_at_start();
         // Record before freeing the concurrency slot: a failure that trips
         // the breaker must be seen before the loop can start another call.
-        let record = match call.outcome {
-            Outcome::Success => CallOutcome::Success,
-            Outcome::Transient(_) | Outcome::TimedOut(_) => CallOutcome::Failure,
-            Outcome::Retry(_) | Outcome::Permanent(_) | Outcome::Decode(_) | Outcome::Panic(_) => {
-                CallOutcome::Ignored
-            }
-        };
-        let state_after = permit.record(record.took(call.elapsed).ended(call.ended));
+        let counted = count(&shared.breakers, ctx.take_back(), &call, is_probe);
         // Immediate retries: only for failures worth retrying, never for a
-        // probe (one trial decides), and only while the breaker admits
-        // every call and gives a new permit, so they stop the moment it opens.
+        // probe (one trial decides), and only while the breakers admit
+        // every call and give new permits, so they stop the moment one opens.
         if immediate_left > 0
             && call.outcome.is_retryable()
-            && !is_probe
-            && state_after.admits_all()
+            && !counted.is_probe
+            && counted.state_after.admits_all()
             && !session.is_cancelled()
-            && let Ok(next) = shared.breaker.try_acquire()
+            && let Ok(next) = shared.breakers.try_acquire()
             && !next.is_probe()
         {
             immediate_left -= 1;
@@ -238,14 +318,14 @@ async fn handle(
                 error = %call.outcome.error_text(),
                 "retrying at once"
             );
-            permit = next;
+            permits = next;
             continue;
         }
-        break (call, state_after, is_probe, successes_at_start);
+        break (call, counted);
     };
     // The handler is done: free its slot before any publishing.
     drop(slot);
-    let outage_suspected = is_probe || !state_after.admits_all();
+    let outage_suspected = counted.is_probe || !counted.state_after.admits_all();
     let delays = &shared.delays;
     let outcome = policy::with_wait_note(call.outcome, call.retry_after, delays);
     let disposition = match policy::decide(
@@ -256,17 +336,15 @@ async fn handle(
         outage_suspected,
     ) {
         Decision::Final(d) => d,
-        Decision::NeedsVerdict => {
-            match verdict(&shared, &ctx, successes_at_start, &session).await {
-                Some(d) => d,
-                None => {
-                    return Finished {
-                        tag,
-                        settle: Settle::Requeue,
-                    };
-                }
+        Decision::NeedsVerdict => match verdict(&shared, &ctx, &counted, &session).await {
+            Some(d) => d,
+            None => {
+                return Finished {
+                    tag,
+                    settle: Settle::Requeue,
+                };
             }
-        }
+        },
     };
     log_failure(&shared, &ctx, &outcome, &disposition, call.ended);
     let settle = apply(&shared, &ctx, &outcome, &disposition, &publisher, &session).await;
@@ -308,19 +386,24 @@ fn log_failure(
 async fn verdict(
     shared: &ConsumerShared,
     ctx: &Context,
-    successes_at_start: u64,
+    counted: &Counted,
     session: &CancellationToken,
 ) -> Option<Disposition> {
     let delays = shared.topology.delay_queues.len();
     let inconclusive = inconclusive_count(ctx);
-    let verdict = if shared.breaker.successes() > successes_at_start {
+    let breaker = shared
+        .breakers
+        .get(counted.blamed)
+        .unwrap_or(shared.breakers.first());
+    let successes_at_start = counted.successes_at_start;
+    let verdict = if breaker.successes() > successes_at_start {
         HealthVerdict::Healthy
     } else if inconclusive >= policy::MAX_INCONCLUSIVE {
         HealthVerdict::Unknown
     } else if let Ok(_waiting) = shared.verdict_slots.clone().try_acquire_owned() {
-        let wait = shared.breaker.config().window.min(policy::MAX_VERDICT_WAIT);
+        let wait = breaker.config().window.min(policy::MAX_VERDICT_WAIT);
         tokio::select! {
-            v = shared.breaker.health_verdict(successes_at_start, wait) => v,
+            v = breaker.health_verdict(successes_at_start, wait) => v,
             () = session.cancelled() => return None,
         }
     } else {
@@ -341,7 +424,7 @@ pub(crate) async fn dead_letter_unstarted(
     let tag = ctx.delivery_tag();
     let outcome = Outcome::Permanent(format!(
         "not started: breaker {} opened while the message was prefetched (on_pause = \"dead-letter\")",
-        shared.breaker.name()
+        shared.breakers.closed_to_calls()
     ));
     let disposition = Disposition::DeadLetter(DeadLetterReason::Paused);
     let settle = apply(&shared, &ctx, &outcome, &disposition, &publisher, &session).await;

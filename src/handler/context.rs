@@ -1,6 +1,6 @@
 //! What a handler knows about the message besides its decoded body.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
@@ -9,14 +9,18 @@ use crate::amqp::headers::{self, header_u64, value_str};
 use crate::amqp::publish::Publisher;
 
 use super::HandlerError;
+use super::guard::Lent;
+use crate::breaker::BreakerSet;
 
 /// The delivery a handler is working on: properties, headers, attempt
 /// number, and a way to publish. Cheap to clone (the delivery is shared), so
 /// a [`handler_fn`](super::handler_fn) takes it by value.
 #[derive(Clone)]
 pub struct Context {
-    delivery: Arc<Delivery>,
+    pub(super) delivery: Arc<Delivery>,
     publisher: Option<Publisher>,
+    /// The consumer's breakers, for [`guard`](Self::guard).
+    pub(super) breakers: Option<BreakerSet>,
 }
 
 /// The delivery, not the publishing connection (its settings are the
@@ -26,13 +30,14 @@ impl std::fmt::Debug for Context {
         f.debug_struct("Context")
             .field("delivery", &self.delivery)
             .field("can_publish", &self.publisher.is_some())
+            .field("breakers", &self.breakers.as_ref().map(BreakerSet::names))
             .finish()
     }
 }
 
 #[derive(Debug)]
-struct Delivery {
-    queue: Arc<str>,
+pub(super) struct Delivery {
+    pub(super) queue: Arc<str>,
     delivery_tag: u64,
     exchange: String,
     routing_key: String,
@@ -40,6 +45,8 @@ struct Delivery {
     properties: BasicProperties,
     body: Vec<u8>,
     attempt: u32,
+    /// The breakers' permits while the handler runs (see `guard.rs`).
+    pub(super) lent: Mutex<Lent>,
 }
 
 impl Context {
@@ -75,14 +82,21 @@ impl Context {
                 properties,
                 body,
                 attempt,
+                lent: Mutex::new(Lent::default()),
             }),
             publisher: None,
+            breakers: None,
         }
     }
 
     /// Handler publishes go out on the consumer's publishing connection.
     pub(crate) fn set_publisher(&mut self, publisher: Publisher) {
         self.publisher = Some(publisher);
+    }
+
+    /// [`guard`](Self::guard) counts calls against these breakers.
+    pub(crate) fn set_breakers(&mut self, breakers: BreakerSet) {
+        self.breakers = Some(breakers);
     }
 
     /// A context for unit-testing a handler without a broker.

@@ -58,6 +58,7 @@ pub struct HandlerError {
     kind: ErrorKind,
     error: BoxError,
     retry_after: Option<Duration>,
+    dependency: Option<String>,
 }
 
 impl HandlerError {
@@ -66,6 +67,7 @@ impl HandlerError {
             kind,
             error: err.into(),
             retry_after: None,
+            dependency: None,
         }
     }
 
@@ -95,6 +97,24 @@ impl HandlerError {
     pub fn retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);
         self
+    }
+
+    /// Which dependency failed, for a consumer guarded by several breakers
+    /// (`breakers = ["billing", "inventory"]`): a transient failure counts
+    /// against the breaker of that name. Without it, or with a name the
+    /// consumer does not have, it counts against the consumer's first
+    /// breaker. [`Context::guard`](super::Context::guard) sets it for the
+    /// calls it guards.
+    #[must_use]
+    pub fn dependency(mut self, breaker: impl Into<String>) -> Self {
+        self.dependency = Some(breaker.into());
+        self
+    }
+
+    /// The dependency named with [`dependency`](Self::dependency).
+    #[must_use]
+    pub fn dependency_name(&self) -> Option<&str> {
+        self.dependency.as_deref()
     }
 
     /// Whose fault it is.
@@ -204,5 +224,8 @@ mod tests {
         let e = HandlerError::retry("locked");
         assert!(e.is_retry() && !e.is_transient() && !e.is_permanent());
         assert_eq!(e.retry_after_hint(), None);
+        let e = HandlerError::transient("503").dependency("inventory");
+        assert_eq!(e.dependency_name(), Some("inventory"));
+        assert_eq!(e.to_string(), "503", "the name is not part of the text");
     }
 }

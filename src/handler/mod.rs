@@ -44,6 +44,7 @@ mod decode;
 mod erased;
 mod error;
 mod func;
+mod guard;
 
 use std::future::Future;
 
@@ -52,6 +53,7 @@ pub use decode::{Decode, DecodeError, Json};
 pub(crate) use erased::{CallResult, ErasedHandler, erase};
 pub use error::{BoxError, ErrorKind, HandlerError, ResultExt};
 pub use func::{HandlerFn, StatefulHandlerFn, handler_fn, with_state};
+pub(crate) use guard::Lent;
 
 /// Processes one queue's messages. Implement it with a plain `async fn`.
 ///

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 #[cfg(feature = "admin")]
 use crate::admin::WorkerView;
-use crate::breaker::{Breaker, BreakerState, Transition};
+use crate::breaker::{Breaker, BreakerSet, BreakerState, Transition};
 use crate::config::{SafetyChecks, Settings};
 use crate::connection::ManagedConnection;
 use crate::consumer::{ConsumerRuntime, ConsumerShared, ConsumerStats};
@@ -137,7 +137,12 @@ impl WorkerBuilder {
         let metrics = Metrics::new();
         let mut consumers = Vec::new();
         for (index, c) in self.settings.consumers.iter().enumerate() {
-            let breaker = breakers[&c.breaker].clone();
+            let consumer_breakers = BreakerSet::new(
+                c.breaker_names()
+                    .into_iter()
+                    .map(|name| breakers[name].clone())
+                    .collect(),
+            );
             let handler: Arc<dyn ErasedHandler> = match self.handlers.get(&c.handler) {
                 Some(h) => h.clone(),
                 None => {
@@ -148,7 +153,7 @@ impl WorkerBuilder {
                                 message: format!("no handler named {:?} is registered", c.handler),
                             }
                         })?;
-                    (builtin.build)(c, breaker.config().call_timeout)
+                    (builtin.build)(c, consumer_breakers.call_timeout())
                         .map_err(|message| Error::Handler { index, message })?
                 }
             };
@@ -156,7 +161,7 @@ impl WorkerBuilder {
                 queue: Arc::from(c.queue.as_str()),
                 handler_name: Arc::from(c.handler.as_str()),
                 handler,
-                breaker,
+                breakers: consumer_breakers,
                 topology: Topology::of(index, c),
                 delays: c.retry.delays.clone(),
                 immediate_retries: c.retry.immediate,
@@ -177,12 +182,18 @@ impl WorkerBuilder {
                 verdict_slots: Arc::new(tokio::sync::Semaphore::new(usize::from(
                     c.prefetch.saturating_sub(c.concurrency),
                 ))),
-                breaker_consumers: self
-                    .settings
-                    .consumers
+                breaker_consumers: c
+                    .breaker_names()
                     .iter()
-                    .filter(|other| other.breaker == c.breaker)
-                    .count(),
+                    .map(|name| {
+                        self.settings
+                            .consumers
+                            .iter()
+                            .filter(|other| other.breaker_names().contains(name))
+                            .count()
+                    })
+                    .max()
+                    .unwrap_or(1),
             }));
         }
         Ok(Worker {

@@ -31,17 +31,19 @@ pub fn risks(settings: &Settings) -> Vec<String> {
                 Some(_) => {}
             }
         }
-        if let Some(b) = settings.breakers.get(&c.breaker)
-            && b.call_timeout >= consumer_timeout
-        {
-            out.push(format!(
-                "breakers.{}.call_timeout = {:?} is not below the broker's consumer_timeout ({:?}, \
-                 broker.consumer_timeout): the broker would close the channel under a slow handler of queue {:?}",
-                c.breaker,
-                humantime::format_duration(b.call_timeout).to_string(),
-                humantime::format_duration(consumer_timeout).to_string(),
-                c.queue
-            ));
+        for name in c.breaker_names() {
+            if let Some(b) = settings.breakers.get(name)
+                && b.call_timeout >= consumer_timeout
+            {
+                out.push(format!(
+                    "breakers.{}.call_timeout = {:?} is not below the broker's consumer_timeout ({:?}, \
+                     broker.consumer_timeout): the broker would close the channel under a slow handler of queue {:?}",
+                    name,
+                    humantime::format_duration(b.call_timeout).to_string(),
+                    humantime::format_duration(consumer_timeout).to_string(),
+                    c.queue
+                ));
+            }
         }
     }
     out
