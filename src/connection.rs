@@ -21,6 +21,29 @@ use crate::error::{Error, amqp_error, describe};
 /// enough to notice a dead peer in well under a minute.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
+/// `0..n` in a random order (Fisher-Yates over a xorshift seeded by the
+/// standard library's per-process random hash keys): every worker of a
+/// fleet spreads its connections over the nodes.
+fn shuffled(n: usize) -> Vec<usize> {
+    use std::hash::{BuildHasher, Hasher};
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let mut x = hasher.finish() | 1;
+    for i in (1..n).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let j = usize::try_from(x % (i as u64 + 1)).unwrap_or(0);
+        order.swap(i, j);
+    }
+    order
+}
+
 /// How long a clean close may wait for the broker's close-ok.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -39,8 +62,13 @@ pub(crate) enum ConnectionState {
 /// One connection to the broker, kept up for the worker's lifetime.
 /// (`Debug` by hand: the parsed URI would print the password.)
 pub(crate) struct ManagedConnection {
-    uri: AMQPUri,
+    /// Every node it may connect to (`broker.urls`, or `broker.url`), with
+    /// its URL masked for people.
+    nodes: Vec<(AMQPUri, String)>,
+    /// The addresses, masked, for messages about all of them.
     shown_url: String,
+    /// The node the current (or last) connection is on, masked.
+    node: std::sync::Mutex<Option<String>>,
     name: String,
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     role: &'static str,
@@ -55,6 +83,7 @@ impl std::fmt::Debug for ManagedConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ManagedConnection")
             .field("url", &self.shown_url)
+            .field("node", &self.node())
             .field("name", &self.name)
             .field("up", &self.is_up())
             .finish_non_exhaustive()
@@ -69,22 +98,37 @@ fn is_fatal_at_startup(e: &lapin::Error) -> bool {
 impl ManagedConnection {
     /// `role` is appended to the connection name: `rabbit-guard/consume`.
     pub(crate) fn new(settings: &BrokerSettings, role: &'static str) -> Result<Self, Error> {
-        let mut uri: AMQPUri = crate::amqp::parse_uri(&settings.url).map_err(|e| {
-            Error::Config(crate::config::ConfigError::Invalid(vec![
-                crate::config::Problem {
-                    key: "broker.url".into(),
-                    value: Some(format!("{:?}", settings.url.masked())),
-                    message: format!("not an AMQP URI: {e}"),
-                },
-            ]))
-        })?;
-        if uri.query.heartbeat.is_none() {
-            uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+        let mut nodes = Vec::new();
+        for (key, url) in settings.addresses() {
+            let mut uri: AMQPUri = crate::amqp::parse_uri(url).map_err(|e| {
+                Error::Config(crate::config::ConfigError::Invalid(vec![
+                    crate::config::Problem {
+                        key: key.clone(),
+                        value: Some(format!("{:?}", url.masked())),
+                        message: format!("not an AMQP URI: {e}"),
+                    },
+                ]))
+            })?;
+            if uri.query.heartbeat.is_none() {
+                uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+            }
+            nodes.push((uri, url.masked()));
         }
+        let shown_url = match nodes.as_slice() {
+            [(_, one)] => one.clone(),
+            all => format!(
+                "any of {}",
+                all.iter()
+                    .map(|(_, shown)| shown.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         let (link, _) = watch::channel(ConnectionState::Down);
         Ok(Self {
-            uri,
-            shown_url: settings.url.masked(),
+            nodes,
+            shown_url,
+            node: std::sync::Mutex::new(None),
             name: format!("{}/{role}", settings.connection_name),
             role,
             settings: settings.clone(),
@@ -93,6 +137,14 @@ impl ManagedConnection {
             blocked: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
         })
+    }
+
+    /// The node the connection is on (or was on last), its URL masked.
+    pub(crate) fn node(&self) -> Option<String> {
+        self.node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The connection name the broker shows.
@@ -124,11 +176,41 @@ impl ManagedConnection {
         self.reconnects.load(Ordering::Relaxed)
     }
 
+    /// One attempt: each node in a new shuffled order, each for at most
+    /// `broker.connect_timeout`, until one answers. A refused login or
+    /// vhost ends the attempt (the cluster's users are the same on every
+    /// node).
     async fn connect_once(&self) -> Result<Connection, lapin::Error> {
+        let mut last = None;
+        for i in shuffled(self.nodes.len()) {
+            let (uri, shown) = &self.nodes[i];
+            match self.connect_to(uri).await {
+                Ok(connection) => {
+                    *self
+                        .node
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(shown.clone());
+                    return Ok(connection);
+                }
+                Err(e) if is_fatal_at_startup(&e) => return Err(e),
+                Err(e) => {
+                    if self.nodes.len() > 1 {
+                        debug!(connection = %self.name, node = %shown, error = %describe(&e), "node did not answer; trying the next");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            lapin::Error::from(std::io::Error::other("no broker address configured"))
+        }))
+    }
+
+    async fn connect_to(&self, uri: &AMQPUri) -> Result<Connection, lapin::Error> {
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let timeout = self.settings.connect_timeout;
         // A peer that accepts TCP but never answers would hang the handshake forever.
-        tokio::time::timeout(timeout, Connection::connect_uri(self.uri.clone(), props))
+        tokio::time::timeout(timeout, Connection::connect_uri(uri.clone(), props))
             .await
             .unwrap_or_else(|_| {
                 Err(lapin::Error::from(std::io::Error::new(
@@ -186,7 +268,7 @@ impl ManagedConnection {
             };
             match connected {
                 Ok(connection) => {
-                    info!(url = %self.shown_url, connection = %self.name, attempt, "connected to the broker");
+                    info!(url = %self.node().unwrap_or_default(), connection = %self.name, attempt, "connected to the broker");
                     self.up(connection);
                     return Ok(());
                 }
@@ -316,7 +398,7 @@ impl ManagedConnection {
             match self.connect_once().await {
                 Ok(connection) => {
                     info!(
-                        url = %self.shown_url,
+                        url = %self.node().unwrap_or_default(),
                         connection = %self.name,
                         attempt,
                         down_for = %humantime::format_duration(round_ms(started.elapsed())),
@@ -398,5 +480,27 @@ pub(crate) async fn connect_once(
             attempts: 1,
             waited: humantime::format_duration(round_ms(started.elapsed())).to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_node_is_tried_once_in_varying_orders() {
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let order = super::shuffled(3);
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, [0, 1, 2], "each node once: {order:?}");
+            firsts.insert(order[0]);
+        }
+        assert_eq!(
+            firsts.len(),
+            3,
+            "each node comes first sometimes: {firsts:?}"
+        );
+        assert_eq!(super::shuffled(1), [0]);
+        assert!(super::shuffled(0).is_empty());
     }
 }

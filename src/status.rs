@@ -138,6 +138,9 @@ pub struct ConnectionView {
     pub blocked: bool,
     /// Reconnections so far.
     pub reconnects: u64,
+    /// The node it is on (or was on last), its URL masked.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 #[cfg(test)]

@@ -77,10 +77,12 @@ impl WorkerView {
     /// channel; a consumer paused by its breaker is ready (and reported).
     pub(crate) fn readiness(&self) -> (bool, Value) {
         let mut problems = Vec::new();
+        let mut nodes = serde_json::Map::new();
         for c in &self.0.connections {
             if !c.is_up() {
                 problems.push(format!("connection {} is down", c.name()));
             }
+            nodes.insert(c.role().to_owned(), json!(c.node()));
         }
         let mut paused = Vec::new();
         for s in &self.0.consumers {
@@ -106,7 +108,7 @@ impl WorkerView {
         let ready = problems.is_empty();
         (
             ready,
-            json!({ "ready": ready, "problems": problems, "paused_by_breaker": paused }),
+            json!({ "ready": ready, "problems": problems, "paused_by_breaker": paused, "nodes": nodes }),
         )
     }
 
@@ -193,6 +195,7 @@ impl WorkerView {
                 up: c.is_up(),
                 blocked: c.is_blocked(),
                 reconnects: c.reconnects(),
+                node: c.node(),
             })
             .collect();
         StatusView {

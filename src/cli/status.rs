@@ -152,10 +152,11 @@ fn render(status: &StatusView) -> Vec<String> {
             c.dead_lettered.to_string(),
         ]);
     }
-    let mut connections = table(&["CONNECTION", "UP", "BLOCKED", "RECONNECTS"]);
+    let mut connections = table(&["CONNECTION", "NODE", "UP", "BLOCKED", "RECONNECTS"]);
     for c in &status.connections {
         connections.add_row(vec![
             printable(&c.name),
+            printable(c.node.as_deref().unwrap_or("-")),
             yes(c.up).to_owned(),
             yes(c.blocked).to_owned(),
             c.reconnects.to_string(),

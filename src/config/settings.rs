@@ -110,6 +110,9 @@ impl Settings {
     pub fn redacted(&self) -> Self {
         let mut shown = self.clone();
         shown.broker.url = SecretUrl::new(self.broker.url.masked());
+        for u in &mut shown.broker.urls {
+            *u = SecretUrl::new(u.masked());
+        }
         if let Some(u) = &self.telemetry.otlp_endpoint {
             shown.telemetry.otlp_endpoint = Some(SecretUrl::new(u.masked()));
         }
@@ -135,6 +138,10 @@ pub struct BrokerSettings {
     /// AMQP URI, e.g. `amqp://user:password@host:5672/%2f` (`amqps://` for
     /// TLS). Printed with the password masked.
     pub url: SecretUrl,
+    /// The AMQP URIs of a cluster's nodes, instead of `url` (not with it):
+    /// each connection is made to the first of them, in a shuffled order,
+    /// that answers, and to another when its node goes away.
+    pub urls: Vec<SecretUrl>,
     /// Connection name shown in the management UI and `rabbitmqctl list_connections`;
     /// `/consume` and `/publish` are appended for the worker's two connections.
     pub connection_name: String,
@@ -154,10 +161,34 @@ pub struct BrokerSettings {
     pub reconnect: ReconnectSettings,
 }
 
+/// `broker.url` when none is configured.
+pub(crate) const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Most addresses in `broker.urls`.
+pub(crate) const MAX_BROKER_URLS: usize = 16;
+
+impl BrokerSettings {
+    /// The nodes to connect to, with the key each comes from: `urls` when
+    /// set, else `url`.
+    #[must_use]
+    pub fn addresses(&self) -> Vec<(String, &SecretUrl)> {
+        if self.urls.is_empty() {
+            vec![("broker.url".to_owned(), &self.url)]
+        } else {
+            self.urls
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (format!("broker.urls[{i}]"), u))
+                .collect()
+        }
+    }
+}
+
 impl Default for BrokerSettings {
     fn default() -> Self {
         Self {
-            url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            url: SecretUrl::new(DEFAULT_BROKER_URL),
+            urls: Vec::new(),
             connection_name: "rabbit-guard".to_owned(),
             startup_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),

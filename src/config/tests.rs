@@ -341,6 +341,58 @@ fn several_breakers_are_checked_like_one() {
 }
 
 #[test]
+fn a_cluster_is_several_urls_each_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let three = "[broker]\nurls = [\"amqp://u:p@n1:5672/%2f\", \"amqp://u:p@n2:5672/%2f\", \"amqp://u:p@n3:5672/%2f\"]\n";
+    let file = write(dir.path(), "c.toml", &format!("{three}{MINIMAL}"));
+    let settings = load(&sources(file), &[]).expect("three node URLs are valid");
+    let addresses: Vec<String> = settings
+        .broker
+        .addresses()
+        .into_iter()
+        .map(|(key, url)| format!("{key}={}", url.masked()))
+        .collect();
+    assert_eq!(addresses.len(), 3, "{addresses:?}");
+    assert!(
+        addresses[2].starts_with("broker.urls[2]=") && !addresses[2].contains(":p@"),
+        "keyed and masked: {addresses:?}"
+    );
+    assert!(
+        !format!("{:?}", settings.redacted()).contains(":p@"),
+        "no password in the printed settings"
+    );
+    assert_problem(
+        &format!(
+            "[broker]\nurl = \"amqp://u:p@n1:5672/%2f\"\nurls = [\"amqp://u:p@n2:5672/%2f\"]\n{MINIMAL}"
+        ),
+        "broker.urls",
+        &["not both"],
+    );
+    assert_problem(
+        &format!(
+            "[broker]\nurls = [\"amqp://u:p@n1:5672/%2f\", \"http://u:secret@n2/\"]\n{MINIMAL}"
+        ),
+        "broker.urls[1]",
+        &["not an AMQP URI", "amqp://"],
+    );
+    assert!(
+        !problems_of(&format!(
+            "[broker]\nurls = [\"amqp://u:p@n1:5672/%2f\", \"http://u:secret@n2/\"]\n{MINIMAL}"
+        ))
+        .join("\n")
+        .contains("secret"),
+        "a bad URL's password is masked in the error"
+    );
+    assert_problem(
+        &format!(
+            "[broker]\nurls = [\"amqp://u:p@n1:5672/%2f\", \"amqp://u:p@n1:5672/%2f\"]\n{MINIMAL}"
+        ),
+        "broker.urls[1]",
+        &["listed twice"],
+    );
+}
+
+#[test]
 fn prefetch_below_concurrency() {
     assert_problem(
         &format!("{MINIMAL}prefetch = 4\nconcurrency = 8\n"),

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::error::{ConfigError, Problem};
 use super::settings::{
-    AdminSettings, BrokerSettings, ConsumerSettings, LogSettings, Settings, TelemetrySettings,
-    WorkerSettings,
+    AdminSettings, BrokerSettings, ConsumerSettings, DEFAULT_BROKER_URL, LogSettings,
+    MAX_BROKER_URLS, Settings, TelemetrySettings, WorkerSettings,
 };
 use crate::amqp::check_name;
 use crate::breaker::MAX_BREAKERS_PER_CONSUMER;
@@ -220,12 +220,30 @@ impl BrokerSettings {
     #[must_use]
     pub fn problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
-        if let Err(e) = crate::amqp::parse_uri(&self.url) {
+        if !self.urls.is_empty() && self.url.expose() != DEFAULT_BROKER_URL {
             out.push(problem(
-                "broker.url",
-                quoted(&self.url.masked()),
-                format!("not an AMQP URI: {e}; expected amqp://user:password@host:5672/vhost"),
+                "broker.urls",
+                None,
+                "set broker.url (one node) or broker.urls (a cluster's nodes), not both",
             ));
+        }
+        if self.urls.len() > MAX_BROKER_URLS {
+            out.push(problem(
+                "broker.urls",
+                None,
+                format!("{} addresses; at most {MAX_BROKER_URLS}", self.urls.len()),
+            ));
+        }
+        for (i, (key, url)) in self.addresses().into_iter().enumerate() {
+            if let Err(e) = crate::amqp::parse_uri(url) {
+                out.push(problem(
+                    key,
+                    quoted(&url.masked()),
+                    format!("not an AMQP URI: {e}; expected amqp://user:password@host:5672/vhost"),
+                ));
+            } else if self.urls[..i.min(self.urls.len())].contains(url) {
+                out.push(problem(key, quoted(&url.masked()), "listed twice"));
+            }
         }
         out.extend(name_problem(
             "broker.connection_name".into(),
