@@ -24,12 +24,16 @@ for name, svc in services.items():
     for dep in deps if isinstance(deps, list) else deps.keys():
         if dep not in services:
             problems.append(f"service {name}: depends on {dep}, which is not defined")
-for name in ("rabbitmq", "worker"):
+cluster = [n for n, svc in services.items() if "cluster" in svc.get("profiles", [])]
+if len([n for n in cluster if n.startswith("rmq")]) != 3:
+    problems.append(f"the cluster profile should have three RabbitMQ nodes: {cluster}")
+for name in ("rabbitmq", "worker", *cluster):
     if "healthcheck" not in services.get(name, {}):
         problems.append(f"service {name}: no healthcheck")
-image = services.get("rabbitmq", {}).get("image", "")
-if image.count(".") < 1:
-    problems.append(f"rabbitmq image {image!r} is not pinned to a minor version")
+for name in ("rabbitmq", *[n for n in cluster if n.startswith("rmq")]):
+    image = services.get(name, {}).get("image", "")
+    if image.count(".") < 1:
+        problems.append(f"{name} image {image!r} is not pinned to a minor version")
 for p in problems:
     print(f"docker-compose.yml: {p}", file=sys.stderr)
 sys.exit(1 if problems else 0)

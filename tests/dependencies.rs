@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::*;
 use rabbit_guard::Worker;
-use rabbit_guard::breaker::{Breaker, BreakerState};
+use rabbit_guard::breaker::BreakerState;
 use rabbit_guard::config::ConsumerSettings;
 use rabbit_guard::handler::{Context, Handler, HandlerError};
 use tokio::time::Instant;
@@ -91,19 +91,6 @@ impl Handler for TwoDeps {
         self.done.lock().unwrap().insert(id);
         Ok(())
     }
-}
-
-/// The breaker's transitions, collected from now on.
-fn record_transitions(breaker: &Breaker) -> Arc<Mutex<Vec<rabbit_guard::breaker::Transition>>> {
-    let sink = Arc::new(Mutex::new(Vec::new()));
-    let mut rx = breaker.transitions();
-    let s = sink.clone();
-    tokio::spawn(async move {
-        while let Ok(t) = rx.recv().await {
-            s.lock().unwrap().push(t);
-        }
-    });
-    sink
 }
 
 /// Inventory fails for a while, then recovers: only its breaker trips; the

@@ -42,11 +42,19 @@ impl Got {
 
 impl TestBroker {
     pub async fn connect() -> Self {
-        let connection = Connection::connect(&amqp_addr(), ConnectionProperties::default())
+        Self::connect_to(&amqp_addr()).await
+    }
+
+    /// A client of the broker (or cluster node) at `url`.
+    pub async fn connect_to(url: &str) -> Self {
+        let connection = Connection::connect(url, ConnectionProperties::default())
             .await
-            .expect(
-                "tests need RabbitMQ at AMQP_ADDR (default amqp://guest:guest@127.0.0.1:5672/%2f)",
-            );
+            .unwrap_or_else(|e| {
+                panic!(
+                    "tests need RabbitMQ at {} (AMQP_ADDR, default amqp://guest:guest@127.0.0.1:5672/%2f): {e}",
+                    rabbit_guard::secret::mask_url(url)
+                )
+            });
         let channel = connection.create_channel().await.unwrap();
         channel
             .confirm_select(ConfirmSelectOptions::default())

@@ -55,6 +55,19 @@ pub fn init_logs() {
         .try_init();
 }
 
+/// The breaker's transitions, collected from now on.
+pub fn record_transitions(breaker: &Breaker) -> Arc<Mutex<Vec<Transition>>> {
+    let sink = Arc::new(Mutex::new(Vec::new()));
+    let mut rx = breaker.transitions();
+    let s = sink.clone();
+    tokio::spawn(async move {
+        while let Ok(t) = rx.recv().await {
+            s.lock().unwrap().push(t);
+        }
+    });
+    sink
+}
+
 /// A worker running in this process.
 pub struct Running {
     pub token: CancellationToken,
@@ -71,14 +84,7 @@ impl Running {
         let breaker = worker.breakers().values().next().unwrap().clone();
         let queue = worker.settings().consumers[0].queue.clone();
         let stats = worker.stats(&queue).unwrap();
-        let transitions = Arc::new(Mutex::new(Vec::new()));
-        let mut rx = breaker.transitions();
-        let sink = transitions.clone();
-        tokio::spawn(async move {
-            while let Ok(t) = rx.recv().await {
-                sink.lock().unwrap().push(t);
-            }
-        });
+        let transitions = record_transitions(&breaker);
         let token = CancellationToken::new();
         let join = tokio::spawn(worker.run_until(token.clone()));
         let running = Self {
