@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +20,8 @@ struct MemoryAlarm {
     previous: String,
 }
 
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
+fn ctl(args: &[&str]) -> String {
+    let out = common::rabbitmqctl()
         .args(args)
         .output()
         .expect("rabbitmqctl must be installed for the back-pressure test");
@@ -36,8 +35,8 @@ fn rabbitmqctl(args: &[&str]) -> String {
 
 impl MemoryAlarm {
     fn raise() -> Self {
-        let previous = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
-        rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
+        let previous = ctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
+        ctl(&["set_vm_memory_high_watermark", "0"]);
         Self { previous }
     }
 
@@ -48,9 +47,9 @@ impl MemoryAlarm {
             .strip_prefix("{absolute,")
             .and_then(|r| r.strip_suffix('}'))
         {
-            rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", bytes]);
+            ctl(&["set_vm_memory_high_watermark", "absolute", bytes]);
         } else {
-            rabbitmqctl(&["set_vm_memory_high_watermark", previous]);
+            ctl(&["set_vm_memory_high_watermark", previous]);
         }
     }
 }

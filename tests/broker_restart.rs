@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,10 +17,7 @@ struct Stopped;
 
 impl Stopped {
     fn broker() -> Self {
-        let ok = Command::new("rabbitmqctl")
-            .arg("stop_app")
-            .status()
-            .expect("rabbitmqctl");
+        let ok = rabbitmqctl().arg("stop_app").status().expect("rabbitmqctl");
         assert!(ok.success(), "rabbitmqctl stop_app failed: {ok}");
         Self
     }
@@ -29,8 +25,8 @@ impl Stopped {
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").arg("start_app").status();
-        let _ = Command::new("rabbitmqctl")
+        let _ = rabbitmqctl().arg("start_app").status();
+        let _ = rabbitmqctl()
             .args(["await_startup", "--timeout", "60"])
             .status();
     }

@@ -68,7 +68,7 @@ async fn publish_mix(broker: &TestBroker, queue: &str) {
 
 /// The queue's arguments as `rabbitmqctl list_queues` shows them.
 fn queue_arguments(queue: &str) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
+    let out = rabbitmqctl()
         .args([
             "list_queues",
             "-q",
@@ -171,7 +171,13 @@ async fn policy_keeps_a_foreign_queues_arguments_and_its_printed_policy_dead_let
         .into_iter()
         .find(|a| a.contains("rabbitmqctl set_policy"))
         .expect("the policy is printed");
-    let command = &advice[advice.find("rabbitmqctl set_policy").unwrap()..];
+    let printed = &advice[advice.find("rabbitmqctl set_policy").unwrap()..];
+    // Run as printed, through the rabbitmqctl of the broker under test.
+    let ctl = std::env::var("RABBITMQCTL")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "rabbitmqctl".to_owned());
+    let command = &printed.replacen("rabbitmqctl", &ctl, 1);
     let name = format!("rabbit-guard.{}", consumer.queue);
     let status = std::process::Command::new("sh")
         .args(["-c", command])
@@ -201,9 +207,7 @@ async fn policy_keeps_a_foreign_queues_arguments_and_its_printed_policy_dead_let
         broker.ready(&dlq).await == 1
     })
     .await;
-    let _ = std::process::Command::new("rabbitmqctl")
-        .args(["clear_policy", &name])
-        .output();
+    let _ = rabbitmqctl().args(["clear_policy", &name]).output();
     assert!(arrived, "the expired message reached the DLQ by the policy");
     let dead = broker.drain(&dlq).await;
     assert_eq!(dead[0].id, "expired-1");

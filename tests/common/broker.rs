@@ -347,7 +347,7 @@ impl Drop for TestBroker {
 /// Closes, through the broker, every connection whose client-provided name
 /// is `name` (`rabbitmqctl close_connection`). Returns how many were closed.
 pub fn close_connections_named(name: &str, reason: &str) -> usize {
-    let out = std::process::Command::new("rabbitmqctl")
+    let out = rabbitmqctl()
         .args([
             "list_connections",
             "-q",
@@ -363,7 +363,7 @@ pub fn close_connections_named(name: &str, reason: &str) -> usize {
     let mut closed = 0;
     for line in text.lines().filter(|l| l.contains(&needle)) {
         let pid = line.split_whitespace().next().unwrap();
-        let status = std::process::Command::new("rabbitmqctl")
+        let status = rabbitmqctl()
             .args(["close_connection", pid, reason])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -387,12 +387,7 @@ impl TempUser {
     pub fn create() -> Self {
         let user = unique("user").replace('.', "-");
         let password = format!("pw-{}-secret", random_below(1_000_000_000));
-        let ctl = |args: &[&str]| {
-            std::process::Command::new("rabbitmqctl")
-                .args(args)
-                .output()
-                .expect("rabbitmqctl")
-        };
+        let ctl = |args: &[&str]| rabbitmqctl().args(args).output().expect("rabbitmqctl");
         let added = ctl(&["add_user", &user, &password]);
         assert!(
             added.status.success(),
@@ -413,8 +408,6 @@ impl TempUser {
 
 impl Drop for TempUser {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["delete_user", &self.user])
-            .output();
+        let _ = rabbitmqctl().args(["delete_user", &self.user]).output();
     }
 }

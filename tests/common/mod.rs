@@ -40,6 +40,20 @@ pub fn amqp_addr() -> String {
     std::env::var("AMQP_ADDR").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// `rabbitmqctl` for the broker at `AMQP_ADDR`: the command in `RABBITMQCTL`
+/// (e.g. `bash scripts/rabbitmq.sh ctl 1` for the RabbitMQ 4 node the
+/// script starts), else `rabbitmqctl`.
+pub fn rabbitmqctl() -> std::process::Command {
+    let spec = std::env::var("RABBITMQCTL")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "rabbitmqctl".to_owned());
+    let mut words = spec.split_whitespace();
+    let mut cmd = std::process::Command::new(words.next().unwrap_or("rabbitmqctl"));
+    cmd.args(words);
+    cmd
+}
+
 /// A name no other test (or test run) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
