@@ -1,7 +1,9 @@
 //! The chaos test: 20,000 messages through a worker binary behind a TCP
 //! proxy, a dependency that fails and stalls at random, three connection
-//! cuts and two `kill -9`s. Ignored by default (about a minute); run with
-//! `cargo test --test chaos -- --ignored` (CI runs it: see README).
+//! cuts and two `kill -9`s; and the same on the 3-node RabbitMQ 4 cluster
+//! (a proxy per node, a quorum queue) with a node stopped among the faults.
+//! Ignored by default (about a minute each); run with
+//! `cargo test --test chaos -- --ignored` (CI runs them: see README).
 #![allow(clippy::print_stderr)]
 #![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
 
@@ -22,9 +24,34 @@ const MESSAGES: usize = 20_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "takes about a minute; run with --ignored"]
 async fn chaos_loses_nothing() {
+    chaos(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the 3-node RabbitMQ 4 cluster (scripts/rabbitmq.sh start 3); about a minute"]
+async fn chaos_on_the_cluster_with_a_node_stop_loses_nothing() {
+    chaos(true).await;
+}
+
+/// On the cluster: one proxy per node, a quorum queue, and node 2 stopped
+/// (then started again) among the faults.
+async fn chaos(cluster: bool) {
+    use common::cluster::{NODES, StartAgain, ctl, node_url};
     let started = Instant::now();
-    let broker = Arc::new(TestBroker::connect().await);
-    let proxy = Proxy::start().await;
+    let broker = Arc::new(if cluster {
+        TestBroker::connect_to(&node_url(NODES[0])).await
+    } else {
+        TestBroker::connect().await
+    });
+    let proxies = if cluster {
+        let mut all = Vec::new();
+        for port in NODES {
+            all.push(Proxy::start_to(([127, 0, 0, 1], port).into()).await);
+        }
+        all
+    } else {
+        vec![Proxy::start().await]
+    };
     let downstream = Downstream::start().await;
     downstream.set(Mode::Chaos {
         fail_percent: 5,
@@ -35,7 +62,17 @@ async fn chaos_loses_nothing() {
         ..fast_breaker()
     };
     let mut settings = with_http(settings("chaos", "http", breaker), &downstream);
-    settings.broker.url = proxy.url("?heartbeat=2").into();
+    if cluster {
+        settings.broker.url = rabbit_guard::config::BrokerSettings::default().url;
+        settings.broker.urls = proxies
+            .iter()
+            .map(|p| p.url("?heartbeat=2").into())
+            .collect();
+        settings.consumers[0].queue_type = rabbit_guard::config::QueueType::Quorum;
+        settings.consumers[0].delivery_limit = Some(1_000);
+    } else {
+        settings.broker.url = proxies[0].url("?heartbeat=2").into();
+    }
     settings.broker.reconnect.initial_delay = Duration::from_millis(200);
     settings.broker.reconnect.max_delay = Duration::from_secs(1);
     settings.consumers[0].prefetch = 256;
@@ -57,15 +94,29 @@ async fn chaos_loses_nothing() {
     let mut child = Child::spawn(&settings, &["run"]);
     let mut cuts = 0;
     let mut kills = 0;
+    let mut node_stops = 0;
+    let mut _start_node_2_again = None;
     // Faults at these fractions of the messages processed.
-    let plan = [
-        (0.10, "cut"),
-        (0.20, "kill"),
-        (0.35, "cut"),
-        (0.50, "kill"),
-        (0.65, "cut"),
-    ];
-    for (fraction, fault) in plan {
+    let plan: &[(f64, &str)] = if cluster {
+        &[
+            (0.10, "cut"),
+            (0.20, "kill"),
+            (0.30, "stop node 2"),
+            (0.40, "cut"),
+            (0.50, "kill"),
+            (0.60, "start node 2"),
+            (0.70, "cut"),
+        ]
+    } else {
+        &[
+            (0.10, "cut"),
+            (0.20, "kill"),
+            (0.35, "cut"),
+            (0.50, "kill"),
+            (0.65, "cut"),
+        ]
+    };
+    for &(fraction, fault) in plan {
         let target = (MESSAGES as f64 * fraction) as usize;
         assert!(
             wait_until(Duration::from_secs(90), || downstream.succeeded_ids().len()
@@ -76,8 +127,29 @@ async fn chaos_loses_nothing() {
         );
         match fault {
             "cut" => {
-                proxy.cut_all();
+                for proxy in &proxies {
+                    proxy.cut_all();
+                }
                 cuts += 1;
+            }
+            "stop node 2" | "start node 2" => {
+                let action = if fault.starts_with("stop") {
+                    "stop_app"
+                } else {
+                    "start_app"
+                };
+                let out = ctl(2, &[action]);
+                assert!(
+                    out.status.success(),
+                    "{action} on node 2: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                if action == "stop_app" {
+                    node_stops += 1;
+                    _start_node_2_again = Some(StartAgain(vec![2]));
+                } else {
+                    _start_node_2_again = None;
+                }
             }
             _ => {
                 child.signal("KILL");
@@ -143,8 +215,9 @@ async fn chaos_loses_nothing() {
         .collect();
     let duplicates = ok_calls - succeeded.len();
     eprintln!(
-        "chaos: published {MESSAGES} / acked-after-success {} / dead-lettered {} {reasons:?} / duplicates {duplicates} / lost {} \
-         ({cuts} cuts, {kills} kills, {} calls, {:?})",
+        "chaos{}: published {MESSAGES} / acked-after-success {} / dead-lettered {} {reasons:?} / duplicates {duplicates} / lost {} \
+         ({cuts} cuts, {kills} kills, {node_stops} node stops, {} calls, {:?})",
+        if cluster { " on the cluster" } else { "" },
         succeeded.len(),
         dead.len(),
         lost.len(),

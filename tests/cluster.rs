@@ -13,10 +13,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::cluster::{CLUSTER, NODES, StartAgain, ctl, node_url};
 use common::proxy::free_port;
 use common::*;
 use rabbit_guard::Worker;
@@ -24,21 +24,6 @@ use rabbit_guard::config::{ConsumerSettings, QueueType, Settings};
 use rabbit_guard::handler::{Context, Handler, HandlerError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// The cluster's nodes, by AMQP port.
-const NODES: [u16; 3] = [5673, 5674, 5675];
-
-fn node_url(port: u16) -> String {
-    format!("amqp://guest:guest@127.0.0.1:{port}/%2f?heartbeat=2")
-}
-
-/// `scripts/rabbitmq.sh ctl N ARGS…` (N: 1–3).
-fn ctl(node: usize, args: &[&str]) -> std::process::Output {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq.sh");
-    let mut cmd = Command::new("bash");
-    cmd.arg(script).arg("ctl").arg(node.to_string()).args(args);
-    cmd.output().expect("scripts/rabbitmq.sh runs")
-}
 
 /// Handles a message in `work` (1 ms unless set), counting each id.
 #[derive(Clone, Default)]
@@ -227,6 +212,7 @@ fn leader_of(queue: &str) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the 3-node RabbitMQ 4 cluster: scripts/rabbitmq.sh start 3"]
 async fn stopping_the_consume_connections_node_loses_nothing() {
+    let _cluster = CLUSTER.lock().await;
     let broker = TestBroker::connect_to(&node_url(NODES[0])).await;
     let (settings, consumer, admin) = cluster_settings(&broker, "cluster-stop", &NODES).await;
     let n = 10_000;
@@ -244,6 +230,7 @@ async fn stopping_the_consume_connections_node_loses_nothing() {
         .expect("the consume connection is on one of the three nodes");
     let publish_node = node_of(&admin, "/publish").await;
     let out = ctl(stopped + 1, &["stop_app"]);
+    let _again = StartAgain(vec![stopped + 1]);
     let stopped_at = Instant::now();
     let at_stop = handler.calls();
     assert!(
@@ -309,6 +296,7 @@ async fn stopping_the_consume_connections_node_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the 3-node RabbitMQ 4 cluster: scripts/rabbitmq.sh start 3"]
 async fn stopping_the_queue_leaders_node_elsewhere_loses_nothing() {
+    let _cluster = CLUSTER.lock().await;
     let broker = TestBroker::connect_to(&node_url(NODES[0])).await;
     let (mut settings, consumer, _admin) =
         cluster_settings(&broker, "cluster-leader", &NODES).await;
@@ -329,6 +317,7 @@ async fn stopping_the_queue_leaders_node_elsewhere_loses_nothing() {
         handler.distinct()
     );
     let out = ctl(leader, &["stop_app"]);
+    let _again = StartAgain(vec![leader]);
     let at_stop = handler.calls();
     assert!(
         out.status.success(),
@@ -366,6 +355,7 @@ async fn stopping_the_queue_leaders_node_elsewhere_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the 3-node RabbitMQ 4 cluster: scripts/rabbitmq.sh start 3"]
 async fn all_nodes_down_for_ten_seconds_and_back_loses_nothing() {
+    let _cluster = CLUSTER.lock().await;
     let broker = TestBroker::connect_to(&node_url(NODES[0])).await;
     let (settings, consumer, _admin) = cluster_settings(&broker, "cluster-all", &NODES).await;
     let n = 10_000;
@@ -383,6 +373,7 @@ async fn all_nodes_down_for_ten_seconds_and_back_loses_nothing() {
         "the worker consumes: {} of {n}",
         handler.distinct()
     );
+    let _again = StartAgain((1..=NODES.len()).collect());
     for node in (1..=NODES.len()).rev() {
         let out = ctl(node, &["stop_app"]);
         assert!(
@@ -430,6 +421,7 @@ async fn all_nodes_down_for_ten_seconds_and_back_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the 3-node RabbitMQ 4 cluster: scripts/rabbitmq.sh start 3"]
 async fn a_node_stop_during_an_outage_keeps_the_queue_paused_until_the_open_time_ends() {
+    let _cluster = CLUSTER.lock().await;
     use std::sync::atomic::{AtomicBool, Ordering};
     let broker = TestBroker::connect_to(&node_url(NODES[0])).await;
     let (mut settings, consumer, admin) = cluster_settings(&broker, "cluster-outage", &NODES).await;
@@ -466,6 +458,7 @@ async fn a_node_stop_during_an_outage_keeps_the_queue_paused_until_the_open_time
     let opened_at = Instant::now();
     let stopped = node_of(&admin, "/consume").await.expect("connected");
     let out = ctl(stopped + 1, &["stop_app"]);
+    let _again = StartAgain(vec![stopped + 1]);
     assert!(
         out.status.success(),
         "stop_app: {}",

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
 
 mod broker;
+pub mod cluster;
 pub mod dlq_cli;
 mod downstream;
 mod process;

@@ -67,6 +67,14 @@ impl Proxy {
         proxy
     }
 
+    /// A proxy to `target` (a cluster node), listening on a fresh port.
+    pub async fn start_to(target: SocketAddr) -> Self {
+        let mut proxy = Self::new(free_port());
+        proxy.target = target;
+        proxy.listen().await;
+        proxy
+    }
+
     /// A proxy for `port` that does not listen yet (connections are refused
     /// until [`listen`](Self::listen)).
     pub fn new(port: u16) -> Self {
