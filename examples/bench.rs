@@ -11,7 +11,10 @@
 //!   breaker;
 //!
 //! at the same prefetch, with a no-op handler and with a handler that waits
-//! 1 ms (latency-bound, concurrency 64). Each variant runs in a child process,
+//! 1 ms (latency-bound, concurrency 64). With `--sweep`, the cost as the
+//! work grows instead: 1 / 10 / 100 queues in one worker, bodies of 256 B /
+//! 64 KiB / 1 MiB, concurrency 8 / 256 / 1,024 (1 ms handler), one dimension
+//! at a time, with CPU per message, throughput and peak memory. Each variant runs in a child process,
 //! so CPU time and peak memory are its own. Then an outage scenario: the
 //! dependency fails at a known instant and recovers, and the table shows how
 //! fast the guard paused and resumed. Prints medians and ratios; removes its
@@ -56,6 +59,9 @@ struct Args {
     child: Option<String>,
     queue: String,
     latency_ms: u64,
+    /// Queues the guard child consumes (`{queue}.{i}` when more than one).
+    queues: usize,
+    sweep: bool,
 }
 
 fn parse_args() -> Args {
@@ -70,6 +76,8 @@ fn parse_args() -> Args {
         child: None,
         queue: String::new(),
         latency_ms: 0,
+        queues: 1,
+        sweep: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -87,10 +95,12 @@ fn parse_args() -> Args {
             "--child" => a.child = Some(val()),
             "--queue" => a.queue = val(),
             "--latency-ms" => a.latency_ms = val().parse().unwrap_or(0),
+            "--queues" => a.queues = val().parse().unwrap_or(1).max(1),
+            "--sweep" => a.sweep = true,
             "--help" | "-h" => {
                 println!(
                     "bench [--messages 200000] [--size 256] [--prefetch 100,1000] [--rounds 3] \
-                     [--concurrency 64] [--latency-messages 50000 (0: skip)] [--no-outage]"
+                     [--concurrency 64] [--latency-messages 50000 (0: skip)] [--no-outage] [--sweep]"
                 );
                 std::process::exit(0);
             }
@@ -257,13 +267,32 @@ fn guard_settings(queue: &str, prefetch: u16, concurrency: u16, latency_ms: u64)
     s
 }
 
+/// The queues of a child that consumes `queues` of them.
+fn queue_names(queue: &str, queues: usize) -> Vec<String> {
+    if queues <= 1 {
+        vec![queue.to_owned()]
+    } else {
+        (0..queues).map(|i| format!("{queue}.{i}")).collect()
+    }
+}
+
 async fn guard(args: &Args, prefetch: u16, work: Work) -> (Duration, f64) {
-    let settings = guard_settings(&args.queue, prefetch, args.concurrency, args.latency_ms);
+    let mut settings = guard_settings(&args.queue, prefetch, args.concurrency, args.latency_ms);
+    let template = settings.consumers[0].clone();
+    settings.consumers = queue_names(&args.queue, args.queues)
+        .into_iter()
+        .map(|queue| ConsumerSettings {
+            queue,
+            ..template.clone()
+        })
+        .collect();
+    let names = queue_names(&args.queue, args.queues);
     let worker = Worker::builder(settings)
         .handler("work", work)
         .build()
         .unwrap();
-    let stats = worker.stats(&args.queue).unwrap();
+    let all: Vec<_> = names.iter().map(|q| worker.stats(q).unwrap()).collect();
+    let stats = Total(all);
     let stop = CancellationToken::new();
     let task = tokio::spawn(worker.run_until(stop.clone()));
     let mut first = None;
@@ -289,6 +318,21 @@ async fn guard(args: &Args, prefetch: u16, work: Work) -> (Duration, f64) {
     stop.cancel();
     task.await.unwrap().unwrap();
     (elapsed, cpu)
+}
+
+/// Several consumers' counts as one.
+struct Total(Vec<Arc<rabbit_guard::consumer::ConsumerStats>>);
+
+impl Total {
+    fn snapshot(&self) -> rabbit_guard::consumer::StatsSnapshot {
+        let mut t = rabbit_guard::consumer::StatsSnapshot::default();
+        for s in &self.0 {
+            let s = s.snapshot();
+            t.received += s.received;
+            t.succeeded += s.succeeded;
+        }
+        t
+    }
 }
 
 // ---------------------------------------------------------------- parent
@@ -365,6 +409,7 @@ fn run_child(
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
         .args(["--child", variant, "--queue", queue])
+        .args(["--queues", &args.queues.to_string()])
         .args(["--prefetch", &prefetch.to_string()])
         .args(["--messages", &messages.to_string()])
         .args(["--concurrency", &args.concurrency.to_string()])
@@ -681,6 +726,75 @@ async fn outage(conn: &Connection) {
     println!("  {:<52} {:>8}", "messages dead-lettered", dead);
 }
 
+/// The scale sweep: one dimension at a time from 1 queue, 256 B bodies,
+/// concurrency 8 and prefetch 100, a handler that waits 1 ms.
+async fn sweep(args: &Args, conn: &Connection) {
+    // (queues, body bytes, concurrency, prefetch, messages)
+    let plan: [(usize, usize, u16, u16, u64); 7] = [
+        (1, 256, 8, 100, 20_000),
+        (10, 256, 8, 100, 20_000),
+        (100, 256, 8, 100, 20_000),
+        (1, 64 * 1024, 8, 100, 2_000),
+        (1, 1024 * 1024, 8, 100, 200),
+        (1, 256, 256, 1_000, 20_000),
+        (1, 256, 1_024, 2_048, 20_000),
+    ];
+    println!(
+        "\nscale sweep (1 ms handler; one dimension at a time)\n  {:>6} {:>9} {:>11} {:>8} {:>9} {:>10} {:>12} {:>11} {:>11}",
+        "queues",
+        "body",
+        "concurrency",
+        "prefetch",
+        "messages",
+        "msg/s",
+        "CPU µs/msg",
+        "peak RSS MB",
+        "RSS goal MB"
+    );
+    let mut cpu_at = BTreeMap::new();
+    let mut rss_ok = true;
+    for (i, &(queues, size, concurrency, prefetch, messages)) in plan.iter().enumerate() {
+        let base = format!("rabbit-guard-bench.{}.sweep{i}", std::process::id());
+        let names = queue_names(&base, queues);
+        let mut declared = Vec::new();
+        for q in &names {
+            declared.push(declare(conn, q).await);
+            publish(conn, q, messages / queues as u64, size).await;
+        }
+        let child_args = Args {
+            queues,
+            concurrency,
+            ..args.clone()
+        };
+        let r = run_child(&child_args, "guard", &base, prefetch, messages, 1);
+        for c in &declared {
+            delete(conn, c).await;
+        }
+        let goal = 20.0 + f64::from(prefetch) * size as f64 * queues as f64 / 1_048_576.0;
+        rss_ok &= r.rss_mb < goal;
+        if size == 256 && concurrency == 8 {
+            cpu_at.insert(queues, r.cpu_us_per_msg);
+        }
+        let body = match size {
+            s if s >= 1_048_576 => format!("{} MiB", s / 1_048_576),
+            s if s >= 1_024 => format!("{} KiB", s / 1_024),
+            s => format!("{s} B"),
+        };
+        println!(
+            "  {queues:>6} {body:>9} {concurrency:>11} {prefetch:>8} {messages:>9} {:>10.0} {:>12.1} {:>11.1} {goal:>11.0}",
+            r.rate, r.cpu_us_per_msg, r.rss_mb
+        );
+    }
+    if let (Some(one), Some(hundred)) = (cpu_at.get(&1), cpu_at.get(&100)) {
+        let ratio = hundred / one;
+        println!(
+            "  goals: CPU/msg at 100 queues / 1 queue = {ratio:.2} (<= 1.3: {}), peak RSS under 20 MB + prefetch x body x queues: {}",
+            if ratio <= 1.3 { "met" } else { "missed" },
+            if rss_ok { "met" } else { "missed" }
+        );
+    }
+}
+
 // ---------------------------------------------------------------- main
 
 fn main() {
@@ -727,6 +841,11 @@ fn main() {
             args.concurrency,
             rabbit_guard::secret::mask_url(&addr())
         );
+        if args.sweep {
+            sweep(&args, &conn).await;
+            let _ = conn.close(200, "bench done".into()).await;
+            return;
+        }
         for prefetch in args.prefetch.clone() {
             case(
                 &args,
