@@ -11,10 +11,15 @@ use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::{Binding, ConsumerSettings, Declare, ExchangeType, QueueType};
 use crate::error::{Error, amqp_error};
+
+/// `x-delivery-limit` of a quorum dead-letter queue: reads (`dlq list`,
+/// `show`, `export`) count as deliveries, and RabbitMQ 4.0+ would drop a
+/// dead letter after 20 of them.
+pub const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000;
 
 /// The names and arguments one consumer uses.
 #[derive(Debug, Clone)]
@@ -179,6 +184,66 @@ impl Topology {
             .map_err(|e| self.error("exchange", &e))
     }
 
+    /// [`declare`](Self::declare) on channels of its own: a dead-letter
+    /// queue that an older rabbit-guard declared without a delivery limit
+    /// is kept as it is (with a warning and the policy that fixes it) rather
+    /// than refused.
+    ///
+    /// # Errors
+    ///
+    /// As [`declare`](Self::declare).
+    pub async fn declare_on(&self, connection: &Connection) -> Result<(), Error> {
+        let first = self.declare_with(connection, true).await;
+        match first {
+            Err(Error::TopologyMismatch { ref detail, .. })
+                if self.is_old_dead_letter_queue(detail) =>
+            {
+                tracing::warn!(
+                    queue = %self.dead_letter_queue,
+                    policy = %self.dead_letter_limit_policy(),
+                    "the dead-letter queue is a quorum queue without x-delivery-limit (declared by an older rabbit-guard): \
+                     on RabbitMQ 4.0+ every dlq list/show/export counts as a delivery and the broker drops a dead letter \
+                     after 20; apply this policy (or recreate the queue after a dlq export)"
+                );
+                self.declare_with(connection, false).await
+            }
+            other => other,
+        }
+    }
+
+    async fn declare_with(&self, connection: &Connection, dlq_limit: bool) -> Result<(), Error> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| Error::broker("opening a channel to declare queues", e))?;
+        let result = self.declare_inner(&channel, dlq_limit).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "declared".into()).await;
+        }
+        result
+    }
+
+    /// True when the broker refused the dead-letter queue's delivery limit
+    /// because the queue exists without one.
+    fn is_old_dead_letter_queue(&self, detail: &str) -> bool {
+        self.queue_type == QueueType::Quorum
+            && detail.contains("x-delivery-limit")
+            && detail.contains(&format!("queue '{}'", self.dead_letter_queue))
+    }
+
+    /// The `rabbitmqctl set_policy` that gives an existing quorum dead-letter
+    /// queue its delivery limit (add `-p VHOST` for another vhost than `/`).
+    #[must_use]
+    pub fn dead_letter_limit_policy(&self) -> String {
+        let definition = serde_json::json!({ "delivery-limit": DEAD_LETTER_DELIVERY_LIMIT });
+        format!(
+            "rabbitmqctl set_policy --apply-to queues {} {} {}",
+            shell_quote(&format!("rabbit-guard-dlq.{}", self.dead_letter_queue)),
+            shell_quote(&format!("^{}$", regex_escape(&self.dead_letter_queue))),
+            shell_quote(&definition.to_string())
+        )
+    }
+
     /// Declares (or checks, as `declare` says) everything. Idempotent.
     /// A broker error closes `channel`; use a channel of its own.
     ///
@@ -188,6 +253,10 @@ impl Topology {
     /// when something exists with other arguments; [`Error::TopologyMissing`]
     /// when something that must exist does not.
     pub async fn declare(&self, channel: &Channel) -> Result<(), Error> {
+        self.declare_inner(channel, true).await
+    }
+
+    async fn declare_inner(&self, channel: &Channel, dlq_limit: bool) -> Result<(), Error> {
         let beside = self.declares();
         self.queue(
             channel,
@@ -198,6 +267,15 @@ impl Topology {
         .await?;
         let mut dlq_args = FieldTable::default();
         self.type_args(&mut dlq_args);
+        if dlq_limit && self.queue_type == QueueType::Quorum {
+            // Dead letters are read (browsed, exported), not handled: each
+            // read is a delivery, and RabbitMQ 4.0+ drops a quorum queue's
+            // message after 20 by default.
+            dlq_args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(DEAD_LETTER_DELIVERY_LIMIT),
+            );
+        }
         self.queue(channel, &self.dead_letter_queue, dlq_args, beside)
             .await?;
         self.exchange(

@@ -197,16 +197,7 @@ impl Publisher {
             }
             *last = Some(Instant::now());
         }
-        let declared = match self.inner.connection.create_channel().await {
-            Ok(channel) => {
-                let result = topology.declare(&channel).await;
-                if channel.status().connected() {
-                    let _ = channel.close(200, "declared".into()).await;
-                }
-                result
-            }
-            Err(e) => Err(crate::Error::broker("opening a channel", e)),
-        };
+        let declared = topology.declare_on(&self.inner.connection).await;
         match declared {
             Ok(()) => {
                 debug!(topology = %topology, "declared the topology again after a failed copy");

@@ -162,12 +162,7 @@ pub(crate) fn publish(settings: &Settings, args: &PublishArgs) -> ExitCode {
             .enumerate()
             .find(|(_, c)| c.queue == args.queue)
         {
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(|e| crate::Error::broker("opening a channel", e))?;
-            Topology::of(i, c).declare(&channel).await?;
-            let _ = channel.close(200, "declared".into()).await;
+            Topology::of(i, c).declare_on(&connection).await?;
         }
         let stop = CancellationToken::new();
         let _signals = signals(stop.clone());

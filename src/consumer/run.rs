@@ -89,11 +89,11 @@ impl ConsumerRuntime {
         let Some((_, connection)) = self.consume.connection(shutdown).await else {
             return Ok(());
         };
+        self.shared.topology.declare_on(&connection).await?;
         let channel = connection
             .create_channel()
             .await
             .map_err(SessionError::broker("opening a channel"))?;
-        self.shared.topology.declare(&channel).await?;
         let Some((_, publish_connection)) = self.publish.connection(shutdown).await else {
             return Ok(());
         };

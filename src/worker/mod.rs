@@ -469,13 +469,8 @@ impl Worker {
             return Ok(());
         };
         for shared in &self.consumers {
-            // A failed declaration closes its channel: one channel each.
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(|e| Error::broker("opening a channel to declare queues", e))?;
-            shared.topology.declare(&channel).await?;
-            let _ = channel.close(200, "declared".into()).await;
+            // A failed declaration closes its channel: channels of its own.
+            shared.topology.declare_on(&connection).await?;
             info!(topology = %shared.topology, "topology ready");
         }
         Ok(())
