@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::cluster::{CLUSTER, NODES, StartAgain, ctl, node_url};
+use common::cluster::{CLUSTER, NODES, StartAgain, ctl, node_url, start_apps};
 use common::proxy::free_port;
 use common::*;
 use rabbit_guard::Worker;
@@ -390,8 +390,9 @@ async fn all_nodes_down_for_ten_seconds_and_back_loses_nothing() {
     );
     // Ten seconds with no broker at all: the worker retries on its own.
     tokio::time::sleep_until(down_at + Duration::from_secs(10)).await;
-    for node in 1..=NODES.len() {
-        let out = ctl(node, &["start_app"]);
+    // All at once: a node waits for the peers that stopped after it.
+    let nodes: Vec<usize> = (1..=NODES.len()).collect();
+    for (node, out) in start_apps(&nodes) {
         assert!(
             out.status.success(),
             "start_app on node {node}: {}",
