@@ -309,9 +309,9 @@ impl Permits {
     }
 }
 
-/// Which breaker of a set a failed call counts against: the one the
-/// handler named (`HandlerError::dependency`), else the first. `None` for a
-/// name that is not in the set (then the first, too: a failure is never
+/// Which breaker of a set (by index) a failed call counts against: the one
+/// the handler named (`HandlerError::dependency`), else the first; a name
+/// that is not in the set counts against the first too (a failure is never
 /// counted against nothing).
 pub(crate) fn blame(set: &BreakerSet, dependency: Option<&str>) -> usize {
     dependency.and_then(|d| set.position(d)).unwrap_or(0)

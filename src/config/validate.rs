@@ -241,7 +241,7 @@ impl BrokerSettings {
                     quoted(&url.masked()),
                     format!("not an AMQP URI: {e}; expected amqp://user:password@host:5672/vhost"),
                 ));
-            } else if self.urls[..i.min(self.urls.len())].contains(url) {
+            } else if self.urls[..i].contains(url) {
                 out.push(problem(key, quoted(&url.masked()), "listed twice"));
             }
         }
