@@ -38,9 +38,10 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rabbit_guard::Worker;
+use rabbit_guard::breaker::HealthCheck;
 use rabbit_guard::breaker::{BreakerConfig, BreakerState};
 use rabbit_guard::config::{ConsumerSettings, RetrySettings, Settings};
-use rabbit_guard::handler::{Context, Handler, HandlerError};
+use rabbit_guard::handler::{BoxError, Context, Handler, HandlerError};
 use rabbit_guard::topology::Topology;
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -62,6 +63,7 @@ struct Args {
     /// Queues the guard child consumes (`{queue}.{i}` when more than one).
     queues: usize,
     sweep: bool,
+    outage_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -78,6 +80,7 @@ fn parse_args() -> Args {
         latency_ms: 0,
         queues: 1,
         sweep: false,
+        outage_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -97,10 +100,11 @@ fn parse_args() -> Args {
             "--latency-ms" => a.latency_ms = val().parse().unwrap_or(0),
             "--queues" => a.queues = val().parse().unwrap_or(1).max(1),
             "--sweep" => a.sweep = true,
+            "--outage-only" => a.outage_only = true,
             "--help" | "-h" => {
                 println!(
                     "bench [--messages 200000] [--size 256] [--prefetch 100,1000] [--rounds 3] \
-                     [--concurrency 64] [--latency-messages 50000 (0: skip)] [--no-outage] [--sweep]"
+                     [--concurrency 64] [--latency-messages 50000 (0: skip)] [--no-outage] [--outage-only] [--sweep]"
                 );
                 std::process::exit(0);
             }
@@ -726,6 +730,171 @@ async fn outage(conn: &Connection) {
     println!("  {:<52} {:>8}", "messages dead-lettered", dead);
 }
 
+/// The dependency as its own health endpoint sees it.
+impl HealthCheck for Dependency {
+    async fn check(&self) -> Result<(), BoxError> {
+        if self.failing.load(Ordering::Acquire) {
+            Err("dependency down".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What one long outage cost.
+struct LongOutage {
+    first_ok_after: Option<Duration>,
+    trial_calls: u64,
+    open_time_at_recovery: Duration,
+    dead_lettered: u64,
+    processed: u64,
+}
+
+/// 2,000 messages waiting, the dependency down for 8 s from the worker's
+/// start, `open_timeout` 2 s, `max_open_timeout` 10 s: with or without a
+/// health check every second.
+async fn long_outage(conn: &Connection, with_check: bool) -> LongOutage {
+    let queue = format!(
+        "rabbit-guard-bench.{}.long-outage.{with_check}",
+        std::process::id()
+    );
+    let mut settings = guard_settings(&queue, 50, 8, 1);
+    let breaker = BreakerConfig {
+        open_timeout: Duration::from_secs(2),
+        max_open_timeout: Duration::from_secs(10),
+        ..BreakerConfig::default()
+    };
+    settings.breakers.insert("bench".into(), breaker);
+    settings.consumers[0].retry = RetrySettings {
+        delays: vec![Duration::from_secs(1)],
+        ..RetrySettings::default()
+    };
+    let c = settings.consumers[0].clone();
+    {
+        let ch = conn.create_channel().await.unwrap();
+        Topology::of(0, &c).declare(&ch).await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        for _ in 0..2_000 {
+            ch.basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue.as_str()),
+                BasicPublishOptions::default(),
+                b"x",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        let _ = ch.close(200, "ok".into()).await;
+    }
+    let dep = Dependency {
+        failing: Arc::new(AtomicBool::new(true)),
+        ok: Arc::new(AtomicU64::new(0)),
+        failed: Arc::new(AtomicU64::new(0)),
+        first_ok_after: Arc::new(std::sync::Mutex::new(None)),
+    };
+    let mut builder = Worker::builder(settings).handler("work", dep.clone());
+    if with_check {
+        builder = builder.health_check("bench", dep.clone());
+    }
+    let worker = builder.build().unwrap();
+    let stats = worker.stats(&queue).unwrap();
+    let breaker = worker.breaker("bench").unwrap();
+    let mut transitions = breaker.transitions();
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(worker.run_until(stop.clone()));
+    tokio::time::sleep_until(started + Duration::from_secs(8)).await;
+    // Each half-open trial while the dependency was down took one real message.
+    let mut trial_calls = 0;
+    while let Ok(t) = transitions.try_recv() {
+        trial_calls += u64::from(matches!(t.to, BreakerState::HalfOpen { .. }));
+    }
+    let open_time_at_recovery = breaker.snapshot().open_time;
+    let recovered_at = Instant::now();
+    dep.failing.store(false, Ordering::Release);
+    while dep.ok.load(Ordering::Relaxed) < 2_000 && recovered_at.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first_ok_after = dep
+        .first_ok_after
+        .lock()
+        .unwrap()
+        .map(|t| t.saturating_duration_since(recovered_at));
+    let dead_lettered = stats.snapshot().dead_lettered;
+    stop.cancel();
+    let _ = task.await;
+    let ch = conn.create_channel().await.unwrap();
+    for q in [
+        c.queue.clone(),
+        c.dead_letter_queue(),
+        c.delay_queue(Duration::from_secs(1)),
+    ] {
+        let _ = ch
+            .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = ch
+        .exchange_delete(
+            ShortString::from(c.dead_letter_exchange().as_str()),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+    LongOutage {
+        first_ok_after,
+        trial_calls,
+        open_time_at_recovery,
+        dead_lettered,
+        processed: dep.ok.load(Ordering::Relaxed),
+    }
+}
+
+async fn long_outage_table(conn: &Connection) {
+    let without = long_outage(conn, false).await;
+    let with = long_outage(conn, true).await;
+    let ms =
+        |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.0}", d.as_secs_f64() * 1e3));
+    println!(
+        "\nlong outage (2,000 messages waiting, dependency down 8 s, open_timeout 2s, max_open_timeout 10s, 1 ms handler)"
+    );
+    println!("  {:<52} {:>10} {:>14}", "", "no check", "health check");
+    println!(
+        "  {:<52} {:>10} {:>14}",
+        "ms from recovery to the first successful call",
+        ms(without.first_ok_after),
+        ms(with.first_ok_after)
+    );
+    println!(
+        "  {:<52} {:>10} {:>14}",
+        "real messages spent on trials while down", without.trial_calls, with.trial_calls
+    );
+    println!(
+        "  {:<52} {:>10} {:>14}",
+        "open time reached (s)",
+        format!("{:.1}", without.open_time_at_recovery.as_secs_f64()),
+        format!("{:.1}", with.open_time_at_recovery.as_secs_f64())
+    );
+    println!(
+        "  {:<52} {:>10} {:>14}",
+        "messages processed / dead-lettered",
+        format!("{}/{}", without.processed, without.dead_lettered),
+        format!("{}/{}", with.processed, with.dead_lettered)
+    );
+    let met = with
+        .first_ok_after
+        .is_some_and(|d| d <= Duration::from_millis(1_500))
+        && with.trial_calls == 0;
+    println!(
+        "  goal (health check, interval 1s): first success <= 1.5 s after recovery, 0 trial messages while down: {}",
+        if met { "met" } else { "MISSED" }
+    );
+}
+
 /// The scale sweep: one dimension at a time from 1 queue, 256 B bodies,
 /// concurrency 8 and prefetch 100, a handler that waits 1 ms.
 async fn sweep(args: &Args, conn: &Connection) {
@@ -846,6 +1015,12 @@ fn main() {
             let _ = conn.close(200, "bench done".into()).await;
             return;
         }
+        if args.outage_only {
+            outage(&conn).await;
+            long_outage_table(&conn).await;
+            let _ = conn.close(200, "bench done".into()).await;
+            return;
+        }
         for prefetch in args.prefetch.clone() {
             case(
                 &args,
@@ -872,6 +1047,7 @@ fn main() {
         }
         if args.outage {
             outage(&conn).await;
+            long_outage_table(&conn).await;
         }
         let _ = conn.close(200, "bench done".into()).await;
     });

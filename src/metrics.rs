@@ -146,6 +146,7 @@ impl Metrics {
         });
     }
 
+    #[allow(clippy::too_many_lines)] // one description per metric
     fn describe(&self) {
         let r = &self.recorder;
         let c = |name: &'static str, help: &'static str| {
@@ -173,6 +174,10 @@ impl Metrics {
         g(
             "rabbit_guard_breaker_failure_ratio",
             "Failures / calls in the breaker's window now",
+        );
+        c(
+            "rabbit_guard_breaker_health_checks_total",
+            "Health checks run while each breaker was open, by result: pass, fail",
         );
         g(
             "rabbit_guard_build_info",
@@ -394,6 +399,18 @@ impl Metrics {
             &[("breaker", name)],
             snapshot.counts.calls as f64,
         );
+        if let Some(health) = &snapshot.health {
+            for (result, n) in [
+                ("pass", health.passes),
+                ("fail", health.checks - health.passes),
+            ] {
+                self.counter(
+                    "rabbit_guard_breaker_health_checks_total",
+                    &[("breaker", name), ("result", result)],
+                    n,
+                );
+            }
+        }
     }
 
     #[allow(clippy::cast_precision_loss)]

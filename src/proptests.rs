@@ -189,7 +189,7 @@ fn settings() -> impl Strategy<Value = Settings> {
             s.broker.reconnect.max_delay = broker.4;
             s.worker.shutdown_grace = broker.5;
             s.worker.threads = numbers.2;
-            s.broker.url = SecretUrl::new(http.0);
+            s.broker.url = SecretUrl::new(http.0.clone());
             s.breakers.insert(
                 "dep".into(),
                 BreakerConfig {
@@ -201,6 +201,11 @@ fn settings() -> impl Strategy<Value = Settings> {
                     max_open_timeout: breaker.5,
                     window: broker.0,
                     call_timeout: broker.1,
+                    health_check: Some(crate::breaker::HealthCheckConfig {
+                        url: Some(SecretUrl::new(http.0.clone())),
+                        interval: broker.2,
+                        timeout: broker.3,
+                    }),
                     ..BreakerConfig::default()
                 },
             );
@@ -313,6 +318,13 @@ proptest! {
         let c = &s.consumers[0];
         if c.queue.len() > 255 {
             prop_assert!(keys.contains(&"consumers[0].queue"), "{:?}", keys);
+        }
+        let check = s.breakers["dep"].health_check.clone().unwrap_or_default();
+        if check.interval < crate::breaker::MIN_HEALTH_CHECK_INTERVAL {
+            prop_assert!(keys.contains(&"breakers.dep.health_check.interval"), "{:?}", keys);
+        }
+        if check.timeout.is_zero() || check.timeout > crate::config::MAX_DURATION {
+            prop_assert!(keys.contains(&"breakers.dep.health_check.timeout"), "{:?}", keys);
         }
         if s.breakers["dep"].window_buckets > crate::breaker::MAX_WINDOW_BUCKETS {
             prop_assert!(keys.contains(&"breakers.dep.window_buckets"), "{:?}", keys);

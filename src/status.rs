@@ -42,10 +42,39 @@ pub struct BreakerView {
     pub consecutive_failures: u32,
     /// The open time the next trip would use, in seconds.
     pub open_time_seconds: f64,
-    /// While open: when it goes half-open (RFC 3339).
+    /// While open: when it goes half-open (RFC 3339). `null` while a
+    /// health check decides that (see `health_check`).
     pub next_half_open: Option<String>,
     /// The queues whose consumers it guards.
     pub consumers: Vec<String>,
+    /// Its health check, if it has one.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckView>,
+}
+
+/// A breaker's health check and its last result.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthCheckView {
+    /// What is checked: the URL (credentials masked) or `custom`.
+    pub target: String,
+    /// Seconds between checks while open.
+    pub interval_seconds: f64,
+    /// Seconds a check may take.
+    pub timeout_seconds: f64,
+    /// Checks run so far.
+    pub checks: u64,
+    /// Of them, passed.
+    pub passes: u64,
+    /// Failed checks in a row now.
+    pub failures_in_a_row: u32,
+    /// `pass` or `fail` for the last check; `null` before the first.
+    pub last_result: Option<String>,
+    /// Why the last check failed.
+    pub last_error: Option<String>,
+    /// When the last check ended (RFC 3339).
+    pub last_at: Option<String>,
+    /// Seconds the last check took.
+    pub last_took_seconds: Option<f64>,
 }
 
 impl BreakerView {

@@ -12,7 +12,7 @@ use crate::connection::ManagedConnection;
 use crate::consumer::ConsumerShared;
 use crate::metrics::Metrics;
 use crate::status::{
-    BreakerView, ChangeView, ConnectionView, ConsumerView, StatusView, WindowView,
+    BreakerView, ChangeView, ConnectionView, ConsumerView, HealthCheckView, StatusView, WindowView,
 };
 
 /// A cheap, cloneable view of the worker's breakers, consumers and connections.
@@ -120,9 +120,27 @@ impl WorkerView {
                 let s = b.snapshot();
                 let now = Instant::now();
                 let next_half_open = match s.state {
-                    BreakerState::Open { until } => Some(wall(until)),
+                    BreakerState::Open { until } if !s.health_gated => Some(wall(until)),
                     _ => None,
                 };
+                let health_check = b.config().health_check.as_ref().map(|c| {
+                    let h = s.health.clone().unwrap_or_default();
+                    HealthCheckView {
+                        target: c.target(),
+                        interval_seconds: secs(c.interval),
+                        timeout_seconds: secs(c.timeout),
+                        checks: h.checks,
+                        passes: h.passes,
+                        failures_in_a_row: h.failures_in_a_row,
+                        last_result: h
+                            .last
+                            .as_ref()
+                            .map(|r| if r.error.is_none() { "pass" } else { "fail" }.to_owned()),
+                        last_error: h.last.as_ref().and_then(|r| r.error.clone()),
+                        last_at: h.last.as_ref().map(|r| wall(r.at)),
+                        last_took_seconds: h.last.as_ref().map(|r| secs(r.took)),
+                    }
+                });
                 let consumers = self
                     .0
                     .consumers
@@ -156,6 +174,7 @@ impl WorkerView {
                     open_time_seconds: secs(s.open_time),
                     next_half_open,
                     consumers,
+                    health_check,
                 }
             })
             .collect()

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::health::HealthCheckConfig;
+
 /// The most buckets a window may have (each is a few atomics).
 pub const MAX_WINDOW_BUCKETS: u32 = 1_000;
 
@@ -45,6 +47,10 @@ pub struct BreakerConfig {
     pub half_open_probes: u32,
     /// Trip after this many failures in a row, whatever the window holds. Unset: off.
     pub consecutive_failures: Option<u32>,
+    /// `[breakers.NAME.health_check]`: while open, ask the dependency
+    /// whether it is back, and go half-open as soon as it is. Unset: the
+    /// open time alone decides.
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 impl Default for BreakerConfig {
@@ -61,6 +67,7 @@ impl Default for BreakerConfig {
             max_open_timeout: Duration::from_secs(60),
             half_open_probes: 1,
             consecutive_failures: None,
+            health_check: None,
         }
     }
 }
@@ -79,6 +86,14 @@ impl BreakerConfig {
     /// relative to the breaker's own table.
     #[must_use]
     pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = self.call_and_open_problems();
+        if let Some(check) = &self.health_check {
+            out.extend(check.problems());
+        }
+        out
+    }
+
+    fn call_and_open_problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
         if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
             out.push((

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::config::BreakerConfig;
+use super::health::{ErasedHealthCheck, HealthCheck, HealthEffect, HealthResult, HealthStatus};
 use super::machine::{
     BreakerState, CallOutcome, PermitKind, Rejected, StateMachine, Transition, TransitionReason,
 };
@@ -102,6 +103,7 @@ struct Guarded {
     machine: StateMachine,
     since: Instant,
     last: Option<Transition>,
+    health: HealthStatus,
 }
 
 /// A point-in-time view of a breaker, for logs, status pages and tests.
@@ -121,6 +123,10 @@ pub struct Snapshot {
     pub consecutive_failures: u32,
     /// How long the current (or next) open period lasts.
     pub open_time: Duration,
+    /// The health checks so far, for a breaker that has one.
+    pub health: Option<HealthStatus>,
+    /// True when a health check, not the open time, ends the open state.
+    pub health_gated: bool,
 }
 
 /// What a failed call's neighbours say about the dependency; see
@@ -152,6 +158,7 @@ impl Breaker {
                     machine,
                     since: now,
                     last: None,
+                    health: HealthStatus::default(),
                 }),
                 kind: AtomicU8::new(Mirror::Closed as u8),
                 counters,
@@ -392,7 +399,8 @@ impl Breaker {
         loop {
             let state = *rx.borrow_and_update();
             match state {
-                BreakerState::Open { until } => {
+                // With a health check, only a passing check ends the open state.
+                BreakerState::Open { until } if self.inner.config.health_check.is_none() => {
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep_until(until) => self.check_open_timer(),
@@ -453,6 +461,92 @@ impl Breaker {
             counts: guard.machine.counts(now),
             consecutive_failures: guard.machine.consecutive_failures(),
             open_time: guard.machine.current_open_time(),
+            health: self
+                .inner
+                .config
+                .health_check
+                .is_some()
+                .then(|| guard.health.clone()),
+            health_gated: guard.machine.health_gated(),
+        }
+    }
+
+    /// Records a health check's result (`Err` with why it failed) and
+    /// applies it: see [`StateMachine::health_result`].
+    pub fn record_health(&self, result: Result<(), String>, took: Duration) -> HealthEffect {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let (effect, transition) = guard.machine.health_result(result.is_ok(), now);
+        guard.health.note(HealthResult {
+            at: now,
+            took,
+            error: result.err(),
+        });
+        self.publish(&mut guard, transition);
+        effect
+    }
+
+    /// Runs `check` every `health_check.interval` while the breaker is open,
+    /// until `shutdown`, and records each result. The worker runs this for
+    /// every breaker with a health check; a breaker with
+    /// `health_check` in its config leaves the open state only through it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a check cut short records nothing.
+    pub async fn run_health_check(self, check: impl HealthCheck, shutdown: CancellationToken) {
+        self.run_erased_health_check(super::health::erase(check), shutdown)
+            .await;
+    }
+
+    pub(crate) async fn run_erased_health_check(
+        self,
+        check: Arc<dyn ErasedHealthCheck>,
+        shutdown: CancellationToken,
+    ) {
+        let Some(config) = self.inner.config.health_check.clone() else {
+            return;
+        };
+        let target = config.target();
+        let mut rx = self.subscribe();
+        loop {
+            // Idle until the breaker opens: no load on a healthy dependency.
+            while !matches!(*rx.borrow_and_update(), BreakerState::Open { .. }) {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
+            }
+            let mut period = PeriodLog::default();
+            let mut next = Instant::now() + config.interval;
+            while matches!(*rx.borrow_and_update(), BreakerState::Open { .. }) {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    changed = rx.changed() => {
+                        if changed.is_err() { return }
+                        continue;
+                    }
+                    () = tokio::time::sleep_until(next) => {}
+                }
+                let started = Instant::now();
+                let result = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = tokio::time::timeout(config.timeout, check.check()) => r,
+                };
+                let result = match result {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(super::health::error_text(&*e)),
+                    Err(_) => Err(format!(
+                        "no answer within health_check.timeout ({})",
+                        humantime::format_duration(config.timeout)
+                    )),
+                };
+                let took = started.elapsed();
+                let error = result.as_ref().err().cloned();
+                let effect = self.record_health(result, took);
+                period.log(self.name(), &target, effect, error.as_deref());
+                next = started + config.interval;
+            }
         }
     }
 
@@ -494,6 +588,63 @@ impl Breaker {
                 changed = state_rx.changed() => if changed.is_err() { return HealthVerdict::Unknown },
                 () = tokio::time::sleep_until(deadline) => return HealthVerdict::Unknown,
             }
+        }
+    }
+}
+
+/// What has been logged of one open period's health checks, so a check
+/// that keeps failing logs once, not every interval.
+#[derive(Debug, Default)]
+struct PeriodLog {
+    failures: u32,
+    last_failed: bool,
+    told_waiting: bool,
+}
+
+impl PeriodLog {
+    fn log(&mut self, breaker: &str, target: &str, effect: HealthEffect, error: Option<&str>) {
+        match (effect, error) {
+            (HealthEffect::StaysOpen, Some(error)) => {
+                self.failures += 1;
+                if !self.last_failed {
+                    tracing::warn!(
+                        breaker,
+                        check = target,
+                        error,
+                        "health check failed: the breaker stays open and takes no message until a check passes"
+                    );
+                } else {
+                    tracing::debug!(
+                        breaker,
+                        check = target,
+                        error,
+                        failures = self.failures,
+                        "health check failed again"
+                    );
+                }
+                self.last_failed = true;
+            }
+            (HealthEffect::HalfOpen, _) => {
+                tracing::info!(
+                    breaker,
+                    check = target,
+                    failed_checks = self.failures,
+                    "health check passed: the breaker goes half-open now"
+                );
+                self.last_failed = false;
+            }
+            (HealthEffect::WaitsForOpenTime, _) => {
+                if !self.told_waiting {
+                    tracing::info!(
+                        breaker,
+                        check = target,
+                        "health check passed, but the last trial after a passing check failed: the next trial waits for the open time"
+                    );
+                    self.told_waiting = true;
+                }
+                self.last_failed = false;
+            }
+            _ => {}
         }
     }
 }

@@ -62,6 +62,8 @@ pub enum TransitionReason {
     ConsecutiveFailures,
     /// The open time elapsed; probes may run.
     OpenTimeElapsed,
+    /// The breaker's health check passed while it was open; probes may run.
+    HealthCheckPassed,
     /// A half-open probe failed (or was too slow).
     ProbeFailed,
     /// Every half-open probe succeeded.
@@ -85,6 +87,7 @@ impl TransitionReason {
             TransitionReason::SlowCallRate => "slow-call-rate",
             TransitionReason::ConsecutiveFailures => "consecutive-failures",
             TransitionReason::OpenTimeElapsed => "open-time-elapsed",
+            TransitionReason::HealthCheckPassed => "health-check-passed",
             TransitionReason::ProbeFailed => "probe-failed",
             TransitionReason::ProbesSucceeded => "probes-succeeded",
             TransitionReason::ManualOpen => "manual-open",
@@ -163,6 +166,13 @@ pub struct StateMachine {
     probes_issued: u32,
     probes_succeeded: u32,
     probes_slow: u32,
+    /// A health check decides when the open state ends (not the open time).
+    health_gated: bool,
+    /// The current trial began because a health check passed.
+    trial_by_health: bool,
+    /// A trial that began on a passing check failed, and no check failed
+    /// since: the next passing check waits for the open time too.
+    distrust_check: bool,
 }
 
 impl StateMachine {
@@ -174,10 +184,13 @@ impl StateMachine {
         let backoff = Self::backoff(&config);
         Self {
             current_open_time: config.open_timeout,
+            health_gated: config.health_check.is_some(),
             config,
             state: BreakerState::Closed,
             counters,
             backoff,
+            trial_by_health: false,
+            distrust_check: false,
             trial: 0,
             probes_issued: 0,
             probes_succeeded: 0,
@@ -228,22 +241,60 @@ impl StateMachine {
         self.current_open_time
     }
 
+    /// True when a health check, not the open time, ends the open state.
+    #[must_use]
+    pub fn health_gated(&self) -> bool {
+        self.health_gated
+    }
+
     /// Applies the open timer: Open becomes HalfOpen once `until` has passed.
+    /// With a health check, only a passing check ends the open state (see
+    /// [`health_result`](Self::health_result)).
     pub fn check_open_timer(&mut self, now: Instant) -> Option<Transition> {
         match self.state {
-            BreakerState::Open { until } if now >= until => {
-                self.trial += 1;
-                self.probes_issued = 0;
-                self.probes_succeeded = 0;
-                self.probes_slow = 0;
-                Some(self.go(
-                    BreakerState::HalfOpen { trial: self.trial },
-                    TransitionReason::OpenTimeElapsed,
-                    now,
-                ))
+            BreakerState::Open { until } if now >= until && !self.health_gated => {
+                self.trial_by_health = false;
+                Some(self.start_trial(TransitionReason::OpenTimeElapsed, now))
             }
             _ => None,
         }
+    }
+
+    /// Applies a health check's result. While open, a passing check starts
+    /// a trial at once, unless the last trial that began on a passing check
+    /// failed and no check has failed since: then it waits for the open
+    /// time too. A failing check keeps the breaker open however long the
+    /// open time was.
+    pub fn health_result(
+        &mut self,
+        passed: bool,
+        now: Instant,
+    ) -> (super::health::HealthEffect, Option<Transition>) {
+        use super::health::HealthEffect;
+        let BreakerState::Open { until } = self.state else {
+            return (HealthEffect::NotOpen, None);
+        };
+        if !passed {
+            // A check that can fail is telling the truth again.
+            self.distrust_check = false;
+            return (HealthEffect::StaysOpen, None);
+        }
+        if self.distrust_check && now < until {
+            return (HealthEffect::WaitsForOpenTime, None);
+        }
+        self.trial_by_health = true;
+        (
+            HealthEffect::HalfOpen,
+            Some(self.start_trial(TransitionReason::HealthCheckPassed, now)),
+        )
+    }
+
+    fn start_trial(&mut self, reason: TransitionReason, now: Instant) -> Transition {
+        self.trial += 1;
+        self.probes_issued = 0;
+        self.probes_succeeded = 0;
+        self.probes_slow = 0;
+        self.go(BreakerState::HalfOpen { trial: self.trial }, reason, now)
     }
 
     /// Asks to make a call. A due open timer is applied first, so the returned
@@ -392,12 +443,15 @@ impl StateMachine {
     }
 
     fn open(&mut self, reason: TransitionReason, now: Instant) -> Transition {
+        self.distrust_check = reason == TransitionReason::ProbeFailed && self.trial_by_health;
         let until = now + self.current_open_time;
         self.go(BreakerState::Open { until }, reason, now)
     }
 
     fn close(&mut self, reason: TransitionReason, now: Instant) -> Transition {
         self.counters.reset();
+        self.distrust_check = false;
+        self.trial_by_health = false;
         self.backoff = Self::backoff(&self.config);
         self.current_open_time = self.config.open_timeout;
         self.go(BreakerState::Closed, reason, now)

@@ -15,6 +15,11 @@
 //!   ForcedOpen / Disabled: set and released by an operator only.
 //! ```
 //!
+//! With a health check (`[breakers.NAME.health_check]` or a registered
+//! [`HealthCheck`]), the open time does not end the open state: a passing
+//! check does, at once, and no real message is spent on a trial while the
+//! check fails (see the `health` module's notes for a check that lies).
+//!
 //! Trip rules (checked while closed, after each recorded call):
 //! - failure rate in the window `>= failure_rate`, once the window holds `minimum_calls`;
 //! - `consecutive_failures` failures in a row (optional), however many successes the window holds;
@@ -36,12 +41,20 @@
 
 mod config;
 mod handle;
+mod health;
 mod machine;
 mod set;
 mod window;
 
 pub use config::{BreakerConfig, MAX_HALF_OPEN_PROBES, MAX_WINDOW_BUCKETS};
 pub use handle::{Breaker, CallCounts, CallRecord, HealthVerdict, ManualAction, Permit, Snapshot};
+#[cfg(feature = "http-handler")]
+pub(crate) use health::HttpHealthCheck;
+pub(crate) use health::{ErasedHealthCheck, erase as erase_health_check};
+pub use health::{
+    HealthCheck, HealthCheckConfig, HealthEffect, HealthResult, HealthStatus,
+    MIN_HEALTH_CHECK_INTERVAL,
+};
 pub use machine::{
     BreakerState, CallOutcome, PermitKind, Rejected, StateMachine, Transition, TransitionReason,
 };

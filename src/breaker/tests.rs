@@ -21,6 +21,7 @@ fn config() -> BreakerConfig {
         max_open_timeout: Duration::from_secs(5),
         half_open_probes: 1,
         consecutive_failures: None,
+        health_check: None,
     }
 }
 
@@ -601,4 +602,235 @@ async fn health_verdict_tells_outage_from_bad_message() {
         HealthVerdict::Unknown
     );
     assert_eq!(started.elapsed(), wait);
+}
+
+fn gated() -> BreakerConfig {
+    BreakerConfig {
+        health_check: Some(HealthCheckConfig::default()),
+        ..config()
+    }
+}
+
+/// Takes the one probe of a half-open trial and records `outcome`.
+fn probe(m: &mut StateMachine, now: Instant, outcome: CallOutcome) -> Option<Transition> {
+    let (kind, _) = m.try_acquire(now);
+    let kind = kind.expect("a half-open breaker admits its probe");
+    assert!(matches!(kind, PermitKind::Probe { .. }), "got {kind:?}");
+    m.record(kind, outcome, FAST, now)
+}
+
+#[test]
+fn with_a_health_check_only_a_passing_check_ends_the_open_state() {
+    let start = Instant::now();
+    let mut m = StateMachine::new(gated(), start);
+    assert!(m.health_gated());
+    trip(&mut m, start);
+    // Long past the open time, with failing checks: still open, no probe.
+    let late = start + Duration::from_secs(30);
+    assert_eq!(m.check_open_timer(late), None);
+    assert_eq!(
+        m.health_result(false, late),
+        (HealthEffect::StaysOpen, None)
+    );
+    let (admitted, t) = m.try_acquire(late);
+    assert_eq!((admitted, t), (Err(Rejected::Open), None));
+    // A passing check before the open time ends: half-open at once.
+    let mut m = StateMachine::new(gated(), start);
+    trip(&mut m, start);
+    let early = start + Duration::from_millis(100);
+    let (effect, t) = m.health_result(true, early);
+    assert_eq!(effect, HealthEffect::HalfOpen);
+    let t = t.expect("a transition to half-open");
+    assert_eq!(t.reason, TransitionReason::HealthCheckPassed);
+    assert_eq!(t.at, early);
+    assert_eq!(m.state(), BreakerState::HalfOpen { trial: 1 });
+    // Real probes decide, as without a check.
+    let closed = probe(&mut m, early, CallOutcome::Success).expect("the probe closes it");
+    assert_eq!(closed.to, BreakerState::Closed);
+    // Checks say nothing to a closed breaker.
+    assert_eq!(m.health_result(false, early), (HealthEffect::NotOpen, None));
+}
+
+#[test]
+fn a_check_that_passed_before_a_failed_trial_waits_for_the_open_time_until_it_fails_once() {
+    let start = Instant::now();
+    let mut m = StateMachine::new(gated(), start);
+    trip(&mut m, start);
+    let t1 = start + Duration::from_millis(100);
+    assert_eq!(m.health_result(true, t1).0, HealthEffect::HalfOpen);
+    // The check said healthy, the dependency was not.
+    let reopened = probe(&mut m, t1, CallOutcome::Failure).expect("the probe reopens it");
+    let BreakerState::Open { until } = reopened.to else {
+        panic!("expected open, got {:?}", reopened.to);
+    };
+    // The same lying check again: no trial before the open time ends...
+    let t2 = t1 + Duration::from_millis(100);
+    assert!(t2 < until);
+    assert_eq!(
+        m.health_result(true, t2),
+        (HealthEffect::WaitsForOpenTime, None)
+    );
+    // ...and one at the first passing check after it.
+    assert_eq!(m.health_result(true, until).0, HealthEffect::HalfOpen);
+    // A check that fails once is trusted again: after the next failed
+    // trial, fail, then pass -> half-open at once, before the open time.
+    let reopened = probe(&mut m, until, CallOutcome::Failure).expect("reopens");
+    let BreakerState::Open { until: until2 } = reopened.to else {
+        panic!("expected open");
+    };
+    let t3 = until + Duration::from_millis(10);
+    assert_eq!(m.health_result(false, t3).0, HealthEffect::StaysOpen);
+    let t4 = t3 + Duration::from_millis(10);
+    assert!(t4 < until2);
+    assert_eq!(m.health_result(true, t4).0, HealthEffect::HalfOpen);
+}
+
+#[test]
+fn without_a_health_check_checks_change_nothing_and_the_timer_decides() {
+    let start = Instant::now();
+    let mut m = StateMachine::new(config(), start);
+    assert!(!m.health_gated());
+    let opened = trip(&mut m, start);
+    let BreakerState::Open { until } = opened.to else {
+        panic!("expected open");
+    };
+    let t = m.check_open_timer(until).expect("half-open on time");
+    assert_eq!(t.reason, TransitionReason::OpenTimeElapsed);
+}
+
+/// A check whose answer the test sets, counting how often it ran.
+#[derive(Clone, Default)]
+struct Switch {
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+    runs: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl HealthCheck for Switch {
+    async fn check(&self) -> Result<(), crate::handler::BoxError> {
+        use std::sync::atomic::Ordering;
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        if self.healthy.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("HTTP 503: still down".into())
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_check_runs_only_while_open_and_opens_the_way_within_one_interval() {
+    use std::sync::atomic::Ordering;
+    let breaker = Breaker::new(
+        "dep",
+        BreakerConfig {
+            open_timeout: Duration::from_secs(10),
+            max_open_timeout: Duration::from_secs(10),
+            ..gated()
+        },
+    );
+    let switch = Switch::default();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let timer = tokio::spawn(breaker.clone().run_timer(shutdown.clone()));
+    let checks = tokio::spawn(
+        breaker
+            .clone()
+            .run_health_check(switch.clone(), shutdown.clone()),
+    );
+    // Closed for a minute: not one check.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(switch.runs.load(Ordering::SeqCst), 0, "checks while closed");
+    for _ in 0..10 {
+        breaker.try_acquire().unwrap().record(CallOutcome::Failure);
+    }
+    let opened_at = Instant::now();
+    // 25 s of failing checks: past the 10 s open time, still open.
+    tokio::time::sleep(Duration::from_millis(25_500)).await;
+    assert!(
+        matches!(breaker.state(), BreakerState::Open { .. }),
+        "left open while every check failed: {:?}",
+        breaker.state()
+    );
+    let runs = switch.runs.load(Ordering::SeqCst);
+    assert_eq!(runs, 25, "one check a second for 25.5 s, got {runs}");
+    let status = breaker.snapshot().health.expect("a health status");
+    assert_eq!(
+        (status.checks, status.passes, status.failures_in_a_row),
+        (25, 0, 25)
+    );
+    assert_eq!(
+        status.last.and_then(|r| r.error).as_deref(),
+        Some("HTTP 503: still down")
+    );
+    // Recovery: half-open at the next check, within one interval.
+    switch.healthy.store(true, Ordering::SeqCst);
+    let recovered_at = Instant::now();
+    let mut rx = breaker.subscribe();
+    rx.wait_for(|s| matches!(s, BreakerState::HalfOpen { .. }))
+        .await
+        .unwrap();
+    let after = recovered_at.elapsed();
+    assert!(
+        after <= Duration::from_secs(1),
+        "half-open {after:?} after the dependency recovered (interval 1s); opened {:?} before",
+        opened_at.elapsed()
+    );
+    assert_eq!(
+        breaker.snapshot().last_transition.map(|t| t.reason),
+        Some(TransitionReason::HealthCheckPassed)
+    );
+    breaker.try_acquire().unwrap().record(CallOutcome::Success);
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    // Closed again: the checks stop.
+    let runs = switch.runs.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        switch.runs.load(Ordering::SeqCst),
+        runs,
+        "checks while closed"
+    );
+    shutdown.cancel();
+    timer.await.unwrap();
+    checks.await.unwrap();
+}
+
+/// A check that never answers.
+struct Hangs;
+
+impl HealthCheck for Hangs {
+    async fn check(&self) -> Result<(), crate::handler::BoxError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_check_that_hangs_fails_after_its_timeout() {
+    let breaker = Breaker::new(
+        "dep",
+        BreakerConfig {
+            health_check: Some(HealthCheckConfig {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_millis(300),
+                url: None,
+            }),
+            ..config()
+        },
+    );
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let checks = tokio::spawn(breaker.clone().run_health_check(Hangs, shutdown.clone()));
+    for _ in 0..10 {
+        breaker.try_acquire().unwrap().record(CallOutcome::Failure);
+    }
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let status = breaker.snapshot().health.expect("a health status");
+    // Checks start at 1 s, 2 s, 3 s: 3 of them, each cut at 300 ms.
+    assert_eq!(status.checks, 3, "{status:?}");
+    let last = status.last.expect("a last result");
+    assert_eq!(last.took, Duration::from_millis(300));
+    assert_eq!(
+        last.error.as_deref(),
+        Some("no answer within health_check.timeout (300ms)")
+    );
+    assert!(matches!(breaker.state(), BreakerState::Open { .. }));
+    shutdown.cancel();
+    checks.await.unwrap();
 }

@@ -103,10 +103,11 @@ fn render(status: &StatusView) -> Vec<String> {
         "CONSUMERS",
     ]);
     for b in &status.breakers {
-        let next = b
-            .next_half_open
-            .as_deref()
-            .map_or("-".to_owned(), |t| t.get(11..19).unwrap_or(t).to_owned());
+        let next = match (&b.next_half_open, &b.health_check) {
+            (Some(t), _) => t.get(11..19).unwrap_or(t).to_owned(),
+            (None, Some(_)) if b.state == "open" => "when healthy".to_owned(),
+            (None, _) => "-".to_owned(),
+        };
         breakers.add_row(vec![
             printable(&b.name),
             b.state.clone(),
@@ -122,6 +123,26 @@ fn render(status: &StatusView) -> Vec<String> {
                 format!(
                     "last change: {} -> {} ({}), {} of {} calls failed",
                     last.from, last.to, last.reason, last.failures, last.calls
+                ),
+            ]);
+        }
+        if let Some(check) = b.health_check.as_ref().filter(|c| c.checks > 0) {
+            let last = match (&check.last_result, &check.last_error) {
+                (_, Some(error)) => format!(
+                    "failing ({} in a row): {}",
+                    check.failures_in_a_row,
+                    printable(error)
+                ),
+                (Some(result), None) => result.clone(),
+                (None, None) => "-".to_owned(),
+            };
+            breakers.add_row(vec![
+                String::new(),
+                format!(
+                    "health check {}: {} of {} passed, last {last}",
+                    printable(&check.target),
+                    check.passes,
+                    check.checks
                 ),
             ]);
         }
@@ -199,5 +220,35 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("注文"), "{text}");
+    }
+
+    #[test]
+    fn a_breaker_waiting_for_its_health_check_says_so_and_why() {
+        let status = StatusView {
+            breakers: vec![BreakerView {
+                name: "billing".into(),
+                state: "open".into(),
+                health_check: Some(crate::status::HealthCheckView {
+                    target: "http://billing/health".into(),
+                    checks: 7,
+                    failures_in_a_row: 7,
+                    last_result: Some("fail".into()),
+                    last_error: Some("HTTP 503\u{1b}[2J".into()),
+                    ..crate::status::HealthCheckView::default()
+                }),
+                ..BreakerView::default()
+            }],
+            ..StatusView::default()
+        };
+        let text = render(&status).join("\n");
+        assert!(text.contains("when healthy"), "{text}");
+        assert!(
+            text.contains("health check http://billing/health: 0 of 7 passed, last failing (7 in a row): HTTP 503"),
+            "{text}"
+        );
+        assert!(
+            !text.contains('\u{1b}'),
+            "a control character reached the terminal: {text}"
+        );
     }
 }

@@ -119,6 +119,11 @@ impl Settings {
         if shown.admin.token.is_some() {
             shown.admin.token = Some(Secret::new(MASK));
         }
+        for b in shown.breakers.values_mut() {
+            if let Some(u) = b.health_check.as_mut().and_then(|h| h.url.as_mut()) {
+                *u = SecretUrl::new(u.masked());
+            }
+        }
         for c in &mut shown.consumers {
             if let Some(h) = &mut c.http {
                 h.url = SecretUrl::new(h.url.masked());

@@ -758,3 +758,98 @@ handler = "noop"
         "{err}"
     );
 }
+
+#[test]
+fn a_health_check_is_read_from_its_table_and_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "c.toml",
+        r#"
+[breakers.dep.health_check]
+url = "https://probe:s3cret@billing.internal/health?token=abc"
+interval = "2s"
+
+[[consumers]]
+queue = "q"
+breaker = "dep"
+handler = "noop"
+"#,
+    );
+    let s = load(
+        &with_env(
+            file,
+            &[(
+                "RABBIT_GUARD__BREAKERS__DEP__HEALTH_CHECK__TIMEOUT",
+                "750ms",
+            )],
+        ),
+        &[],
+    )
+    .unwrap();
+    let check = s.breakers["dep"]
+        .health_check
+        .clone()
+        .expect("a health check");
+    assert_eq!(check.interval, Duration::from_secs(2));
+    assert_eq!(check.timeout, Duration::from_millis(750));
+    let shown = format!("{:?}", s.redacted());
+    assert!(
+        !shown.contains("s3cret") && !shown.contains("abc"),
+        "the check's credentials are printed: {shown}"
+    );
+    // Without the table, no check: the open time alone decides.
+    let s = load(&sources(write(dir.path(), "m.toml", MINIMAL)), &[]).unwrap();
+    assert_eq!(s.breakers["dep"].health_check, None);
+}
+
+#[test]
+fn health_check_settings_that_cannot_work_are_refused_with_their_key() {
+    let problems = problems_of(
+        r#"
+[breakers.dep.health_check]
+url = "ftp://user:hunter2@example.com/health"
+interval = "1ms"
+timeout = "0s"
+
+[[consumers]]
+queue = "q"
+breaker = "dep"
+handler = "noop"
+"#,
+    );
+    let text = problems.join("\n");
+    for want in [
+        "breakers.dep.health_check.url",
+        "breakers.dep.health_check.interval",
+        "breakers.dep.health_check.timeout",
+    ] {
+        assert!(text.contains(want), "{want} should be refused:\n{text}");
+    }
+    assert!(
+        !text.contains("hunter2"),
+        "the password is printed:\n{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "c.toml",
+        r#"
+[breakers.dep.health_check]
+url = "http://127.0.0.1/health"
+every = "1s"
+
+[[consumers]]
+queue = "q"
+breaker = "dep"
+handler = "noop"
+"#,
+    );
+    let err = load(&sources(file), &[])
+        .expect_err("an unknown key")
+        .to_string();
+    assert!(
+        err.contains("every") && err.contains("breakers.dep.health_check"),
+        "the unknown key and its table are named: {err}"
+    );
+}

@@ -626,6 +626,13 @@ fn breaker_value(cfg: &crate::breaker::BreakerConfig, key: &str) -> Option<Strin
         "call_timeout" => fmt(cfg.call_timeout),
         "open_timeout" => fmt(cfg.open_timeout),
         "max_open_timeout" => fmt(cfg.max_open_timeout),
+        "health_check.url" => cfg
+            .health_check
+            .as_ref()
+            .and_then(|h| h.url.as_ref())
+            .map(|u| format!("{:?}", u.masked())),
+        "health_check.interval" => cfg.health_check.as_ref().and_then(|h| fmt(h.interval)),
+        "health_check.timeout" => cfg.health_check.as_ref().and_then(|h| fmt(h.timeout)),
         _ => None,
     }
 }

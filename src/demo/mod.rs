@@ -543,7 +543,12 @@ fn tally(report: &mut Report, transitions: &[Transition], calls: &[flaky::Call])
         .count() as u64;
     report.probes = transitions
         .iter()
-        .filter(|t| t.reason == TransitionReason::OpenTimeElapsed)
+        .filter(|t| {
+            matches!(
+                t.reason,
+                TransitionReason::OpenTimeElapsed | TransitionReason::HealthCheckPassed
+            )
+        })
         .count() as u64;
     let opened = transitions
         .iter()

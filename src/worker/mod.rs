@@ -34,8 +34,11 @@ use tracing::{info, warn};
 
 #[cfg(feature = "admin")]
 use crate::admin::WorkerView;
-use crate::breaker::{Breaker, BreakerSet, BreakerState, Transition};
-use crate::config::{SafetyChecks, Settings};
+use crate::breaker::{
+    Breaker, BreakerSet, BreakerState, ErasedHealthCheck, HealthCheck, HealthCheckConfig,
+    Transition,
+};
+use crate::config::{ConfigError, Problem, SafetyChecks, Settings};
 use crate::connection::ManagedConnection;
 use crate::consumer::{ConsumerRuntime, ConsumerShared, ConsumerStats};
 use crate::error::Error;
@@ -55,12 +58,17 @@ const CLOSE_MARGIN: Duration = Duration::from_secs(10);
 pub struct WorkerBuilder {
     settings: Settings,
     handlers: BTreeMap<String, Arc<dyn ErasedHandler>>,
+    health_checks: BTreeMap<String, Arc<dyn ErasedHealthCheck>>,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkerBuilder")
             .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
+            .field(
+                "health_checks",
+                &self.health_checks.keys().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -69,6 +77,18 @@ impl WorkerBuilder {
     /// Registers `handler` under `name`: consumers with `handler = "name"` use it.
     pub fn handler<H: Handler>(mut self, name: impl Into<String>, handler: H) -> Self {
         self.handlers.insert(name.into(), erase(handler));
+        self
+    }
+
+    /// Registers `check` as the health check of the breaker `breaker`:
+    /// while that breaker is open, the check runs every
+    /// `health_check.interval` (default 1s, each bounded by
+    /// `health_check.timeout`, default 1s), and the breaker goes half-open
+    /// as soon as one passes. `[breakers.NAME.health_check]` may tune the
+    /// interval and timeout, but must not also set a `url`.
+    pub fn health_check<C: HealthCheck>(mut self, breaker: impl Into<String>, check: C) -> Self {
+        self.health_checks
+            .insert(breaker.into(), crate::breaker::erase_health_check(check));
         self
     }
 
@@ -128,12 +148,7 @@ impl WorkerBuilder {
     pub fn build(self) -> Result<Worker, Error> {
         let names: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
         self.settings.validate(&names)?;
-        let breakers: BTreeMap<String, Breaker> = self
-            .settings
-            .breakers
-            .iter()
-            .map(|(name, cfg)| (name.clone(), Breaker::new(name.clone(), cfg.clone())))
-            .collect();
+        let (breakers, health_checks) = self.breakers()?;
         let metrics = Metrics::new();
         let mut consumers = Vec::new();
         for (index, c) in self.settings.consumers.iter().enumerate() {
@@ -199,9 +214,92 @@ impl WorkerBuilder {
         Ok(Worker {
             settings: self.settings,
             breakers,
+            health_checks,
             consumers,
             metrics,
         })
+    }
+
+    /// The breakers, and the health check of each breaker that has one.
+    #[allow(clippy::type_complexity)]
+    fn breakers(
+        &self,
+    ) -> Result<
+        (
+            BTreeMap<String, Breaker>,
+            Vec<(Breaker, Arc<dyn ErasedHealthCheck>)>,
+        ),
+        Error,
+    > {
+        let mut problems = Vec::new();
+        for name in self.health_checks.keys() {
+            if !self.settings.breakers.contains_key(name) {
+                let known: Vec<&str> = self.settings.breakers.keys().map(String::as_str).collect();
+                problems.push(Problem {
+                    key: format!("breakers.{name}"),
+                    value: None,
+                    message: format!(
+                        "a HealthCheck is registered for breaker {name:?}, which is not defined (defined breakers: {})",
+                        known.join(", ")
+                    ),
+                });
+            }
+        }
+        let mut breakers = BTreeMap::new();
+        let mut checks = Vec::new();
+        for (name, cfg) in &self.settings.breakers {
+            let mut cfg = cfg.clone();
+            let registered = self.health_checks.get(name).cloned();
+            let key = format!("breakers.{name}.health_check.url");
+            let check = match (&mut cfg.health_check, registered) {
+                (None, None) => None,
+                (None, Some(check)) => {
+                    cfg.health_check = Some(HealthCheckConfig::default());
+                    Some(check)
+                }
+                (Some(h), Some(check)) => {
+                    if let Some(url) = &h.url {
+                        problems.push(Problem {
+                            key,
+                            value: Some(format!("{:?}", url.masked())),
+                            message: format!("a HealthCheck is also registered for breaker {name:?}: use one of them"),
+                        });
+                    }
+                    Some(check)
+                }
+                (Some(h), None) => match &h.url {
+                    None => {
+                        problems.push(Problem {
+                            key,
+                            value: None,
+                            message: format!("missing: set the URL to check, or register a HealthCheck for breaker {name:?} (WorkerBuilder::health_check)"),
+                        });
+                        None
+                    }
+                    Some(url) => match http_health_check(h) {
+                        Ok(check) => Some(check),
+                        Err(message) => {
+                            problems.push(Problem {
+                                key,
+                                value: Some(format!("{:?}", url.masked())),
+                                message,
+                            });
+                            None
+                        }
+                    },
+                },
+            };
+            let breaker = Breaker::new(name.clone(), cfg);
+            if let Some(check) = check {
+                checks.push((breaker.clone(), check));
+            }
+            breakers.insert(name.clone(), breaker);
+        }
+        if problems.is_empty() {
+            Ok((breakers, checks))
+        } else {
+            Err(Error::Config(ConfigError::Invalid(problems)))
+        }
     }
 
     /// Builds and runs until SIGINT or SIGTERM. See [`Worker::run`].
@@ -218,6 +316,7 @@ impl WorkerBuilder {
 pub struct Worker {
     settings: Settings,
     breakers: BTreeMap<String, Breaker>,
+    health_checks: Vec<(Breaker, Arc<dyn ErasedHealthCheck>)>,
     consumers: Vec<Arc<ConsumerShared>>,
     metrics: Metrics,
 }
@@ -240,6 +339,7 @@ impl Worker {
         WorkerBuilder {
             settings,
             handlers: BTreeMap::new(),
+            health_checks: BTreeMap::new(),
         }
     }
 
@@ -388,6 +488,13 @@ impl Worker {
                 infra.clone(),
             ));
         }
+        for (breaker, check) in &self.health_checks {
+            infra_tasks.spawn(
+                breaker
+                    .clone()
+                    .run_erased_health_check(check.clone(), infra.clone()),
+            );
+        }
         infra_tasks.spawn(flush_failures(
             self.consumers.clone(),
             self.settings.log.failure_summary_every,
@@ -499,6 +606,17 @@ async fn flush_failures(
             return;
         }
     }
+}
+
+/// The built-in check of `config.url`.
+#[cfg(feature = "http-handler")]
+fn http_health_check(config: &HealthCheckConfig) -> Result<Arc<dyn ErasedHealthCheck>, String> {
+    crate::breaker::HttpHealthCheck::new(config).map(crate::breaker::erase_health_check)
+}
+
+#[cfg(not(feature = "http-handler"))]
+fn http_health_check(_: &HealthCheckConfig) -> Result<Arc<dyn ErasedHealthCheck>, String> {
+    Err("this build has no HTTP client (the http-handler feature is off): register a HealthCheck instead".to_owned())
 }
 
 async fn log_transitions(breaker: Breaker, metrics: Metrics, stop: CancellationToken) {

@@ -50,6 +50,28 @@ struct DownstreamInner {
     calls: Mutex<Vec<Call>>,
     /// Requests that arrived (answered or not yet).
     arrived: std::sync::atomic::AtomicUsize,
+    /// `GET /health`: each check's time and status (not counted as calls).
+    health_checks: Mutex<Vec<(Instant, u16)>>,
+    /// The status `/health` gives whatever the mode (unset: it follows the mode).
+    health_override: Mutex<Option<u16>>,
+}
+
+/// `GET /health` answers as the mode does (200 healthy, 503 failing) unless
+/// an override is set, and is recorded apart from the calls.
+async fn health_handler(State(inner): State<Arc<DownstreamInner>>) -> StatusCode {
+    let status = inner.health_override.lock().unwrap().unwrap_or_else(|| {
+        match inner.mode.lock().unwrap().unwrap_or(Mode::Healthy) {
+            Mode::Failing => 503,
+            Mode::Status(s) => s,
+            _ => 200,
+        }
+    });
+    inner
+        .health_checks
+        .lock()
+        .unwrap()
+        .push((Instant::now(), status));
+    StatusCode::from_u16(status).unwrap()
 }
 
 /// The dependency under test: an HTTP server on 127.0.0.1 that can be
@@ -149,6 +171,7 @@ impl Downstream {
     pub async fn start_at(addr: &str) -> Self {
         let inner = Arc::new(DownstreamInner::default());
         let app = Router::new()
+            .route("/health", axum::routing::get(health_handler))
             .fallback(downstream_handler)
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -165,6 +188,21 @@ impl Downstream {
 
     pub fn url(&self) -> String {
         format!("http://{}/work", self.addr)
+    }
+
+    /// Where its health endpoint is.
+    pub fn health_url(&self) -> String {
+        format!("http://{}/health", self.addr)
+    }
+
+    /// Makes `/health` answer `status` whatever the mode; `None`: follow it.
+    pub fn set_health(&self, status: Option<u16>) {
+        *self.inner.health_override.lock().unwrap() = status;
+    }
+
+    /// Every `GET /health` so far: when, and what it answered.
+    pub fn health_checks(&self) -> Vec<(Instant, u16)> {
+        self.inner.health_checks.lock().unwrap().clone()
     }
 
     pub fn set(&self, mode: Mode) {

@@ -17,6 +17,7 @@ pub fn fast_breaker() -> BreakerConfig {
         max_open_timeout: Duration::from_secs(2),
         half_open_probes: 1,
         consecutive_failures: None,
+        health_check: None,
     }
 }
 

@@ -1,0 +1,351 @@
+//! Issue 14, part A: a health check ends an outage within one interval of
+//! the dependency's recovery, whatever the open time has grown to, and no
+//! real message is spent on a trial while the check fails.
+#![allow(clippy::print_stderr)]
+#![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::proxy::free_port;
+use common::*;
+use rabbit_guard::Worker;
+use rabbit_guard::breaker::{
+    BreakerConfig, BreakerState, HealthCheck, HealthCheckConfig, TransitionReason,
+};
+use rabbit_guard::handler::{BoxError, Context, Handler, HandlerError};
+use rabbit_guard::secret::SecretUrl;
+use rabbit_guard::status::BreakersView;
+use tokio::time::Instant;
+
+/// Calls that arrive this long after a trip were started after it (the
+/// failing downstream answers in microseconds, so in-flight calls land sooner).
+const IN_FLIGHT_SLACK: Duration = Duration::from_millis(200);
+
+const OUTAGE: Duration = Duration::from_secs(8);
+
+/// A breaker whose open time is already at its 10 s maximum, with a health
+/// check of the downstream's `/health` every second.
+fn breaker(health_url: String) -> BreakerConfig {
+    BreakerConfig {
+        open_timeout: Duration::from_secs(10),
+        max_open_timeout: Duration::from_secs(10),
+        health_check: Some(HealthCheckConfig {
+            url: Some(SecretUrl::new(health_url)),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+        }),
+        ..fast_breaker()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_ends_the_outage_within_one_interval_and_spends_no_trial_message() {
+    let broker = TestBroker::connect().await;
+    let downstream = Downstream::start().await;
+    let mut settings = with_http(
+        settings("health", "http", breaker(downstream.health_url())),
+        &downstream,
+    );
+    let port = free_port();
+    settings.admin.listen = Some(format!("127.0.0.1:{port}"));
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let n = 300;
+    let ids = broker.publish_json(&consumer.queue, "h", n).await;
+
+    // The outage starts before the worker takes its first message.
+    downstream.set(Mode::Failing);
+    let outage_start = Instant::now();
+    let running = Running::start(Worker::builder(settings)).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(
+            running.breaker.state(),
+            BreakerState::Open { .. }
+        ))
+        .await,
+        "the breaker did not open within 10s: {:?}",
+        running.breaker.snapshot()
+    );
+    let opened = running
+        .transitions()
+        .into_iter()
+        .find(|t| matches!(t.to, BreakerState::Open { .. }))
+        .expect("an open transition");
+    let BreakerState::Open { until } = opened.to else {
+        unreachable!()
+    };
+    assert_eq!(
+        until - opened.at,
+        Duration::from_secs(10),
+        "the open time this test is about"
+    );
+
+    // The dependency comes back 8 s into the outage: 2 s before the open
+    // time would let a trial through.
+    tokio::time::sleep_until(outage_start + OUTAGE).await;
+    let during: Vec<_> = downstream.health_checks();
+    let recovered_at = Instant::now();
+    downstream.set(Mode::Healthy);
+    assert!(
+        matches!(running.breaker.state(), BreakerState::Open { .. }),
+        "the breaker left the open state while every check failed: {:?}",
+        running.transitions()
+    );
+
+    assert!(
+        wait_until(Duration::from_secs(20), || downstream.succeeded_ids().len()
+            == n)
+        .await,
+        "{} of {n} messages succeeded within 20s of recovery",
+        downstream.succeeded_ids().len()
+    );
+    let calls = downstream.calls();
+    let trial_calls: Vec<_> = calls
+        .iter()
+        .filter(|c| c.at > opened.at + IN_FLIGHT_SLACK && c.at < recovered_at)
+        .collect();
+    let first_ok = calls
+        .iter()
+        .filter(|c| c.status == 200)
+        .map(|c| c.at)
+        .min()
+        .expect("a successful call");
+    let first_ok_after = first_ok.saturating_duration_since(recovered_at);
+    let half_open = running
+        .transitions()
+        .into_iter()
+        .find(|t| matches!(t.to, BreakerState::HalfOpen { .. }))
+        .expect("a half-open transition");
+    eprintln!(
+        "opened {:?} into the outage; {} checks failed during it; recovered at 8s; half-open {:?} and first success {:?} after recovery ({:?} before the open time would have ended); {} calls while open",
+        opened.at - outage_start,
+        during.len(),
+        half_open.at.saturating_duration_since(recovered_at),
+        first_ok_after,
+        until.saturating_duration_since(first_ok),
+        trial_calls.len()
+    );
+    assert_eq!(
+        trial_calls.len(),
+        0,
+        "real messages spent while the health check failed: {trial_calls:?}"
+    );
+    assert!(
+        first_ok_after <= Duration::from_millis(1_500),
+        "first successful call {first_ok_after:?} after the dependency recovered (goal: at most 1.5s with a 1s interval)"
+    );
+    assert_eq!(half_open.reason, TransitionReason::HealthCheckPassed);
+    assert!(
+        half_open.at < until,
+        "half-open at the open time's end, not at the passing check"
+    );
+    assert!(
+        during.len() >= 6 && during.iter().all(|&(_, status)| status == 503),
+        "checks during the outage: {during:?}"
+    );
+    // The checks stopped once the breaker closed.
+    assert!(
+        wait_until(Duration::from_secs(5), || running.breaker.state()
+            == BreakerState::Closed)
+        .await
+    );
+    let after_close = downstream.health_checks().len();
+
+    // /breakers shows the check, its target and its last result.
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/breakers"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let view: BreakersView = serde_json::from_str(&body).unwrap();
+    let check = view.breakers[0]
+        .health_check
+        .clone()
+        .expect("/breakers shows the health check");
+    assert_eq!(check.target, downstream.health_url());
+    assert_eq!(check.last_result.as_deref(), Some("pass"), "{check:?}");
+    assert_eq!(check.passes, 1, "{check:?}");
+    assert_eq!(check.checks as usize, during.len() + 1, "{check:?}");
+
+    // Nothing lost, nothing dead-lettered.
+    let succeeded = downstream.succeeded_ids();
+    let missing: Vec<_> = ids.iter().filter(|id| !succeeded.contains(*id)).collect();
+    assert!(missing.is_empty(), "never processed: {missing:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        downstream.health_checks().len(),
+        after_close,
+        "health checks ran while the breaker was closed"
+    );
+    running.stop().await;
+    let dead = broker.drain(&consumer.dead_letter_queue()).await;
+    assert!(dead.is_empty(), "{} dead letters", dead.len());
+    let (ready, _) = broker.counts(&consumer.queue).await;
+    assert_eq!(ready, 0, "messages left in the queue");
+    broker.cleanup().await;
+}
+
+/// A custom check and handler sharing one switch: the dependency.
+#[derive(Clone, Default)]
+struct Dependency {
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    calls: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String, bool)>>>,
+    checks: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Handler for Dependency {
+    type Message = ();
+
+    async fn handle(&self, (): (), ctx: &Context) -> Result<(), HandlerError> {
+        let down = self.down.load(std::sync::atomic::Ordering::SeqCst);
+        let id = ctx.message_id().unwrap_or_default().to_owned();
+        self.calls.lock().unwrap().push((Instant::now(), id, !down));
+        if down {
+            Err(HandlerError::transient("dependency down"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl HealthCheck for Dependency {
+    async fn check(&self) -> Result<(), BoxError> {
+        self.checks
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            Err("pool ping failed".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_health_check_gates_the_breaker_like_a_url() {
+    let broker = TestBroker::connect().await;
+    let mut breaker_cfg = fast_breaker();
+    breaker_cfg.open_timeout = Duration::from_secs(10);
+    breaker_cfg.max_open_timeout = Duration::from_secs(10);
+    let settings = settings("health-custom", "dep", breaker_cfg);
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let n = 100;
+    let ids = broker.publish_json(&consumer.queue, "c", n).await;
+    let dep = Dependency::default();
+    dep.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let running = Running::start(
+        Worker::builder(settings)
+            .handler("dep", dep.clone())
+            .health_check("dep", dep.clone()),
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(
+            running.breaker.state(),
+            BreakerState::Open { .. }
+        ))
+        .await
+    );
+    let opened_at = Instant::now();
+    let calls_at_open = dep.calls.lock().unwrap().len();
+    // Half-way between two checks (they run at 1 s, 2 s, 3 s after the trip).
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let recovered_at = Instant::now();
+    dep.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let calls_while_open = dep.calls.lock().unwrap().len() - calls_at_open;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let calls = dep.calls.lock().unwrap();
+            calls
+                .iter()
+                .filter(|c| c.2)
+                .map(|c| &c.1)
+                .collect::<HashSet<_>>()
+                .len()
+                == n
+        })
+        .await,
+        "not every message succeeded after recovery"
+    );
+    let first_ok = dep
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.2)
+        .map(|c| c.0)
+        .min()
+        .unwrap();
+    let checks = dep.checks.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "custom check: {checks} checks, {calls_while_open} calls in the 3.5s open, first success {:?} after recovery",
+        first_ok.saturating_duration_since(recovered_at)
+    );
+    assert_eq!(
+        calls_while_open, 0,
+        "calls while open (opened at {opened_at:?})"
+    );
+    assert!(
+        first_ok.saturating_duration_since(recovered_at) <= Duration::from_millis(1_500),
+        "first success {:?} after recovery",
+        first_ok.saturating_duration_since(recovered_at)
+    );
+    assert!(checks >= 3, "{checks} checks in a 3.5s open period");
+    let succeeded: HashSet<String> = dep
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.2)
+        .map(|c| c.1.clone())
+        .collect();
+    assert!(ids.iter().all(|id| succeeded.contains(id)), "lost messages");
+    running.stop().await;
+    let dead = broker.drain(&consumer.dead_letter_queue()).await;
+    assert!(dead.is_empty(), "{} dead letters", dead.len());
+    broker.cleanup().await;
+}
+
+#[test]
+fn health_check_settings_that_cannot_work_are_refused_before_connecting() {
+    // A table without a url and no registered check.
+    let mut s = settings("health-bad", "noop", {
+        let mut b = fast_breaker();
+        b.health_check = Some(HealthCheckConfig::default());
+        b
+    });
+    let e = Worker::builder(s.clone()).build().unwrap_err().to_string();
+    assert!(
+        e.contains("breakers.dep.health_check.url") && e.contains("register a HealthCheck"),
+        "{e}"
+    );
+    // Both a url and a registered check.
+    s.breakers.get_mut("dep").unwrap().health_check = Some(HealthCheckConfig {
+        url: Some(SecretUrl::new("http://user:hunter2@127.0.0.1:1/health")),
+        ..HealthCheckConfig::default()
+    });
+    let e = Worker::builder(s.clone())
+        .health_check("dep", Dependency::default())
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("use one of them"), "{e}");
+    assert!(!e.contains("hunter2"), "the password is printed: {e}");
+    // A check for a breaker that does not exist.
+    s.breakers.get_mut("dep").unwrap().health_check = None;
+    let e = Worker::builder(s)
+        .health_check("billing", Dependency::default())
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("breakers.billing") && e.contains("not defined"),
+        "{e}"
+    );
+}
