@@ -69,6 +69,10 @@ pub(crate) struct ManagedConnection {
     shown_url: String,
     /// The node the current (or last) connection is on, masked.
     node: std::sync::Mutex<Option<String>>,
+    /// That node's address, for the broker-info probe.
+    node_uri: std::sync::Mutex<Option<AMQPUri>>,
+    /// What the broker said it is (product, version, cluster), once read.
+    server: Arc<std::sync::Mutex<Option<String>>>,
     name: String,
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     role: &'static str,
@@ -129,6 +133,8 @@ impl ManagedConnection {
             nodes,
             shown_url,
             node: std::sync::Mutex::new(None),
+            node_uri: std::sync::Mutex::new(None),
+            server: Arc::default(),
             name: format!("{}/{role}", settings.connection_name),
             role,
             settings: settings.clone(),
@@ -190,6 +196,10 @@ impl ManagedConnection {
                         .node
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(shown.clone());
+                    *self
+                        .node_uri
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(uri.clone());
                     return Ok(connection);
                 }
                 Err(e) if is_fatal_at_startup(&e) => return Err(e),
@@ -237,7 +247,49 @@ impl ManagedConnection {
             .min(self.settings.reconnect.max_delay)
     }
 
+    /// What the broker said it is ("RabbitMQ 4.0.5 on Erlang/OTP 27,
+    /// cluster rabbit@node1"), once read after the latest connect.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // read by the admin endpoint
+    pub(crate) fn server(&self) -> Option<String> {
+        self.server
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads, in the background, which broker the new connection reached,
+    /// and logs it (lapin keeps none of the server properties).
+    fn read_server_info(&self) {
+        let uri = self
+            .node_uri
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let Some(uri) = uri else { return };
+        let server = self.server.clone();
+        *server
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        let (name, node) = (self.name.clone(), self.node().unwrap_or_default());
+        let timeout = self.settings.connect_timeout.min(Duration::from_secs(5));
+        tokio::spawn(async move {
+            match crate::amqp::server_info::probe(&uri, &name, timeout).await {
+                Ok(info) => {
+                    info!(connection = %name, node = %node, broker = %info, "broker identified");
+                    *server
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(info.to_string());
+                }
+                Err(error) => {
+                    debug!(connection = %name, node = %node, %error, "could not read the broker's version");
+                }
+            }
+        });
+    }
+
     fn up(&self, connection: Connection) {
+        self.read_server_info();
         let generation = match &*self.link.borrow() {
             ConnectionState::Up { generation, .. } => generation + 1,
             ConnectionState::Down => 1,

@@ -170,6 +170,10 @@ pub struct ConnectionView {
     /// The node it is on (or was on last), its URL masked.
     #[serde(default)]
     pub node: Option<String>,
+    /// What that broker said it is: product, version, Erlang release and
+    /// cluster name (read once after each connect).
+    #[serde(default)]
+    pub broker: Option<String>,
 }
 
 #[cfg(test)]

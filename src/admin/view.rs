@@ -215,6 +215,7 @@ impl WorkerView {
                 blocked: c.is_blocked(),
                 reconnects: c.reconnects(),
                 node: c.node(),
+                broker: c.server(),
             })
             .collect();
         StatusView {

@@ -20,6 +20,7 @@ use crate::secret::{SecretUrl, scrub};
 
 pub mod headers;
 pub(crate) mod publish;
+pub(crate) mod server_info;
 
 pub(crate) use lapin::types::parsing::MALFORMED_KEY as UNREADABLE_KEY;
 

@@ -173,23 +173,35 @@ fn render(status: &StatusView) -> Vec<String> {
             c.dead_lettered.to_string(),
         ]);
     }
-    let mut connections = table(&["CONNECTION", "NODE", "UP", "BLOCKED", "RECONNECTS"]);
-    for c in &status.connections {
-        connections.add_row(vec![
-            printable(&c.name),
-            printable(c.node.as_deref().unwrap_or("-")),
-            yes(c.up).to_owned(),
-            yes(c.blocked).to_owned(),
-            c.reconnects.to_string(),
-        ]);
-    }
     vec![
         breakers.to_string(),
         String::new(),
         consumers.to_string(),
         String::new(),
-        connections.to_string(),
+        connections(status),
     ]
+}
+
+fn connections(status: &StatusView) -> String {
+    let mut connections = table(&[
+        "CONNECTION",
+        "NODE",
+        "BROKER",
+        "UP",
+        "BLOCKED",
+        "RECONNECTS",
+    ]);
+    for c in &status.connections {
+        connections.add_row(vec![
+            printable(&c.name),
+            printable(c.node.as_deref().unwrap_or("-")),
+            printable(c.broker.as_deref().unwrap_or("-")),
+            yes(c.up).to_owned(),
+            yes(c.blocked).to_owned(),
+            c.reconnects.to_string(),
+        ]);
+    }
+    connections.to_string()
 }
 
 #[cfg(test)]
