@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::amqp::server_info::ProbeError;
 use crate::config::BrokerSettings;
 use crate::error::{Error, amqp_error, describe};
 
@@ -72,7 +73,7 @@ pub(crate) struct ManagedConnection {
     /// That node's address, for the broker-info probe.
     node_uri: std::sync::Mutex<Option<AMQPUri>>,
     /// What the broker said it is (product, version, cluster), once read.
-    server: Arc<std::sync::Mutex<Option<String>>>,
+    server: std::sync::Mutex<Option<String>>,
     name: String,
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     role: &'static str,
@@ -134,7 +135,7 @@ impl ManagedConnection {
             shown_url,
             node: std::sync::Mutex::new(None),
             node_uri: std::sync::Mutex::new(None),
-            server: Arc::default(),
+            server: std::sync::Mutex::new(None),
             name: format!("{}/{role}", settings.connection_name),
             role,
             settings: settings.clone(),
@@ -191,7 +192,11 @@ impl ManagedConnection {
         for i in shuffled(self.nodes.len()) {
             let (uri, shown) = &self.nodes[i];
             match self.connect_to(uri).await {
-                Ok(connection) => {
+                Ok((connection, server)) => {
+                    *self
+                        .server
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = server;
                     *self
                         .node
                         .lock()
@@ -216,12 +221,37 @@ impl ManagedConnection {
         }))
     }
 
-    async fn connect_to(&self, uri: &AMQPUri) -> Result<Connection, lapin::Error> {
-        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+    /// Connects to one node; also says what the broker is ("RabbitMQ 4.0.5
+    /// on Erlang/OTP 27, cluster rabbit@node1") when it could be read.
+    async fn connect_to(
+        &self,
+        uri: &AMQPUri,
+    ) -> Result<(Connection, Option<String>), lapin::Error> {
         let timeout = self.settings.connect_timeout;
+        // lapin keeps none of the server properties: read them first, on a
+        // short connection of their own (so there is never a third
+        // connection beside the worker's two), and go on without them.
+        let server = match crate::amqp::server_info::probe(
+            uri,
+            &self.name,
+            timeout,
+            timeout.min(Duration::from_secs(2)),
+        )
+        .await
+        {
+            Ok(info) => Some(info.to_string()),
+            // The connection itself would fail the same way: not twice.
+            Err(ProbeError::Unreachable(e)) => return Err(lapin::Error::from(e)),
+            Err(ProbeError::Unread(error)) => {
+                debug!(connection = %self.name, %error, "could not read the broker's version");
+                None
+            }
+        };
+        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
         // A peer that accepts TCP but never answers would hang the handshake forever.
         tokio::time::timeout(timeout, Connection::connect_uri(uri.clone(), props))
             .await
+            .map(|connected| connected.map(|c| (c, server)))
             .unwrap_or_else(|_| {
                 Err(lapin::Error::from(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -257,39 +287,7 @@ impl ManagedConnection {
             .clone()
     }
 
-    /// Reads, in the background, which broker the new connection reached,
-    /// and logs it (lapin keeps none of the server properties).
-    fn read_server_info(&self) {
-        let uri = self
-            .node_uri
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let Some(uri) = uri else { return };
-        let server = self.server.clone();
-        *server
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-        let (name, node) = (self.name.clone(), self.node().unwrap_or_default());
-        let timeout = self.settings.connect_timeout.min(Duration::from_secs(5));
-        tokio::spawn(async move {
-            match crate::amqp::server_info::probe(&uri, &name, timeout).await {
-                Ok(info) => {
-                    info!(connection = %name, node = %node, broker = %info, "broker identified");
-                    *server
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(info.to_string());
-                }
-                Err(error) => {
-                    debug!(connection = %name, node = %node, %error, "could not read the broker's version");
-                }
-            }
-        });
-    }
-
     fn up(&self, connection: Connection) {
-        self.read_server_info();
         let generation = match &*self.link.borrow() {
             ConnectionState::Up { generation, .. } => generation + 1,
             ConnectionState::Down => 1,
@@ -320,7 +318,7 @@ impl ManagedConnection {
             };
             match connected {
                 Ok(connection) => {
-                    info!(url = %self.node().unwrap_or_default(), connection = %self.name, attempt, "connected to the broker");
+                    info!(url = %self.node().unwrap_or_default(), broker = %self.server().unwrap_or_default(), connection = %self.name, attempt, "connected to the broker");
                     self.up(connection);
                     return Ok(());
                 }
@@ -451,6 +449,7 @@ impl ManagedConnection {
                 Ok(connection) => {
                     info!(
                         url = %self.node().unwrap_or_default(),
+                        broker = %self.server().unwrap_or_default(),
                         connection = %self.name,
                         attempt,
                         down_for = %humantime::format_duration(round_ms(started.elapsed())),

@@ -337,6 +337,15 @@ fn health_check_settings_that_cannot_work_are_refused_before_connecting() {
         .to_string();
     assert!(e.contains("use one of them"), "{e}");
     assert!(!e.contains("hunter2"), "the password is printed: {e}");
+    // Two checks for one breaker.
+    s.breakers.get_mut("dep").unwrap().health_check = None;
+    let e = Worker::builder(s.clone())
+        .health_check("dep", Dependency::default())
+        .health_check("dep", Dependency::default())
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("two HealthChecks"), "{e}");
     // A check for a breaker that does not exist.
     s.breakers.get_mut("dep").unwrap().health_check = None;
     let e = Worker::builder(s)

@@ -87,48 +87,87 @@ impl ServerInfo {
     }
 }
 
-/// Asks the node at `uri` who it is, within `timeout`.
+/// Why the broker could not be asked.
+#[derive(Debug)]
+pub(crate) enum ProbeError {
+    /// No connection to the node (refused, unresolvable, TLS failed, no
+    /// answer within the connect timeout): the worker's own connection
+    /// would fail the same way.
+    Unreachable(std::io::Error),
+    /// Connected, but the properties could not be read.
+    Unread(String),
+}
+
+/// Asks the node at `uri` who it is: connecting may take `connect_timeout`,
+/// the rest at most `read_timeout`.
 ///
 /// # Errors
 ///
-/// A one-line description of what went wrong (unreachable, refused,
-/// not AMQP 0-9-1, no answer in time).
+/// [`ProbeError::Unreachable`] when the node cannot be reached,
+/// [`ProbeError::Unread`] when it answered but not as expected.
 pub(crate) async fn probe(
     uri: &AMQPUri,
     name: &str,
-    timeout: Duration,
-) -> Result<ServerInfo, String> {
-    tokio::time::timeout(timeout, probe_inner(uri, name))
+    connect_timeout: Duration,
+    read_timeout: Duration,
+) -> Result<ServerInfo, ProbeError> {
+    if login(uri).is_none() {
+        return Err(ProbeError::Unread(format!(
+            "not read with the {:?} login mechanism",
+            uri.query.auth_mechanism
+        )));
+    }
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|e| ProbeError::Unread(e.to_string()))?;
+    let stream = tokio::time::timeout(
+        connect_timeout,
+        uri.connect_with_config_async(TLSConfig::default(), &runtime),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer within broker.connect_timeout ({})",
+                humantime::format_duration(connect_timeout)
+            ),
+        ))
+    })
+    .map_err(ProbeError::Unreachable)?;
+    tokio::time::timeout(read_timeout, read_properties(stream, uri, name))
         .await
         .unwrap_or_else(|_| {
             Err(format!(
                 "no answer within {}",
-                humantime::format_duration(timeout)
+                humantime::format_duration(read_timeout)
             ))
         })
+        .map_err(ProbeError::Unread)
 }
 
-async fn probe_inner(uri: &AMQPUri, name: &str) -> Result<ServerInfo, String> {
+/// The login the worker's own connection uses (so the broker sees the
+/// same, never a refused one): mechanism and response.
+fn login(uri: &AMQPUri) -> Option<(&'static str, Vec<u8>)> {
     let user = &uri.authority.userinfo;
-    // The mechanism the worker's own connection uses, so the broker sees
-    // the same login (never a refused one).
-    let (mechanism, response) = match uri.query.auth_mechanism {
+    match uri.query.auth_mechanism {
         None | Some(SASLMechanism::Plain) => {
             let mut response = vec![0];
             response.extend_from_slice(user.username.as_bytes());
             response.push(0);
             response.extend_from_slice(user.password.as_bytes());
-            ("PLAIN", response)
+            Some(("PLAIN", response))
         }
-        Some(SASLMechanism::External) => ("EXTERNAL", Vec::new()),
-        Some(SASLMechanism::Anonymous) => ("ANONYMOUS", Vec::new()),
-        Some(ref other) => return Err(format!("not read with the {other:?} mechanism")),
-    };
-    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
-    let mut stream = uri
-        .connect_with_config_async(TLSConfig::default(), &runtime)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+        Some(SASLMechanism::External) => Some(("EXTERNAL", Vec::new())),
+        Some(SASLMechanism::Anonymous) => Some(("ANONYMOUS", Vec::new())),
+        Some(_) => None,
+    }
+}
+
+async fn read_properties<S>(mut stream: S, uri: &AMQPUri, name: &str) -> Result<ServerInfo, String>
+where
+    S: futures_util::AsyncRead + futures_util::AsyncWrite + Unpin,
+{
+    let (mechanism, response) = login(uri).ok_or("unsupported login mechanism")?;
     let io = |e: std::io::Error| e.to_string();
     stream
         .write_all(b"AMQP\x00\x00\x09\x01")
@@ -224,7 +263,7 @@ async fn read_method<S: futures_util::AsyncRead + Unpin>(
         .read_exact(&mut payload)
         .await
         .map_err(|e| format!("reading a frame: {e}"))?;
-    if header[0] != FRAME_METHOD || payload[size] != FRAME_END {
+    if header[0] != FRAME_METHOD || header[1..3] != [0, 0] || payload[size] != FRAME_END {
         return Err("not a method frame".to_owned());
     }
     let class = u16::from_be_bytes([payload[0], payload[1]]);

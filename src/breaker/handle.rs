@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -474,9 +475,26 @@ impl Breaker {
     /// Records a health check's result (`Err` with why it failed) and
     /// applies it: see [`StateMachine::health_result`].
     pub fn record_health(&self, result: Result<(), String>, took: Duration) -> HealthEffect {
+        let state = self.lock().machine.state();
+        self.record_health_for(state, result, took)
+    }
+
+    /// [`record_health`](Self::record_health) for a check run while the
+    /// breaker was in `state`: a breaker that has left that state since
+    /// (closed by hand, opened anew) only counts it.
+    fn record_health_for(
+        &self,
+        state: BreakerState,
+        result: Result<(), String>,
+        took: Duration,
+    ) -> HealthEffect {
         let now = Instant::now();
         let mut guard = self.lock();
-        let (effect, transition) = guard.machine.health_result(result.is_ok(), now);
+        let (effect, transition) = if guard.machine.state() == state {
+            guard.machine.health_result(result.is_ok(), now)
+        } else {
+            (HealthEffect::NotOpen, None)
+        };
         guard.health.note(HealthResult {
             at: now,
             took,
@@ -518,9 +536,21 @@ impl Breaker {
                 }
             }
             let mut period = PeriodLog::default();
-            let mut next = Instant::now() + config.interval;
-            while matches!(*rx.borrow_and_update(), BreakerState::Open { .. }) {
+            // Validation asks for at least 100ms; a breaker built by hand
+            // gets the same floor, so a failing check cannot spin.
+            let interval = config
+                .interval
+                .max(super::health::MIN_HEALTH_CHECK_INTERVAL);
+            let mut next = Instant::now() + interval;
+            loop {
+                let opened = *rx.borrow_and_update();
+                if !matches!(opened, BreakerState::Open { .. }) {
+                    break;
+                }
                 tokio::select! {
+                    // A state change wins over a due check: no check runs
+                    // after the breaker was closed, forced or disabled.
+                    biased;
                     () = shutdown.cancelled() => return,
                     changed = rx.changed() => {
                         if changed.is_err() { return }
@@ -529,13 +559,18 @@ impl Breaker {
                     () = tokio::time::sleep_until(next) => {}
                 }
                 let started = Instant::now();
+                let call = std::panic::AssertUnwindSafe(check.check()).catch_unwind();
                 let result = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    r = tokio::time::timeout(config.timeout, check.check()) => r,
+                    r = tokio::time::timeout(config.timeout, call) => r,
                 };
                 let result = match result {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(super::health::error_text(&*e)),
+                    Ok(Ok(Ok(()))) => Ok(()),
+                    Ok(Ok(Err(e))) => Err(super::health::error_text(&*e)),
+                    Ok(Err(panic)) => Err(format!(
+                        "the health check panicked: {}",
+                        crate::text::printable(&panic_text(&*panic))
+                    )),
                     Err(_) => Err(format!(
                         "no answer within health_check.timeout ({})",
                         humantime::format_duration(config.timeout)
@@ -543,9 +578,10 @@ impl Breaker {
                 };
                 let took = started.elapsed();
                 let error = result.as_ref().err().cloned();
-                let effect = self.record_health(result, took);
+                // Applied only to the open period it was run for.
+                let effect = self.record_health_for(opened, result, took);
                 period.log(self.name(), &target, effect, error.as_deref());
-                next = started + config.interval;
+                next = started + interval;
             }
         }
     }
@@ -590,6 +626,18 @@ impl Breaker {
             }
         }
     }
+}
+
+/// The message a panic carried, when it is text.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .map_or_else(
+            || "(no message)".to_owned(),
+            |s| crate::text::truncate(&s, 300),
+        )
 }
 
 /// What has been logged of one open period's health checks, so a check

@@ -208,17 +208,24 @@ impl HttpHealthCheck {
 impl HealthCheck for HttpHealthCheck {
     async fn check(&self) -> Result<(), BoxError> {
         // `without_url`: reqwest's errors print the URL, credentials and all.
-        let response = self
+        let mut response = self
             .client
             .get(self.url.clone())
             .send()
             .await
-            .map_err(|e| format!("GET {}: {}", self.shown, e.without_url()))?;
+            .map_err(|e| format!("GET {}: {}", self.shown, error_text(&e.without_url())))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
-        let body = response.bytes().await.unwrap_or_default();
+        // The start of the body says why; an endless one is not read.
+        let mut body = Vec::new();
+        while body.len() < ERROR_TEXT {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) | Err(_) => break,
+            }
+        }
         let body = String::from_utf8_lossy(&body[..body.len().min(ERROR_TEXT)]).into_owned();
         let body = body.trim();
         Err(if body.is_empty() {

@@ -834,3 +834,63 @@ async fn a_check_that_hangs_fails_after_its_timeout() {
     shutdown.cancel();
     checks.await.unwrap();
 }
+
+/// A check that panics, as a custom one with a bug might.
+struct Panics;
+
+impl HealthCheck for Panics {
+    async fn check(&self) -> Result<(), crate::handler::BoxError> {
+        panic!("pool was None")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_check_that_panics_fails_and_keeps_running() {
+    let breaker = Breaker::new("dep", gated());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let checks = tokio::spawn(breaker.clone().run_health_check(Panics, shutdown.clone()));
+    for _ in 0..10 {
+        breaker.try_acquire().unwrap().record(CallOutcome::Failure);
+    }
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let status = breaker.snapshot().health.expect("a health status");
+    assert_eq!(
+        status.checks, 3,
+        "the loop survives a panicking check: {status:?}"
+    );
+    assert_eq!(
+        status.last.and_then(|r| r.error).as_deref(),
+        Some("the health check panicked: pool was None")
+    );
+    assert!(!checks.is_finished());
+    shutdown.cancel();
+    checks.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_check_runs_after_the_breaker_is_closed_by_hand() {
+    let breaker = Breaker::new("dep", gated());
+    let switch = Switch::default();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let checks = tokio::spawn(
+        breaker
+            .clone()
+            .run_health_check(switch.clone(), shutdown.clone()),
+    );
+    for round in 0..50 {
+        for _ in 0..10 {
+            breaker.try_acquire().unwrap().record(CallOutcome::Failure);
+        }
+        // Close by hand exactly when a check falls due: the check task is
+        // woken for both, and must see the close first.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        breaker.close();
+        let before = switch.runs.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let after = switch.runs.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(after, before, "round {round}: a check ran after the close");
+        assert_eq!(breaker.state(), BreakerState::Closed, "round {round}");
+    }
+    shutdown.cancel();
+    checks.await.unwrap();
+}

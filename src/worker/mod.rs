@@ -59,6 +59,8 @@ pub struct WorkerBuilder {
     settings: Settings,
     handlers: BTreeMap<String, Arc<dyn ErasedHandler>>,
     health_checks: BTreeMap<String, Arc<dyn ErasedHealthCheck>>,
+    /// Breakers given a second health check (refused by `build`).
+    twice_checked: Vec<String>,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -87,8 +89,12 @@ impl WorkerBuilder {
     /// as soon as one passes. `[breakers.NAME.health_check]` may tune the
     /// interval and timeout, but must not also set a `url`.
     pub fn health_check<C: HealthCheck>(mut self, breaker: impl Into<String>, check: C) -> Self {
+        let breaker = breaker.into();
+        if self.health_checks.contains_key(&breaker) {
+            self.twice_checked.push(breaker.clone());
+        }
         self.health_checks
-            .insert(breaker.into(), crate::breaker::erase_health_check(check));
+            .insert(breaker, crate::breaker::erase_health_check(check));
         self
     }
 
@@ -231,7 +237,17 @@ impl WorkerBuilder {
         ),
         Error,
     > {
-        let mut problems = Vec::new();
+        let mut problems: Vec<Problem> = self
+            .twice_checked
+            .iter()
+            .map(|name| Problem {
+                key: format!("breakers.{name}"),
+                value: None,
+                message: format!(
+                    "two HealthChecks are registered for breaker {name:?}: register one (it may call several things)"
+                ),
+            })
+            .collect();
         for name in self.health_checks.keys() {
             if !self.settings.breakers.contains_key(name) {
                 let known: Vec<&str> = self.settings.breakers.keys().map(String::as_str).collect();
@@ -340,6 +356,7 @@ impl Worker {
             settings,
             handlers: BTreeMap::new(),
             health_checks: BTreeMap::new(),
+            twice_checked: Vec::new(),
         }
     }
 
@@ -629,7 +646,7 @@ async fn log_transitions(breaker: Breaker, metrics: Metrics, stop: CancellationT
         match t {
             Ok(t) => {
                 metrics.transition(breaker.name(), &t);
-                log_transition(breaker.name(), &t);
+                log_transition(breaker.name(), &t, breaker.config().health_check.is_some());
             }
             Err(RecvError::Lagged(n)) => {
                 warn!(breaker = %breaker.name(), missed = n, "breaker transitions were not logged");
@@ -639,8 +656,9 @@ async fn log_transitions(breaker: Breaker, metrics: Metrics, stop: CancellationT
     }
 }
 
-fn log_transition(name: &str, t: &Transition) {
+fn log_transition(name: &str, t: &Transition, health_gated: bool) {
     let open_for = match t.to {
+        BreakerState::Open { .. } if health_gated => "until a health check passes".to_owned(),
         BreakerState::Open { until } => humantime::format_duration(Duration::from_millis(
             u64::try_from(until.saturating_duration_since(t.at).as_millis()).unwrap_or(0),
         ))
