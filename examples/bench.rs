@@ -582,6 +582,27 @@ async fn consumers_of(conn: &Connection, queue: &str) -> u32 {
     q
 }
 
+/// Deletes what an outage scenario declared: the work queue, its dead-letter
+/// queue and exchange, and its 1 s delay queue.
+async fn delete_outage_topology(conn: &Connection, c: &ConsumerSettings) {
+    let ch = conn.create_channel().await.unwrap();
+    for q in [
+        c.queue.clone(),
+        c.dead_letter_queue(),
+        c.delay_queue(Duration::from_secs(1)),
+    ] {
+        let _ = ch
+            .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = ch
+        .exchange_delete(
+            ShortString::from(c.dead_letter_exchange().as_str()),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+}
+
 async fn outage(conn: &Connection) {
     let queue = format!("rabbit-guard-bench.{}.outage", std::process::id());
     let mut settings = guard_settings(&queue, 200, 32, 1);
@@ -687,22 +708,7 @@ async fn outage(conn: &Connection) {
     let dead = stats.snapshot().dead_lettered;
     stop.cancel();
     let _ = task.await;
-    let ch = conn.create_channel().await.unwrap();
-    for q in [
-        c.queue.clone(),
-        c.dead_letter_queue(),
-        c.delay_queue(Duration::from_secs(1)),
-    ] {
-        let _ = ch
-            .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = ch
-        .exchange_delete(
-            ShortString::from(c.dead_letter_exchange().as_str()),
-            ExchangeDeleteOptions::default(),
-        )
-        .await;
+    delete_outage_topology(conn, &c).await;
     let ms =
         |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.0}", d.as_secs_f64() * 1e3));
     println!(
@@ -829,22 +835,7 @@ async fn long_outage(conn: &Connection, with_check: bool) -> LongOutage {
     let dead_lettered = stats.snapshot().dead_lettered;
     stop.cancel();
     let _ = task.await;
-    let ch = conn.create_channel().await.unwrap();
-    for q in [
-        c.queue.clone(),
-        c.dead_letter_queue(),
-        c.delay_queue(Duration::from_secs(1)),
-    ] {
-        let _ = ch
-            .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = ch
-        .exchange_delete(
-            ShortString::from(c.dead_letter_exchange().as_str()),
-            ExchangeDeleteOptions::default(),
-        )
-        .await;
+    delete_outage_topology(conn, &c).await;
     LongOutage {
         first_ok_after,
         trial_calls,

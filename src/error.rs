@@ -128,18 +128,8 @@ impl Error {
     /// A setup's error with its causes on one line, URL passwords masked.
     #[allow(clippy::needless_pass_by_value)] // made for map_err
     pub(crate) fn setup(e: crate::handler::BoxError) -> Self {
-        let mut message = e.to_string();
-        let mut source = e.source();
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !message.contains(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            source = s.source();
-        }
         Self::Setup {
-            message: crate::secret::mask_url(&message),
+            message: crate::secret::mask_url(&crate::text::error_chain(&*e)),
         }
     }
 

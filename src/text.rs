@@ -44,6 +44,23 @@ fn escape(s: &str, keep_lines: bool) -> String {
     out
 }
 
+/// An error and its causes on one line (`outer: cause: root`), a cause
+/// whose text the line already holds left out.
+#[must_use]
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
 #[must_use]
 pub fn truncate(s: &str, max: usize) -> String {

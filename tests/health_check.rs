@@ -194,6 +194,8 @@ async fn health_check_ends_the_outage_within_one_interval_and_spends_no_trial_me
 #[derive(Clone, Default)]
 struct Dependency {
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The check says "healthy" whatever the dependency does.
+    lies: std::sync::Arc<std::sync::atomic::AtomicBool>,
     calls: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String, bool)>>>,
     checks: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
@@ -217,7 +219,9 @@ impl HealthCheck for Dependency {
     async fn check(&self) -> Result<(), BoxError> {
         self.checks
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst)
+            && !self.lies.load(std::sync::atomic::Ordering::SeqCst)
+        {
             Err("pool ping failed".into())
         } else {
             Ok(())
@@ -305,6 +309,112 @@ async fn a_registered_health_check_gates_the_breaker_like_a_url() {
         .filter(|c| c.2)
         .map(|c| c.1.clone())
         .collect();
+    assert!(ids.iter().all(|id| succeeded.contains(id)), "lost messages");
+    running.stop().await;
+    let dead = broker.drain(&consumer.dead_letter_queue()).await;
+    assert!(dead.is_empty(), "{} dead letters", dead.len());
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_open_time_has_backed_off_a_passing_check_still_ends_the_outage_at_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let broker = TestBroker::connect().await;
+    let mut breaker_cfg = fast_breaker();
+    breaker_cfg.open_timeout = Duration::from_millis(500);
+    breaker_cfg.max_open_timeout = Duration::from_secs(4);
+    let settings = settings("health-backoff", "dep", breaker_cfg);
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let n = 60;
+    let ids = broker.publish_json(&consumer.queue, "b", n).await;
+    let dep = Dependency::default();
+    dep.down.store(true, SeqCst);
+    // First the check lies: it passes while the dependency fails, so each
+    // trial fails and the open time doubles up to its 4 s maximum.
+    dep.lies.store(true, SeqCst);
+    let running = Running::start(
+        Worker::builder(settings)
+            .handler("dep", dep.clone())
+            .health_check("dep", dep.clone()),
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(30), || running
+            .breaker
+            .snapshot()
+            .open_time
+            == Duration::from_secs(4))
+        .await,
+        "the open time did not back off to 4s within 30s: {:?}",
+        running.breaker.snapshot()
+    );
+    let trials_while_lying = running
+        .transitions()
+        .iter()
+        .filter(|t| t.reason == TransitionReason::HealthCheckPassed)
+        .count();
+    // Then it tells the truth: it fails, and no trial runs.
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(
+            running.breaker.state(),
+            BreakerState::Open { .. }
+        ))
+        .await
+    );
+    dep.lies.store(false, SeqCst);
+    let truthful_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let BreakerState::Open { until } = running.breaker.state() else {
+        panic!(
+            "not open while the check fails: {:?}",
+            running.breaker.state()
+        );
+    };
+    let recovered_at = Instant::now();
+    dep.down.store(false, SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let calls = dep.calls.lock().unwrap();
+            calls
+                .iter()
+                .filter(|c| c.2)
+                .map(|c| &c.1)
+                .collect::<HashSet<_>>()
+                .len()
+                == n
+        })
+        .await,
+        "not every message succeeded after recovery"
+    );
+    let calls = dep.calls.lock().unwrap().clone();
+    // A probe taken just before the switch may land just after it.
+    let while_truthful = calls
+        .iter()
+        .filter(|c| c.0 > truthful_at + Duration::from_millis(200) && c.0 < recovered_at)
+        .count();
+    let first_ok = calls.iter().filter(|c| c.2).map(|c| c.0).min().unwrap();
+    let after = first_ok.saturating_duration_since(recovered_at);
+    eprintln!(
+        "{trials_while_lying} trials on a lying check backed the open time off to 4s; \
+         then {while_truthful} calls while the check failed; first success {after:?} after recovery, \
+         {:?} before the open time would have ended",
+        until.saturating_duration_since(first_ok)
+    );
+    assert!(
+        trials_while_lying >= 3,
+        "{trials_while_lying} trials to back off 0.5s -> 4s"
+    );
+    assert_eq!(
+        while_truthful, 0,
+        "real messages spent while the check failed"
+    );
+    assert!(
+        after <= Duration::from_millis(1_500),
+        "first success {after:?} after recovery with the open time at 4s"
+    );
+    let succeeded: HashSet<String> = calls.iter().filter(|c| c.2).map(|c| c.1.clone()).collect();
     assert!(ids.iter().all(|id| succeeded.contains(id)), "lost messages");
     running.stop().await;
     let dead = broker.drain(&consumer.dead_letter_queue()).await;

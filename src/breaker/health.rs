@@ -291,15 +291,8 @@ pub enum HealthEffect {
 /// The error text of a failed check: its chain on one line, printable and
 /// bounded.
 pub(crate) fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    crate::text::truncate(&crate::text::printable(&text), ERROR_TEXT)
+    crate::text::truncate(
+        &crate::text::printable(&crate::text::error_chain(error)),
+        ERROR_TEXT,
+    )
 }
