@@ -364,6 +364,68 @@ async fn a_publish_that_fails_is_a_transient_error_and_nothing_is_lost() {
     broker.cleanup().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_publishing_to_a_missing_exchange_leave_the_workers_copies_alone() {
+    let broker = TestBroker::connect().await;
+    let mut settings = settings("embed-publish-many", "publisher", fast_breaker());
+    // Eight at a time: while one handler's publish is refused, other
+    // messages' retry copies are waiting for their confirms.
+    settings.consumers[0].concurrency = 8;
+    settings.consumers[0].prefetch = 50;
+    settings.consumers[0].retry = RetrySettings {
+        delays: vec![Duration::from_millis(300)],
+        ..RetrySettings::default()
+    };
+    settings.breakers.get_mut("dep").unwrap().minimum_calls = 1_000;
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    let missing_exchange = unique("embed-no-such-exchange");
+    let refused = Arc::new(AtomicUsize::new(0));
+    let seen = refused.clone();
+    let handler = handler_fn(move |body: Vec<u8>, ctx: Context| {
+        let (seen, missing) = (seen.clone(), missing_exchange.clone());
+        async move {
+            if ctx.attempt() > 1 {
+                return Ok(());
+            }
+            let result = ctx
+                .publish(&missing, "x", &body, BasicProperties::default())
+                .await;
+            if result.is_err() {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+            result
+        }
+    });
+    let running = Running::start(Worker::builder(settings).handler("publisher", handler)).await;
+    let n = 80;
+    broker.publish_json(&consumer.queue, "m", n).await;
+    let done = wait_until(Duration::from_secs(30), || {
+        running.stats.snapshot().succeeded == n as u64
+    })
+    .await;
+    let stats = running.stats.snapshot();
+    let by_level = running.stats.delayed_by_level();
+    running.stop().await;
+    assert!(
+        done,
+        "every message succeeds on its second attempt: {stats:?}"
+    );
+    assert_eq!(
+        (stats.publish_failures, stats.redelivered),
+        (0, 0),
+        "a handler's refused publish failed none of the worker's copies and returned no message: {stats:?}"
+    );
+    assert_eq!(by_level, [n as u64], "each retried once: {stats:?}");
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        n,
+        "each first publish refused"
+    );
+    assert_eq!(broker.ready(&consumer.dead_letter_queue()).await, 0);
+    broker.cleanup().await;
+}
+
 /// The example application's binary, built by `cargo test` beside this test.
 fn payments_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();

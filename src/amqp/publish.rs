@@ -112,7 +112,8 @@ pub(crate) struct Publisher {
 #[derive(Debug)]
 struct Inner {
     connection: Arc<Connection>,
-    channel: Mutex<Channel>,
+    /// `None` until the first publish of a lazily opened publisher.
+    channel: Mutex<Option<Channel>>,
     /// One reopen at a time.
     reopening: tokio::sync::Mutex<()>,
     timeout: Duration,
@@ -133,15 +134,27 @@ impl Publisher {
         timeout: Duration,
     ) -> Result<Self, lapin::Error> {
         let channel = open_confirm(&connection).await?;
-        Ok(Self {
+        let publisher = Self::lazy(connection, timeout);
+        *publisher
+            .inner
+            .channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(channel);
+        Ok(publisher)
+    }
+
+    /// As [`open`](Self::open), but the channel is opened by the first
+    /// publish: for handlers' own publishes, which most consumers never make.
+    pub(crate) fn lazy(connection: Arc<Connection>, timeout: Duration) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 connection,
-                channel: Mutex::new(channel),
+                channel: Mutex::new(None),
                 reopening: tokio::sync::Mutex::new(()),
                 timeout,
                 redeclared: Mutex::new(None),
             }),
-        })
+        }
     }
 
     /// How long one copy may wait for its confirm.
@@ -155,23 +168,24 @@ impl Publisher {
         self.inner.connection.status().connected()
     }
 
-    fn current(&self) -> Channel {
+    /// The channel, if it is open.
+    fn current(&self) -> Option<Channel> {
         self.inner
             .channel
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+            .filter(|c| c.status().connected())
     }
 
-    /// The channel, opened again if the broker closed it.
+    /// The channel, opened (again) if it is not open: never opened yet, or
+    /// closed by the broker.
     async fn channel(&self) -> Result<Channel, lapin::Error> {
-        let channel = self.current();
-        if channel.status().connected() {
+        if let Some(channel) = self.current() {
             return Ok(channel);
         }
         let _one = self.inner.reopening.lock().await;
-        let channel = self.current();
-        if channel.status().connected() {
+        if let Some(channel) = self.current() {
             return Ok(channel);
         }
         let fresh = open_confirm(&self.inner.connection).await?;
@@ -179,7 +193,7 @@ impl Publisher {
             .inner
             .channel
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh.clone();
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(fresh.clone());
         Ok(fresh)
     }
 
@@ -226,8 +240,7 @@ impl Publisher {
     }
 
     pub(crate) async fn close(&self) {
-        let channel = self.current();
-        if channel.status().connected() {
+        if let Some(channel) = self.current() {
             let _ = channel.close(200, "consumer stopped".into()).await;
         }
     }

@@ -97,15 +97,20 @@ impl ConsumerRuntime {
         let Some((_, publish_connection)) = self.publish.connection(shutdown).await else {
             return Ok(());
         };
-        let publisher = Publisher::open(publish_connection, self.publish_timeout)
+        let publisher = Publisher::open(publish_connection.clone(), self.publish_timeout)
             .await
             .map_err(SessionError::broker("opening the publishing channel"))?;
+        // Handlers publish on a channel of their own: a publish the broker
+        // refuses (an exchange that does not exist) closes that channel, not
+        // the one the worker's retry and dead-letter copies wait on.
+        let handler_publisher = Publisher::lazy(publish_connection, self.publish_timeout);
         let token = CancellationToken::new();
         let _cancel_tasks_on_exit = token.clone().drop_guard();
         let mut session = Session {
             runtime: self,
             channel,
             publisher,
+            handler_publisher,
             token,
             sub: None,
             pending: VecDeque::new(),

@@ -74,6 +74,8 @@ pub(super) struct Session<'a> {
     pub(super) runtime: &'a ConsumerRuntime,
     pub(super) channel: Channel,
     pub(super) publisher: Publisher,
+    /// For handlers' own publishes (`ctx.publish`), opened on first use.
+    pub(super) handler_publisher: Publisher,
     /// Cancelled when the session ends: tasks must not publish copies for
     /// deliveries whose channel is gone.
     pub(super) token: CancellationToken,
@@ -246,7 +248,8 @@ impl Session<'_> {
                     let Some(delivery) = self.pending.pop_front() else {
                         break;
                     };
-                    let ctx = task::context(&shared, delivery);
+                    let mut ctx = task::context(&shared, delivery);
+                    ctx.set_publisher(self.handler_publisher.clone());
                     let tag = ctx.delivery_tag();
                     self.running.push(
                         tag,
@@ -423,6 +426,7 @@ impl Session<'_> {
             debug!(queue = %self.queue(), error = %describe(&e), "closing the channel");
         }
         self.publisher.close().await;
+        self.handler_publisher.close().await;
         info!(queue = %self.queue(), returned, "consumer stopped");
         Ok(())
     }

@@ -135,7 +135,6 @@ pub(crate) async fn run(
     session: CancellationToken,
 ) -> Finished {
     let mut ctx = ctx;
-    ctx.set_publisher(publisher.clone());
     ctx.set_breakers(shared.breakers.clone());
     let span = delivery_span(&shared.queue, &ctx);
     tracing::Instrument::instrument(handle(shared, ctx, permits, slot, publisher, session), span)
