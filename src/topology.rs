@@ -7,6 +7,7 @@
 //!     └── x-dead-letter-exchange "" ◀── {queue}.delay.{d}  (x-message-ttl = d)
 //! ```
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -198,13 +199,25 @@ impl Topology {
             Err(Error::TopologyMismatch { ref detail, .. })
                 if self.is_old_dead_letter_queue(detail) =>
             {
-                tracing::warn!(
-                    queue = %self.dead_letter_queue,
-                    policy = %self.dead_letter_limit_policy(),
-                    "the dead-letter queue is a quorum queue without x-delivery-limit (declared by an older rabbit-guard): \
-                     on RabbitMQ 4.0+ every dlq list/show/export counts as a delivery and the broker drops a dead letter \
-                     after 20; apply this policy (or recreate the queue after a dlq export)"
-                );
+                // Once per queue and process: every reconnect declares again,
+                // and a policy, once applied, does not change the arguments
+                // the broker compares.
+                static WARNED: std::sync::Mutex<BTreeSet<String>> =
+                    std::sync::Mutex::new(BTreeSet::new());
+                let first = WARNED
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(self.dead_letter_queue.clone());
+                if first {
+                    tracing::warn!(
+                        queue = %self.dead_letter_queue,
+                        policy = %self.dead_letter_limit_policy(),
+                        "the dead-letter queue is a quorum queue without x-delivery-limit (declared by an older rabbit-guard): \
+                         on RabbitMQ 4.0+ every dlq list/show/export counts as a delivery and the broker drops a dead letter \
+                         after 20; apply this policy (or recreate the queue after a dlq export); once it is applied, this \
+                         warning still shows at startup, since a policy does not change the queue's declared arguments"
+                    );
+                }
                 self.declare_with(connection, false).await
             }
             other => other,
