@@ -296,3 +296,101 @@ pub(crate) fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
         ERROR_TEXT,
     )
 }
+
+#[cfg(all(test, feature = "http-handler"))]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// An HTTP server on 127.0.0.1 that answers by path with canned bytes;
+    /// `/stall` sends the start of an error body and never the rest.
+    async fn server() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut request = vec![0u8; 4096];
+                    let n = socket.read(&mut request).await.unwrap_or(0);
+                    let request = String::from_utf8_lossy(&request[..n]).into_owned();
+                    let path = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    let head = |status: &str, extra: &str| {
+                        format!("HTTP/1.1 {status}\r\n{extra}connection: close\r\n\r\n")
+                    };
+                    let reply = match path.as_str() {
+                        "/ok" => head("200 OK", "content-length: 0\r\n"),
+                        "/redirect" => head(
+                            "302 Found",
+                            "location: http://127.0.0.1:9/health\r\ncontent-length: 0\r\n",
+                        ),
+                        "/stall" => format!(
+                            "{}{}",
+                            head("503 Service Unavailable", "content-length: 100000000\r\n"),
+                            "down\u{1b}[2J ".repeat(200)
+                        ),
+                        _ => return, // closes the connection without an answer
+                    };
+                    let _ = socket.write_all(reply.as_bytes()).await;
+                    if path == "/stall" {
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn check(url: String) -> HttpHealthCheck {
+        HttpHealthCheck::new(&HealthCheckConfig {
+            url: Some(SecretUrl::new(url)),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap()
+    }
+
+    fn text(r: Result<(), BoxError>) -> String {
+        error_text(&*r.expect_err("the check should fail"))
+    }
+
+    #[tokio::test]
+    async fn the_http_check_passes_on_2xx_only_and_stays_bounded_and_quiet() {
+        let addr = server().await;
+        assert!(check(format!("http://{addr}/ok")).check().await.is_ok());
+        let redirect = text(check(format!("http://{addr}/redirect")).check().await);
+        assert!(
+            redirect.contains("HTTP 302"),
+            "a redirect is not health: {redirect}"
+        );
+        // An endless error body: the start of it is read, not the rest.
+        let started = std::time::Instant::now();
+        let stall = text(check(format!("http://{addr}/stall")).check().await);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "waited {:?} for a body that never ends",
+            started.elapsed()
+        );
+        assert!(
+            stall.contains("HTTP 503") && stall.contains("down"),
+            "{stall}"
+        );
+        assert!(stall.len() <= ERROR_TEXT, "{} bytes: {stall}", stall.len());
+        assert!(!stall.contains('\u{1b}'), "a control character in: {stall}");
+        // A failure never prints the URL's password.
+        let refused = text(
+            check(format!("http://probe:hunter2@{addr}/hangup?token=s3cret"))
+                .check()
+                .await,
+        );
+        assert!(
+            !refused.contains("hunter2") && !refused.contains("s3cret"),
+            "{refused}"
+        );
+        assert!(refused.contains("GET http://probe:***@"), "{refused}");
+    }
+}
