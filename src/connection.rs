@@ -70,8 +70,6 @@ pub(crate) struct ManagedConnection {
     shown_url: String,
     /// The node the current (or last) connection is on, masked.
     node: std::sync::Mutex<Option<String>>,
-    /// That node's address, for the broker-info probe.
-    node_uri: std::sync::Mutex<Option<AMQPUri>>,
     /// What the broker said it is (product, version, cluster), once read.
     server: std::sync::Mutex<Option<String>>,
     name: String,
@@ -134,7 +132,6 @@ impl ManagedConnection {
             nodes,
             shown_url,
             node: std::sync::Mutex::new(None),
-            node_uri: std::sync::Mutex::new(None),
             server: std::sync::Mutex::new(None),
             name: format!("{}/{role}", settings.connection_name),
             role,
@@ -201,10 +198,6 @@ impl ManagedConnection {
                         .node
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(shown.clone());
-                    *self
-                        .node_uri
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(uri.clone());
                     return Ok(connection);
                 }
                 Err(e) if is_fatal_at_startup(&e) => return Err(e),

@@ -44,6 +44,16 @@ fn escape(s: &str, keep_lines: bool) -> String {
     out
 }
 
+/// What a caught panic said: its message when it is text.
+#[must_use]
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(non-string panic payload)".to_owned())
+}
+
 /// An error and its causes on one line (`outer: cause: root`), a cause
 /// whose text the line already holds left out.
 #[must_use]

@@ -248,12 +248,11 @@ impl Topology {
     /// queue its delivery limit (add `-p VHOST` for another vhost than `/`).
     #[must_use]
     pub fn dead_letter_limit_policy(&self) -> String {
-        let definition = serde_json::json!({ "delivery-limit": DEAD_LETTER_DELIVERY_LIMIT });
-        format!(
-            "rabbitmqctl set_policy --apply-to queues {} {} {}",
-            shell_quote(&format!("rabbit-guard-dlq.{}", self.dead_letter_queue)),
-            shell_quote(&format!("^{}$", regex_escape(&self.dead_letter_queue))),
-            shell_quote(&definition.to_string())
+        set_policy(
+            "/",
+            &format!("rabbit-guard-dlq.{}", self.dead_letter_queue),
+            &self.dead_letter_queue,
+            &serde_json::json!({ "delivery-limit": DEAD_LETTER_DELIVERY_LIMIT }),
         )
     }
 
@@ -365,20 +364,29 @@ impl Topology {
         if let (QueueType::Quorum, Some(limit)) = (self.queue_type, self.delivery_limit) {
             definition["delivery-limit"] = limit.into();
         }
-        let vhost = if vhost == "/" || vhost.is_empty() {
-            String::new()
-        } else {
-            format!("-p {} ", shell_quote(vhost))
-        };
-        let name = format!("rabbit-guard.{}", self.queue);
-        let pattern = format!("^{}$", regex_escape(&self.queue));
-        Some(format!(
-            "rabbitmqctl set_policy {vhost}--apply-to queues {} {} {}",
-            shell_quote(&name),
-            shell_quote(&pattern),
-            shell_quote(&definition.to_string())
+        Some(set_policy(
+            vhost,
+            &format!("rabbit-guard.{}", self.queue),
+            &self.queue,
+            &definition,
         ))
     }
+}
+
+/// The `rabbitmqctl set_policy` named `name` that applies `definition` to
+/// exactly the queue `queue` in `vhost`.
+fn set_policy(vhost: &str, name: &str, queue: &str, definition: &serde_json::Value) -> String {
+    let vhost = if vhost == "/" || vhost.is_empty() {
+        String::new()
+    } else {
+        format!("-p {} ", shell_quote(vhost))
+    };
+    format!(
+        "rabbitmqctl set_policy {vhost}--apply-to queues {} {} {}",
+        shell_quote(name),
+        shell_quote(&format!("^{}$", regex_escape(queue))),
+        shell_quote(&definition.to_string())
+    )
 }
 
 fn exchange_kind(kind: ExchangeType) -> ExchangeKind {

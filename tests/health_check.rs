@@ -200,6 +200,30 @@ struct Dependency {
     checks: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
+impl Dependency {
+    /// Ids whose call succeeded at least once.
+    fn succeeded(&self) -> HashSet<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.2)
+            .map(|c| c.1.clone())
+            .collect()
+    }
+
+    /// When the first successful call was made.
+    fn first_success(&self) -> Option<Instant> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.2)
+            .map(|c| c.0)
+            .min()
+    }
+}
+
 impl Handler for Dependency {
     type Message = ();
 
@@ -264,28 +288,10 @@ async fn a_registered_health_check_gates_the_breaker_like_a_url() {
     dep.down.store(false, std::sync::atomic::Ordering::SeqCst);
     let calls_while_open = dep.calls.lock().unwrap().len() - calls_at_open;
     assert!(
-        wait_until(Duration::from_secs(20), || {
-            let calls = dep.calls.lock().unwrap();
-            calls
-                .iter()
-                .filter(|c| c.2)
-                .map(|c| &c.1)
-                .collect::<HashSet<_>>()
-                .len()
-                == n
-        })
-        .await,
+        wait_until(Duration::from_secs(20), || dep.succeeded().len() == n).await,
         "not every message succeeded after recovery"
     );
-    let first_ok = dep
-        .calls
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|c| c.2)
-        .map(|c| c.0)
-        .min()
-        .unwrap();
+    let first_ok = dep.first_success().expect("a successful call");
     let checks = dep.checks.load(std::sync::atomic::Ordering::SeqCst);
     eprintln!(
         "custom check: {checks} checks, {calls_while_open} calls in the 3.5s open, first success {:?} after recovery",
@@ -301,14 +307,7 @@ async fn a_registered_health_check_gates_the_breaker_like_a_url() {
         first_ok.saturating_duration_since(recovered_at)
     );
     assert!(checks >= 3, "{checks} checks in a 3.5s open period");
-    let succeeded: HashSet<String> = dep
-        .calls
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|c| c.2)
-        .map(|c| c.1.clone())
-        .collect();
+    let succeeded = dep.succeeded();
     assert!(ids.iter().all(|id| succeeded.contains(id)), "lost messages");
     running.stop().await;
     let dead = broker.drain(&consumer.dead_letter_queue()).await;
@@ -375,17 +374,7 @@ async fn after_the_open_time_has_backed_off_a_passing_check_still_ends_the_outag
     let recovered_at = Instant::now();
     dep.down.store(false, SeqCst);
     assert!(
-        wait_until(Duration::from_secs(20), || {
-            let calls = dep.calls.lock().unwrap();
-            calls
-                .iter()
-                .filter(|c| c.2)
-                .map(|c| &c.1)
-                .collect::<HashSet<_>>()
-                .len()
-                == n
-        })
-        .await,
+        wait_until(Duration::from_secs(20), || dep.succeeded().len() == n).await,
         "not every message succeeded after recovery"
     );
     let calls = dep.calls.lock().unwrap().clone();
@@ -394,7 +383,7 @@ async fn after_the_open_time_has_backed_off_a_passing_check_still_ends_the_outag
         .iter()
         .filter(|c| c.0 > truthful_at + Duration::from_millis(200) && c.0 < recovered_at)
         .count();
-    let first_ok = calls.iter().filter(|c| c.2).map(|c| c.0).min().unwrap();
+    let first_ok = dep.first_success().expect("a successful call");
     let after = first_ok.saturating_duration_since(recovered_at);
     eprintln!(
         "{trials_while_lying} trials on a lying check backed the open time off to 4s; \
@@ -414,7 +403,7 @@ async fn after_the_open_time_has_backed_off_a_passing_check_still_ends_the_outag
         after <= Duration::from_millis(1_500),
         "first success {after:?} after recovery with the open time at 4s"
     );
-    let succeeded: HashSet<String> = calls.iter().filter(|c| c.2).map(|c| c.1.clone()).collect();
+    let succeeded = dep.succeeded();
     assert!(ids.iter().all(|id| succeeded.contains(id)), "lost messages");
     running.stop().await;
     let dead = broker.drain(&consumer.dead_letter_queue()).await;

@@ -120,7 +120,7 @@ impl WorkerView {
                 let s = b.snapshot();
                 let now = Instant::now();
                 let next_half_open = match s.state {
-                    BreakerState::Open { until } if !s.health_gated => Some(wall(until)),
+                    BreakerState::Open { until } if s.health.is_none() => Some(wall(until)),
                     _ => None,
                 };
                 let health_check = b.config().health_check.as_ref().map(|c| {

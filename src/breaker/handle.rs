@@ -124,10 +124,9 @@ pub struct Snapshot {
     pub consecutive_failures: u32,
     /// How long the current (or next) open period lasts.
     pub open_time: Duration,
-    /// The health checks so far, for a breaker that has one.
+    /// The health checks so far, for a breaker that has one (which then
+    /// leaves the open state only when a check passes).
     pub health: Option<HealthStatus>,
-    /// True when a health check, not the open time, ends the open state.
-    pub health_gated: bool,
 }
 
 /// What a failed call's neighbours say about the dependency; see
@@ -462,13 +461,7 @@ impl Breaker {
             counts: guard.machine.counts(now),
             consecutive_failures: guard.machine.consecutive_failures(),
             open_time: guard.machine.current_open_time(),
-            health: self
-                .inner
-                .config
-                .health_check
-                .is_some()
-                .then(|| guard.health.clone()),
-            health_gated: guard.machine.health_gated(),
+            health: guard.machine.health_gated().then(|| guard.health.clone()),
         }
     }
 
@@ -569,7 +562,10 @@ impl Breaker {
                     Ok(Ok(Err(e))) => Err(super::health::error_text(&*e)),
                     Ok(Err(panic)) => Err(format!(
                         "the health check panicked: {}",
-                        crate::text::printable(&panic_text(&*panic))
+                        crate::text::printable(&crate::text::truncate(
+                            &crate::text::panic_message(&*panic),
+                            300
+                        ))
                     )),
                     Err(_) => Err(format!(
                         "no answer within health_check.timeout ({})",
@@ -626,18 +622,6 @@ impl Breaker {
             }
         }
     }
-}
-
-/// The message a panic carried, when it is text.
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .map_or_else(
-            || "(no message)".to_owned(),
-            |s| crate::text::truncate(&s, 300),
-        )
 }
 
 /// What has been logged of one open period's health checks, so a check

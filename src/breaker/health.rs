@@ -27,6 +27,9 @@ use crate::secret::SecretUrl;
 /// dependency that is already in trouble.
 pub const MIN_HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Why a `health_check.url` cannot be checked in a build without reqwest.
+pub(crate) const NO_HTTP_CLIENT: &str = "this build has no HTTP client (the http-handler feature is off): register a HealthCheck instead";
+
 /// How much of a failed check's error text is kept (an HTTP body can be huge).
 const ERROR_TEXT: usize = 300;
 
@@ -75,10 +78,7 @@ impl HealthCheckConfig {
             match url::Url::parse(url.expose()) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {
                     if cfg!(not(feature = "http-handler")) {
-                        out.push((
-                            "health_check.url",
-                            "this build has no HTTP client (the http-handler feature is off): register a HealthCheck instead".to_owned(),
-                        ));
+                        out.push(("health_check.url", NO_HTTP_CLIENT.to_owned()));
                     }
                 }
                 Ok(_) => out.push((

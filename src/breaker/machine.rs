@@ -166,8 +166,6 @@ pub struct StateMachine {
     probes_issued: u32,
     probes_succeeded: u32,
     probes_slow: u32,
-    /// A health check decides when the open state ends (not the open time).
-    health_gated: bool,
     /// The current trial began because a health check passed.
     trial_by_health: bool,
     /// A trial that began on a passing check failed, and no check failed
@@ -184,7 +182,6 @@ impl StateMachine {
         let backoff = Self::backoff(&config);
         Self {
             current_open_time: config.open_timeout,
-            health_gated: config.health_check.is_some(),
             config,
             state: BreakerState::Closed,
             counters,
@@ -244,7 +241,7 @@ impl StateMachine {
     /// True when a health check, not the open time, ends the open state.
     #[must_use]
     pub fn health_gated(&self) -> bool {
-        self.health_gated
+        self.config.health_check.is_some()
     }
 
     /// Applies the open timer: Open becomes HalfOpen once `until` has passed.
@@ -252,7 +249,7 @@ impl StateMachine {
     /// [`health_result`](Self::health_result)).
     pub fn check_open_timer(&mut self, now: Instant) -> Option<Transition> {
         match self.state {
-            BreakerState::Open { until } if now >= until && !self.health_gated => {
+            BreakerState::Open { until } if now >= until && !self.health_gated() => {
                 self.trial_by_health = false;
                 Some(self.start_trial(TransitionReason::OpenTimeElapsed, now))
             }

@@ -50,6 +50,8 @@ pub use config::{BreakerConfig, MAX_HALF_OPEN_PROBES, MAX_WINDOW_BUCKETS};
 pub use handle::{Breaker, CallCounts, CallRecord, HealthVerdict, ManualAction, Permit, Snapshot};
 #[cfg(feature = "http-handler")]
 pub(crate) use health::HttpHealthCheck;
+#[cfg(not(feature = "http-handler"))]
+pub(crate) use health::NO_HTTP_CLIENT;
 pub(crate) use health::{ErasedHealthCheck, erase as erase_health_check};
 pub use health::{
     HealthCheck, HealthCheckConfig, HealthEffect, HealthResult, HealthStatus,

@@ -89,12 +89,7 @@ pub(crate) fn context(shared: &ConsumerShared, delivery: Delivery) -> Context {
 }
 
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(non-string panic payload)".to_owned());
-    format!("handler panicked: {text}")
+    format!("handler panicked: {}", crate::text::panic_message(payload))
 }
 
 /// The span a delivery is handled in: the handler's own logs and spans are

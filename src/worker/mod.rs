@@ -633,7 +633,7 @@ fn http_health_check(config: &HealthCheckConfig) -> Result<Arc<dyn ErasedHealthC
 
 #[cfg(not(feature = "http-handler"))]
 fn http_health_check(_: &HealthCheckConfig) -> Result<Arc<dyn ErasedHealthCheck>, String> {
-    Err("this build has no HTTP client (the http-handler feature is off): register a HealthCheck instead".to_owned())
+    Err(crate::breaker::NO_HTTP_CLIENT.to_owned())
 }
 
 async fn log_transitions(breaker: Breaker, metrics: Metrics, stop: CancellationToken) {
