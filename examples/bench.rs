@@ -379,9 +379,15 @@ async fn declare(conn: &Connection, queue: &str) -> ConsumerSettings {
     c
 }
 
+/// Deletes what a consumer's topology declared: the work queue, its
+/// dead-letter queue and exchange, and its delay queues.
 async fn delete(conn: &Connection, c: &ConsumerSettings) {
     let ch = conn.create_channel().await.unwrap();
-    for q in [c.queue.clone(), c.dead_letter_queue()] {
+    let delays = c.retry.delays.iter().map(|d| c.delay_queue(*d));
+    for q in [c.queue.clone(), c.dead_letter_queue()]
+        .into_iter()
+        .chain(delays)
+    {
         let _ = ch
             .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
             .await;
@@ -582,27 +588,6 @@ async fn consumers_of(conn: &Connection, queue: &str) -> u32 {
     q
 }
 
-/// Deletes what an outage scenario declared: the work queue, its dead-letter
-/// queue and exchange, and its 1 s delay queue.
-async fn delete_outage_topology(conn: &Connection, c: &ConsumerSettings) {
-    let ch = conn.create_channel().await.unwrap();
-    for q in [
-        c.queue.clone(),
-        c.dead_letter_queue(),
-        c.delay_queue(Duration::from_secs(1)),
-    ] {
-        let _ = ch
-            .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = ch
-        .exchange_delete(
-            ShortString::from(c.dead_letter_exchange().as_str()),
-            ExchangeDeleteOptions::default(),
-        )
-        .await;
-}
-
 async fn outage(conn: &Connection) {
     let queue = format!("rabbit-guard-bench.{}.outage", std::process::id());
     let mut settings = guard_settings(&queue, 200, 32, 1);
@@ -708,7 +693,7 @@ async fn outage(conn: &Connection) {
     let dead = stats.snapshot().dead_lettered;
     stop.cancel();
     let _ = task.await;
-    delete_outage_topology(conn, &c).await;
+    delete(conn, &c).await;
     let ms =
         |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.0}", d.as_secs_f64() * 1e3));
     println!(
@@ -835,7 +820,7 @@ async fn long_outage(conn: &Connection, with_check: bool) -> LongOutage {
     let dead_lettered = stats.snapshot().dead_lettered;
     stop.cancel();
     let _ = task.await;
-    delete_outage_topology(conn, &c).await;
+    delete(conn, &c).await;
     LongOutage {
         first_ok_after,
         trial_calls,
