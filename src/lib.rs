@@ -67,6 +67,7 @@ pub mod dead_letter;
 #[cfg(feature = "demo")]
 pub mod demo;
 mod error;
+mod fleet;
 pub mod handler;
 mod limits;
 #[cfg(feature = "admin")]

@@ -393,6 +393,56 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fleet_messages_never_panic_and_bounded_ones_round_trip(
+        bytes in vec(any::<u8>(), 0..512),
+        worker in ".{1,40}",
+        names in vec(".{0,40}", 0..6),
+        epoch in any::<u64>(),
+        until in proptest::option::of(any::<u64>()),
+        fleet_exchange in ".{0,300}",
+        worker_id in ".{0,120}",
+    ) {
+        use crate::fleet::wire::{Entry, Envelope, Kind, WireState, parse, VERSION};
+        let _ = parse(&bytes);
+        let m = Envelope {
+            v: VERSION,
+            worker: worker.clone(),
+            seq: 1,
+            kind: Kind::State,
+            breakers: names.iter().map(|n| Entry {
+                name: n.clone(),
+                epoch,
+                origin: worker.clone(),
+                state: WireState::Open,
+                reason: "failure-rate".into(),
+                until_ms: until,
+            }).collect(),
+            streaks: names.iter().map(|n| crate::fleet::wire::StreakEntry { name: n.clone(), epoch, failures: 3 }).collect(),
+        };
+        prop_assert_eq!(parse(&m.encode()), Ok(m));
+        // Whatever the announcement says, the open period it gives lies
+        // between now and max_open.
+        let now = tokio::time::Instant::now();
+        let max = Duration::from_secs(60);
+        let e = Entry { name: "b".into(), epoch, origin: worker, state: WireState::Open, reason: String::new(), until_ms: until };
+        if let crate::breaker::FleetState::Open { until } = crate::fleet::ledger::fleet_state(&e, now, 1_000, max) {
+            prop_assert!(until >= now && until <= now + max);
+        } else {
+            prop_assert!(false, "an open announcement reads as open");
+        }
+        let fleet = crate::config::FleetSettings {
+            exchange: Some(fleet_exchange),
+            worker_id: Some(worker_id),
+            join_wait: Duration::from_millis(epoch % 120_000),
+        };
+        let _ = fleet.problems(names.iter().map(String::as_str));
+    }
+}
+
 #[test]
 fn the_property_strategies_reach_the_edges() {
     // A sanity check that the generators above produce what they claim.

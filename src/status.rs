@@ -14,6 +14,9 @@ pub struct StatusView {
     pub consumers: Vec<ConsumerView>,
     /// The consume and publish connections.
     pub connections: Vec<ConnectionView>,
+    /// The fleet, when `fleet.exchange` is set.
+    #[serde(default)]
+    pub fleet: Option<FleetView>,
 }
 
 /// `GET /breakers`.
@@ -21,6 +24,9 @@ pub struct StatusView {
 pub struct BreakersView {
     /// Every breaker.
     pub breakers: Vec<BreakerView>,
+    /// The fleet, when `fleet.exchange` is set.
+    #[serde(default)]
+    pub fleet: Option<FleetView>,
 }
 
 /// One breaker.
@@ -50,6 +56,9 @@ pub struct BreakerView {
     /// Its health check, if it has one.
     #[serde(default)]
     pub health_check: Option<HealthCheckView>,
+    /// Its state in the fleet, when `fleet.exchange` is set.
+    #[serde(default)]
+    pub fleet: Option<BreakerFleetView>,
 }
 
 /// A breaker's health check and its last result.
@@ -176,6 +185,42 @@ pub struct ConnectionView {
     pub broker: Option<String>,
 }
 
+/// The fleet as `/breakers`, `/readyz` and `/status` show it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FleetView {
+    /// The fleet exchange.
+    pub exchange: String,
+    /// This worker in the fleet (`ID#INCARNATION`).
+    pub worker: String,
+    /// `joining`, `joined` or `local-only`.
+    pub state: String,
+    /// Since when (RFC 3339).
+    pub since: Option<String>,
+    /// Why the fleet was lost, while local-only.
+    pub error: Option<String>,
+    /// Fleet messages sent, read and ignored (stale, duplicate, malformed).
+    pub sent: u64,
+    /// Messages read from other workers.
+    pub received: u64,
+    /// Messages or entries not taken over.
+    pub ignored: u64,
+}
+
+/// One breaker's fleet state, for `/breakers`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BreakerFleetView {
+    /// The epoch of the newest state known.
+    pub epoch: u64,
+    /// The worker whose change it was.
+    pub origin: Option<String>,
+    /// What that worker announced.
+    pub announced: Option<String>,
+    /// True while this worker holds the probe lease.
+    pub lease_held: bool,
+    /// True while another worker's lease keeps this one from probing.
+    pub gated: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,6 +250,13 @@ mod tests {
                 },
                 next_half_open: Some("2026-12-02T10:00:08.000Z".into()),
                 consumers: vec!["orders".into()],
+                fleet: Some(BreakerFleetView {
+                    epoch: 7,
+                    origin: Some("host-2#1a".into()),
+                    announced: Some("open".into()),
+                    lease_held: false,
+                    gated: true,
+                }),
                 ..BreakerView::default()
             }],
             consumers: vec![ConsumerView {
@@ -219,6 +271,14 @@ mod tests {
                 up: true,
                 ..ConnectionView::default()
             }],
+            fleet: Some(FleetView {
+                exchange: "rabbit-guard.fleet".into(),
+                worker: "host-1#2b".into(),
+                state: "local-only".into(),
+                error: Some("the broker cancelled this worker's fleet queue".into()),
+                sent: 3,
+                ..FleetView::default()
+            }),
         };
         let text = serde_json::to_string(&status).unwrap();
         let back: StatusView = serde_json::from_str(&text).unwrap();

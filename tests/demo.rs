@@ -187,3 +187,67 @@ async fn an_interrupted_demo_still_removes_its_queues() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demo_fleet_of_three_pauses_together_and_cleans_up() {
+    let broker = TestBroker::connect().await;
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        .args([
+            "demo",
+            "--config",
+            "/nonexistent/rg.toml",
+            "--url",
+            &amqp_addr(),
+            "--workers",
+            "3",
+        ])
+        .args(["--healthy-for", "3s", "--fail-for", "6s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut kill = KillOnDrop(Some(pid));
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the demo did not finish within 120 s"))
+    .unwrap()
+    .unwrap();
+    kill.0 = None;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every worker's breaker opens together: a line with three OPENs.
+    assert!(
+        stdout.lines().any(|l| l.contains("OPEN | OPEN | OPEN")),
+        "the three workers' breakers were open together: {stdout}"
+    );
+    let summary = stdout.lines().last().unwrap_or_default();
+    assert!(
+        summary.contains("3 workers formed a fleet"),
+        "the summary names the fleet: {summary}"
+    );
+    assert!(
+        summary.contains("0 dead-lettered and 0 lost")
+            && summary.contains("0 calls to the dependency while open"),
+        "nothing lost, no calls while open: {summary}"
+    );
+    for q in demo_queues(pid) {
+        assert!(
+            !queue_exists(&broker, &q).await,
+            "demo queue {q} was left behind"
+        );
+    }
+    let fleet = format!("rabbit-guard-demo.{pid}.fleet");
+    assert!(
+        !exchange_exists(&broker, &fleet).await,
+        "demo fleet exchange {fleet} was left behind"
+    );
+    eprintln!("demo --workers 3:\n{summary}");
+}

@@ -184,6 +184,7 @@ async fn readyz(State((view, _)): State<AppState>) -> Response {
 async fn breakers(State((view, _)): State<AppState>) -> Response {
     axum::Json(crate::status::BreakersView {
         breakers: view.breakers(),
+        fleet: view.fleet().map(crate::fleet::Fleet::view),
     })
     .into_response()
 }
@@ -229,6 +230,20 @@ async fn control(
         );
     };
     let state = breaker.apply(action);
-    info!(breaker = %name, action = ?action, state = state.name(), "breaker changed by hand");
-    axum::Json(json!({ "breaker": name, "state": state.name() })).into_response()
+    // The change is announced to the fleet like any other.
+    let fleet = view.fleet().map(|f| {
+        if f.is_joined() {
+            "applied fleet-wide"
+        } else {
+            "applied here only: this worker has lost the fleet (it announces the change when it rejoins)"
+        }
+    });
+    info!(breaker = %name, action = ?action, state = state.name(), fleet = fleet.unwrap_or("off"), "breaker changed by hand");
+    match fleet {
+        Some(fleet) => {
+            axum::Json(json!({ "breaker": name, "state": state.name(), "fleet": fleet }))
+        }
+        None => axum::Json(json!({ "breaker": name, "state": state.name() })),
+    }
+    .into_response()
 }

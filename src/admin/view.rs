@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use crate::breaker::{Breaker, BreakerState};
 use crate::connection::ManagedConnection;
 use crate::consumer::ConsumerShared;
+use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::status::{
     BreakerView, ChangeView, ConnectionView, ConsumerView, HealthCheckView, StatusView, WindowView,
@@ -25,6 +26,9 @@ struct Inner {
     consumers: Vec<Arc<ConsumerShared>>,
     connections: Vec<Arc<ManagedConnection>>,
     metrics: Metrics,
+    /// The fleet and its connection, when `fleet.exchange` is set. Not in
+    /// the readiness: without the fleet the worker guards on its own.
+    fleet: Option<(Fleet, Arc<ManagedConnection>)>,
 }
 
 /// An instant of tokio's clock as wall-clock time, RFC 3339.
@@ -48,13 +52,20 @@ impl WorkerView {
         consumers: Vec<Arc<ConsumerShared>>,
         connections: Vec<Arc<ManagedConnection>>,
         metrics: Metrics,
+        fleet: Option<(Fleet, Arc<ManagedConnection>)>,
     ) -> Self {
         Self(Arc::new(Inner {
             breakers,
             consumers,
             connections,
             metrics,
+            fleet,
         }))
+    }
+
+    /// The fleet, when `fleet.exchange` is set.
+    pub(crate) fn fleet(&self) -> Option<&Fleet> {
+        self.0.fleet.as_ref().map(|(f, _)| f)
     }
 
     pub(crate) fn breaker(&self, name: &str) -> Option<&Breaker> {
@@ -108,7 +119,13 @@ impl WorkerView {
         let ready = problems.is_empty();
         (
             ready,
-            json!({ "ready": ready, "problems": problems, "paused_by_breaker": paused, "nodes": nodes }),
+            json!({
+                "ready": ready,
+                "problems": problems,
+                "paused_by_breaker": paused,
+                "nodes": nodes,
+                "fleet": self.fleet().map(Fleet::view),
+            }),
         )
     }
 
@@ -175,6 +192,7 @@ impl WorkerView {
                     next_half_open,
                     consumers,
                     health_check,
+                    fleet: self.fleet().and_then(|f| f.breaker_view(name)),
                 }
             })
             .collect()
@@ -209,6 +227,7 @@ impl WorkerView {
             .0
             .connections
             .iter()
+            .chain(self.0.fleet.as_ref().map(|(_, c)| c))
             .map(|c| ConnectionView {
                 name: c.name().to_owned(),
                 up: c.is_up(),
@@ -222,6 +241,7 @@ impl WorkerView {
             breakers: self.breakers(),
             consumers,
             connections,
+            fleet: self.fleet().map(Fleet::view),
         }
     }
 }

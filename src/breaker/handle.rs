@@ -85,6 +85,11 @@ struct Inner {
     transitions_tx: broadcast::Sender<Transition>,
     /// Bumped when a half-open probe slot is given back without an outcome.
     released_tx: watch::Sender<u64>,
+    /// True while another worker of the fleet holds the probe lease.
+    fleet_gate_tx: watch::Sender<bool>,
+    /// This worker's failures in a row, for the fleet: changed on every
+    /// failure, and when a success ends a streak.
+    streak_tx: watch::Sender<u32>,
     /// The state's kind, mirrored for lock-free reads on the message path.
     kind: AtomicU8,
     /// The machine's window and streak, shared for lock-free successes.
@@ -151,6 +156,8 @@ impl Breaker {
         let (state_tx, _) = watch::channel(BreakerState::Closed);
         let (transitions_tx, _) = broadcast::channel(256);
         let (released_tx, _) = watch::channel(0);
+        let (fleet_gate_tx, _) = watch::channel(false);
+        let (streak_tx, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
                 name: name.into(),
@@ -166,6 +173,8 @@ impl Breaker {
                 state_tx,
                 transitions_tx,
                 released_tx,
+                fleet_gate_tx,
+                streak_tx,
                 successes: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 slow_calls: AtomicU64::new(0),
@@ -338,7 +347,12 @@ impl Breaker {
                 self.inner.successes.fetch_add(1, Ordering::SeqCst);
                 if state == Mirror::Closed {
                     self.inner.counters.window.record(now, false, false);
+                    let streak = self.inner.counters.consecutive();
                     self.inner.counters.streak(false, elapsed, now);
+                    if streak != 0 && self.inner.counters.consecutive() == 0 {
+                        // A success ended a streak: the fleet hears of it.
+                        self.inner.streak_tx.send_replace(0);
+                    }
                 }
                 if self.inner.verdict_waiters.load(Ordering::SeqCst) > 0 {
                     self.inner.success_notify.notify_waiters();
@@ -367,6 +381,12 @@ impl Breaker {
         self.publish(&mut guard, transition);
         let state = guard.machine.state();
         drop(guard);
+        let streak = self.inner.counters.consecutive();
+        self.inner.streak_tx.send_if_modified(|s| {
+            let changed = *s != streak;
+            *s = streak;
+            changed
+        });
         if let (PermitKind::Probe { trial }, CallOutcome::Ignored) = (kind, outcome)
             && state == (BreakerState::HalfOpen { trial })
         {
@@ -396,25 +416,72 @@ impl Breaker {
     /// Cancel safe: it holds no permit and no lock across an await.
     pub async fn run_timer(self, shutdown: CancellationToken) {
         let mut rx = self.subscribe();
+        let mut gate = self.inner.fleet_gate_tx.subscribe();
         loop {
             let state = *rx.borrow_and_update();
+            let gated = *gate.borrow_and_update();
             match state {
-                // With a health check, only a passing check ends the open state.
-                BreakerState::Open { until } if self.inner.config.health_check.is_none() => {
+                // With a health check, only a passing check ends the open
+                // state; in a fleet, only the lease holder's timer does.
+                BreakerState::Open { until }
+                    if self.inner.config.health_check.is_none() && !gated =>
+                {
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep_until(until) => self.check_open_timer(),
                         changed = rx.changed() => if changed.is_err() { return },
+                        changed = gate.changed() => if changed.is_err() { return },
                     }
                 }
                 _ => {
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         changed = rx.changed() => if changed.is_err() { return },
+                        changed = gate.changed() => if changed.is_err() { return },
                     }
                 }
             }
         }
+    }
+
+    /// True while another worker of the fleet holds this breaker's probe
+    /// lease: the open state ends only by the fleet's word.
+    #[must_use]
+    pub fn fleet_gated(&self) -> bool {
+        *self.inner.fleet_gate_tx.borrow()
+    }
+
+    /// Sets whether another worker of the fleet holds the probe lease (the
+    /// fleet sets it; off when the worker is on its own). Lifting it lets a
+    /// due open timer start a trial at once.
+    pub(crate) fn set_fleet_gated(&self, gated: bool) {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let transition = guard.machine.set_fleet_gated(gated, now);
+        self.publish(&mut guard, transition);
+        drop(guard);
+        self.inner.fleet_gate_tx.send_if_modified(|g| {
+            let changed = *g != gated;
+            *g = gated;
+            changed
+        });
+    }
+
+    /// This worker's failures in a row as they change (for the fleet).
+    pub(crate) fn streaks(&self) -> watch::Receiver<u32> {
+        self.inner.streak_tx.subscribe()
+    }
+
+    /// Sets the other workers' failures in a row (the fleet sets it); see
+    /// [`StateMachine::set_fleet_streak`].
+    pub(crate) fn set_fleet_streak(&self, failures: u32) {
+        self.manual(|m, now| m.set_fleet_streak(failures, now));
+    }
+
+    /// Takes over a state another worker of the fleet announced; returns
+    /// the state now.
+    pub(crate) fn adopt(&self, remote: super::FleetState) -> BreakerState {
+        self.manual(|m, now| m.adopt(remote, now))
     }
 
     fn manual(
@@ -520,6 +587,7 @@ impl Breaker {
         };
         let target = config.target();
         let mut rx = self.subscribe();
+        let mut gate = self.inner.fleet_gate_tx.subscribe();
         loop {
             // Idle until the breaker opens: no load on a healthy dependency.
             while !matches!(*rx.borrow_and_update(), BreakerState::Open { .. }) {
@@ -539,6 +607,17 @@ impl Breaker {
                 let opened = *rx.borrow_and_update();
                 if !matches!(opened, BreakerState::Open { .. }) {
                     break;
+                }
+                if *gate.borrow_and_update() {
+                    // Another worker of the fleet holds the probe lease and
+                    // runs the check; this one checks at once if it gets it.
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        changed = rx.changed() => if changed.is_err() { return },
+                        changed = gate.changed() => if changed.is_err() { return },
+                    }
+                    next = Instant::now();
+                    continue;
                 }
                 tokio::select! {
                     // A state change wins over a due check: no check runs

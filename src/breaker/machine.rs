@@ -76,6 +76,9 @@ pub enum TransitionReason {
     ManualDisable,
     /// An operator reset the breaker (closed, window and backoff cleared).
     ManualReset,
+    /// Another worker of the fleet changed it (`[fleet]`): this worker
+    /// took over the fleet's state.
+    Fleet,
 }
 
 impl TransitionReason {
@@ -94,6 +97,7 @@ impl TransitionReason {
             TransitionReason::ManualClose => "manual-close",
             TransitionReason::ManualDisable => "manual-disable",
             TransitionReason::ManualReset => "manual-reset",
+            TransitionReason::Fleet => "fleet",
         }
     }
 }
@@ -150,6 +154,27 @@ pub enum Rejected {
     ProbesTaken,
 }
 
+/// A state another worker of the fleet announced, for
+/// [`StateMachine::adopt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetState {
+    /// Open until this (local) time.
+    Open {
+        /// When the fleet's open period ends.
+        until: Instant,
+    },
+    /// Another worker holds the probe lease and is running a trial.
+    Probing,
+    /// Closed (probes succeeded there, or closed by hand).
+    Closed,
+    /// Reset by hand: closed, window and backoff cleared.
+    Reset,
+    /// Forced open by hand.
+    ForcedOpen,
+    /// Disabled by hand.
+    Disabled,
+}
+
 /// The breaker's logic, with no I/O, no clock and no locks.
 #[derive(Debug)]
 pub struct StateMachine {
@@ -171,6 +196,12 @@ pub struct StateMachine {
     /// A trial that began on a passing check failed, and no check failed
     /// since: the next passing check waits for the open time too.
     distrust_check: bool,
+    /// In a fleet, another worker holds the probe lease: the open state
+    /// ends only by the fleet's word (or when this worker takes the lease).
+    fleet_gated: bool,
+    /// In a fleet, the other workers' failures in a row (since each one's
+    /// last success), added to this worker's for `consecutive_failures`.
+    fleet_streak: u32,
 }
 
 impl StateMachine {
@@ -188,6 +219,8 @@ impl StateMachine {
             backoff,
             trial_by_health: false,
             distrust_check: false,
+            fleet_gated: false,
+            fleet_streak: 0,
             trial: 0,
             probes_issued: 0,
             probes_succeeded: 0,
@@ -244,12 +277,90 @@ impl StateMachine {
         self.config.health_check.is_some()
     }
 
+    /// True while another worker of the fleet holds the probe lease: no
+    /// trial starts here.
+    #[must_use]
+    pub fn fleet_gated(&self) -> bool {
+        self.fleet_gated
+    }
+
+    /// Sets whether another worker of the fleet holds the probe lease.
+    /// Lifting the gate applies a due open timer at once.
+    pub fn set_fleet_gated(&mut self, gated: bool, now: Instant) -> Option<Transition> {
+        self.fleet_gated = gated;
+        if gated {
+            None
+        } else {
+            self.check_open_timer(now)
+        }
+    }
+
+    /// Sets the other workers' failures in a row (in a fleet). The streak
+    /// rule counts them with this worker's own, so a fleet trips on one
+    /// trip rule's failures, not one per worker; a closed breaker whose
+    /// fleet-wide streak reaches it opens now.
+    pub fn set_fleet_streak(&mut self, failures: u32, now: Instant) -> Option<Transition> {
+        self.fleet_streak = failures;
+        let trips = self.state == BreakerState::Closed
+            && self
+                .config
+                .consecutive_failures
+                .is_some_and(|n| self.streak() >= n && self.streak() > 0);
+        trips.then(|| {
+            self.current_open_time = self.config.open_timeout;
+            self.open(TransitionReason::ConsecutiveFailures, now)
+        })
+    }
+
+    /// Failures in a row, the fleet's included.
+    fn streak(&self) -> u32 {
+        self.counters
+            .consecutive()
+            .saturating_add(self.fleet_streak)
+    }
+
+    /// Takes over a state another worker of the fleet announced (already
+    /// known to be newer than this breaker's). Returns the transition, if
+    /// the state changed.
+    pub fn adopt(&mut self, remote: FleetState, now: Instant) -> Option<Transition> {
+        let reason = TransitionReason::Fleet;
+        match remote {
+            FleetState::Open { until } => (self.state != BreakerState::Open { until }).then(|| {
+                self.current_open_time = until.saturating_duration_since(now);
+                self.go(BreakerState::Open { until }, reason, now)
+            }),
+            // Another worker's trial: stay (or become) open, past the open
+            // time, until its verdict comes.
+            FleetState::Probing => (!matches!(self.state, BreakerState::Open { .. }))
+                .then(|| self.go(BreakerState::Open { until: now }, reason, now)),
+            FleetState::Closed => {
+                (self.state != BreakerState::Closed).then(|| self.close(reason, now))
+            }
+            FleetState::Reset => {
+                if self.state == BreakerState::Closed {
+                    self.counters.reset();
+                    self.backoff = Self::backoff(&self.config);
+                    None
+                } else {
+                    Some(self.close(reason, now))
+                }
+            }
+            FleetState::ForcedOpen => (self.state != BreakerState::ForcedOpen)
+                .then(|| self.go(BreakerState::ForcedOpen, reason, now)),
+            FleetState::Disabled => (self.state != BreakerState::Disabled)
+                .then(|| self.go(BreakerState::Disabled, reason, now)),
+        }
+    }
+
     /// Applies the open timer: Open becomes HalfOpen once `until` has passed.
     /// With a health check, only a passing check ends the open state (see
-    /// [`health_result`](Self::health_result)).
+    /// [`health_result`](Self::health_result)); in a fleet, only the worker
+    /// holding the probe lease starts a trial.
     pub fn check_open_timer(&mut self, now: Instant) -> Option<Transition> {
         match self.state {
-            BreakerState::Open { until } if now >= until && !self.health_gated() => {
+            BreakerState::Open { until }
+                if now >= until && !self.health_gated() && !self.fleet_gated =>
+            {
                 self.trial_by_health = false;
                 Some(self.start_trial(TransitionReason::OpenTimeElapsed, now))
             }
@@ -271,6 +382,10 @@ impl StateMachine {
         let BreakerState::Open { until } = self.state else {
             return (HealthEffect::NotOpen, None);
         };
+        if self.fleet_gated {
+            // Another worker holds the probe lease and runs the check.
+            return (HealthEffect::NotOpen, None);
+        }
         if !passed {
             // A check that can fail is telling the truth again.
             self.distrust_check = false;
@@ -371,7 +486,7 @@ impl StateMachine {
             && self
                 .config
                 .consecutive_failures
-                .is_some_and(|n| self.counters.consecutive() >= n)
+                .is_some_and(|n| self.streak() >= n)
         {
             Some(TransitionReason::ConsecutiveFailures)
         } else if counts.calls >= u64::from(self.config.minimum_calls) {
@@ -440,6 +555,7 @@ impl StateMachine {
     }
 
     fn open(&mut self, reason: TransitionReason, now: Instant) -> Transition {
+        self.fleet_streak = 0;
         self.distrust_check = reason == TransitionReason::ProbeFailed && self.trial_by_health;
         let until = now + self.current_open_time;
         self.go(BreakerState::Open { until }, reason, now)
@@ -447,6 +563,7 @@ impl StateMachine {
 
     fn close(&mut self, reason: TransitionReason, now: Instant) -> Transition {
         self.counters.reset();
+        self.fleet_streak = 0;
         self.distrust_check = false;
         self.trial_by_health = false;
         self.backoff = Self::backoff(&self.config);

@@ -58,7 +58,8 @@ pub use health::{
     MIN_HEALTH_CHECK_INTERVAL,
 };
 pub use machine::{
-    BreakerState, CallOutcome, PermitKind, Rejected, StateMachine, Transition, TransitionReason,
+    BreakerState, CallOutcome, FleetState, PermitKind, Rejected, StateMachine, Transition,
+    TransitionReason,
 };
 pub use set::MAX_BREAKERS_PER_CONSUMER;
 pub(crate) use set::{BreakerSet, Permits, ReleaseWatch, blame};

@@ -108,6 +108,12 @@ fn render(status: &StatusView) -> Vec<String> {
             (None, Some(_)) if b.state == "open" => "when healthy".to_owned(),
             (None, _) => "-".to_owned(),
         };
+        // In a fleet, another worker's lease decides when this one probes.
+        let next = if b.fleet.as_ref().is_some_and(|f| f.gated) && b.state == "open" {
+            format!("{next} (by the fleet's prober)")
+        } else {
+            next
+        };
         breakers.add_row(vec![
             printable(&b.name),
             b.state.clone(),
@@ -173,13 +179,36 @@ fn render(status: &StatusView) -> Vec<String> {
             c.dead_lettered.to_string(),
         ]);
     }
-    vec![
+    let mut out = vec![
         breakers.to_string(),
         String::new(),
         consumers.to_string(),
         String::new(),
         connections(status),
-    ]
+    ];
+    if let Some(f) = &status.fleet {
+        out.push(String::new());
+        out.push(fleet_line(f));
+    }
+    out
+}
+
+/// Where the worker stands with its fleet, on one line.
+fn fleet_line(f: &crate::status::FleetView) -> String {
+    let mut line = format!(
+        "fleet {}: {} as {} ({} sent, {} received, {} ignored)",
+        printable(&f.exchange),
+        f.state,
+        printable(&f.worker),
+        f.sent,
+        f.received,
+        f.ignored
+    );
+    if let Some(error) = &f.error {
+        line.push_str(": ");
+        line.push_str(&printable(error));
+    }
+    line
 }
 
 fn connections(status: &StatusView) -> String {
@@ -232,6 +261,37 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("注文"), "{text}");
+    }
+
+    #[test]
+    fn a_fleet_member_says_who_probes_and_where_it_stands() {
+        let status = StatusView {
+            breakers: vec![BreakerView {
+                name: "billing".into(),
+                state: "open".into(),
+                next_half_open: Some("2026-12-02T10:00:08.000Z".into()),
+                fleet: Some(crate::status::BreakerFleetView {
+                    gated: true,
+                    ..crate::status::BreakerFleetView::default()
+                }),
+                ..BreakerView::default()
+            }],
+            fleet: Some(crate::status::FleetView {
+                exchange: "rg.fleet".into(),
+                worker: "w1#9".into(),
+                state: "local-only".into(),
+                error: Some("lost\u{1b}[2J".into()),
+                ..crate::status::FleetView::default()
+            }),
+            ..StatusView::default()
+        };
+        let text = render(&status).join("\n");
+        assert!(text.contains("by the fleet's prober"), "{text}");
+        assert!(
+            text.contains("fleet rg.fleet: local-only as w1#9"),
+            "{text}"
+        );
+        assert!(!text.contains('\u{1b}'), "{text}");
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub(crate) struct DemoArgs {
     /// Messages published per second.
     #[arg(long, default_value_t = 40.0, value_parser = super::values::rate)]
     pub rate: f64,
+    /// Workers on the queue; with more than one they form a fleet (one
+    /// trip pauses them all, one of them probes).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub workers: u8,
 }
 
 /// `rabbit-guard flaky-server`
@@ -91,6 +95,7 @@ pub(crate) fn demo(settings: &Settings, args: &DemoArgs) -> ExitCode {
         failing: args.fail_for,
         publish_after: Duration::from_secs(6),
         rate: args.rate,
+        workers: usize::from(args.workers),
     };
     let live = std::io::stdout().is_terminal();
     let result = rt.block_on(async {

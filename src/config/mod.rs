@@ -31,8 +31,9 @@ pub use error::{ConfigError, Problem};
 pub use load::{DEFAULT_CONFIG_FILE, ENV_PREFIX, Sources, load, load_unvalidated, load_with};
 pub use settings::{
     AdminSettings, AppSection, Binding, BrokerSettings, ConsumerSettings, Declare, ExchangeType,
-    HttpSettings, LogFormat, LogSettings, OnPause, OtlpProtocol, QueueType, ReconnectSettings,
-    RetrySettings, SafetyChecks, Settings, TelemetrySettings, WorkerSettings, compact_duration,
+    FleetSettings, HttpSettings, LogFormat, LogSettings, OnPause, OtlpProtocol, QueueType,
+    ReconnectSettings, RetrySettings, SafetyChecks, Settings, TelemetrySettings, WorkerSettings,
+    compact_duration,
 };
 pub use validate::{MAX_DURATION, MAX_RETRY_DELAY, MAX_THREADS};
 

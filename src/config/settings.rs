@@ -23,6 +23,8 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// `[telemetry]`: OpenTelemetry export of the spans (feature `otel`).
     pub telemetry: TelemetrySettings,
+    /// `[fleet]`: workers on the same queues sharing their breakers' state.
+    pub fleet: FleetSettings,
     /// `[breakers.NAME]`: one breaker per guarded dependency.
     pub breakers: BTreeMap<String, BreakerConfig>,
     /// `[[consumers]]`: one per queue.
@@ -288,6 +290,33 @@ pub struct AdminSettings {
     /// refused for manual control, and for every request on loopback (the
     /// DNS-rebinding guard).
     pub allowed_hosts: Vec<String>,
+}
+
+/// `[fleet]`: several worker processes act as one guard. Off unless
+/// `exchange` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetSettings {
+    /// The fanout exchange the workers share their breakers' state on,
+    /// e.g. `rabbit-guard.fleet`. Unset: each worker guards on its own.
+    pub exchange: Option<String>,
+    /// This worker's name in the fleet (logs, `/breakers`). Default:
+    /// `HOSTNAME-PID`.
+    pub worker_id: Option<String>,
+    /// At startup, how long to wait for the fleet's state before the
+    /// consumers start, so a worker joining during an outage starts paused.
+    #[serde(with = "humantime_serde")]
+    pub join_wait: Duration,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        Self {
+            exchange: None,
+            worker_id: None,
+            join_wait: Duration::from_secs(1),
+        }
+    }
 }
 
 /// `[log]`

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::error::{ConfigError, Problem};
 use super::settings::{
-    AdminSettings, BrokerSettings, ConsumerSettings, DEFAULT_BROKER_URL, LogSettings,
-    MAX_BROKER_URLS, Settings, TelemetrySettings, WorkerSettings,
+    AdminSettings, BrokerSettings, ConsumerSettings, DEFAULT_BROKER_URL, FleetSettings,
+    LogSettings, MAX_BROKER_URLS, Settings, TelemetrySettings, WorkerSettings,
 };
 use crate::amqp::check_name;
 use crate::breaker::MAX_BREAKERS_PER_CONSUMER;
@@ -75,6 +75,10 @@ impl Settings {
         out.extend(self.admin.problems());
         out.extend(self.log.problems());
         out.extend(self.telemetry.problems());
+        out.extend(
+            self.fleet
+                .problems(self.breakers.keys().map(String::as_str)),
+        );
         for (name, cfg) in &self.breakers {
             for (key, message) in cfg.problems() {
                 let value = breaker_value(cfg, key);
@@ -343,6 +347,71 @@ impl AdminSettings {
                 "admin.token_file",
                 None,
                 "set admin.token or admin.token_file, not both",
+            ));
+        }
+        out
+    }
+}
+
+impl FleetSettings {
+    /// Every problem with `[fleet]`, given the breakers' names (each names
+    /// a probe-lease queue derived from the exchange).
+    #[must_use]
+    pub fn problems<'a>(&self, breakers: impl IntoIterator<Item = &'a str>) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if let Some(exchange) = &self.exchange {
+            if exchange.trim().is_empty() {
+                out.push(problem(
+                    "fleet.exchange",
+                    quoted(""),
+                    "must not be empty (leave it out to run without a fleet)",
+                ));
+            } else if exchange.starts_with("amq.") {
+                out.push(problem(
+                    "fleet.exchange",
+                    quoted(&crate::text::truncate(exchange, 40)),
+                    "names starting with \"amq.\" are reserved by RabbitMQ; e.g. \"rabbit-guard.fleet\"",
+                ));
+            } else if let Some(p) = name_problem("fleet.exchange".into(), exchange) {
+                out.push(p);
+            } else {
+                for breaker in breakers {
+                    let lease = crate::fleet::lease_queue(exchange, breaker);
+                    if let Some(p) = name_problem("fleet.exchange".into(), &lease) {
+                        out.push(problem(
+                            p.key,
+                            quoted(&crate::text::truncate(exchange, 40)),
+                            format!(
+                                "the probe-lease queue of breaker {:?} would be {:?}: {}",
+                                crate::text::truncate(breaker, 40),
+                                crate::text::truncate(&lease, 40),
+                                p.message
+                            ),
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(id) = &self.worker_id
+            && (id.trim().is_empty()
+                || id.chars().count() > crate::fleet::MAX_WORKER_ID
+                || id.chars().any(char::is_control))
+        {
+            out.push(problem(
+                "fleet.worker_id",
+                quoted(&crate::text::truncate(id, 40)),
+                format!(
+                    "must be 1 to {} printable characters (leave it out for HOSTNAME-PID)",
+                    crate::fleet::MAX_WORKER_ID
+                ),
+            ));
+        }
+        if self.join_wait > crate::fleet::MAX_JOIN_WAIT {
+            out.push(problem(
+                "fleet.join_wait",
+                quoted(&humantime::format_duration(self.join_wait).to_string()),
+                "must be at most 1m: the consumers wait this long at startup",
             ));
         }
         out

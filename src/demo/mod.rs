@@ -39,6 +39,9 @@ pub struct Timeline {
     pub publish_after: Duration,
     /// Messages per second.
     pub rate: f64,
+    /// Workers on the queue (1 to 8). With more than one they form a fleet
+    /// (`[fleet]`): one trip pauses them all, one of them probes.
+    pub workers: usize,
 }
 
 impl Default for Timeline {
@@ -48,9 +51,13 @@ impl Default for Timeline {
             failing: Duration::from_secs(12),
             publish_after: Duration::from_secs(6),
             rate: 40.0,
+            workers: 1,
         }
     }
 }
+
+/// The most workers the demo runs.
+pub const MAX_DEMO_WORKERS: usize = 8;
 
 /// What the demo saw.
 #[derive(Debug, Clone, Default)]
@@ -104,6 +111,14 @@ impl Report {
             );
             return s;
         }
+        if timeline.workers > 1 {
+            let _ = write!(
+                s,
+                "{} workers formed a fleet: the first trip opened every worker's breaker, \
+                 and one worker at a time probed. ",
+                timeline.workers
+            );
+        }
         let _ = write!(
             s,
             "The dependency failed for {}. The breaker opened after {} failing calls \
@@ -135,11 +150,14 @@ impl Report {
     }
 }
 
-fn demo_settings(broker: &BrokerSettings, prefix: &str, url: String) -> Settings {
+fn demo_settings(broker: &BrokerSettings, prefix: &str, url: String, fleet: bool) -> Settings {
     let mut s = Settings {
         broker: broker.clone(),
         ..Settings::default()
     };
+    if fleet {
+        s.fleet.exchange = Some(format!("{prefix}.fleet"));
+    }
     s.broker.connection_name = prefix.to_owned();
     s.broker.startup_timeout = Duration::from_secs(10);
     s.worker.shutdown_grace = Duration::from_secs(5);
@@ -177,7 +195,11 @@ async fn queue_counts(connection: &Connection, queue: &str) -> Option<(u32, u32)
     crate::amqp::queue_counts(connection, queue).await.ok()
 }
 
-async fn cleanup(connection: &Connection, consumer: &ConsumerSettings) -> Result<(), Error> {
+async fn cleanup(
+    connection: &Connection,
+    consumer: &ConsumerSettings,
+    fleet: Option<&str>,
+) -> Result<(), Error> {
     let channel = connection
         .create_channel()
         .await
@@ -203,6 +225,12 @@ async fn cleanup(connection: &Connection, consumer: &ConsumerSettings) -> Result
         )
         .await
         .map_err(|e| Error::broker("deleting the demo exchange", e))?;
+    if let Some(fleet) = fleet {
+        channel
+            .exchange_delete(ShortString::from(fleet), ExchangeDeleteOptions::default())
+            .await
+            .map_err(|e| Error::broker("deleting the demo's fleet exchange", e))?;
+    }
     let _ = channel.close(200, "cleaned up".into()).await;
     Ok(())
 }
@@ -211,7 +239,8 @@ async fn cleanup(connection: &Connection, consumer: &ConsumerSettings) -> Result
 struct Frame<'a> {
     elapsed: Duration,
     failing: bool,
-    state: BreakerState,
+    /// Each worker's breaker (one unless a fleet).
+    states: Vec<BreakerState>,
     since: Duration,
     ok_per_s: u64,
     failed_per_s: u64,
@@ -221,7 +250,7 @@ struct Frame<'a> {
     published: u64,
     processed: u64,
     dead: u64,
-    history: &'a str,
+    history: &'a [String],
 }
 
 fn render(f: &Frame<'_>, live: bool) -> String {
@@ -230,8 +259,8 @@ fn render(f: &Frame<'_>, live: bool) -> String {
     } else {
         "healthy (200)"
     };
-    let breaker = match f.state {
-        BreakerState::Open { until } => format!(
+    let name = |state: &BreakerState| match state {
+        BreakerState::Open { until } if f.states.len() == 1 => format!(
             "OPEN, probe in {:.1}s",
             until
                 .saturating_duration_since(Instant::now())
@@ -239,6 +268,7 @@ fn render(f: &Frame<'_>, live: bool) -> String {
         ),
         other => other.name().to_uppercase(),
     };
+    let breaker = f.states.iter().map(name).collect::<Vec<_>>().join(" | ");
     if !live {
         return format!(
             "{:>5.1}s dependency {dependency:<13} breaker {breaker:<22} calls/s ok {:>3} failed {:>3}  queue {:>4}  consumers {}  dead letters {}",
@@ -278,7 +308,18 @@ fn render(f: &Frame<'_>, live: bool) -> String {
         "  published         {:>5}   processed {:>5}   dead letters {}",
         f.published, f.processed, f.dead
     );
-    let _ = writeln!(s, "\n  breaker over time: {}", f.history);
+    for (i, history) in f.history.iter().enumerate() {
+        let label = if f.history.len() == 1 {
+            "breaker over time:".to_owned()
+        } else {
+            format!("worker {} breaker:", i + 1)
+        };
+        let _ = writeln!(
+            s,
+            "{}  {label:<18} {history}",
+            if i == 0 { "\n" } else { "" }
+        );
+    }
     let _ = writeln!(s, "                     C closed  O open  H half-open");
     s
 }
@@ -298,17 +339,19 @@ pub async fn run(
 ) -> Result<Report, Error> {
     let flaky = FlakyServer::start("127.0.0.1:0", true).await?;
     let prefix = format!("rabbit-guard-demo.{}", std::process::id());
-    let settings = demo_settings(broker, &prefix, format!("http://{}/orders", flaky.addr()));
+    let workers = timeline.workers.clamp(1, MAX_DEMO_WORKERS);
+    let url = format!("http://{}/orders", flaky.addr());
+    let settings = demo_settings(broker, &prefix, url, workers > 1);
     let consumer = settings.consumers[0].clone();
     let connection = crate::connection::connect_once(&settings.broker, "demo").await?;
-    let (breaker, stats, worker_stop, worker_task) = start_worker(settings, &consumer.queue)?;
-    let mut transitions_rx = breaker.transitions();
+    let members = start_workers(&settings, workers, &prefix)?;
+    let mut transitions_rx: Vec<_> = members.iter().map(|m| m.breaker.transitions()).collect();
 
     let started = Instant::now();
     let published = Arc::new(AtomicU64::new(0));
     let publish_stop = CancellationToken::new();
-    // Wait for the worker to declare its queue before publishing.
-    let mut ready = queue_declared(&connection, &consumer.queue, &worker_task).await;
+    // Wait for the workers to declare the queue before publishing.
+    let mut ready = queue_declared(&connection, &consumer.queue, &members).await;
     let publisher = spawn_publisher(
         broker,
         consumer.queue.clone(),
@@ -318,8 +361,8 @@ pub async fn run(
     )
     .await?;
 
-    let mut transitions: Vec<Transition> = Vec::new();
-    let mut screen = Screen::new(started, live);
+    let mut transitions: Vec<Vec<Transition>> = vec![Vec::new(); workers];
+    let mut screen = Screen::new(started, live, workers);
     let mut report = Report {
         trip_after: 10,
         ..Report::default()
@@ -333,17 +376,20 @@ pub async fn run(
     let recover_at = fail_at + timeline.failing;
     let stop_publishing_at = recover_at + timeline.publish_after;
     let deadline = stop_publishing_at + Duration::from_secs(25);
+    let any_stopped = |members: &[Member]| members.iter().any(|m| m.task.is_finished());
     while ready {
         let now = Instant::now();
-        ready = !worker_task.is_finished();
+        ready = !any_stopped(&members);
         flaky.set_failing(now >= fail_at && now < recover_at);
         if now >= stop_publishing_at {
             publish_stop.cancel();
         }
-        while let Ok(t) = transitions_rx.try_recv() {
-            transitions.push(t);
+        for (rx, seen) in transitions_rx.iter_mut().zip(&mut transitions) {
+            while let Ok(t) = rx.try_recv() {
+                seen.push(t);
+            }
         }
-        let s = stats.snapshot();
+        let s = total(&members);
         let (depth, consumers) = queue_counts(&connection, &consumer.queue)
             .await
             .unwrap_or((0, 0));
@@ -352,7 +398,7 @@ pub async fn run(
         let frame = screen.frame(
             now,
             &flaky,
-            &breaker,
+            &members,
             (depth, consumers),
             &s,
             published.load(Ordering::Relaxed),
@@ -362,7 +408,7 @@ pub async fn run(
         let done = publish_stop.is_cancelled()
             && publisher.is_finished()
             && processed + s.dead_lettered >= published.load(Ordering::Relaxed);
-        if done || now >= deadline || worker_task.is_finished() {
+        if done || now >= deadline || any_stopped(&members) {
             break;
         }
         tokio::select! {
@@ -375,16 +421,11 @@ pub async fn run(
     }
     publish_stop.cancel();
     let published_result = publisher.await;
-    worker_stop.cancel();
-    let worker_result = worker_task.await;
-    while let Ok(t) = transitions_rx.try_recv() {
-        transitions.push(t);
-    }
-    let cleaned = cleanup(&connection, &consumer).await;
+    let (worker_result, dead_lettered) =
+        stop_workers(members, &mut transitions_rx, &mut transitions).await;
+    let cleaned = cleanup(&connection, &consumer, settings.fleet.exchange.as_deref()).await;
     let _ = connection.close(200, "demo done".into()).await;
-    if let Ok(Err(e)) = worker_result {
-        return Err(e);
-    }
+    worker_result?;
     if let Ok(Err(e)) = published_result {
         return Err(e);
     }
@@ -394,8 +435,66 @@ pub async fn run(
     report.ran_for = started.elapsed();
     report.published = published.load(Ordering::Relaxed);
     report.processed = distinct_ok(&flaky);
-    report.dead_lettered = stats.snapshot().dead_lettered;
+    report.dead_lettered = dead_lettered;
     Ok(report)
+}
+
+/// The demo's workers: one, or a fleet of `workers`.
+fn start_workers(settings: &Settings, workers: usize, prefix: &str) -> Result<Vec<Member>, Error> {
+    let queue = &settings.consumers[0].queue;
+    let mut members = Vec::new();
+    for i in 1..=workers {
+        let mut s = settings.clone();
+        if workers > 1 {
+            s.fleet.worker_id = Some(format!("demo-{i}"));
+            s.broker.connection_name = format!("{prefix}.w{i}");
+        }
+        members.push(start_worker(s, queue)?);
+    }
+    Ok(members)
+}
+
+/// Stops the workers; collects their last transitions, the first error
+/// and the messages they dead-lettered.
+async fn stop_workers(
+    members: Vec<Member>,
+    transitions_rx: &mut [tokio::sync::broadcast::Receiver<Transition>],
+    transitions: &mut [Vec<Transition>],
+) -> (Result<(), Error>, u64) {
+    for m in &members {
+        m.stop.cancel();
+    }
+    let mut result = Ok(());
+    let mut dead_lettered = 0;
+    for (i, m) in members.into_iter().enumerate() {
+        dead_lettered += m.stats.snapshot().dead_lettered;
+        if let Ok(Err(e)) = m.task.await {
+            result = result.and(Err(e));
+        }
+        while let Ok(t) = transitions_rx[i].try_recv() {
+            transitions[i].push(t);
+        }
+    }
+    (result, dead_lettered)
+}
+
+/// One of the demo's workers, running.
+struct Member {
+    breaker: crate::breaker::Breaker,
+    stats: Arc<crate::consumer::ConsumerStats>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+/// The workers' counts added up.
+fn total(members: &[Member]) -> crate::consumer::StatsSnapshot {
+    let mut all = crate::consumer::StatsSnapshot::default();
+    for m in members {
+        let s = m.stats.snapshot();
+        all.in_flight += s.in_flight;
+        all.dead_lettered += s.dead_lettered;
+    }
+    all
 }
 
 /// What the screen remembers between frames: the state history and the
@@ -403,18 +502,19 @@ pub async fn run(
 struct Screen {
     started: Instant,
     live: bool,
-    history: String,
+    /// Each worker's breaker, one letter a second.
+    history: Vec<String>,
     next_history: Instant,
     last_counts: (u64, u64),
     last_tick: Instant,
 }
 
 impl Screen {
-    fn new(started: Instant, live: bool) -> Self {
+    fn new(started: Instant, live: bool, workers: usize) -> Self {
         Self {
             started,
             live,
-            history: String::new(),
+            history: vec![String::new(); workers],
             next_history: started,
             last_counts: (0, 0),
             last_tick: started,
@@ -426,7 +526,7 @@ impl Screen {
         &mut self,
         now: Instant,
         flaky: &FlakyServer,
-        breaker: &crate::breaker::Breaker,
+        members: &[Member],
         (depth, consumers): (u32, u32),
         stats: &crate::consumer::StatsSnapshot,
         published: u64,
@@ -439,20 +539,23 @@ impl Screen {
             clippy::cast_precision_loss
         )]
         let rate = |a: u64, b: u64| (a.saturating_sub(b) as f64 / secs).round() as u64;
-        let snapshot = breaker.snapshot();
+        let snapshots: Vec<_> = members.iter().map(|m| m.breaker.snapshot()).collect();
         if now >= self.next_history {
-            self.history.push(match snapshot.state {
-                BreakerState::Closed | BreakerState::Disabled => 'C',
-                BreakerState::Open { .. } | BreakerState::ForcedOpen => 'O',
-                BreakerState::HalfOpen { .. } => 'H',
-            });
+            for (history, snapshot) in self.history.iter_mut().zip(&snapshots) {
+                history.push(match snapshot.state {
+                    BreakerState::Closed | BreakerState::Disabled => 'C',
+                    BreakerState::Open { .. } | BreakerState::ForcedOpen => 'O',
+                    BreakerState::HalfOpen { .. } => 'H',
+                });
+            }
             self.next_history += Duration::from_secs(1);
         }
+        let since = snapshots.iter().map(|s| s.since).max().unwrap_or(now);
         let frame = Frame {
             elapsed: now - self.started,
             failing: flaky.failing(),
-            state: snapshot.state,
-            since: now.saturating_duration_since(snapshot.since),
+            states: snapshots.iter().map(|s| s.state).collect(),
+            since: now.saturating_duration_since(since),
             ok_per_s: rate(counts.0, self.last_counts.0),
             failed_per_s: rate(counts.1, self.last_counts.1),
             depth,
@@ -470,21 +573,8 @@ impl Screen {
     }
 }
 
-/// The demo's worker, running: its breaker, its consumer's stats, and how
-/// to stop it.
-#[allow(clippy::type_complexity)]
-fn start_worker(
-    settings: Settings,
-    queue: &str,
-) -> Result<
-    (
-        crate::breaker::Breaker,
-        Arc<crate::consumer::ConsumerStats>,
-        CancellationToken,
-        tokio::task::JoinHandle<Result<(), Error>>,
-    ),
-    Error,
-> {
+/// One demo worker, started.
+fn start_worker(settings: Settings, queue: &str) -> Result<Member, Error> {
     let worker = Worker::builder(settings).build()?;
     let breaker = worker.breaker("demo-api").ok_or_else(|| Error::Io {
         context: "the demo's breaker is missing".into(),
@@ -493,17 +583,20 @@ fn start_worker(
     let stats = worker.stats(queue).unwrap_or_default();
     let stop = CancellationToken::new();
     let task = tokio::spawn(worker.run_until(stop.clone()));
-    Ok((breaker, stats, stop, task))
+    Ok(Member {
+        breaker,
+        stats,
+        stop,
+        task,
+    })
 }
 
 /// True once the worker has declared `queue` (or has stopped trying).
-async fn queue_declared<T>(
-    connection: &lapin::Connection,
-    queue: &str,
-    worker_task: &tokio::task::JoinHandle<T>,
-) -> bool {
+async fn queue_declared(connection: &lapin::Connection, queue: &str, members: &[Member]) -> bool {
     for _ in 0..200 {
-        if queue_counts(connection, queue).await.is_some() || worker_task.is_finished() {
+        if queue_counts(connection, queue).await.is_some()
+            || members.iter().any(|m| m.task.is_finished())
+        {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -530,19 +623,20 @@ async fn spawn_publisher(
     }))
 }
 
-/// What the breaker's transitions and the dependency's calls say: failing
-/// calls before the pause, probes, how long it paused, calls while open.
-fn tally(report: &mut Report, transitions: &[Transition], calls: &[flaky::Call]) {
-    let first_probe = transitions
-        .iter()
-        .find(|t| matches!(t.to, BreakerState::HalfOpen { .. }))
-        .map(|t| t.at);
+/// What the breakers' transitions (one list per worker) and the
+/// dependency's calls say: failing calls before the pause, trials, how long
+/// it paused, calls while every worker was open.
+fn tally(report: &mut Report, transitions: &[Vec<Transition>], calls: &[flaky::Call]) {
+    let all = || transitions.iter().flatten();
+    let first_probe = all()
+        .filter(|t| matches!(t.to, BreakerState::HalfOpen { .. }))
+        .map(|t| t.at)
+        .min();
     report.failing_before_pause = calls
         .iter()
         .filter(|c| c.status == 503 && first_probe.is_none_or(|p| c.at < p))
         .count() as u64;
-    report.probes = transitions
-        .iter()
+    report.probes = all()
         .filter(|t| {
             matches!(
                 t.reason,
@@ -550,30 +644,34 @@ fn tally(report: &mut Report, transitions: &[Transition], calls: &[flaky::Call])
             )
         })
         .count() as u64;
-    let opened = transitions
-        .iter()
-        .find(|t| matches!(t.to, BreakerState::Open { .. }))
-        .map(|t| t.at);
-    let closed = transitions
-        .iter()
-        .rev()
-        .find(|t| t.reason == TransitionReason::ProbesSucceeded)
-        .map(|t| t.at);
+    let opened = all()
+        .filter(|t| matches!(t.to, BreakerState::Open { .. }))
+        .map(|t| t.at)
+        .min();
+    let closed = all()
+        .filter(|t| t.reason == TransitionReason::ProbesSucceeded)
+        .map(|t| t.at)
+        .max();
     if let (Some(o), Some(c)) = (opened, closed) {
         report.paused_for = c.saturating_duration_since(o);
     }
-    // Calls that arrived while open (after the in-flight ones landed).
-    for (i, t) in transitions.iter().enumerate() {
-        if let BreakerState::Open { .. } = t.to {
-            let end = transitions.get(i + 1).map(|n| n.at);
-            report.calls_while_open += calls
-                .iter()
-                .filter(|c| {
-                    c.at > t.at + Duration::from_millis(200) && end.is_none_or(|e| c.at < e)
-                })
-                .count() as u64;
-        }
-    }
+    // Calls that arrived while every worker was open (after the in-flight
+    // ones landed): there must be none.
+    let slack = Duration::from_millis(200);
+    report.calls_while_open = calls
+        .iter()
+        .filter(|c| {
+            transitions.iter().all(|list| {
+                let open_at = |at: Instant| {
+                    list.iter()
+                        .rev()
+                        .find(|t| t.at <= at)
+                        .is_some_and(|t| matches!(t.to, BreakerState::Open { .. }))
+                };
+                c.at.checked_sub(slack).is_some_and(open_at) && open_at(c.at)
+            })
+        })
+        .count() as u64;
 }
 
 fn distinct_ok(flaky: &FlakyServer) -> u64 {

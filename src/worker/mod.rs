@@ -36,12 +36,13 @@ use tracing::{info, warn};
 use crate::admin::WorkerView;
 use crate::breaker::{
     Breaker, BreakerSet, BreakerState, ErasedHealthCheck, HealthCheck, HealthCheckConfig,
-    Transition,
+    Transition, TransitionReason,
 };
 use crate::config::{ConfigError, Problem, SafetyChecks, Settings};
 use crate::connection::ManagedConnection;
 use crate::consumer::{ConsumerRuntime, ConsumerShared, ConsumerStats};
 use crate::error::Error;
+use crate::fleet::Fleet;
 use crate::handler::{ErasedHandler, Handler, erase};
 
 use crate::metrics::Metrics;
@@ -440,6 +441,10 @@ impl Worker {
         let broker = &self.settings.broker;
         let consume = Arc::new(ManagedConnection::new(broker, "consume")?);
         let publish = Arc::new(ManagedConnection::new(broker, "publish")?);
+        let fleet = match Fleet::new(&self.settings.fleet, &self.breakers) {
+            Some(fleet) => Some((fleet, Arc::new(ManagedConnection::new(broker, "fleet")?))),
+            None => None,
+        };
         let control = control::Control::new().map_err(|source| Error::Io {
             context: "starting the control thread (connections' I/O, admin endpoint)".into(),
             source,
@@ -455,6 +460,7 @@ impl Worker {
                     self.consumers.clone(),
                     vec![consume.clone(), publish.clone()],
                     self.metrics.clone(),
+                    fleet.clone(),
                 ),
                 self.metrics.clone(),
             );
@@ -463,7 +469,7 @@ impl Worker {
                 .await?
         };
         let result = self
-            .run_connected(&control, &consume, &publish, shutdown)
+            .run_connected(&control, &consume, &publish, fleet.as_ref(), shutdown)
             .await;
         #[cfg(feature = "admin")]
         if let Some(admin) = admin {
@@ -477,17 +483,22 @@ impl Worker {
         control: &control::Control,
         consume: &Arc<ManagedConnection>,
         publish: &Arc<ManagedConnection>,
+        fleet: Option<&(Fleet, Arc<ManagedConnection>)>,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
+        let fleet_conn = fleet.map(|(_, c)| c);
         // Connected from the control runtime, so lapin's heartbeats and
         // internal tasks run there, whatever the handlers do.
-        for conn in [consume, publish] {
+        for conn in [consume, publish].into_iter().chain(fleet_conn) {
             let (conn, shutdown) = (conn.clone(), shutdown.clone());
             control
                 .run(async move { conn.start(&shutdown).await })
                 .await?;
         }
         if let Err(e) = self.declare_all(consume, &shutdown).await {
+            if let Some(conn) = fleet_conn {
+                conn.close().await;
+            }
             publish.close().await;
             consume.close().await;
             return Err(e);
@@ -497,27 +508,8 @@ impl Worker {
         let stop = CancellationToken::new();
         let infra_tasks = TaskTracker::new();
         let (fatal_tx, mut fatal_rx) = mpsc::channel::<Error>(2);
-        for breaker in self.breakers.values() {
-            infra_tasks.spawn(breaker.clone().run_timer(infra.clone()));
-            infra_tasks.spawn(log_transitions(
-                breaker.clone(),
-                self.metrics.clone(),
-                infra.clone(),
-            ));
-        }
-        for (breaker, check) in &self.health_checks {
-            infra_tasks.spawn(
-                breaker
-                    .clone()
-                    .run_erased_health_check(check.clone(), infra.clone()),
-            );
-        }
-        infra_tasks.spawn(flush_failures(
-            self.consumers.clone(),
-            self.settings.log.failure_summary_every,
-            infra.clone(),
-        ));
-        for conn in [consume, publish] {
+        self.spawn_breaker_tasks(&infra_tasks, &infra);
+        for conn in [consume, publish].into_iter().chain(fleet_conn) {
             let conn = conn.clone();
             let token = infra.clone();
             let fatal = fatal_tx.clone();
@@ -532,6 +524,17 @@ impl Worker {
             );
         }
         drop(fatal_tx);
+        if let Some((fleet, conn)) = fleet {
+            infra_tasks.spawn_on(
+                fleet
+                    .clone()
+                    .run(conn.clone(), infra.clone())
+                    .with_current_subscriber(),
+                &control.handle(),
+            );
+            // A worker joining during an outage starts paused.
+            fleet.joined(&shutdown).await;
+        }
 
         let _watchdog = control::Watchdog::start(
             self.consumers
@@ -578,10 +581,38 @@ impl Worker {
         infra.cancel();
         infra_tasks.close();
         infra_tasks.wait().await;
+        if let Some(conn) = fleet_conn {
+            conn.close().await;
+        }
         publish.close().await;
         consume.close().await;
         info!("worker stopped");
         fatal.map_or(Ok(()), Err)
+    }
+
+    /// Each breaker's open timer, transition log and health check, and
+    /// the failure summaries, until `infra` is cancelled.
+    fn spawn_breaker_tasks(&self, tasks: &TaskTracker, infra: &CancellationToken) {
+        for breaker in self.breakers.values() {
+            tasks.spawn(breaker.clone().run_timer(infra.clone()));
+            tasks.spawn(log_transitions(
+                breaker.clone(),
+                self.metrics.clone(),
+                infra.clone(),
+            ));
+        }
+        for (breaker, check) in &self.health_checks {
+            tasks.spawn(
+                breaker
+                    .clone()
+                    .run_erased_health_check(check.clone(), infra.clone()),
+            );
+        }
+        tasks.spawn(flush_failures(
+            self.consumers.clone(),
+            self.settings.log.failure_summary_every,
+            infra.clone(),
+        ));
     }
 
     async fn declare_all(
@@ -657,6 +688,10 @@ async fn log_transitions(breaker: Breaker, metrics: Metrics, stop: CancellationT
 }
 
 fn log_transition(name: &str, t: &Transition, health_gated: bool) {
+    if t.reason == TransitionReason::Fleet {
+        // The fleet logs what it took over, with the worker it came from.
+        return;
+    }
     let open_for = match t.to {
         BreakerState::Open { .. } if health_gated => "until a health check passes".to_owned(),
         BreakerState::Open { until } => humantime::format_duration(Duration::from_millis(

@@ -1,0 +1,577 @@
+//! Issue 14, part B: worker processes on one queue act as one guard. A trip
+//! anywhere pauses the whole fleet, one worker probes per trial, a killed
+//! prober is replaced, a worker that loses the fleet guards on its own and
+//! rejoins, and a late joiner starts paused.
+#![allow(clippy::print_stderr)]
+#![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::proxy::free_port;
+use common::*;
+use rabbit_guard::breaker::BreakerConfig;
+use rabbit_guard::config::Settings;
+use serde_json::Value;
+use tokio::time::Instant;
+
+/// Failures in a row that trip the breaker (the trip rule of these tests).
+const TRIP: usize = 5;
+const CONCURRENCY: usize = 8;
+const OPEN: Duration = Duration::from_secs(2);
+
+fn breaker() -> BreakerConfig {
+    BreakerConfig {
+        consecutive_failures: Some(u32::try_from(TRIP).unwrap()),
+        // Only the streak trips: the rate rule would need this many calls.
+        minimum_calls: 10_000,
+        open_timeout: OPEN,
+        max_open_timeout: Duration::from_secs(4),
+        half_open_probes: 1,
+        ..fast_breaker()
+    }
+}
+
+/// One worker process of the fleet, with its admin endpoint.
+struct Member {
+    child: Child,
+    base: String,
+    id: String,
+}
+
+impl Member {
+    fn spawn(settings: &Settings, id: &str) -> Self {
+        let mut s = settings.clone();
+        let port = free_port();
+        s.admin.listen = Some(format!("127.0.0.1:{port}"));
+        s.fleet.worker_id = Some(id.to_owned());
+        s.broker.connection_name = format!("{}-{id}", settings.broker.connection_name);
+        Self {
+            child: Child::spawn(&s, &["run"]),
+            base: format!("http://127.0.0.1:{port}"),
+            id: id.to_owned(),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Option<Value> {
+        let r = reqwest::get(format!("{}{path}", self.base)).await.ok()?;
+        serde_json::from_str(&r.text().await.ok()?).ok()
+    }
+
+    /// `joining`, `joined` or `local-only`, from `/readyz`.
+    async fn fleet_state(&self) -> Option<String> {
+        let v = self.get("/readyz").await?;
+        v["fleet"]["state"].as_str().map(str::to_owned)
+    }
+
+    async fn breaker(&self) -> Option<Value> {
+        let v = self.get("/breakers").await?;
+        v["breakers"].as_array()?.first().cloned()
+    }
+
+    async fn lease_held(&self) -> bool {
+        self.breaker()
+            .await
+            .is_some_and(|b| b["fleet"]["lease_held"].as_bool() == Some(true))
+    }
+
+    /// Half-open trials this worker started (its own transitions).
+    async fn trials(&self) -> f64 {
+        let Ok(r) = reqwest::get(format!("{}/metrics", self.base)).await else {
+            return 0.0;
+        };
+        let text = r.text().await.unwrap_or_default();
+        prom::parse(&text)
+            .unwrap_or_default()
+            .iter()
+            .filter(|s| {
+                s.name == "rabbit_guard_breaker_transitions_total"
+                    && s.labels.get("to").map(String::as_str) == Some("half-open")
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+
+    async fn wait_joined(&self) {
+        assert!(
+            wait_until_async(Duration::from_secs(20), || async {
+                self.fleet_state().await.as_deref() == Some("joined")
+            })
+            .await,
+            "worker {} did not join the fleet within 20s; its log:\n{}",
+            self.id,
+            self.child.stderr()
+        );
+    }
+}
+
+fn fleet_settings(prefix: &str, downstream: &Downstream) -> Settings {
+    let mut s = with_http(settings(prefix, "http", breaker()), downstream);
+    s.consumers[0].concurrency = u16::try_from(CONCURRENCY).unwrap();
+    // Prefetch = concurrency: a worker refills from the broker, not from a
+    // buffer of its own (see the README's Fleet section on bursts).
+    s.consumers[0].prefetch = u16::try_from(CONCURRENCY).unwrap();
+    s.fleet.exchange = Some(unique(&format!("{prefix}.x")));
+    s.fleet.join_wait = Duration::from_secs(1);
+    s
+}
+
+async fn setup(prefix: &str) -> (TestBroker, Downstream, Settings) {
+    let broker = TestBroker::connect().await;
+    let downstream = Downstream::start().await;
+    let s = fleet_settings(prefix, &downstream);
+    broker.track(&s.consumers[0]);
+    broker.track_exchange(s.fleet.exchange.as_deref().unwrap());
+    broker.declare(&s.consumers[0]).await;
+    (broker, downstream, s)
+}
+
+/// Every member's log, for a failure message.
+fn logs(members: &[Member]) -> String {
+    members
+        .iter()
+        .map(|m| format!("\n--- {} ---\n{}", m.id, m.child.stderr()))
+        .collect()
+}
+
+async fn wait_consumers(broker: &TestBroker, queue: &str, n: u32) {
+    assert!(
+        wait_until_async(Duration::from_secs(15), || async {
+            broker.consumers(queue).await == n
+        })
+        .await,
+        "{n} consumers on the queue within 15s (saw {})",
+        broker.consumers(queue).await
+    );
+}
+
+/// Failing calls so far.
+fn failures(downstream: &Downstream) -> usize {
+    downstream
+        .calls()
+        .iter()
+        .filter(|c| c.status != 200)
+        .count()
+}
+
+async fn wait_all_succeeded(downstream: &Downstream, ids: &[String], within: Duration) {
+    let want: HashSet<String> = ids.iter().cloned().collect();
+    let ok = wait_until(within, || downstream.succeeded_ids().is_superset(&want)).await;
+    let got = downstream.succeeded_ids();
+    assert!(
+        ok,
+        "{} of {} messages succeeded within {within:?}",
+        want.intersection(&got).count(),
+        want.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_trips_together_probes_once_per_trial_and_resumes() {
+    let (broker, downstream, settings) = setup("fleet3").await;
+    let queue = settings.consumers[0].queue.clone();
+    downstream.set(Mode::Failing);
+    let members: Vec<Member> = ["w1", "w2", "w3"]
+        .iter()
+        .map(|id| Member::spawn(&settings, id))
+        .collect();
+    for m in &members {
+        m.wait_joined().await;
+    }
+    wait_consumers(&broker, &queue, 3).await;
+
+    let ids = broker.publish_json(&queue, "f", 300).await;
+    let paused = wait_until_async(Duration::from_secs(15), || async {
+        broker.consumers(&queue).await == 0
+    })
+    .await;
+    let failed_before_pause = failures(&downstream);
+    assert!(paused, "the fleet never showed 0 consumers");
+    let bound = TRIP + 3 * CONCURRENCY;
+    eprintln!("failing calls before the whole fleet paused: {failed_before_pause} (bound {bound})");
+    assert!(
+        failed_before_pause <= bound,
+        "{failed_before_pause} failing calls before the fleet paused: more than one trip rule ({TRIP}) plus what 3 workers had in flight (3 x {CONCURRENCY}){}",
+        logs(&members)
+    );
+
+    // The outage goes on for three or so trials: at most the prober
+    // consumes, and each trial spends one message, on one worker.
+    let watch_from = Instant::now();
+    let calls_before = downstream.call_count();
+    let trials_before: f64 = {
+        let mut t = 0.0;
+        for m in &members {
+            t += m.trials().await;
+        }
+        t
+    };
+    let mut most_consumers = 0;
+    while watch_from.elapsed() < Duration::from_secs(9) {
+        most_consumers = most_consumers.max(broker.consumers(&queue).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let probe_calls = downstream.call_count() - calls_before;
+    let mut trials = -trials_before;
+    let mut holders = Vec::new();
+    for m in &members {
+        trials += m.trials().await;
+        if m.lease_held().await {
+            holders.push(m.id.clone());
+        }
+    }
+    eprintln!(
+        "during the outage: {probe_calls} probe calls, {trials} trials across the fleet, at most {most_consumers} consumer(s), lease holder(s) {holders:?}"
+    );
+    assert_eq!(
+        holders.len(),
+        1,
+        "exactly one worker holds the probe lease: {holders:?}"
+    );
+    assert!(
+        most_consumers <= 1,
+        "while open, only the prober may consume; saw {most_consumers} consumers"
+    );
+    assert!(
+        trials >= 2.0,
+        "the outage should have seen trials: {trials}"
+    );
+    #[allow(clippy::cast_precision_loss)]
+    let calls = probe_calls as f64;
+    assert!(
+        calls <= trials + 1.0,
+        "{probe_calls} calls for {trials} trials: more than one probe per trial across the fleet{}",
+        logs(&members)
+    );
+    // (Calls in flight at the pause have landed by then.)
+    let probe_times: Vec<Instant> = downstream
+        .calls()
+        .iter()
+        .map(|c| c.at)
+        .filter(|at| *at >= watch_from + Duration::from_millis(200))
+        .collect();
+    for pair in probe_times.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= OPEN / 2,
+            "two probes {:?} apart: two workers probed one trial",
+            pair[1] - pair[0]
+        );
+    }
+
+    downstream.set(Mode::Healthy);
+    wait_all_succeeded(&downstream, &ids, Duration::from_secs(40)).await;
+    assert!(
+        wait_until_async(Duration::from_secs(10), || async {
+            broker.consumers(&queue).await == 3
+        })
+        .await,
+        "all three workers resume consuming"
+    );
+    let dead = broker
+        .drain(&settings.consumers[0].dead_letter_queue())
+        .await;
+    assert_eq!(dead.len(), 0, "no message dead-lettered by the outage");
+    assert_eq!(broker.ready(&queue).await, 0, "nothing left behind");
+    drop(members);
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_prober_is_replaced_within_one_open_period() {
+    let (broker, downstream, settings) = setup("fleetkill").await;
+    let queue = settings.consumers[0].queue.clone();
+    // Probes hang well past the open time, so the kill lands mid-trial.
+    downstream.set(Mode::Failing);
+    let mut members: Vec<Member> = ["k1", "k2", "k3"]
+        .iter()
+        .map(|id| Member::spawn(&settings, id))
+        .collect();
+    for m in &members {
+        m.wait_joined().await;
+    }
+    wait_consumers(&broker, &queue, 3).await;
+    let ids = broker.publish_json(&queue, "k", 100).await;
+    assert!(
+        wait_until_async(Duration::from_secs(15), || async {
+            broker.consumers(&queue).await == 0
+        })
+        .await,
+        "the fleet paused"
+    );
+    // Calls admitted before the trip end first (no worker has a handler
+    // running); then the next call to arrive is a trial's probe, and it hangs.
+    assert!(
+        wait_until_async(Duration::from_secs(10), || async {
+            let mut idle = downstream.in_progress() == 0;
+            for m in &members {
+                idle &= m
+                    .get("/status")
+                    .await
+                    .and_then(|s| s["consumers"][0]["in_flight"].as_i64())
+                    == Some(0);
+            }
+            idle
+        })
+        .await,
+        "calls in flight at the trip ended"
+    );
+    let before_probe = downstream.arrived_count();
+    downstream.set(Mode::Slow(Duration::from_secs(20)));
+    assert!(
+        wait_until(Duration::from_secs(10), || downstream.arrived_count()
+            > before_probe
+            && downstream.in_progress() >= 1)
+        .await,
+        "a probe reached the dependency"
+    );
+    let mut prober = None;
+    for (i, m) in members.iter().enumerate() {
+        if m.lease_held().await {
+            prober = Some(i);
+        }
+    }
+    let Some(prober) = prober else {
+        let mut seen = String::new();
+        for m in &members {
+            seen.push_str(&format!(
+                "\n{}: {:?}\n{}",
+                m.id,
+                m.get("/breakers").await,
+                m.child.stderr()
+            ));
+        }
+        panic!("no worker holds the lease during the trial:{seen}");
+    };
+    let victim = members.remove(prober);
+    eprintln!(
+        "killing the prober {} (pid {})",
+        victim.id,
+        victim.child.pid()
+    );
+    victim.child.signal("KILL");
+    let killed_at = Instant::now();
+    let arrived = downstream.arrived_count();
+    // The dependency is healthy again: the next prober's probe succeeds.
+    downstream.set(Mode::Healthy);
+    let replaced = wait_until(OPEN * 3, || downstream.arrived_count() > arrived).await;
+    let took = killed_at.elapsed();
+    eprintln!("after the kill, the next probe came in {took:?}");
+    assert!(
+        replaced,
+        "no other worker probed within {:?} of the kill",
+        OPEN * 3
+    );
+    // Within one open period (the 4 s maximum), plus a lease attempt.
+    assert!(
+        took <= Duration::from_secs(4) + Duration::from_millis(500),
+        "the next probe came {took:?} after the kill"
+    );
+    wait_all_succeeded(&downstream, &ids, Duration::from_secs(40)).await;
+    let mut holders = 0;
+    for m in &members {
+        holders += usize::from(m.lease_held().await);
+    }
+    assert_eq!(holders, 1, "one of the two survivors took the lease");
+    drop(members);
+    drop(victim);
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_loses_the_fleet_guards_alone_and_rejoins() {
+    let (broker, downstream, settings) = setup("fleetcut").await;
+    let queue = settings.consumers[0].queue.clone();
+    downstream.set(Mode::Healthy);
+    // c1 waits long before reconnecting a lost connection: time enough to
+    // watch it guard on its own.
+    let mut slow_rejoin = settings.clone();
+    slow_rejoin.broker.reconnect.initial_delay = Duration::from_secs(6);
+    let members = vec![
+        Member::spawn(&slow_rejoin, "c1"),
+        Member::spawn(&settings, "c2"),
+    ];
+    for m in &members {
+        m.wait_joined().await;
+    }
+    wait_consumers(&broker, &queue, 2).await;
+    // Cut c1's fleet connection at the broker.
+    let name = format!("{}-c1/fleet", settings.broker.connection_name);
+    assert_eq!(
+        close_connections_named(&name, "test cuts the fleet"),
+        1,
+        "closed {name}"
+    );
+    assert!(
+        wait_until_async(Duration::from_secs(10), || async {
+            members[0].fleet_state().await.as_deref() == Some("local-only")
+        })
+        .await,
+        "c1 shows local-only on /readyz after losing the fleet"
+    );
+    // On its own, it still trips by itself (and nothing is lost).
+    downstream.set(Mode::Failing);
+    let ids = broker.publish_json(&queue, "c", 60).await;
+    let tripped = wait_until_async(Duration::from_secs(5), || async {
+        members[0]
+            .breaker()
+            .await
+            .is_some_and(|b| b["state"] != "closed")
+    })
+    .await;
+    let b = members[0].breaker().await.unwrap_or_default();
+    assert!(tripped, "c1 trips on its own calls: {b}");
+    assert_eq!(
+        b["last_change"]["reason"], "consecutive-failures",
+        "c1 tripped by its own calls, not by the fleet: {b}"
+    );
+    assert_eq!(
+        members[0].fleet_state().await.as_deref(),
+        Some("local-only"),
+        "c1 tripped while still without the fleet"
+    );
+    members[0].wait_joined().await;
+    let log = members[0].child.stderr();
+    assert!(log.contains("lost the fleet"), "the loss is logged:\n{log}");
+    assert!(
+        log.contains("rejoined the fleet"),
+        "the rejoin is logged:\n{log}"
+    );
+    downstream.set(Mode::Healthy);
+    wait_all_succeeded(&downstream, &ids, Duration::from_secs(40)).await;
+    let dead = broker
+        .drain(&settings.consumers[0].dead_letter_queue())
+        .await;
+    assert_eq!(dead.len(), 0, "nothing dead-lettered");
+    drop(members);
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_starts_paused_and_takes_nothing_until_the_fleet_closes() {
+    let (broker, downstream, settings) = setup("fleetlate").await;
+    let queue = settings.consumers[0].queue.clone();
+    downstream.set(Mode::Failing);
+    let first = Member::spawn(&settings, "l1");
+    first.wait_joined().await;
+    wait_consumers(&broker, &queue, 1).await;
+    let ids = broker.publish_json(&queue, "l", 40).await;
+    assert!(
+        wait_until_async(Duration::from_secs(15), || async {
+            broker.consumers(&queue).await == 0
+        })
+        .await,
+        "l1 paused"
+    );
+    // l1 has run a trial, so it holds the probe lease: the joiner, coming
+    // during the outage, must take nothing at all.
+    assert!(
+        wait_until_async(Duration::from_secs(10), || async {
+            first.lease_held().await
+        })
+        .await,
+        "l1 took the probe lease at its first trial"
+    );
+    let late = Member::spawn(&settings, "l2");
+    late.wait_joined().await;
+    let b = late.breaker().await.expect("/breakers of the joiner");
+    assert_ne!(
+        b["state"], "closed",
+        "the joiner starts with the fleet's open breaker: {b}"
+    );
+    let calls = downstream.call_count();
+    let mut most = 0;
+    let from = Instant::now();
+    while from.elapsed() < Duration::from_secs(3) {
+        most = most.max(broker.consumers(&queue).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(most <= 1, "{most} consumers while the fleet is open");
+    let received = late
+        .get("/status")
+        .await
+        .and_then(|s| s["consumers"][0]["received"].as_u64());
+    eprintln!(
+        "the joiner received {received:?} message(s) while open; {} probe call(s) in all (by l1)",
+        downstream.call_count() - calls
+    );
+    assert_eq!(
+        received,
+        Some(0),
+        "the joiner took a message while the fleet was open"
+    );
+    downstream.set(Mode::Healthy);
+    wait_all_succeeded(&downstream, &ids, Duration::from_secs(40)).await;
+    assert!(
+        wait_until_async(Duration::from_secs(10), || async {
+            broker.consumers(&queue).await == 2
+        })
+        .await,
+        "both resume once the fleet closes"
+    );
+    drop((first, late));
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_open_applies_fleet_wide_and_says_so() {
+    let (broker, downstream, mut settings) = setup("fleetman").await;
+    settings.admin.token = Some("t0ken-for-the-test".into());
+    downstream.set(Mode::Healthy);
+    let members: Vec<Member> = ["m1", "m2"]
+        .iter()
+        .map(|id| Member::spawn(&settings, id))
+        .collect();
+    for m in &members {
+        m.wait_joined().await;
+    }
+    let client = reqwest::Client::new();
+    let r: Value = client
+        .post(format!("{}/breakers/dep/open", members[0].base))
+        .bearer_auth("t0ken-for-the-test")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap();
+    assert_eq!(
+        r["fleet"], "applied fleet-wide",
+        "the response says so: {r}"
+    );
+    assert!(
+        wait_until_async(Duration::from_secs(5), || async {
+            members[1]
+                .breaker()
+                .await
+                .is_some_and(|b| b["state"] == "forced-open")
+        })
+        .await,
+        "the other worker is forced open too"
+    );
+    let r: Value = client
+        .post(format!("{}/breakers/dep/close", members[1].base))
+        .bearer_auth("t0ken-for-the-test")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap();
+    assert_eq!(r["state"], "closed");
+    assert!(
+        wait_until_async(Duration::from_secs(5), || async {
+            members[0]
+                .breaker()
+                .await
+                .is_some_and(|b| b["state"] == "closed")
+        })
+        .await,
+        "a close through the other worker closes the first"
+    );
+    drop(members);
+    broker.cleanup().await;
+}
