@@ -159,6 +159,14 @@ impl Metrics {
             "rabbit_guard_breaker_state",
             "1 for the state each breaker is in, 0 for the others",
         );
+        g(
+            "rabbit_guard_fleet_joined",
+            "1 while the worker follows its fleet ([fleet]), 0 while it guards on its own",
+        );
+        c(
+            "rabbit_guard_fleet_messages_total",
+            "Fleet messages sent, received from other workers, and ignored (stale, duplicate, malformed)",
+        );
         c(
             "rabbit_guard_breaker_transitions_total",
             "Breaker state changes, by from, to and reason",
@@ -315,7 +323,26 @@ impl Metrics {
         breakers: &[(&str, &Breaker)],
         consumers: &[Arc<ConsumerShared>],
         connections: &[Arc<ManagedConnection>],
+        fleet: Option<&crate::status::FleetView>,
     ) -> String {
+        if let Some(f) = fleet {
+            self.gauge(
+                "rabbit_guard_fleet_joined",
+                &[],
+                f64::from(u8::from(f.state == "joined")),
+            );
+            for (direction, n) in [
+                ("sent", f.sent),
+                ("received", f.received),
+                ("ignored", f.ignored),
+            ] {
+                self.counter(
+                    "rabbit_guard_fleet_messages_total",
+                    &[("direction", direction)],
+                    n,
+                );
+            }
+        }
         for (name, breaker) in breakers {
             self.breaker(name, breaker);
         }

@@ -526,6 +526,36 @@ async fn a_manual_open_applies_fleet_wide_and_says_so() {
     for m in &members {
         m.wait_joined().await;
     }
+    let text = reqwest::get(format!("{}/metrics", members[0].base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let samples = prom::parse(&text).unwrap();
+    assert_eq!(
+        prom::value(&samples, "rabbit_guard_fleet_joined", &[]),
+        Some(1.0),
+        "joined, on /metrics"
+    );
+    assert!(
+        prom::value(
+            &samples,
+            "rabbit_guard_fleet_messages_total",
+            &[("direction", "sent")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "the join's sync request is counted as sent"
+    );
+    assert_eq!(
+        prom::value(
+            &samples,
+            "rabbit_guard_connection_up",
+            &[("connection", "fleet")]
+        ),
+        Some(1.0),
+        "the fleet connection is on /metrics"
+    );
     let client = reqwest::Client::new();
     let r: Value = client
         .post(format!("{}/breakers/dep/open", members[0].base))
@@ -572,6 +602,58 @@ async fn a_manual_open_applies_fleet_wide_and_says_so() {
         .await,
         "a close through the other worker closes the first"
     );
+    drop(members);
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_runs_the_health_check() {
+    let (broker, downstream, mut settings) = setup("fleethc").await;
+    let queue = settings.consumers[0].queue.clone();
+    settings.breakers.get_mut("dep").unwrap().health_check =
+        Some(rabbit_guard::breaker::HealthCheckConfig {
+            url: Some(downstream.health_url().into()),
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_secs(1),
+        });
+    downstream.set(Mode::Failing);
+    let members = vec![
+        Member::spawn(&settings, "h1"),
+        Member::spawn(&settings, "h2"),
+    ];
+    for m in &members {
+        m.wait_joined().await;
+    }
+    wait_consumers(&broker, &queue, 2).await;
+    let ids = broker.publish_json(&queue, "h", 40).await;
+    assert!(
+        wait_until_async(Duration::from_secs(15), || async {
+            broker.consumers(&queue).await == 0
+        })
+        .await,
+        "the fleet paused"
+    );
+    // A few check intervals while the dependency stays down.
+    assert!(
+        wait_until(Duration::from_secs(10), || downstream.health_checks().len()
+            >= 5)
+        .await,
+        "the health check runs while open"
+    );
+    let mut checks = Vec::new();
+    for m in &members {
+        let b = m.breaker().await.unwrap_or_default();
+        checks.push(b["health_check"]["checks"].as_u64().unwrap_or(0));
+    }
+    eprintln!("health checks per worker while open: {checks:?}");
+    assert_eq!(
+        checks.iter().filter(|n| **n > 0).count(),
+        1,
+        "exactly one worker runs the health check: {checks:?}{}",
+        logs(&members)
+    );
+    downstream.set(Mode::Healthy);
+    wait_all_succeeded(&downstream, &ids, Duration::from_secs(30)).await;
     drop(members);
     broker.cleanup().await;
 }

@@ -79,9 +79,12 @@ impl WorkerView {
             .iter()
             .map(|(k, v)| (k.as_str(), v))
             .collect();
+        let mut connections = self.0.connections.clone();
+        connections.extend(self.0.fleet.as_ref().map(|(_, c)| c.clone()));
+        let fleet = self.fleet().map(Fleet::view);
         self.0
             .metrics
-            .render(&breakers, &self.0.consumers, &self.0.connections)
+            .render(&breakers, &self.0.consumers, &connections, fleet.as_ref())
     }
 
     /// Ready when every connection is up and every consumer has a working
