@@ -61,20 +61,9 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn demo_queues(pid: u32) -> Vec<String> {
-    let q = format!("rabbit-guard-demo.{pid}.orders");
-    vec![
-        q.clone(),
-        format!("{q}.dlq"),
-        format!("{q}.delay.1s"),
-        format!("{q}.delay.3s"),
-    ]
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_runs_to_completion_under_a_minute_and_cleans_up() {
-    let broker = TestBroker::connect().await;
-    let started = Instant::now();
+/// Runs the demo (3 s healthy, 6 s failing) with `extra` arguments to its
+/// end; its pid and output.
+async fn run_demo(extra: &[&str]) -> (u32, std::process::Output) {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
         .args([
             "demo",
@@ -84,6 +73,7 @@ async fn demo_runs_to_completion_under_a_minute_and_cleans_up() {
             &amqp_addr(),
         ])
         .args(["--healthy-for", "3s", "--fail-for", "6s"])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -99,6 +89,24 @@ async fn demo_runs_to_completion_under_a_minute_and_cleans_up() {
     .unwrap()
     .unwrap();
     kill.0 = None;
+    (pid, out)
+}
+
+fn demo_queues(pid: u32) -> Vec<String> {
+    let q = format!("rabbit-guard-demo.{pid}.orders");
+    vec![
+        q.clone(),
+        format!("{q}.dlq"),
+        format!("{q}.delay.1s"),
+        format!("{q}.delay.3s"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_to_completion_under_a_minute_and_cleans_up() {
+    let broker = TestBroker::connect().await;
+    let started = Instant::now();
+    let (pid, out) = run_demo(&[]).await;
     let took = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -191,32 +199,7 @@ async fn an_interrupted_demo_still_removes_its_queues() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_demo_fleet_of_three_pauses_together_and_cleans_up() {
     let broker = TestBroker::connect().await;
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
-        .args([
-            "demo",
-            "--config",
-            "/nonexistent/rg.toml",
-            "--url",
-            &amqp_addr(),
-            "--workers",
-            "3",
-        ])
-        .args(["--healthy-for", "3s", "--fail-for", "6s"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mut kill = KillOnDrop(Some(pid));
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::task::spawn_blocking(move || child.wait_with_output()),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("the demo did not finish within 120 s"))
-    .unwrap()
-    .unwrap();
-    kill.0 = None;
+    let (pid, out) = run_demo(&["--workers", "3"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

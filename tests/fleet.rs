@@ -128,6 +128,26 @@ async fn setup(prefix: &str) -> (TestBroker, Downstream, Settings) {
     (broker, downstream, s)
 }
 
+/// The members, joined to their fleet, each with a consumer on `queue`.
+async fn start_fleet(broker: &TestBroker, queue: &str, members: Vec<Member>) -> Vec<Member> {
+    for m in &members {
+        m.wait_joined().await;
+    }
+    wait_consumers(broker, queue, u32::try_from(members.len()).unwrap()).await;
+    members
+}
+
+/// Waits for the whole fleet to stop consuming (the breaker open everywhere).
+async fn wait_paused(broker: &TestBroker, queue: &str) {
+    assert!(
+        wait_until_async(Duration::from_secs(15), || async {
+            broker.consumers(queue).await == 0
+        })
+        .await,
+        "the fleet did not pause within 15s"
+    );
+}
+
 /// Every member's log, for a failure message.
 fn logs(members: &[Member]) -> String {
     members
@@ -173,14 +193,8 @@ async fn a_fleet_trips_together_probes_once_per_trial_and_resumes() {
     let (broker, downstream, settings) = setup("fleet3").await;
     let queue = settings.consumers[0].queue.clone();
     downstream.set(Mode::Failing);
-    let members: Vec<Member> = ["w1", "w2", "w3"]
-        .iter()
-        .map(|id| Member::spawn(&settings, id))
-        .collect();
-    for m in &members {
-        m.wait_joined().await;
-    }
-    wait_consumers(&broker, &queue, 3).await;
+    let spawned = ["w1", "w2", "w3"].map(|id| Member::spawn(&settings, id));
+    let members = start_fleet(&broker, &queue, spawned.into()).await;
 
     let ids = broker.publish_json(&queue, "f", 300).await;
     let paused = wait_until_async(Duration::from_secs(15), || async {
@@ -284,22 +298,10 @@ async fn a_killed_prober_is_replaced_within_one_open_period() {
     let queue = settings.consumers[0].queue.clone();
     // Probes hang well past the open time, so the kill lands mid-trial.
     downstream.set(Mode::Failing);
-    let mut members: Vec<Member> = ["k1", "k2", "k3"]
-        .iter()
-        .map(|id| Member::spawn(&settings, id))
-        .collect();
-    for m in &members {
-        m.wait_joined().await;
-    }
-    wait_consumers(&broker, &queue, 3).await;
+    let spawned = ["k1", "k2", "k3"].map(|id| Member::spawn(&settings, id));
+    let mut members = start_fleet(&broker, &queue, spawned.into()).await;
     let ids = broker.publish_json(&queue, "k", 100).await;
-    assert!(
-        wait_until_async(Duration::from_secs(15), || async {
-            broker.consumers(&queue).await == 0
-        })
-        .await,
-        "the fleet paused"
-    );
+    wait_paused(&broker, &queue).await;
     // Calls admitted before the trip end first (no worker has a handler
     // running); then the next call to arrive is a trial's probe, and it hangs.
     assert!(
@@ -388,14 +390,11 @@ async fn a_worker_that_loses_the_fleet_guards_alone_and_rejoins() {
     // watch it guard on its own.
     let mut slow_rejoin = settings.clone();
     slow_rejoin.broker.reconnect.initial_delay = Duration::from_secs(6);
-    let members = vec![
+    let spawned = vec![
         Member::spawn(&slow_rejoin, "c1"),
         Member::spawn(&settings, "c2"),
     ];
-    for m in &members {
-        m.wait_joined().await;
-    }
-    wait_consumers(&broker, &queue, 2).await;
+    let members = start_fleet(&broker, &queue, spawned).await;
     // Cut c1's fleet connection at the broker.
     let name = format!("{}-c1/fleet", settings.broker.connection_name);
     assert_eq!(
@@ -453,17 +452,10 @@ async fn a_late_joiner_starts_paused_and_takes_nothing_until_the_fleet_closes() 
     let (broker, downstream, settings) = setup("fleetlate").await;
     let queue = settings.consumers[0].queue.clone();
     downstream.set(Mode::Failing);
-    let first = Member::spawn(&settings, "l1");
-    first.wait_joined().await;
-    wait_consumers(&broker, &queue, 1).await;
+    let mut started = start_fleet(&broker, &queue, vec![Member::spawn(&settings, "l1")]).await;
+    let first = started.remove(0);
     let ids = broker.publish_json(&queue, "l", 40).await;
-    assert!(
-        wait_until_async(Duration::from_secs(15), || async {
-            broker.consumers(&queue).await == 0
-        })
-        .await,
-        "l1 paused"
-    );
+    wait_paused(&broker, &queue).await;
     // l1 has run a trial, so it holds the probe lease: the joiner, coming
     // during the outage, must take nothing at all.
     assert!(
@@ -519,13 +511,9 @@ async fn a_manual_open_applies_fleet_wide_and_says_so() {
     let (broker, downstream, mut settings) = setup("fleetman").await;
     settings.admin.token = Some("t0ken-for-the-test".into());
     downstream.set(Mode::Healthy);
-    let members: Vec<Member> = ["m1", "m2"]
-        .iter()
-        .map(|id| Member::spawn(&settings, id))
-        .collect();
-    for m in &members {
-        m.wait_joined().await;
-    }
+    let queue = settings.consumers[0].queue.clone();
+    let spawned = ["m1", "m2"].map(|id| Member::spawn(&settings, id));
+    let members = start_fleet(&broker, &queue, spawned.into()).await;
     let text = reqwest::get(format!("{}/metrics", members[0].base))
         .await
         .unwrap()
@@ -617,22 +605,10 @@ async fn only_the_lease_holder_runs_the_health_check() {
             timeout: Duration::from_secs(1),
         });
     downstream.set(Mode::Failing);
-    let members = vec![
-        Member::spawn(&settings, "h1"),
-        Member::spawn(&settings, "h2"),
-    ];
-    for m in &members {
-        m.wait_joined().await;
-    }
-    wait_consumers(&broker, &queue, 2).await;
+    let spawned = ["h1", "h2"].map(|id| Member::spawn(&settings, id));
+    let members = start_fleet(&broker, &queue, spawned.into()).await;
     let ids = broker.publish_json(&queue, "h", 40).await;
-    assert!(
-        wait_until_async(Duration::from_secs(15), || async {
-            broker.consumers(&queue).await == 0
-        })
-        .await,
-        "the fleet paused"
-    );
+    wait_paused(&broker, &queue).await;
     // A few check intervals while the dependency stays down.
     assert!(
         wait_until(Duration::from_secs(10), || downstream.health_checks().len()

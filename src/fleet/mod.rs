@@ -90,6 +90,7 @@ pub(crate) enum Link {
 }
 
 impl Link {
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // shown by the admin endpoint
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Link::Joining => "joining",
@@ -203,11 +204,13 @@ impl Fleet {
     }
 
     /// True while joined: manual operations then apply fleet-wide.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // shown by the admin endpoint
     pub(crate) fn is_joined(&self) -> bool {
         matches!(*self.inner.link.borrow(), Link::Joined { .. })
     }
 
     /// The fleet, for the admin endpoint.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // shown by the admin endpoint
     pub(crate) fn view(&self) -> FleetView {
         let link = self.inner.link.borrow().clone();
         let (since, error) = match &link {
@@ -228,6 +231,7 @@ impl Fleet {
     }
 
     /// One breaker's fleet state, for `/breakers`.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // shown by the admin endpoint
     pub(crate) fn breaker_view(&self, name: &str) -> Option<BreakerFleetView> {
         let ledgers = lock(&self.inner.ledgers);
         let ledger = ledgers.get(name)?;
@@ -335,19 +339,42 @@ impl Fleet {
         }
         drop(tx);
         loop {
-            let Some((_, conn)) = connection.connection(&shutdown).await else {
-                return;
+            // Changes made meanwhile are stamped as they come (and announced
+            // on rejoining); streaks only matter to a joined fleet.
+            let conn = loop {
+                tokio::select! {
+                    conn = connection.connection(&shutdown) => break conn,
+                    change = local.recv() => match change {
+                        Some(change) => self.away(change),
+                        None => return,
+                    },
+                }
             };
+            let Some((_, conn)) = conn else { return };
             let why = match self.session(&conn, &mut local, &shutdown).await {
                 Ok(()) => return,
                 Err(why) => why,
             };
             self.lost(&why);
             connection.report_trouble();
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(REJOIN_DELAY) => {}
+            let rejoin_at = Instant::now() + REJOIN_DELAY;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep_until(rejoin_at) => break,
+                    change = local.recv() => match change {
+                        Some(change) => self.away(change),
+                        None => return,
+                    },
+                }
             }
+        }
+    }
+
+    /// A change made while not joined.
+    fn away(&self, change: Local) {
+        if let Local::Change(name, t) = change {
+            self.stamp_local(&name, &t);
         }
     }
 
@@ -362,9 +389,7 @@ impl Fleet {
         let exchange = &self.inner.exchange;
         // Changes made while away first: they are announced with the rest.
         while let Ok(change) = local.try_recv() {
-            if let Local::Change(name, t) = change {
-                self.stamp_local(&name, &t);
-            }
+            self.away(change);
         }
         let was = self.inner.link.send_replace(Link::Joined {
             since: std::time::SystemTime::now(),
