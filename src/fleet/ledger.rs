@@ -295,40 +295,22 @@ mod tests {
         };
         let now = Instant::now();
         let mut m = StateMachine::new(cfg, now);
-        assert_eq!(m.set_fleet_streak(3, now), None, "3 of 5 elsewhere");
-        for _ in 0..1 {
-            assert_eq!(
-                m.record(
-                    PermitKind::Normal,
-                    CallOutcome::Failure,
-                    Duration::ZERO,
-                    now
-                ),
-                None
-            );
-        }
-        let t = m
-            .record(
+        let fail = |m: &mut StateMachine| {
+            m.record(
                 PermitKind::Normal,
                 CallOutcome::Failure,
                 Duration::ZERO,
                 now,
             )
-            .expect("3 elsewhere + 2 here trips");
+        };
+        assert_eq!(m.set_fleet_streak(3, now), None, "3 of 5 elsewhere");
+        assert_eq!(fail(&mut m), None, "3 elsewhere + 1 here");
+        let t = fail(&mut m).expect("3 elsewhere + 2 here trips");
         assert_eq!(t.reason, TransitionReason::ConsecutiveFailures);
         // Once closed again, the fleet's old streak is forgotten; a streak
         // that alone reaches the rule opens a closed breaker at once.
         m.adopt(FleetState::Closed, now);
-        assert_eq!(
-            m.record(
-                PermitKind::Normal,
-                CallOutcome::Failure,
-                Duration::ZERO,
-                now
-            ),
-            None,
-            "1 of 5 after the close"
-        );
+        assert_eq!(fail(&mut m), None, "1 of 5 after the close");
         let t = m.set_fleet_streak(4, now).expect("4 elsewhere + 1 here");
         assert!(matches!(t.to, BreakerState::Open { .. }));
     }
