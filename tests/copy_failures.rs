@@ -188,6 +188,11 @@ async fn a_deleted_dead_letter_queue_is_declared_again_when_the_worker_declares_
         broker.ready_if_exists(&dlq).await == Some(1)
     })
     .await;
+    // The copy can show in the queue a moment before its confirm is counted.
+    wait_until(Duration::from_secs(5), || {
+        running.stats.snapshot().dead_lettered == 1
+    })
+    .await;
     let bad_calls = downstream.calls().iter().filter(|c| c.id == "bad").count();
     let stats = running.stats.snapshot();
     running.stop().await;
