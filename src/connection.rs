@@ -93,6 +93,20 @@ impl std::fmt::Debug for ManagedConnection {
     }
 }
 
+/// The runtime a connection's I/O runs on: a current-thread tokio runtime of
+/// its own, driven by lapin's `lapin-io-loop` thread for that connection
+/// (see `vendor/README.md`). The socket's readiness, lapin's internal tasks
+/// (acks, channel commands, heartbeats) and its frames are all handled on
+/// that one thread, never on a handler's thread and without a hop through
+/// the control runtime for every ack.
+fn io_runtime() -> std::io::Result<async_rs::TokioRuntime> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("rg-amqp-blocking")
+        .build()?;
+    Ok(async_rs::Runtime::tokio_with_runtime(runtime))
+}
+
 fn is_fatal_at_startup(e: &lapin::Error) -> bool {
     // 403 ACCESS_REFUSED, 530 NOT_ALLOWED (vhost): retrying won't help.
     matches!(amqp_error(e), Some((403 | 530, _)))
@@ -241,19 +255,23 @@ impl ManagedConnection {
             }
         };
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let runtime = io_runtime().map_err(lapin::Error::from)?;
         // A peer that accepts TCP but never answers would hang the handshake forever.
-        tokio::time::timeout(timeout, Connection::connect_uri(uri.clone(), props))
-            .await
-            .map(|connected| connected.map(|c| (c, server)))
-            .unwrap_or_else(|_| {
-                Err(lapin::Error::from(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "no answer within broker.connect_timeout ({})",
-                        humantime::format_duration(timeout)
-                    ),
-                )))
-            })
+        tokio::time::timeout(
+            timeout,
+            Connection::connect_uri_with_runtime(uri.clone(), props, runtime),
+        )
+        .await
+        .map(|connected| connected.map(|c| (c, server)))
+        .unwrap_or_else(|_| {
+            Err(lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within broker.connect_timeout ({})",
+                    humantime::format_duration(timeout)
+                ),
+            )))
+        })
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {

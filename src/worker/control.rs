@@ -1,8 +1,9 @@
 //! What must keep running while a handler blocks the worker's threads: the
-//! connections' I/O tasks (lapin's heartbeats and internal RPC), their
-//! supervision and the admin endpoint run on a small runtime of their own
-//! (one thread, `rg-control`); a watchdog thread notices a handler that
-//! holds its thread and says which queue's, once.
+//! connections' supervision (connect, watch, reconnect) and the admin
+//! endpoint run on a small runtime of their own (one thread, `rg-control`);
+//! each connection's I/O, heartbeats and lapin's internal tasks run on its
+//! own `lapin-io-loop` thread (`crate::connection`); a watchdog thread
+//! notices a handler that holds its thread and says which queue's, once.
 //!
 //! Handlers are polled by their consumer's task on the worker runtime
 //! (`worker.threads`, one by default). A handler that blocks (a sync driver,

@@ -487,8 +487,9 @@ impl Worker {
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
         let fleet_conn = fleet.map(|(_, c)| c);
-        // Connected from the control runtime, so lapin's heartbeats and
-        // internal tasks run there, whatever the handlers do.
+        // Supervised from the control runtime, so reconnecting goes on
+        // whatever the handlers do; each connection's I/O, heartbeats and
+        // lapin's internal tasks run on its own I/O thread.
         for conn in [consume, publish].into_iter().chain(fleet_conn) {
             let (conn, shutdown) = (conn.clone(), shutdown.clone());
             control

@@ -16,7 +16,16 @@ use crate::{
 use amq_protocol::frame::AMQPFrame;
 use async_rs::{Runtime, traits::*};
 use flume::{Receiver, Sender};
-use std::{collections::HashMap, fmt, future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 use tracing::{debug, trace};
 
 pub(crate) struct InternalRPC<RK: RuntimeKit + Clone + Send + 'static> {
@@ -33,6 +42,27 @@ pub(crate) struct InternalRPC<RK: RuntimeKit + Clone + Send + 'static> {
 pub(crate) struct InternalRPCHandle {
     sender: Sender<Option<InternalCommand>>,
     waker: SocketStateHandle,
+    // rabbit-guard: what is still to run on the connection's runtime: 1 for the
+    // command loop until it has stopped, plus 1 per internal future not yet
+    // finished. The IO loop drives the runtime until this is 0 before it exits.
+    busy: Arc<AtomicUsize>,
+}
+
+/// rabbit-guard: one unit of [`InternalRPCHandle::drained`]'s count, given back
+/// when dropped (whether the work finished or was dropped with its runtime).
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(busy: &Arc<AtomicUsize>) -> Self {
+        busy.fetch_add(1, Ordering::AcqRel);
+        Self(busy.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl InternalRPCHandle {
@@ -242,6 +272,12 @@ impl InternalRPCHandle {
         self.sender.is_empty()
     }
 
+    /// rabbit-guard: whether the command loop has stopped and every internal
+    /// future it started has finished.
+    pub(crate) fn drained(&self) -> bool {
+        self.busy.load(Ordering::Acquire) == 0
+    }
+
     fn send(&self, command: InternalCommand) {
         trace!(?command, "Queuing internal RPC command");
         // The only scenario where this can fail if this is the IoLoop already exited
@@ -353,7 +389,13 @@ impl<RK: RuntimeKit + Clone + Send + 'static> InternalRPC<RK> {
         waker: SocketStateHandle,
     ) -> Self {
         let (sender, rpc) = flume::unbounded();
-        let handle = InternalRPCHandle { sender, waker };
+        // The command loop's own unit, given back when `run` ends.
+        let busy = Arc::new(AtomicUsize::new(1));
+        let handle = InternalRPCHandle {
+            sender,
+            waker,
+            busy,
+        };
         Self {
             rpc,
             handle,
@@ -380,7 +422,9 @@ impl<RK: RuntimeKit + Clone + Send + 'static> InternalRPC<RK> {
         fut: impl Future<Output = Result<()>> + Send + 'static,
     ) {
         let handle = self.handle();
+        let busy = Busy::new(&self.handle.busy);
         self.runtime.spawn(async move {
+            let _busy = busy;
             if let Err(err) = fut.await {
                 handle.set_connection_error(err);
             }
@@ -405,6 +449,9 @@ impl<RK: RuntimeKit + Clone + Send + 'static> InternalRPC<RK> {
 
     async fn run(mut self, channels: Channels) {
         use InternalCommand::*;
+
+        // Takes over the unit `new` counted for this loop.
+        let _busy = Busy(self.handle.busy.clone());
 
         let rpc = self.rpc.clone();
         let get_channel = |id| {

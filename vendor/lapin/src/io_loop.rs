@@ -24,7 +24,7 @@ use std::{
     sync::Arc,
     task::{Context, Poll},
     thread::Builder as ThreadBuilder,
-    time::Duration,
+    time::{Duration, Instant},
 };
 use tracing::{Level, debug, error, trace};
 
@@ -35,6 +35,20 @@ use tracing::{Level, debug, error, trace};
 // Four still hold a whole frame (the parser needs one) with room to read
 // ahead; a frame that does not fit waits for space, as before.
 const FRAMES_STORAGE: usize = 4;
+
+// rabbit-guard: the IO loop drives its connection's runtime (see
+// `SocketState::wait_in`). While the socket keeps it busy it never waits, so
+// it also gives that runtime one turn at least this often: lapin's internal
+// tasks (acks, channel RPCs, heartbeats) run there.
+const DRIVE_EVERY: Duration = Duration::from_millis(1);
+
+// rabbit-guard: how long the IO loop goes on driving its runtime after the
+// connection ended, until lapin's internal commands and the futures they
+// started have run (reporting the connection's end to channels, consumers and
+// promises). They finish at once on a dead socket; this bounds a stuck one.
+// Between turns the thread waits DRAIN_POLL for tasks woken elsewhere.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+const DRAIN_POLL: Duration = Duration::from_millis(2);
 
 #[derive(Debug, PartialEq)]
 enum Status {
@@ -69,6 +83,7 @@ pub(crate) struct IoLoop<
     serialized_frames: VecDeque<(FrameSize, FrameSending)>,
     half_closed: bool,
     first_connection: bool,
+    last_drive: Instant,
 }
 
 impl<
@@ -119,6 +134,7 @@ impl<
             serialized_frames: VecDeque::default(),
             half_closed: false,
             first_connection: true,
+            last_drive: Instant::now(),
         }
     }
 
@@ -295,6 +311,7 @@ impl<
                     })) {
                         error!(?err, "Failed to close IO stream");
                     }
+                self.drain();
                 res
             }).map_err(|err| Error::io(err, &runtime))?;
         waker.wake();
@@ -303,6 +320,38 @@ impl<
 
     fn stop(&mut self) {
         self.status = Status::Stop;
+    }
+
+    /// rabbit-guard: once the loop has ended, drives the runtime until the
+    /// internal RPC has handled every command sent before its stop and the
+    /// futures those started have finished, at most `DRAIN_LIMIT`. On a
+    /// runtime owned by this connection nothing else would run them, and they
+    /// are what tells channels, consumers and pending promises that the
+    /// connection is gone. Only non-blocking turns (no timer of the runtime's
+    /// own): a runtime driven elsewhere may be shutting down by now, and its
+    /// timers would panic.
+    fn drain(&self) {
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        loop {
+            self.runtime.block_on(YieldOnce(false));
+            if self.internal_rpc.drained() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                debug!(limit = ?DRAIN_LIMIT, "internal tasks still running when the IO loop ended");
+                return;
+            }
+            std::thread::sleep(DRAIN_POLL);
+        }
+    }
+
+    /// rabbit-guard: gives the runtime one turn if the loop has not waited
+    /// (and so driven it) for `DRIVE_EVERY`.
+    fn drive_if_due(&mut self) {
+        if self.last_drive.elapsed() >= DRIVE_EVERY {
+            self.runtime.block_on(YieldOnce(false));
+            self.last_drive = Instant::now();
+        }
     }
 
     fn poll_socket_events(&mut self) {
@@ -336,7 +385,10 @@ impl<
         );
         if !self.can_read() && !self.can_write() && self.should_continue(connection_killswitch) {
             trace!("io_loop cannot do anything for now, waiting for socket events.");
-            self.socket_state.wait();
+            self.socket_state.wait_in(&self.runtime);
+            self.last_drive = Instant::now();
+        } else {
+            self.drive_if_due();
         }
         self.poll_socket_events();
         self.attempt_flush(stream.as_mut(), writable_context, connection_killswitch)?;
@@ -644,6 +696,25 @@ impl<
                 }
                 Ok(None)
             }
+        }
+    }
+}
+
+/// rabbit-guard: a future that is pending once, then ready: `block_on` of it
+/// runs the tasks that are ready and polls the reactor and timers without
+/// blocking.
+struct YieldOnce(bool);
+
+impl Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
         }
     }
 }

@@ -51,8 +51,17 @@ impl SocketState {
         self.writable
     }
 
-    pub(crate) fn wait(&mut self) {
-        match self.events.recv() {
+    /// rabbit-guard: waits for the next socket event while driving `runtime`,
+    /// so that a runtime owned by this connection (a current-thread tokio
+    /// runtime, say) runs its reactor, timers and lapin's internal tasks on
+    /// the IO loop's thread while it would otherwise sleep. With a runtime
+    /// driven elsewhere this parks the thread as `recv` did.
+    pub(crate) fn wait_in<RK: async_rs::traits::RuntimeKit>(
+        &mut self,
+        runtime: &async_rs::Runtime<RK>,
+    ) {
+        use async_rs::traits::Executor;
+        match runtime.block_on(self.events.recv_async()) {
             Ok(event) => self.handle_event(event),
             Err(err) => error!(?err, "waiting for socket event failed"),
         }
