@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::amqp::server_info::ProbeError;
+use crate::amqp::server_info::ServerInfo;
 use crate::config::BrokerSettings;
 use crate::error::{Error, amqp_error, describe};
 
@@ -229,40 +229,21 @@ impl ManagedConnection {
     }
 
     /// Connects to one node; also says what the broker is ("RabbitMQ 4.0.5
-    /// on Erlang/OTP 27, cluster rabbit@node1") when it could be read.
+    /// on Erlang/OTP 27, cluster rabbit@node1"), from the properties it sent
+    /// in `connection.start`.
     async fn connect_to(
         &self,
         uri: &AMQPUri,
     ) -> Result<(Connection, Option<String>), lapin::Error> {
         let timeout = self.settings.connect_timeout;
-        // lapin keeps none of the server properties: read them first, on a
-        // short connection of their own (so there is never a third
-        // connection beside the worker's two), and go on without them.
-        let server = match crate::amqp::server_info::probe(
-            uri,
-            &self.name,
-            timeout,
-            timeout.min(Duration::from_secs(2)),
-        )
-        .await
-        {
-            Ok(info) => Some(info.to_string()),
-            // The connection itself would fail the same way: not twice.
-            Err(ProbeError::Unreachable(e)) => return Err(lapin::Error::from(e)),
-            Err(ProbeError::Unread(error)) => {
-                debug!(connection = %self.name, %error, "could not read the broker's version");
-                None
-            }
-        };
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let runtime = io_runtime().map_err(lapin::Error::from)?;
         // A peer that accepts TCP but never answers would hang the handshake forever.
-        tokio::time::timeout(
+        let connection = tokio::time::timeout(
             timeout,
             Connection::connect_uri_with_runtime(uri.clone(), props, runtime),
         )
         .await
-        .map(|connected| connected.map(|c| (c, server)))
         .unwrap_or_else(|_| {
             Err(lapin::Error::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -271,7 +252,9 @@ impl ManagedConnection {
                     humantime::format_duration(timeout)
                 ),
             )))
-        })
+        })?;
+        let server = ServerInfo::from_properties(connection.configuration().server_properties());
+        Ok((connection, Some(server.to_string())))
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {

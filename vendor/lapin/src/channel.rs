@@ -796,6 +796,8 @@ impl Channel {
                 let auth_provider = configuration.auth_provider.clone();
                 let mechanism = auth_provider.mechanism();
                 let locale = configuration.amqp_locale.clone();
+                // rabbit-guard: keep what the server said about itself.
+                configuration.amqp_server_properties = method.server_properties.clone();
 
                 if !method
                     .mechanisms

@@ -19,6 +19,9 @@ use std::{
 pub struct Configuration {
     pub(crate) amqp_client_properties: FieldTable,
     pub(crate) amqp_locale: ShortString,
+    // rabbit-guard: what the server said about itself in connection.start
+    // (product, version, platform, cluster_name), kept for the application.
+    pub(crate) amqp_server_properties: FieldTable,
     pub(crate) auth_provider: Arc<dyn AuthProvider>,
     pub(crate) backoff: ExponentialBuilder,
     pub(crate) negotiated_config: NegotiatedConfig,
@@ -38,6 +41,7 @@ impl Configuration {
         Self {
             amqp_client_properties: client_properties,
             amqp_locale: locale,
+            amqp_server_properties: FieldTable::default(),
             auth_provider: auth_provider.unwrap_or_else(|| Arc::new(DefaultAuthProvider::new(uri))),
             backoff,
             negotiated_config: NegotiatedConfig::new(uri),
@@ -63,6 +67,14 @@ impl Configuration {
         self.negotiated_config.heartbeat()
     }
 
+    /// rabbit-guard: the server properties the broker sent in
+    /// `connection.start` (for RabbitMQ: `product`, `version`, `platform`,
+    /// `cluster_name`, `capabilities`, …); empty before the handshake.
+    #[must_use]
+    pub fn server_properties(&self) -> &FieldTable {
+        &self.amqp_server_properties
+    }
+
     pub(crate) fn recovery_config(&self) -> RecoveryConfig {
         RecoveryConfig(self.auto_recover)
     }
@@ -73,6 +85,7 @@ impl Clone for Configuration {
         Self {
             amqp_client_properties: self.amqp_client_properties.clone(),
             amqp_locale: self.amqp_locale.clone(),
+            amqp_server_properties: self.amqp_server_properties.clone(),
             auth_provider: self.auth_provider.clone(),
             backoff: self.backoff,
             negotiated_config: self.negotiated_config.clone(),
