@@ -72,16 +72,14 @@ fn closed_path(c: &mut Criterion) {
 
 fn half_open_path(c: &mut Criterion) {
     // A breaker that stays half-open: more probes than the bench will make.
-    let breaker = Breaker::new(
-        "bench",
-        BreakerConfig {
-            minimum_calls: 1,
-            open_timeout: Duration::from_millis(1),
-            max_open_timeout: Duration::from_millis(1),
-            half_open_probes: u32::MAX,
-            ..BreakerConfig::default()
-        },
-    );
+    let breaker = Breaker::new("bench", {
+        let mut v = BreakerConfig::default();
+        v.minimum_calls = 1;
+        v.open_timeout = Duration::from_millis(1);
+        v.max_open_timeout = Duration::from_millis(1);
+        v.half_open_probes = u32::MAX;
+        v
+    });
     breaker
         .try_acquire()
         .expect("closed admits")

@@ -31,18 +31,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rabbit_guard::Topology;
 use rabbit_guard::Worker;
 use rabbit_guard::breaker::HealthCheck;
 use rabbit_guard::breaker::{BreakerConfig, BreakerState};
 use rabbit_guard::config::{ConsumerSettings, RetrySettings, Settings};
 use rabbit_guard::handler::{BoxError, Context, Handler, HandlerError};
-use rabbit_guard::topology::Topology;
+use rabbit_guard::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use rabbit_guard::lapin::types::{FieldTable, ShortString};
+use rabbit_guard::lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -255,19 +255,14 @@ fn guard_settings(queue: &str, prefetch: u16, concurrency: u16, latency_ms: u64)
     s.broker.url = addr().into();
     s.broker.connection_name = "rabbit-guard-bench".into();
     s.breakers.insert("bench".into(), BreakerConfig::default());
-    s.consumers.push(ConsumerSettings {
-        queue: queue.to_owned(),
-        breaker: "bench".into(),
-        // The built-in no-op handler, or the 1 ms one registered below.
-        handler: if latency_ms == 0 { "noop" } else { "work" }.into(),
-        prefetch,
-        concurrency: concurrency.min(prefetch),
-        retry: RetrySettings {
-            delays: vec![],
-            ..RetrySettings::default()
-        },
-        ..ConsumerSettings::default()
-    });
+    // The built-in no-op handler, or the 1 ms one registered below.
+    let handler = if latency_ms == 0 { "noop" } else { "work" };
+    s.consumers.push(
+        ConsumerSettings::new(queue, handler)
+            .with_breaker("bench")
+            .with_prefetch(prefetch, concurrency.min(prefetch))
+            .with_retry(RetrySettings::new([])),
+    );
     s
 }
 
@@ -285,9 +280,10 @@ async fn guard(args: &Args, prefetch: u16, work: Work) -> (Duration, f64) {
     let template = settings.consumers[0].clone();
     settings.consumers = queue_names(&args.queue, args.queues)
         .into_iter()
-        .map(|queue| ConsumerSettings {
-            queue,
-            ..template.clone()
+        .map(|queue| {
+            let mut consumer = template.clone();
+            consumer.queue = queue;
+            consumer
         })
         .collect();
     let names = queue_names(&args.queue, args.queues);
@@ -325,11 +321,11 @@ async fn guard(args: &Args, prefetch: u16, work: Work) -> (Duration, f64) {
 }
 
 /// Several consumers' counts as one.
-struct Total(Vec<Arc<rabbit_guard::consumer::ConsumerStats>>);
+struct Total(Vec<Arc<rabbit_guard::worker::ConsumerStats>>);
 
 impl Total {
-    fn snapshot(&self) -> rabbit_guard::consumer::StatsSnapshot {
-        let mut t = rabbit_guard::consumer::StatsSnapshot::default();
+    fn snapshot(&self) -> rabbit_guard::worker::StatsSnapshot {
+        let mut t = rabbit_guard::worker::StatsSnapshot::default();
         for s in &self.0 {
             let s = s.snapshot();
             t.received += s.received;
@@ -593,19 +589,13 @@ async fn outage(conn: &Connection) {
     let mut settings = guard_settings(&queue, 200, 32, 1);
     // A busy queue trips on a run of failures: a 10 s failure rate would
     // need as many failures as the window holds successes.
-    let breaker = BreakerConfig {
-        minimum_calls: 20,
-        consecutive_failures: Some(20),
-        open_timeout: Duration::from_millis(500),
-        max_open_timeout: Duration::from_secs(2),
-        ..BreakerConfig::default()
-    };
+    let mut breaker = BreakerConfig::default()
+        .with_consecutive_failures(20)
+        .with_open_timeout(Duration::from_millis(500), Duration::from_secs(2));
+    breaker.minimum_calls = 20;
     let (consecutive, concurrency) = (20, 32);
     settings.breakers.insert("bench".into(), breaker);
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_secs(1)],
-        ..RetrySettings::default()
-    };
+    settings.consumers[0].retry = RetrySettings::new([Duration::from_secs(1)]);
     let c = settings.consumers[0].clone();
     {
         let ch = conn.create_channel().await.unwrap();
@@ -750,16 +740,10 @@ async fn long_outage(conn: &Connection, with_check: bool) -> LongOutage {
         std::process::id()
     );
     let mut settings = guard_settings(&queue, 50, 8, 1);
-    let breaker = BreakerConfig {
-        open_timeout: Duration::from_secs(2),
-        max_open_timeout: Duration::from_secs(10),
-        ..BreakerConfig::default()
-    };
+    let breaker =
+        BreakerConfig::default().with_open_timeout(Duration::from_secs(2), Duration::from_secs(10));
     settings.breakers.insert("bench".into(), breaker);
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_secs(1)],
-        ..RetrySettings::default()
-    };
+    settings.consumers[0].retry = RetrySettings::new([Duration::from_secs(1)]);
     let c = settings.consumers[0].clone();
     {
         let ch = conn.create_channel().await.unwrap();

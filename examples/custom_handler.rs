@@ -14,14 +14,14 @@
 
 use std::time::Duration;
 
-use lapin::options::BasicPublishOptions;
-use lapin::types::ShortString;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rabbit_guard::Topology;
 use rabbit_guard::Worker;
 use rabbit_guard::breaker::BreakerConfig;
 use rabbit_guard::config::{ConsumerSettings, RetrySettings, Settings};
 use rabbit_guard::handler::{Context, Handler, HandlerError, Json, ResultExt};
-use rabbit_guard::topology::Topology;
+use rabbit_guard::lapin::options::BasicPublishOptions;
+use rabbit_guard::lapin::types::ShortString;
+use rabbit_guard::lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde::Deserialize;
 
 /// The message body.
@@ -86,22 +86,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     settings.broker.url = addr.clone().into();
     settings.breakers.insert(
         "billing".into(),
-        BreakerConfig {
-            call_timeout: Duration::from_secs(3),
-            open_timeout: Duration::from_secs(5),
-            ..BreakerConfig::default()
-        },
+        BreakerConfig::default()
+            .with_call_timeout(Duration::from_secs(3))
+            .with_open_timeout(Duration::from_secs(5), Duration::from_secs(60)),
     );
-    settings.consumers.push(ConsumerSettings {
-        queue: "example.orders".into(),
-        breaker: "billing".into(),
-        handler: "charge-orders".into(),
-        retry: RetrySettings {
-            delays: vec![Duration::from_secs(2), Duration::from_secs(10)],
-            ..RetrySettings::default()
-        },
-        ..ConsumerSettings::default()
-    });
+    settings.consumers.push(
+        ConsumerSettings::new("example.orders", "charge-orders")
+            .with_breaker("billing")
+            .with_retry(RetrySettings::new([
+                Duration::from_secs(2),
+                Duration::from_secs(10),
+            ])),
+    );
 
     publish_samples(&addr, &settings.consumers[0]).await?;
 

@@ -17,9 +17,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::BasicProperties;
 use rabbit_guard::cli::App;
 use rabbit_guard::handler::{Context, HandlerError, Json, ResultExt, with_state};
+use rabbit_guard::lapin::BasicProperties;
 use rabbit_guard::secret::Secret;
 use serde::Deserialize;
 

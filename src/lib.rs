@@ -52,41 +52,57 @@
 //! [`dead_letter`] (reasons and headers), [`cli`] (the `rabbit-guard` binary).
 #![forbid(unsafe_code)]
 
-#[cfg(feature = "admin")]
-mod admin;
-mod amqp;
-mod backoff;
+// The public face: these modules, and the re-exports below. Everything
+// else is the runtime's own.
 pub mod breaker;
 pub mod builtin_handlers;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
-mod connection;
-pub mod consumer;
 pub mod dead_letter;
+pub mod handler;
+pub mod secret;
+pub mod status;
+pub mod telemetry;
+pub mod testing;
+pub mod trace_context;
+pub mod worker;
+
+#[cfg(feature = "admin")]
+mod admin;
+mod amqp;
+mod backoff;
+mod consumer;
 #[cfg(feature = "demo")]
-pub mod demo;
+mod demo;
 mod error;
 mod fleet;
-pub mod handler;
 mod limits;
 #[cfg(feature = "admin")]
 mod metrics;
 #[cfg(not(feature = "admin"))]
 #[path = "metrics_off.rs"]
 mod metrics;
-pub mod secret;
 mod signal;
-pub mod status;
-pub mod telemetry;
-pub mod text;
-pub mod topology;
-pub mod trace_context;
-pub mod worker;
+mod text;
+
+/// The AMQP client rabbit-guard is built on (lapin 4, with rabbit-guard's
+/// patches: `vendor/README.md`), for the types its API takes and gives:
+/// [`BasicProperties`](lapin::BasicProperties) for
+/// [`Context::publish`](handler::Context::publish), [`FieldTable`](lapin::types::FieldTable)
+/// and [`AMQPValue`](lapin::types::AMQPValue) for headers. Use it from here
+/// rather than depending on `lapin` yourself: its version then always
+/// matches.
+pub use lapin;
 
 pub use amqp::publish::PublishError;
+pub use amqp::topology::Topology;
+pub use breaker::HealthCheck;
+#[cfg(feature = "cli")]
+pub use cli::App;
 pub use error::Error;
+pub use handler::{BoxError, Handler};
+pub use worker::{Worker, WorkerBuilder};
 
 #[cfg(test)]
 mod proptests;
-pub use worker::{Worker, WorkerBuilder};

@@ -10,8 +10,8 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
+use crate::amqp::connection::ManagedConnection;
 use crate::breaker::{Breaker, Transition};
-use crate::connection::ManagedConnection;
 use crate::consumer::{ConsumerShared, ConsumerStats, HANDLER_OUTCOMES};
 
 const META: Metadata<'static> = Metadata::new("rabbit_guard", Level::INFO, Some(module_path!()));

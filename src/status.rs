@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// `GET /status`: breakers, consumers and connections.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct StatusView {
     /// Every breaker.
     pub breakers: Vec<BreakerView>,
@@ -21,6 +22,7 @@ pub struct StatusView {
 
 /// `GET /breakers`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BreakersView {
     /// Every breaker.
     pub breakers: Vec<BreakerView>,
@@ -31,6 +33,7 @@ pub struct BreakersView {
 
 /// One breaker.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BreakerView {
     /// Its name, as in `[breakers.NAME]`.
     pub name: String,
@@ -63,6 +66,7 @@ pub struct BreakerView {
 
 /// A breaker's health check and its last result.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HealthCheckView {
     /// What is checked: the URL (credentials masked) or `custom`.
     pub target: String,
@@ -96,6 +100,7 @@ impl BreakerView {
 
 /// A breaker's state change.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ChangeView {
     /// The state it left.
     pub from: String,
@@ -119,6 +124,7 @@ pub struct ChangeView {
 
 /// A breaker's rolling window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct WindowView {
     /// Calls.
     pub calls: u64,
@@ -132,6 +138,7 @@ pub struct WindowView {
 
 /// One consumer.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ConsumerView {
     /// Its work queue.
     pub queue: String,
@@ -167,6 +174,7 @@ pub struct ConsumerView {
 
 /// One connection.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ConnectionView {
     /// The name the broker shows.
     pub name: String,
@@ -187,6 +195,7 @@ pub struct ConnectionView {
 
 /// The fleet as `/breakers`, `/readyz` and `/status` show it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct FleetView {
     /// The fleet exchange.
     pub exchange: String,
@@ -208,6 +217,7 @@ pub struct FleetView {
 
 /// One breaker's fleet state, for `/breakers`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BreakerFleetView {
     /// The epoch of the newest state known.
     pub epoch: u64,

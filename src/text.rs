@@ -14,13 +14,13 @@ fn is_hostile(c: char) -> bool {
 /// hostile text cannot move the cursor, recolour or clear the terminal, or
 /// forge extra output lines.
 #[must_use]
-pub fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     escape(s, false)
 }
 
 /// As [`printable`], but keeps line breaks and tabs: for a multi-line body.
 #[must_use]
-pub fn printable_lines(s: &str) -> String {
+pub(crate) fn printable_lines(s: &str) -> String {
     escape(s, true)
 }
 
@@ -46,7 +46,7 @@ fn escape(s: &str, keep_lines: bool) -> String {
 
 /// What a caught panic said: its message when it is text.
 #[must_use]
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
@@ -57,7 +57,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// An error and its causes on one line (`outer: cause: root`), a cause
 /// whose text the line already holds left out.
 #[must_use]
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(s) = source {

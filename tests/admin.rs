@@ -12,8 +12,9 @@ use common::prom::{self, Sample};
 use common::proxy::{Proxy, free_port};
 use common::*;
 use rabbit_guard::Worker;
-use rabbit_guard::breaker::{BreakerConfig, BreakerState};
+use rabbit_guard::breaker::BreakerState;
 use rabbit_guard::config::Settings;
+use rabbit_guard::lapin;
 
 fn with_admin(mut s: Settings, token: Option<&str>) -> (Settings, String) {
     let port = free_port();
@@ -49,9 +50,10 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
     let broker = Arc::new(TestBroker::connect().await);
     let downstream = Downstream::start().await;
     downstream.set(Mode::Healthy);
-    let breaker = BreakerConfig {
-        open_timeout: Duration::from_millis(800),
-        ..fast_breaker()
+    let breaker = {
+        let mut v = fast_breaker();
+        v.open_timeout = Duration::from_millis(800);
+        v
     };
     let (settings, base) = with_admin(
         with_http(settings("metrics", "http", breaker), &downstream),
@@ -293,10 +295,11 @@ async fn readyz_is_200_while_paused_and_503_while_disconnected() {
     let proxy = Proxy::start().await;
     let downstream = Downstream::start().await;
     downstream.set(Mode::Failing);
-    let breaker = BreakerConfig {
-        open_timeout: Duration::from_secs(30),
-        max_open_timeout: Duration::from_secs(30),
-        ..fast_breaker()
+    let breaker = {
+        let mut v = fast_breaker();
+        v.open_timeout = Duration::from_secs(30);
+        v.max_open_timeout = Duration::from_secs(30);
+        v
     };
     let mut settings = with_http(settings("ready", "http", breaker), &downstream);
     settings.broker.url = proxy.url("?heartbeat=2").into();

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use common::proxy::Proxy;
 use common::*;
-use rabbit_guard::breaker::BreakerConfig;
 use rabbit_guard::config::RetrySettings;
 use tokio::time::Instant;
 
@@ -57,9 +56,10 @@ async fn chaos(cluster: bool) {
         fail_percent: 5,
         max_latency: Duration::from_millis(20),
     });
-    let breaker = BreakerConfig {
-        minimum_calls: 50,
-        ..fast_breaker()
+    let breaker = {
+        let mut v = fast_breaker();
+        v.minimum_calls = 50;
+        v
     };
     let mut settings = with_http(settings("chaos", "http", breaker), &downstream);
     if cluster {
@@ -77,14 +77,11 @@ async fn chaos(cluster: bool) {
     settings.broker.reconnect.max_delay = Duration::from_secs(1);
     settings.consumers[0].prefetch = 256;
     settings.consumers[0].concurrency = 64;
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![
-            Duration::from_millis(200),
-            Duration::from_millis(500),
-            Duration::from_secs(1),
-        ],
-        ..RetrySettings::default()
-    };
+    settings.consumers[0].retry = RetrySettings::new(vec![
+        Duration::from_millis(200),
+        Duration::from_millis(500),
+        Duration::from_secs(1),
+    ]);
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);
     broker.declare(&consumer).await;

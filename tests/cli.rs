@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{FieldTable, ShortString};
+use rabbit_guard::lapin::options::QueueDeclareOptions;
+use rabbit_guard::lapin::types::{FieldTable, ShortString};
 
 fn write_config(text: &str) -> (Arc<tempfile::TempDir>, std::path::PathBuf) {
     let dir = Arc::new(tempfile::tempdir().unwrap());

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::proxy::free_port;
 use common::*;
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use rabbit_guard::lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use rabbit_guard::lapin::types::FieldTable;
 
 fn warn_lines(log: &str, needle: &str) -> usize {
     log.lines()

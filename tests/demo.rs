@@ -8,8 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{FieldTable, ShortString};
+use rabbit_guard::lapin;
+use rabbit_guard::lapin::options::QueueDeclareOptions;
+use rabbit_guard::lapin::types::{FieldTable, ShortString};
 
 async fn queue_exists(broker: &TestBroker, name: &str) -> bool {
     let ch = broker.connection.create_channel().await.unwrap();

@@ -19,7 +19,6 @@ use std::time::Duration;
 use common::*;
 use rabbit_guard::Worker;
 use rabbit_guard::breaker::BreakerState;
-use rabbit_guard::config::ConsumerSettings;
 use rabbit_guard::handler::{Context, Handler, HandlerError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -110,11 +109,12 @@ async fn inventory_outage(guarded: bool) {
     settings.consumers[0].concurrency = 4;
     settings.consumers[0].prefetch = 20;
     // A second queue guarded by billing alone, shared with the first.
-    settings.consumers.push(ConsumerSettings {
-        queue: unique(&format!("{prefix}-billing-only")),
-        breaker: "billing".into(),
-        handler: "noop".into(),
-        ..settings.consumers[0].clone()
+    settings.consumers.push({
+        let mut v = settings.consumers[0].clone();
+        v.queue = unique(&format!("{prefix}-billing-only"));
+        v.breaker = "billing".into();
+        v.handler = "noop".into();
+        v
     });
     settings.consumers[1].breakers.clear();
     let main = settings.consumers[0].clone();
@@ -288,12 +288,13 @@ async fn a_shared_breaker_pauses_every_consumer_that_names_it() {
     settings.breakers.insert("inventory".into(), fast_breaker());
     settings.consumers[0].breaker = "billing".into();
     let failing = settings.consumers[0].clone();
-    settings.consumers.push(ConsumerSettings {
-        queue: unique("deps-shared-two"),
-        breaker: String::new(),
-        breakers: vec!["inventory".into(), "billing".into()],
-        handler: "noop".into(),
-        ..failing.clone()
+    settings.consumers.push({
+        let mut v = failing.clone();
+        v.queue = unique("deps-shared-two");
+        v.breaker = String::new();
+        v.breakers = vec!["inventory".into(), "billing".into()];
+        v.handler = "noop".into();
+        v
     });
     let two = settings.consumers[1].clone();
     broker.track(&failing);

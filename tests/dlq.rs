@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use common::dlq_cli::Cli;
 use common::*;
-use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use rabbit_guard::Worker;
 use rabbit_guard::config::{RetrySettings, Settings};
+use rabbit_guard::lapin;
+use rabbit_guard::lapin::BasicProperties;
+use rabbit_guard::lapin::options::BasicPublishOptions;
+use rabbit_guard::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde_json::Value;
 
 fn ids(lines: &[Value]) -> Vec<String> {
@@ -27,10 +28,8 @@ fn ids(lines: &[Value]) -> Vec<String> {
 
 fn settings_for(prefix: &str) -> Settings {
     let mut s = settings(prefix, "picky", fast_breaker());
-    s.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_millis(100), Duration::from_millis(200)],
-        ..RetrySettings::default()
-    };
+    s.consumers[0].retry =
+        RetrySettings::new(vec![Duration::from_millis(100), Duration::from_millis(200)]);
     s
 }
 
@@ -983,9 +982,12 @@ async fn broker_made_dead_letters_are_read_from_x_death() {
         "a binary body is not shown as text: {expired}"
     );
     assert_eq!(
-        rabbit_guard::dead_letter::json::from_base64(expired["body_base64"].as_str().unwrap_or(""))
-            .ok()
-            .as_deref(),
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            expired["body_base64"].as_str().unwrap_or("")
+        )
+        .ok()
+        .as_deref(),
         Some(binary),
         "body_base64 decodes to the body: {expired}"
     );

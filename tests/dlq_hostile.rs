@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use common::dlq_cli::Cli;
 use common::*;
-use lapin::options::{BasicGetOptions, BasicRejectOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use rabbit_guard::lapin;
+use rabbit_guard::lapin::options::{BasicGetOptions, BasicRejectOptions};
+use rabbit_guard::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))

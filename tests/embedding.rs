@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
-use lapin::types::{FieldTable, ShortString};
 use rabbit_guard::Worker;
 use rabbit_guard::config::{ConfigError, RetrySettings, Sources, load_with};
 use rabbit_guard::handler::{Context, handler_fn, with_state};
+use rabbit_guard::lapin::BasicProperties;
+use rabbit_guard::lapin::options::BasicPublishOptions;
+use rabbit_guard::lapin::types::{FieldTable, ShortString};
 use rabbit_guard::secret::Secret;
 
 #[derive(Debug, serde::Deserialize)]
@@ -220,10 +220,7 @@ async fn async_setup_runs_once_with_the_loaded_settings_and_state_is_shared() {
 async fn a_handler_replies_to_an_rpc_request_with_its_correlation_id() {
     let broker = TestBroker::connect().await;
     let mut settings = settings("embed-reply", "replier", fast_breaker());
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_millis(300)],
-        ..RetrySettings::default()
-    };
+    settings.consumers[0].retry = RetrySettings::new(vec![Duration::from_millis(300)]);
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);
     let replies = unique("embed-replies");
@@ -295,10 +292,7 @@ async fn a_publish_that_fails_is_a_transient_error_and_nothing_is_lost() {
     // counts below would vary).
     settings.consumers[0].concurrency = 1;
     settings.consumers[0].prefetch = 1;
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_millis(300)],
-        ..RetrySettings::default()
-    };
+    settings.consumers[0].retry = RetrySettings::new(vec![Duration::from_millis(300)]);
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);
     let out = unique("embed-out");
@@ -372,10 +366,7 @@ async fn handlers_publishing_to_a_missing_exchange_leave_the_workers_copies_alon
     // messages' retry copies are waiting for their confirms.
     settings.consumers[0].concurrency = 8;
     settings.consumers[0].prefetch = 50;
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_millis(300)],
-        ..RetrySettings::default()
-    };
+    settings.consumers[0].retry = RetrySettings::new(vec![Duration::from_millis(300)]);
     settings.breakers.get_mut("dep").unwrap().minimum_calls = 1_000;
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);

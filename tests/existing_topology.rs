@@ -10,15 +10,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use lapin::BasicProperties;
-use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use rabbit_guard::Topology;
 use rabbit_guard::Worker;
 use rabbit_guard::config::{
     Binding, ConsumerSettings, Declare, ExchangeType, RetrySettings, Settings,
 };
 use rabbit_guard::handler::{Context, HandlerError, handler_fn};
-use rabbit_guard::topology::Topology;
+use rabbit_guard::lapin::BasicProperties;
+use rabbit_guard::lapin::options::BasicPublishOptions;
+use rabbit_guard::lapin::types::{AMQPValue, FieldTable, ShortString};
 
 /// "bad-…" is permanent, "flaky-…" fails its first attempt, the rest succeed.
 fn handler() -> impl rabbit_guard::handler::Handler {
@@ -37,10 +37,7 @@ fn handler() -> impl rabbit_guard::handler::Handler {
 fn settings_for(prefix: &str, declare: Declare) -> Settings {
     let mut s = settings(prefix, "script", fast_breaker());
     s.consumers[0].declare = declare;
-    s.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_millis(300)],
-        ..RetrySettings::default()
-    };
+    s.consumers[0].retry = RetrySettings::new(vec![Duration::from_millis(300)]);
     s
 }
 
@@ -257,21 +254,11 @@ async fn bindings_route_what_matches_a_topic_and_a_headers_exchange() {
     broker.track_exchange(&topic);
     broker.track_exchange(&headers);
     settings.consumers[0].bind = vec![
-        Binding {
-            exchange: topic.clone(),
-            kind: ExchangeType::Topic,
-            routing_key: "order.created.*".into(),
-            arguments: BTreeMap::new(),
-        },
-        Binding {
-            exchange: headers.clone(),
-            kind: ExchangeType::Headers,
-            routing_key: String::new(),
-            arguments: BTreeMap::from([
-                ("x-match".to_owned(), "all".into()),
-                ("region".to_owned(), "eu".into()),
-            ]),
-        },
+        Binding::new(topic.clone(), ExchangeType::Topic, "order.created.*"),
+        Binding::new(headers.clone(), ExchangeType::Headers, "").with_arguments(BTreeMap::from([
+            ("x-match".to_owned(), "all".into()),
+            ("region".to_owned(), "eu".into()),
+        ])),
     ];
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);

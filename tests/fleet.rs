@@ -23,14 +23,15 @@ const CONCURRENCY: usize = 8;
 const OPEN: Duration = Duration::from_secs(2);
 
 fn breaker() -> BreakerConfig {
-    BreakerConfig {
-        consecutive_failures: Some(u32::try_from(TRIP).unwrap()),
+    {
+        let mut v = fast_breaker();
+        v.consecutive_failures = Some(u32::try_from(TRIP).unwrap());
         // Only the streak trips: the rate rule would need this many calls.
-        minimum_calls: 10_000,
-        open_timeout: OPEN,
-        max_open_timeout: Duration::from_secs(4),
-        half_open_probes: 1,
-        ..fast_breaker()
+        v.minimum_calls = 10_000;
+        v.open_timeout = OPEN;
+        v.max_open_timeout = Duration::from_secs(4);
+        v.half_open_probes = 1;
+        v
     }
 }
 
@@ -599,11 +600,11 @@ async fn only_the_lease_holder_runs_the_health_check() {
     let (broker, downstream, mut settings) = setup("fleethc").await;
     let queue = settings.consumers[0].queue.clone();
     settings.breakers.get_mut("dep").unwrap().health_check =
-        Some(rabbit_guard::breaker::HealthCheckConfig {
-            url: Some(downstream.health_url().into()),
-            interval: Duration::from_millis(200),
-            timeout: Duration::from_secs(1),
-        });
+        Some(rabbit_guard::breaker::HealthCheckConfig::new(
+            Some(downstream.health_url().into()),
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+        ));
     downstream.set(Mode::Failing);
     let spawned = ["h1", "h2"].map(|id| Member::spawn(&settings, id));
     let members = start_fleet(&broker, &queue, spawned.into()).await;

@@ -29,15 +29,16 @@ const OUTAGE: Duration = Duration::from_secs(8);
 /// A breaker whose open time is already at its 10 s maximum, with a health
 /// check of the downstream's `/health` every second.
 fn breaker(health_url: String) -> BreakerConfig {
-    BreakerConfig {
-        open_timeout: Duration::from_secs(10),
-        max_open_timeout: Duration::from_secs(10),
-        health_check: Some(HealthCheckConfig {
-            url: Some(SecretUrl::new(health_url)),
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(500),
-        }),
-        ..fast_breaker()
+    {
+        let mut v = fast_breaker();
+        v.open_timeout = Duration::from_secs(10);
+        v.max_open_timeout = Duration::from_secs(10);
+        v.health_check = Some(HealthCheckConfig::new(
+            Some(SecretUrl::new(health_url)),
+            Duration::from_secs(1),
+            Duration::from_millis(500),
+        ));
+        v
     }
 }
 
@@ -437,9 +438,10 @@ fn health_check_settings_that_cannot_work_are_refused_before_connecting() {
         "{e}"
     );
     // Both a url and a registered check.
-    s.breakers.get_mut("dep").unwrap().health_check = Some(HealthCheckConfig {
-        url: Some(SecretUrl::new("http://user:hunter2@127.0.0.1:1/health")),
-        ..HealthCheckConfig::default()
+    s.breakers.get_mut("dep").unwrap().health_check = Some({
+        let mut v = HealthCheckConfig::default();
+        v.url = Some(SecretUrl::new("http://user:hunter2@127.0.0.1:1/health"));
+        v
     });
     let e = Worker::builder(s.clone())
         .health_check("dep", Dependency::default())

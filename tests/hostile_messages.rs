@@ -12,6 +12,7 @@ use common::raw::{RawProps, RawPublisher, long_string, nested_headers, table};
 use common::*;
 use rabbit_guard::Worker;
 use rabbit_guard::handler::{Context, Handler, HandlerError};
+use rabbit_guard::lapin;
 
 /// Records the message id of every call and accepts everything.
 #[derive(Clone, Default)]

@@ -14,6 +14,7 @@ use common::*;
 use rabbit_guard::Worker;
 use rabbit_guard::breaker::BreakerState;
 use rabbit_guard::config::{HttpSettings, Settings};
+use rabbit_guard::lapin;
 
 /// Waits until the breaker is open and the queue has no consumer at the
 /// broker; then checks the dependency gets no call for a while.

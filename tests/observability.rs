@@ -5,6 +5,7 @@
 
 mod common;
 
+use rabbit_guard::lapin;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use rabbit_guard::Worker;
-use rabbit_guard::breaker::{BreakerConfig, BreakerState, Transition, TransitionReason};
+use rabbit_guard::breaker::{BreakerState, Transition, TransitionReason};
 use tokio::time::Instant;
 
 /// Calls that arrive this long after a trip were started after it (the
@@ -234,11 +234,12 @@ async fn outage_after_healthy_traffic_trips_on_consecutive_failures() {
     let broker = Arc::new(TestBroker::connect().await);
     let downstream = Downstream::start().await;
     downstream.set(Mode::Healthy);
-    let breaker = BreakerConfig {
-        window: Duration::from_secs(60),
-        consecutive_failures: Some(20),
-        open_timeout: Duration::from_secs(2),
-        ..fast_breaker()
+    let breaker = {
+        let mut v = fast_breaker();
+        v.window = Duration::from_secs(60);
+        v.consecutive_failures = Some(20);
+        v.open_timeout = Duration::from_secs(2);
+        v
     };
     let settings = with_http(settings("consecutive", "http", breaker), &downstream);
     let consumer = settings.consumers[0].clone();

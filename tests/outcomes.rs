@@ -120,15 +120,8 @@ async fn retry_after_goes_to_the_shortest_delay_level_at_least_that_long() {
         Duration::from_millis(1_500),
     ];
     let settings = settings("retry-after", "scripted", fast_breaker());
-    let (consumer, handler, running) = start(
-        &broker,
-        settings,
-        RetrySettings {
-            delays: delays.to_vec(),
-            ..RetrySettings::default()
-        },
-    )
-    .await;
+    let (consumer, handler, running) =
+        start(&broker, settings, RetrySettings::new(delays.to_vec())).await;
     for id in ["wait-1000-a", "wait-10-b", "wait-60000-c"] {
         broker
             .publish_raw(&consumer.queue, id, b"x", "text/plain")
@@ -194,10 +187,7 @@ async fn retry_is_retried_but_not_counted_against_the_breaker() {
     let (consumer, handler, running) = start(
         &broker,
         settings,
-        RetrySettings {
-            delays: vec![Duration::from_millis(300)],
-            ..RetrySettings::default()
-        },
+        RetrySettings::new(vec![Duration::from_millis(300)]),
     )
     .await;
     let n = 30;
@@ -247,10 +237,7 @@ async fn immediate_retries_run_in_the_same_delivery_before_a_delay_level() {
     let (consumer, handler, running) = start(
         &broker,
         settings,
-        RetrySettings {
-            delays: vec![Duration::from_millis(300)],
-            immediate: 2,
-        },
+        RetrySettings::new(vec![Duration::from_millis(300)]).with_immediate(2),
     )
     .await;
     broker
@@ -313,10 +300,7 @@ async fn immediate_retries_stop_when_the_breaker_opens_and_nothing_is_lost() {
     let (consumer, handler, running) = start(
         &broker,
         settings,
-        RetrySettings {
-            delays: vec![Duration::from_secs(60)],
-            immediate: 5,
-        },
+        RetrySettings::new(vec![Duration::from_secs(60)]).with_immediate(5),
     )
     .await;
     broker

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use common::dlq_cli::Cli;
 use common::*;
-use lapin::types::{AMQPValue, FieldTable};
 use rabbit_guard::Worker;
 use rabbit_guard::config::QueueType;
+use rabbit_guard::lapin::types::{AMQPValue, FieldTable};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_survive_being_listed_more_times_than_the_brokers_default_limit() {
@@ -74,7 +74,7 @@ async fn a_dead_letter_queue_declared_without_a_limit_is_kept_with_a_warning() {
         done,
         "the worker starts on the old dead-letter queue and consumes: {stats:?}"
     );
-    let policy = rabbit_guard::topology::Topology::of(0, &consumer).dead_letter_limit_policy();
+    let policy = rabbit_guard::Topology::of(0, &consumer).dead_letter_limit_policy();
     assert!(
         policy.contains("set_policy")
             && policy.contains("delivery-limit")

@@ -215,10 +215,11 @@ async fn after_a_cut_while_open_there_is_no_consumer_until_the_probe_time() {
     let proxy = Proxy::start().await;
     let downstream = Downstream::start().await;
     downstream.set(Mode::Failing);
-    let breaker = BreakerConfig {
-        open_timeout: Duration::from_secs(4),
-        max_open_timeout: Duration::from_secs(8),
-        ..fast_breaker()
+    let breaker = {
+        let mut v = fast_breaker();
+        v.open_timeout = Duration::from_secs(4);
+        v.max_open_timeout = Duration::from_secs(8);
+        v
     };
     let settings = with_http(through(&proxy, "open-cut", "http", breaker), &downstream);
     let consumer = settings.consumers[0].clone();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use rabbit_guard::Worker;
-use rabbit_guard::breaker::{BreakerConfig, BreakerState, TransitionReason};
+use rabbit_guard::breaker::{BreakerState, TransitionReason};
 use rabbit_guard::config::RetrySettings;
 use tokio_util::sync::CancellationToken;
 
@@ -42,10 +42,7 @@ async fn a_failing_message_walks_each_delay_level_in_order_then_is_dead_lettered
     downstream.rule("doomed", Rule::Status(503));
     let delays = [Duration::from_secs(1), Duration::from_secs(2)];
     let mut settings = with_http(settings("retry", "http", fast_breaker()), &downstream);
-    settings.consumers[0].retry = RetrySettings {
-        delays: delays.to_vec(),
-        ..RetrySettings::default()
-    };
+    settings.consumers[0].retry = RetrySettings::new(delays.to_vec());
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);
     broker.declare(&consumer).await;
@@ -204,15 +201,14 @@ async fn a_lone_failing_message_in_an_idle_queue_still_ends_dead_lettered() {
     let broker = Arc::new(TestBroker::connect().await);
     let downstream = Downstream::start().await;
     downstream.set(Mode::Failing);
-    let breaker = BreakerConfig {
-        window: Duration::from_millis(500),
-        ..fast_breaker()
+    let breaker = {
+        let mut v = fast_breaker();
+        v.window = Duration::from_millis(500);
+        v
     };
     let mut settings = with_http(settings("lone", "http", breaker), &downstream);
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_millis(200), Duration::from_millis(300)],
-        ..RetrySettings::default()
-    };
+    settings.consumers[0].retry =
+        RetrySettings::new(vec![Duration::from_millis(200), Duration::from_millis(300)]);
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);
     broker.declare(&consumer).await;
@@ -263,20 +259,18 @@ async fn a_bad_message_picked_as_probe_does_not_keep_the_breaker_open() {
     let broker = Arc::new(TestBroker::connect().await);
     let downstream = Downstream::start().await;
     downstream.set(Mode::Healthy);
-    let breaker = BreakerConfig {
-        open_timeout: Duration::from_millis(800),
-        max_open_timeout: Duration::from_secs(2),
-        ..fast_breaker()
+    let breaker = {
+        let mut v = fast_breaker();
+        v.open_timeout = Duration::from_millis(800);
+        v.max_open_timeout = Duration::from_secs(2);
+        v
     };
     let mut settings = with_http(settings("probe", "http", breaker), &downstream);
     // One at a time, so the queue order decides which message is the probe.
     settings.consumers[0].prefetch = 1;
     settings.consumers[0].concurrency = 1;
     // Deferred messages wait long enough to be out of the way of the probes.
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_secs(4)],
-        ..RetrySettings::default()
-    };
+    settings.consumers[0].retry = RetrySettings::new(vec![Duration::from_secs(4)]);
     let consumer = settings.consumers[0].clone();
     broker.track(&consumer);
     broker.declare(&consumer).await;

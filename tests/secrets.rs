@@ -19,7 +19,6 @@ use axum::http::{HeaderMap, StatusCode};
 use common::dlq_cli::Cli;
 use common::proxy::{Proxy, free_port};
 use common::*;
-use rabbit_guard::breaker::BreakerConfig;
 use rabbit_guard::config::{HttpSettings, RetrySettings};
 
 /// A dependency that answers `perm` bodies with 422 and anything else with
@@ -122,19 +121,14 @@ async fn no_secret_appears_anywhere_the_worker_or_the_cli_writes() {
         h
     };
     settings.consumers[0].http = Some(http(dependency));
-    settings.consumers[0].retry = RetrySettings {
-        delays: vec![Duration::from_millis(100)],
-        ..RetrySettings::default()
-    };
+    settings.consumers[0].retry = RetrySettings::new(vec![Duration::from_millis(100)]);
     // A second consumer whose dependency refuses connections.
     let mut refused = settings.consumers[0].clone();
     refused.queue = unique("secrets-refused");
     refused.breaker = "refused".into();
     refused.http = Some(http(free_port()));
     settings.consumers.push(refused);
-    settings
-        .breakers
-        .insert("refused".into(), BreakerConfig { ..fast_breaker() });
+    settings.breakers.insert("refused".into(), fast_breaker());
     for c in &settings.consumers {
         broker.track(c);
         broker.declare(c).await;

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use crate::amqp::connection::ManagedConnection;
 use crate::breaker::{Breaker, BreakerState};
-use crate::connection::ManagedConnection;
 use crate::consumer::ConsumerShared;
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;

@@ -16,6 +16,10 @@ pub const DEFERRALS: &str = "rg-deferrals";
 /// other call succeeded, the breaker did not trip); after 3 it is
 /// dead-lettered anyway.
 pub const INCONCLUSIVE: &str = "rg-inconclusive";
+/// The most inconclusive failures a message's last attempt may have: at
+/// this count it is dead-lettered anyway (`retries-exhausted`), so a larger
+/// [`INCONCLUSIVE`] was not written by rabbit-guard.
+pub(crate) const MAX_INCONCLUSIVE: u32 = 3;
 /// Why the message was dead-lettered: see [`DeadLetterReason`](crate::dead_letter::DeadLetterReason).
 pub const REASON: &str = "rg-reason";
 /// The error text (truncated to 4 KiB).

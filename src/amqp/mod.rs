@@ -18,9 +18,12 @@ use tokio::time::Instant;
 
 use crate::secret::{SecretUrl, scrub};
 
+pub(crate) mod connection;
+pub(crate) mod copy;
 pub mod headers;
 pub(crate) mod publish;
 pub(crate) mod server_info;
+pub(crate) mod topology;
 
 /// The header rabbit-guard's AMQP parser puts where it could not read part of
 /// a table (`MALFORMED_KEY` in `vendor/amq-protocol-types.patch`). Named

@@ -8,7 +8,7 @@ use lapin::Confirmation;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::topology::Topology;
+use crate::amqp::topology::Topology;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection};

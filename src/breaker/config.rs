@@ -18,6 +18,7 @@ pub const MAX_HALF_OPEN_PROBES: u32 = 1_000;
 /// working breaker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct BreakerConfig {
     /// Trip when failures / calls in the window reach this fraction (0 < rate <= 1).
     pub failure_rate: f64,
@@ -69,6 +70,54 @@ impl Default for BreakerConfig {
             consecutive_failures: None,
             health_check: None,
         }
+    }
+}
+
+impl BreakerConfig {
+    /// Trips after `n` failures in a row (`consecutive_failures`).
+    #[must_use]
+    pub fn with_consecutive_failures(mut self, n: u32) -> Self {
+        self.consecutive_failures = Some(n);
+        self
+    }
+
+    /// Trips when `rate` of at least `minimum_calls` calls in the window
+    /// failed (`failure_rate`, `minimum_calls`).
+    #[must_use]
+    pub fn with_failure_rate(mut self, rate: f64, minimum_calls: u32) -> Self {
+        self.failure_rate = rate;
+        self.minimum_calls = minimum_calls;
+        self
+    }
+
+    /// Stays open `open` at first, at most `max` after failed trials
+    /// (`open_timeout`, `max_open_timeout`).
+    #[must_use]
+    pub fn with_open_timeout(mut self, open: Duration, max: Duration) -> Self {
+        self.open_timeout = open;
+        self.max_open_timeout = max;
+        self
+    }
+
+    /// Cancels a call after `timeout` and counts it as a failure (`call_timeout`).
+    #[must_use]
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// Admits `probes` calls in half-open (`half_open_probes`).
+    #[must_use]
+    pub fn with_half_open_probes(mut self, probes: u32) -> Self {
+        self.half_open_probes = probes;
+        self
+    }
+
+    /// Asks the dependency while open (`[breakers.NAME.health_check]`).
+    #[must_use]
+    pub fn with_health_check(mut self, check: HealthCheckConfig) -> Self {
+        self.health_check = Some(check);
+        self
     }
 }
 

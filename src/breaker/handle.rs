@@ -16,6 +16,7 @@ use super::machine::{
     BreakerState, CallOutcome, PermitKind, Rejected, StateMachine, Transition, TransitionReason,
 };
 use super::window::{Counters, Counts};
+use crate::handler::BoxError;
 
 /// The state's kind, mirrored in an atomic so the closed path reads it
 /// without the lock.
@@ -58,6 +59,7 @@ impl Mirror {
 
 /// Calls a breaker recorded since it was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CallCounts {
     /// Successful calls.
     pub successes: u64,
@@ -114,6 +116,7 @@ struct Guarded {
 
 /// A point-in-time view of a breaker, for logs, status pages and tests.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Snapshot {
     /// The breaker's name.
     pub name: String,
@@ -137,6 +140,7 @@ pub struct Snapshot {
 /// What a failed call's neighbours say about the dependency; see
 /// [`Breaker::health_verdict`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HealthVerdict {
     /// Another call succeeded after this one started: the dependency works.
     Healthy,
@@ -534,8 +538,9 @@ impl Breaker {
 
     /// Records a health check's result (`Err` with why it failed) and
     /// applies it: see [`StateMachine::health_result`].
-    pub fn record_health(&self, result: Result<(), String>, took: Duration) -> HealthEffect {
+    pub fn record_health(&self, result: Result<(), BoxError>, took: Duration) -> HealthEffect {
         let state = self.lock().machine.state();
+        let result = result.map_err(|e| crate::text::error_chain(e.as_ref()));
         self.record_health_for(state, result, took)
     }
 
@@ -815,6 +820,7 @@ impl Permit {
 /// long it took (default: since the permit was granted) and when it ended
 /// (default: now, read once; pass a time the caller read anyway).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CallRecord {
     /// The outcome.
     pub outcome: CallOutcome,
@@ -881,6 +887,7 @@ impl Drop for Permit {
 
 /// The manual operations an operator can apply to a breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ManualAction {
     /// Force open.
     Open,

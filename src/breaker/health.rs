@@ -44,6 +44,7 @@ const ERROR_TEXT: usize = 300;
 /// its own runs them with [`Breaker::run_health_check`](super::Breaker::run_health_check)).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct HealthCheckConfig {
     /// `GET` this URL; 2xx = healthy, anything else (redirects included),
     /// a connection error or no answer within `timeout` = unhealthy.
@@ -69,6 +70,18 @@ impl Default for HealthCheckConfig {
 }
 
 impl HealthCheckConfig {
+    /// A check every `interval`, each failed after `timeout`: `GET url`
+    /// (2xx = healthy) when given, else the [`HealthCheck`] registered for
+    /// the breaker.
+    #[must_use]
+    pub fn new(url: Option<SecretUrl>, interval: Duration, timeout: Duration) -> Self {
+        Self {
+            url,
+            interval,
+            timeout,
+        }
+    }
+
     /// Every problem with these settings, as `(key, message)`; keys are
     /// relative to the breaker's table (`health_check.url`).
     #[must_use]
@@ -239,6 +252,7 @@ impl HealthCheck for HttpHealthCheck {
 
 /// One check's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HealthResult {
     /// When it ended.
     pub at: Instant,
@@ -250,6 +264,7 @@ pub struct HealthResult {
 
 /// A breaker's health checks so far, as shown on `/breakers`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HealthStatus {
     /// Checks run since the worker started.
     pub checks: u64,
@@ -276,6 +291,7 @@ impl HealthStatus {
 
 /// What a check's result did to the breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HealthEffect {
     /// The check passed and the breaker went half-open.
     HalfOpen,

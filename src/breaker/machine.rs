@@ -12,6 +12,7 @@ use super::window::{Counters, Counts, Window};
 
 /// Where a breaker is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BreakerState {
     /// Calls flow; outcomes are counted in the window.
     Closed,
@@ -53,6 +54,7 @@ impl BreakerState {
 
 /// Why the breaker changed state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TransitionReason {
     /// The failure rate in the window reached `failure_rate`.
     FailureRate,
@@ -104,6 +106,7 @@ impl TransitionReason {
 
 /// One state change, with the numbers that explain it.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct Transition {
     /// State before.
     pub from: BreakerState,
@@ -121,6 +124,7 @@ pub struct Transition {
 
 /// What kind of call a permit allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PermitKind {
     /// A normal call while closed (or disabled).
     Normal,
@@ -145,6 +149,7 @@ pub enum CallOutcome {
 
 /// Why a call was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Rejected {
     /// The breaker is open (by itself or by hand).
     #[error("circuit breaker is open")]
@@ -157,6 +162,7 @@ pub enum Rejected {
 /// A state another worker of the fleet announced, for
 /// [`StateMachine::adopt`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FleetState {
     /// Open until this (local) time.
     Open {

@@ -300,6 +300,11 @@ impl Permits {
         }
     }
 
+    /// The indexes of the breakers whose permit is still held.
+    pub(crate) fn held_indexes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.held().map(|(i, _)| i)
+    }
+
     /// The permits still held, owned, with their index in the set.
     pub(crate) fn into_held(self) -> impl Iterator<Item = (usize, Permit)> {
         std::iter::once(self.first)

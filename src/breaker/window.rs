@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 /// Call counts over a time span.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Counts {
     /// Calls that finished with a success or a failure (ignored calls are not counted).
     pub calls: u64,

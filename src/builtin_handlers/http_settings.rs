@@ -10,6 +10,7 @@ use crate::secret::{Secret, SecretUrl};
 /// `http` under a consumer: where the built-in `http` handler sends messages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct HttpSettings {
     /// The endpoint that receives each message body. Printed with its user
     /// info and credential-like query parameters masked.

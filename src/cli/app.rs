@@ -61,6 +61,7 @@ pub(crate) type CheckApp = fn(&Settings) -> Result<(), ConfigError>;
 /// ```
 pub struct App<A = ()> {
     identity: Identity,
+    tools: super::Tools,
     handlers: Vec<String>,
     setup: Option<Setup>,
     check_app: CheckApp,
@@ -88,6 +89,7 @@ impl App<()> {
                 version,
                 about: None,
             },
+            tools: super::Tools::Hidden,
             handlers: Vec::new(),
             setup: None,
             check_app: |_| Ok(()),
@@ -101,6 +103,15 @@ impl<A> App<A> {
     #[must_use]
     pub fn about(mut self, about: &'static str) -> Self {
         self.identity.about = Some(about);
+        self
+    }
+
+    /// Also offers rabbit-guard's `demo`, `flaky-server` and `publish`
+    /// commands (with the `demo` feature), which an application's binary
+    /// leaves out by default.
+    #[must_use]
+    pub fn with_demo_tools(mut self) -> Self {
+        self.tools = super::Tools::Shown;
         self
     }
 
@@ -129,6 +140,7 @@ impl<A> App<A> {
     {
         App {
             identity: self.identity,
+            tools: self.tools,
             handlers: self.handlers,
             setup: Some(Box::new(move |worker: WorkerBuilder| {
                 Box::pin(async move {
@@ -148,6 +160,12 @@ impl<A> App<A> {
         let setup = self
             .setup
             .unwrap_or_else(|| Box::new(|worker| Box::pin(async move { Ok(worker) })));
-        super::dispatch(Some(self.identity), &self.handlers, self.check_app, setup)
+        super::dispatch(
+            Some(self.identity),
+            self.tools,
+            &self.handlers,
+            self.check_app,
+            setup,
+        )
     }
 }

@@ -65,7 +65,7 @@ pub(crate) enum Command {
     /// Open, close, reset or disable a running worker's breaker (through its admin endpoint).
     #[cfg(feature = "admin")]
     Breaker(breaker::BreakerArgs),
-    /// Print a shell completion script: rabbit-guard completions bash > /etc/bash_completion.d/rabbit-guard
+    /// Print a shell completion script: rabbit-guard completions bash > /etc/bash_completion.d/rabbit-guard.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
@@ -81,17 +81,19 @@ pub(crate) enum Command {
     Publish(tools::PublishArgs),
 }
 
-/// The binary's entry point with the built-in handlers only.
+/// The `rabbit-guard` binary's entry point: the built-in handlers, and the
+/// `demo`, `flaky-server` and `publish` tools (with the `demo` feature).
 #[must_use]
 pub fn main() -> ExitCode {
-    main_with(|w| w)
+    let setup: app::Setup = Box::new(|worker| Box::pin(async move { Ok(worker) }));
+    dispatch(None, Tools::Shown, &[], |_| Ok(()), setup)
 }
 
 /// The entry point for a binary that registers its own handlers with a
 /// synchronous closure. `register` is called once with default settings to
 /// learn the handler names, and once more by `run`; for an async setup that
-/// receives the loaded settings, and for the application's own name and
-/// version in `--version`, use [`App`].
+/// receives the loaded settings, for the application's own name and version
+/// in `--version` and `--help`, and for the demo tools, use [`App`].
 #[must_use]
 pub fn main_with<F>(register: F) -> ExitCode
 where
@@ -104,33 +106,105 @@ where
         .collect();
     dispatch(
         None,
+        Tools::Hidden,
         &names,
         |_| Ok(()),
         Box::new(move |worker| Box::pin(async move { Ok(register(worker)) })),
     )
 }
 
-/// The command line as `identity` names it (rabbit-guard's own when `None`).
-fn parse(identity: Option<app::Identity>) -> Cli {
-    use clap::{CommandFactory, FromArgMatches};
+/// Whether the command line offers `demo`, `flaky-server` and `publish`:
+/// rabbit-guard's own binary does, an application's only when it asks
+/// ([`App::with_demo_tools`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tools {
+    Shown,
+    Hidden,
+}
+
+/// The subcommands of [`Tools`].
+const TOOLS: [&str; 3] = ["demo", "flaky-server", "publish"];
+
+/// The command line as `identity` names it (rabbit-guard's own when
+/// `None`): its name in usage lines, `--version` and every help text.
+fn command(identity: Option<app::Identity>, tools: Tools) -> clap::Command {
+    use clap::CommandFactory;
     let mut command = Cli::command();
     if let Some(id) = identity {
-        command = command.name(id.name).bin_name(id.name).version(id.version);
+        command = renamed(command, id.name)
+            .name(id.name)
+            .bin_name(id.name)
+            .version(id.version);
         if let Some(about) = id.about {
             command = command.about(about);
         }
     }
-    let mut matches = command.get_matches();
+    if tools == Tools::Hidden {
+        for tool in TOOLS {
+            if command.find_subcommand(tool).is_some() {
+                command = command.mut_subcommand(tool, |c| c.hide(true));
+            }
+        }
+    }
+    command
+}
+
+/// `command` with `rabbit-guard` in its help texts replaced by `name`, at
+/// every level.
+fn renamed(command: clap::Command, name: &'static str) -> clap::Command {
+    let swap = |s: &clap::builder::StyledStr| s.to_string().replace("rabbit-guard", name);
+    let mut command = command;
+    if let Some(text) = command.get_about().map(swap) {
+        command = command.about(text);
+    }
+    if let Some(text) = command.get_long_about().map(swap) {
+        command = command.long_about(text);
+    }
+    command = command.mut_args(|arg| {
+        let mut arg = arg;
+        if let Some(text) = arg.get_help().map(swap) {
+            arg = arg.help(text);
+        }
+        if let Some(text) = arg.get_long_help().map(swap) {
+            arg = arg.long_help(text);
+        }
+        arg
+    });
+    let subcommands: Vec<String> = command
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    for sub in subcommands {
+        command = command.mut_subcommand(sub, |c| renamed(c, name));
+    }
+    command
+}
+
+fn parse(identity: Option<app::Identity>, tools: Tools) -> Cli {
+    use clap::FromArgMatches;
+    let mut command = command(identity, tools);
+    let mut matches = command.get_matches_mut();
+    if tools == Tools::Hidden
+        && let Some(tool) = matches.subcommand_name().filter(|n| TOOLS.contains(n))
+    {
+        command
+            .error(
+                clap::error::ErrorKind::InvalidSubcommand,
+                format!("unrecognized subcommand '{tool}'"),
+            )
+            .exit();
+    }
     Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.exit())
 }
 
 fn dispatch(
     identity: Option<app::Identity>,
+    tools: Tools,
     handler_names: &[String],
     check_app: app::CheckApp,
     setup: app::Setup,
 ) -> ExitCode {
-    let cli = parse(identity);
+    let cli = parse(identity, tools);
     let names: Vec<&str> = handler_names.iter().map(String::as_str).collect();
     let sources = Sources::from_env(Some(cli.config.clone()));
     let loaded = match cli.command.needs() {
@@ -166,7 +240,7 @@ fn dispatch(
         #[cfg(feature = "admin")]
         Command::Breaker(args) => breaker::run(&settings, &args),
         Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut command = command(identity, tools);
             let name = identity.map_or("rabbit-guard", |id| id.name);
             clap_complete::generate(shell, &mut command, name, &mut output::stream());
             ExitCode::SUCCESS

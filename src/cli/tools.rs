@@ -10,9 +10,9 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use super::output;
+use crate::amqp::topology::Topology;
 use crate::config::Settings;
 use crate::demo::{self, FlakyServer, Timeline};
-use crate::topology::Topology;
 
 /// `rabbit-guard demo`
 #[derive(Debug, Args)]
@@ -160,7 +160,7 @@ pub(crate) fn publish(settings: &Settings, args: &PublishArgs) -> ExitCode {
         broker.url = url.clone().into();
     }
     let result = rt.block_on(async {
-        let connection = crate::connection::connect_once(&broker, "publish").await?;
+        let connection = crate::amqp::connection::connect_once(&broker, "publish").await?;
         if let Some((i, c)) = settings
             .consumers
             .iter()

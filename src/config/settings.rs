@@ -12,6 +12,7 @@ use crate::secret::{MASK, Secret, SecretUrl};
 /// Everything the worker reads from its config files and environment.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct Settings {
     /// `[broker]`: where RabbitMQ is and how to reach it.
     pub broker: BrokerSettings,
@@ -41,6 +42,7 @@ pub struct Settings {
 /// with [`read`](Self::read). Its `Debug` shows the keys, never the values
 /// (they may be secrets).
 #[derive(Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct AppSection {
     raw: Option<config::Value>,
 }
@@ -141,6 +143,7 @@ impl Settings {
 /// `[broker]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct BrokerSettings {
     /// AMQP URI, e.g. `amqp://user:password@host:5672/%2f` (`amqps://` for
     /// TLS). Printed with the password masked.
@@ -208,6 +211,7 @@ impl Default for BrokerSettings {
 /// `[broker.reconnect]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ReconnectSettings {
     /// First delay between attempts; doubles (with jitter) each attempt.
     #[serde(with = "humantime_serde")]
@@ -232,6 +236,7 @@ impl Default for ReconnectSettings {
 /// `[worker]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct WorkerSettings {
     /// On SIGTERM/SIGINT, how long running handlers may take to finish before
     /// their messages are requeued.
@@ -261,6 +266,7 @@ impl Default for WorkerSettings {
 /// `worker.safety_checks`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum SafetyChecks {
     /// Log each risk and run.
     #[default]
@@ -274,6 +280,7 @@ pub enum SafetyChecks {
 /// `[admin]`
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct AdminSettings {
     /// Address of the admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`,
     /// `/breakers`, `/status`, manual breaker control), e.g. `127.0.0.1:9090`.
@@ -296,6 +303,7 @@ pub struct AdminSettings {
 /// `exchange` is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct FleetSettings {
     /// The fanout exchange the workers share their breakers' state on,
     /// e.g. `rabbit-guard.fleet`. Unset: each worker guards on its own.
@@ -322,6 +330,7 @@ impl Default for FleetSettings {
 /// `[log]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct LogSettings {
     /// `text` (default) or `json` (one object per line).
     pub format: LogFormat,
@@ -347,6 +356,7 @@ impl Default for LogSettings {
 /// `[telemetry]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct TelemetrySettings {
     /// OTLP/HTTP collector to export spans to, e.g. `http://127.0.0.1:4318`
     /// (`/v1/traces` is added when the URL has no path). Unset: no export.
@@ -370,6 +380,7 @@ impl Default for TelemetrySettings {
 
 /// The OTLP encoding over HTTP.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum OtlpProtocol {
     /// Binary protobuf.
     #[default]
@@ -383,6 +394,7 @@ pub enum OtlpProtocol {
 /// Log line format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]
@@ -394,6 +406,7 @@ pub enum LogFormat {
 /// What happens to prefetched messages that had not started when the breaker opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum OnPause {
     /// Return them to the queue (`basic.nack` with requeue). Not an attempt.
     #[default]
@@ -405,6 +418,7 @@ pub enum OnPause {
 /// RabbitMQ queue type for the work queue and the queues declared beside it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum QueueType {
     /// Classic queue.
     #[default]
@@ -416,6 +430,7 @@ pub enum QueueType {
 /// How much of a consumer's topology rabbit-guard declares (`declare`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Declare {
     /// Declare everything, the work queue with its dead-lettering arguments
     /// (`x-dead-letter-exchange`, `x-dead-letter-routing-key`,
@@ -474,6 +489,7 @@ impl<'de> Deserialize<'de> for Declare {
 /// `declare = "passive"`) and the binding of the work queue to it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct Binding {
     /// The exchange (not `""`; an `amq.*` exchange is checked, never declared).
     pub exchange: String,
@@ -487,9 +503,35 @@ pub struct Binding {
     pub arguments: BTreeMap<String, serde_json::Value>,
 }
 
+impl Binding {
+    /// A binding of the work queue to `exchange` (of type `kind`) with
+    /// `routing_key`, without arguments.
+    #[must_use]
+    pub fn new(
+        exchange: impl Into<String>,
+        kind: ExchangeType,
+        routing_key: impl Into<String>,
+    ) -> Self {
+        Self {
+            exchange: exchange.into(),
+            kind,
+            routing_key: routing_key.into(),
+            arguments: BTreeMap::new(),
+        }
+    }
+
+    /// With binding arguments (a headers exchange's `x-match` and values).
+    #[must_use]
+    pub fn with_arguments(mut self, arguments: BTreeMap<String, serde_json::Value>) -> Self {
+        self.arguments = arguments;
+        self
+    }
+}
+
 /// An exchange type for [`Binding`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum ExchangeType {
     /// Routes by exact routing key.
     #[default]
@@ -505,6 +547,7 @@ pub enum ExchangeType {
 /// `[[consumers]]`: one queue, its handler and the breaker guarding it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ConsumerSettings {
     /// The work queue to consume.
     pub queue: String,
@@ -567,6 +610,47 @@ impl Default for ConsumerSettings {
 }
 
 impl ConsumerSettings {
+    /// A consumer of `queue` whose messages go to the handler registered (or
+    /// built in) as `handler`, with every other setting at its default; the
+    /// fields are public, so set the rest on the value:
+    ///
+    /// ```
+    /// # use rabbit_guard::config::ConsumerSettings;
+    /// let mut orders = ConsumerSettings::new("orders", "orders").with_breaker("billing-api");
+    /// orders.concurrency = 16;
+    /// ```
+    #[must_use]
+    pub fn new(queue: impl Into<String>, handler: impl Into<String>) -> Self {
+        Self {
+            queue: queue.into(),
+            handler: handler.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Guarded by the breaker named `breaker` (a key of `[breakers]`).
+    #[must_use]
+    pub fn with_breaker(mut self, breaker: impl Into<String>) -> Self {
+        self.breaker = breaker.into();
+        self
+    }
+
+    /// With these `retry` settings.
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetrySettings) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// At most `prefetch` unacknowledged messages, and `concurrency`
+    /// handlers at once.
+    #[must_use]
+    pub fn with_prefetch(mut self, prefetch: u16, concurrency: u16) -> Self {
+        self.prefetch = prefetch;
+        self.concurrency = concurrency;
+        self
+    }
+
     /// The breakers guarding the handler, in order: `breaker`, then
     /// `breakers` (validation refuses both at once).
     #[must_use]
@@ -619,6 +703,7 @@ pub fn compact_duration(d: Duration) -> String {
 /// `retry` under a consumer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RetrySettings {
     /// One delay queue per entry: after the n-th transient failure the message
     /// waits `delays[n-1]`, then comes back. After the last, it is dead-lettered
@@ -630,6 +715,24 @@ pub struct RetrySettings {
     /// NServiceBus' and MassTransit's immediate retries). Each call counts
     /// against the breaker; they stop as soon as it opens. 0 (default): none.
     pub immediate: u32,
+}
+
+impl RetrySettings {
+    /// Retries after these delays (one delay queue each), no immediate ones.
+    #[must_use]
+    pub fn new(delays: impl IntoIterator<Item = Duration>) -> Self {
+        Self {
+            delays: delays.into_iter().collect(),
+            immediate: 0,
+        }
+    }
+
+    /// Also `immediate` calls at once before each delay level.
+    #[must_use]
+    pub fn with_immediate(mut self, immediate: u32) -> Self {
+        self.immediate = immediate;
+        self
+    }
 }
 
 impl Default for RetrySettings {

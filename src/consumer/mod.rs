@@ -21,16 +21,18 @@
 
 mod failures;
 mod in_flight;
-mod policy;
+pub(crate) mod policy;
 mod probes;
 mod run;
 mod session;
 mod settle;
 mod stats;
 mod subscription;
-mod task;
+pub(crate) mod task;
 
 pub(crate) use failures::FailureLog;
+pub(crate) use policy::{Decision, Disposition, Outcome};
 pub(crate) use run::ConsumerRuntime;
+pub(crate) use stats::inc;
 pub use stats::{ConsumerStats, HANDLER_OUTCOMES, StatsSnapshot};
 pub(crate) use task::ConsumerShared;

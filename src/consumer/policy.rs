@@ -99,10 +99,7 @@ pub(crate) enum Decision {
 /// Longest wait for a health verdict (shorter when the breaker's window is).
 pub(crate) const MAX_VERDICT_WAIT: Duration = Duration::from_secs(2);
 
-/// Inconclusive last attempts after which the message is dead-lettered
-/// anyway, so a lone bad message in an idle queue can't cycle forever. Only
-/// failures with no verdict either way count; outage deferrals never do.
-pub(crate) const MAX_INCONCLUSIVE: u32 = 3;
+pub(crate) use crate::amqp::headers::MAX_INCONCLUSIVE;
 
 /// The shortest delay level at least `wait` long, if any.
 pub(crate) fn level_at_least(delays: &[Duration], wait: Duration) -> Option<usize> {

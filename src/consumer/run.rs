@@ -17,9 +17,9 @@ use super::session::{Session, SessionError};
 use super::settle::AckTracker;
 use super::stats::add;
 use super::task::ConsumerShared;
+use crate::amqp::connection::ManagedConnection;
 use crate::amqp::publish::Publisher;
 use crate::config::ConsumerSettings;
-use crate::connection::ManagedConnection;
 
 /// A session that lasted this long resets the reconnect backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);

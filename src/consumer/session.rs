@@ -26,6 +26,7 @@ use crate::amqp::publish::Publisher;
 use crate::breaker::{BreakerState, Rejected, ReleaseWatch};
 use crate::config::OnPause;
 use crate::error::describe;
+use crate::handler::Outlet;
 
 /// How long a finished delivery may wait behind an unfinished one before it
 /// is acked on its own (instead of with the run it belongs to).
@@ -249,7 +250,7 @@ impl Session<'_> {
                         break;
                     };
                     let mut ctx = task::context(&shared, delivery);
-                    ctx.set_publisher(self.handler_publisher.clone());
+                    ctx.set_publisher(Outlet::Broker(self.handler_publisher.clone()));
                     let tag = ctx.delivery_tag();
                     self.running.push(
                         tag,

@@ -23,6 +23,7 @@ const SETTLE: Duration = Duration::from_secs(10);
 
 /// What a browse saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Browse {
     /// Messages in the queue when the browse began.
     pub in_queue: u32,

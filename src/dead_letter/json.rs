@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 
 /// A header value as a plain JSON value (strings, numbers, arrays, objects).
 #[must_use]
-pub fn plain(v: &AMQPValue) -> Value {
+pub(crate) fn plain(v: &AMQPValue) -> Value {
     match v {
         AMQPValue::Boolean(b) => json!(b),
         AMQPValue::ShortShortInt(n) => json!(n),
@@ -44,7 +44,7 @@ fn bytes_plain(b: &[u8]) -> Value {
 
 /// A field table as a plain JSON object.
 #[must_use]
-pub fn table_plain(t: &FieldTable) -> Map<String, Value> {
+pub(crate) fn table_plain(t: &FieldTable) -> Map<String, Value> {
     t.inner()
         .iter()
         .map(|(k, v)| (k.to_string(), plain(v)))
@@ -53,7 +53,7 @@ pub fn table_plain(t: &FieldTable) -> Map<String, Value> {
 
 /// A header value in the typed form: `{"type": value}`.
 #[must_use]
-pub fn typed(v: &AMQPValue) -> Value {
+pub(crate) fn typed(v: &AMQPValue) -> Value {
     match v {
         AMQPValue::Boolean(b) => json!({ "bool": b }),
         AMQPValue::ShortShortInt(n) => json!({ "i8": n }),
@@ -104,7 +104,7 @@ fn float_from_typed(v: &Value) -> Result<f64, String> {
 
 /// A field table in the typed form.
 #[must_use]
-pub fn table_typed(t: &FieldTable) -> Map<String, Value> {
+pub(crate) fn table_typed(t: &FieldTable) -> Map<String, Value> {
     t.inner()
         .iter()
         .map(|(k, v)| (k.to_string(), typed(v)))
@@ -152,7 +152,7 @@ fn b64(v: &Value) -> Result<Vec<u8>, String> {
 ///
 /// A message naming what could not be read.
 #[allow(clippy::cast_possible_truncation)] // f32 values were written from f32s
-pub fn from_typed(v: &Value) -> Result<AMQPValue, String> {
+pub(crate) fn from_typed(v: &Value) -> Result<AMQPValue, String> {
     let obj = v
         .as_object()
         .filter(|o| o.len() == 1)
@@ -206,7 +206,7 @@ pub fn from_typed(v: &Value) -> Result<AMQPValue, String> {
 /// # Errors
 ///
 /// A message naming the key that could not be read.
-pub fn table_from_typed(obj: &Map<String, Value>) -> Result<FieldTable, String> {
+pub(crate) fn table_from_typed(obj: &Map<String, Value>) -> Result<FieldTable, String> {
     let mut t = FieldTable::default();
     for (k, v) in obj {
         let name = short(k).map_err(|e| format!("header name {:?}: {e}", cut(k)))?;
@@ -220,7 +220,7 @@ pub fn table_from_typed(obj: &Map<String, Value>) -> Result<FieldTable, String> 
 
 /// Every property in the typed form (absent ones left out).
 #[must_use]
-pub fn properties_typed(p: &BasicProperties) -> Map<String, Value> {
+pub(crate) fn properties_typed(p: &BasicProperties) -> Map<String, Value> {
     let mut m = Map::new();
     let mut short = |k: &str, v: &Option<ShortString>| {
         if let Some(v) = v {
@@ -257,7 +257,7 @@ pub fn properties_typed(p: &BasicProperties) -> Map<String, Value> {
 /// # Errors
 ///
 /// A message naming the property that could not be read.
-pub fn properties_from_typed(m: &Map<String, Value>) -> Result<BasicProperties, String> {
+pub(crate) fn properties_from_typed(m: &Map<String, Value>) -> Result<BasicProperties, String> {
     let mut p = BasicProperties::default();
     let s = |k: &str| -> Result<Option<ShortString>, String> {
         match m.get(k) {
@@ -316,7 +316,7 @@ pub fn properties_from_typed(m: &Map<String, Value>) -> Result<BasicProperties, 
 
 /// Base64 of `bytes`.
 #[must_use]
-pub fn base64(bytes: &[u8]) -> String {
+pub(crate) fn base64(bytes: &[u8]) -> String {
     B64.encode(bytes)
 }
 
@@ -325,7 +325,7 @@ pub fn base64(bytes: &[u8]) -> String {
 /// # Errors
 ///
 /// When `s` is not base64.
-pub fn from_base64(s: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn from_base64(s: &str) -> Result<Vec<u8>, String> {
     B64.decode(s).map_err(|e| format!("bad base64: {e}"))
 }
 

@@ -12,7 +12,7 @@
 use std::fmt;
 
 mod browse;
-pub mod json;
+pub(crate) mod json;
 mod ops;
 mod record;
 mod select;
@@ -21,7 +21,8 @@ mod select;
 pub(crate) use browse::message_count;
 pub use browse::{Browse, browse};
 pub use ops::{
-    ImportReport, MoveReport, Moved, ReplayOptions, import, purge, purge_all, replay, replay_target,
+    ImportReport, MoveReport, Moved, NoReplayTarget, ReplayOptions, import, purge, purge_all,
+    replay, replay_target,
 };
 pub use record::{DeadLetter, HeaderOrigin};
 pub use select::Selector;

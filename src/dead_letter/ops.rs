@@ -19,6 +19,7 @@ use crate::error::Error;
 
 /// How `replay` treats each message.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct ReplayOptions {
     /// Refuse messages already replayed this many times (unless `force`).
     pub max_replays: u64,
@@ -46,7 +47,7 @@ pub struct ReplayOptions {
 /// # Errors
 ///
 /// A sentence saying why the message has no trusted target.
-pub fn replay_target(dl: &DeadLetter, options: &ReplayOptions) -> Result<String, String> {
+pub fn replay_target(dl: &DeadLetter, options: &ReplayOptions) -> Result<String, NoReplayTarget> {
     if let Some(to) = &options.to {
         return Ok(to.clone());
     }
@@ -54,7 +55,7 @@ pub fn replay_target(dl: &DeadLetter, options: &ReplayOptions) -> Result<String,
         return Ok(queue.clone());
     }
     let shown = |q: &str| crate::text::printable(&super::truncate(q, 80));
-    match (&options.consumer_queue, &dl.claimed_queue) {
+    let target: Result<String, String> = match (&options.consumer_queue, &dl.claimed_queue) {
         (Some(queue), None) => Ok(queue.clone()),
         (Some(queue), Some(claimed)) if claimed == queue => Ok(queue.clone()),
         (Some(queue), Some(claimed)) => Err(format!(
@@ -70,11 +71,19 @@ pub fn replay_target(dl: &DeadLetter, options: &ReplayOptions) -> Result<String,
             "no original queue (no x-death header, and no configured consumer uses this dead-letter queue): name one with --to"
                 .into(),
         ),
-    }
+    };
+    target.map_err(NoReplayTarget)
 }
+
+/// Why a dead letter has no queue a replay may trust without `--to`
+/// ([`replay_target`]); its text says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NoReplayTarget(String);
 
 /// One message handled by a move.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Moved {
     /// Its id (message id, or `#position`).
     pub id: String,
@@ -84,6 +93,7 @@ pub struct Moved {
 
 /// What a replay or purge did.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct MoveReport {
     /// Messages in the queue when it began.
     pub in_queue: u32,
@@ -242,7 +252,10 @@ pub async fn replay(
         let target = match replay_target(&dl, options) {
             Ok(target) => target,
             Err(why) => {
-                report.failed.push(Moved { id, detail: why });
+                report.failed.push(Moved {
+                    id,
+                    detail: why.to_string(),
+                });
                 progress(&report);
                 continue;
             }
@@ -376,6 +389,7 @@ pub async fn purge_all(connection: &Connection, dlq: &str) -> Result<u32, Error>
 
 /// What an import did.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct ImportReport {
     /// Messages published and confirmed.
     pub published: u64,
@@ -515,7 +529,9 @@ mod tests {
             "nothing to trust"
         );
         dl.claimed_queue = Some("admin-commands".into());
-        let refused = replay_target(&dl, &options(Some("orders"), None)).unwrap_err();
+        let refused = replay_target(&dl, &options(Some("orders"), None))
+            .unwrap_err()
+            .to_string();
         assert!(
             refused.contains("admin-commands") && refused.contains("--to"),
             "{refused}"

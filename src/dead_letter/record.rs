@@ -14,6 +14,7 @@ use crate::amqp::headers::{header_u64, value_str};
 
 /// A message in a dead-letter queue.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// 1-based position in the queue when it was read.
     pub position: u64,
@@ -75,6 +76,7 @@ fn newest_death(h: Option<&FieldTable>) -> Option<&FieldTable> {
 
 /// Who set a header of a dead letter, as far as can be told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HeaderOrigin {
     /// The broker, when it dead-lettered the message (`x-death` and kin,
     /// a quorum queue's `x-delivery-count`).

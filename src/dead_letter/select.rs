@@ -8,6 +8,7 @@ use super::DeadLetter;
 /// must match; no criterion selects everything (callers decide whether that
 /// is allowed without `--all`).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct Selector {
     /// Message ids (any of them).
     pub ids: Vec<String>,

@@ -19,7 +19,7 @@ use crate::error::Error;
 
 /// One call the server answered.
 #[derive(Debug, Clone, Copy)]
-pub struct Call {
+pub(crate) struct Call {
     /// When it arrived.
     pub at: Instant,
     /// What it answered.
@@ -38,7 +38,7 @@ struct Inner {
 
 /// The flaky dependency. Dropping it stops the server.
 #[derive(Debug)]
-pub struct FlakyServer {
+pub(crate) struct FlakyServer {
     inner: Arc<Inner>,
     addr: SocketAddr,
     task: JoinHandle<()>,
@@ -83,7 +83,7 @@ impl FlakyServer {
     /// # Errors
     ///
     /// [`Error::Io`] when the address cannot be bound.
-    pub async fn start(listen: &str, record: bool) -> Result<Self, Error> {
+    pub(crate) async fn start(listen: &str, record: bool) -> Result<Self, Error> {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| Error::Io {
@@ -108,23 +108,23 @@ impl FlakyServer {
 
     /// Where it listens.
     #[must_use]
-    pub fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// Answer 503 (`true`) or 200 (`false`) from now on.
-    pub fn set_failing(&self, failing: bool) {
+    pub(crate) fn set_failing(&self, failing: bool) {
         self.inner.failing.store(failing, Ordering::Relaxed);
     }
 
     /// True while answering 503.
     #[must_use]
-    pub fn failing(&self) -> bool {
+    pub(crate) fn failing(&self) -> bool {
         self.inner.failing.load(Ordering::Relaxed)
     }
 
     /// Delay every answer by this much.
-    pub fn set_latency(&self, latency: Duration) {
+    pub(crate) fn set_latency(&self, latency: Duration) {
         self.inner.latency_ms.store(
             u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
@@ -133,7 +133,7 @@ impl FlakyServer {
 
     /// (200s, 503s) answered so far.
     #[must_use]
-    pub fn counts(&self) -> (u64, u64) {
+    pub(crate) fn counts(&self) -> (u64, u64) {
         (
             self.inner.ok.load(Ordering::Relaxed),
             self.inner.failed.load(Ordering::Relaxed),
@@ -143,7 +143,7 @@ impl FlakyServer {
     /// Distinct message ids (`X-Message-Id`) answered with 200 (0 unless
     /// started with `record`).
     #[must_use]
-    pub fn distinct_accepted(&self) -> u64 {
+    pub(crate) fn distinct_accepted(&self) -> u64 {
         self.inner.accepted_ids.as_ref().map_or(0, |ids| {
             ids.lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -153,7 +153,7 @@ impl FlakyServer {
 
     /// Every call so far (empty unless started with `record`).
     #[must_use]
-    pub fn calls(&self) -> Vec<Call> {
+    pub(crate) fn calls(&self) -> Vec<Call> {
         self.inner
             .calls
             .as_ref()
@@ -167,7 +167,7 @@ impl FlakyServer {
 
     /// Alternates healthy and failing forever (for `flaky-server` and
     /// `docker compose up`), logging each switch.
-    pub async fn cycle(&self, healthy: Duration, failing: Duration) {
+    pub(crate) async fn cycle(&self, healthy: Duration, failing: Duration) {
         loop {
             self.set_failing(false);
             info!(for_ = %humantime::format_duration(healthy), "dependency healthy (200)");

@@ -20,8 +20,8 @@ use lapin::types::ShortString;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use flaky::{Call, FlakyServer};
-pub use publish::steady;
+pub(crate) use flaky::FlakyServer;
+pub(crate) use publish::steady;
 
 use crate::Worker;
 use crate::breaker::{BreakerConfig, BreakerState, Transition, TransitionReason};
@@ -30,7 +30,7 @@ use crate::error::Error;
 
 /// The demo's timeline.
 #[derive(Debug, Clone, Copy)]
-pub struct Timeline {
+pub(crate) struct Timeline {
     /// Healthy at first, for this long.
     pub healthy: Duration,
     /// Then failing (503) for this long.
@@ -57,11 +57,11 @@ impl Default for Timeline {
 }
 
 /// The most workers the demo runs.
-pub const MAX_DEMO_WORKERS: usize = 8;
+pub(crate) const MAX_DEMO_WORKERS: usize = 8;
 
 /// What the demo saw.
 #[derive(Debug, Clone, Default)]
-pub struct Report {
+pub(crate) struct Report {
     /// Messages published (and confirmed).
     pub published: u64,
     /// Distinct messages the dependency accepted.
@@ -89,14 +89,14 @@ pub struct Report {
 impl Report {
     /// Published messages neither processed nor dead-lettered.
     #[must_use]
-    pub fn lost(&self) -> u64 {
+    pub(crate) fn lost(&self) -> u64 {
         self.published
             .saturating_sub(self.processed + self.dead_lettered)
     }
 
     /// The closing paragraph.
     #[must_use]
-    pub fn summary(&self, timeline: &Timeline) -> String {
+    pub(crate) fn summary(&self, timeline: &Timeline) -> String {
         let mut s = String::new();
         if self.interrupted {
             let _ = write!(
@@ -330,7 +330,7 @@ fn render(f: &Frame<'_>, live: bool) -> String {
 /// # Errors
 ///
 /// Broker errors (unreachable, refused login), with the queues cleaned up.
-pub async fn run(
+pub(crate) async fn run(
     broker: &BrokerSettings,
     timeline: Timeline,
     live: bool,
@@ -343,7 +343,7 @@ pub async fn run(
     let url = format!("http://{}/orders", flaky.addr());
     let settings = demo_settings(broker, &prefix, url, workers > 1);
     let consumer = settings.consumers[0].clone();
-    let connection = crate::connection::connect_once(&settings.broker, "demo").await?;
+    let connection = crate::amqp::connection::connect_once(&settings.broker, "demo").await?;
     let members = start_workers(&settings, workers, &prefix)?;
     let mut transitions_rx: Vec<_> = members.iter().map(|m| m.breaker.transitions()).collect();
 
@@ -612,7 +612,7 @@ async fn spawn_publisher(
     published: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<Result<u64, Error>>, Error> {
-    let connection = crate::connection::connect_once(broker, "demo").await?;
+    let connection = crate::amqp::connection::connect_once(broker, "demo").await?;
     Ok(tokio::spawn(async move {
         let r = steady(&connection, &queue, "demo", rate, None, stop, |n| {
             published.store(n, Ordering::Relaxed);

@@ -16,7 +16,7 @@ use crate::error::Error;
 /// # Errors
 ///
 /// A broker error, or the queue missing (messages came back unroutable).
-pub async fn steady(
+pub(crate) async fn steady(
     connection: &Connection,
     queue: &str,
     prefix: &str,

@@ -48,9 +48,9 @@ use tracing::{debug, info, warn};
 
 use self::ledger::{Ledger, entry_for, fleet_state, unix_ms};
 use self::wire::{Entry, Envelope, Kind, StreakEntry, VERSION};
+use crate::amqp::connection::ManagedConnection;
 use crate::breaker::{Breaker, BreakerState, Transition, TransitionReason};
 use crate::config::FleetSettings;
-use crate::connection::ManagedConnection;
 use crate::error::{amqp_error, describe};
 use crate::status::{BreakerFleetView, FleetView};
 

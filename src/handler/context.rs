@@ -18,7 +18,7 @@ use crate::breaker::BreakerSet;
 #[derive(Clone)]
 pub struct Context {
     pub(super) delivery: Arc<Delivery>,
-    publisher: Option<Publisher>,
+    publisher: Option<Outlet>,
     /// The consumer's breakers, for [`guard`](Self::guard).
     pub(super) breakers: Option<BreakerSet>,
 }
@@ -33,6 +33,14 @@ impl std::fmt::Debug for Context {
             .field("breakers", &self.breakers.as_ref().map(BreakerSet::names))
             .finish()
     }
+}
+
+/// Where [`Context::publish`] sends: the worker's publishing connection, or
+/// the recorder of [`testing::Harness`](crate::testing::Harness).
+#[derive(Clone)]
+pub(crate) enum Outlet {
+    Broker(Publisher),
+    Recorded(Arc<crate::testing::Recorder>),
 }
 
 #[derive(Debug)]
@@ -90,7 +98,7 @@ impl Context {
     }
 
     /// Handler publishes go out on the consumer's publishing connection.
-    pub(crate) fn set_publisher(&mut self, publisher: Publisher) {
+    pub(crate) fn set_publisher(&mut self, publisher: Outlet) {
         self.publisher = Some(publisher);
     }
 
@@ -99,7 +107,9 @@ impl Context {
         self.breakers = Some(breakers);
     }
 
-    /// A context for unit-testing a handler without a broker.
+    /// A context for unit-testing a handler without a broker: it cannot
+    /// publish, and guards nothing. [`testing::Harness`](crate::testing::Harness)
+    /// runs a handler as the worker would and says what it decided.
     #[must_use]
     pub fn for_test(queue: &str, properties: BasicProperties, body: Vec<u8>) -> Self {
         Self::new(
@@ -232,19 +242,26 @@ impl Context {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), HandlerError> {
-        let Some(publisher) = &self.publisher else {
-            return Err(HandlerError::transient(
-                "this context has no publishing connection (Context::for_test)",
-            ));
+        let stored = match &self.publisher {
+            None => {
+                return Err(HandlerError::transient(
+                    "this context has no publishing connection (Context::for_test)",
+                ));
+            }
+            Some(Outlet::Broker(publisher)) => {
+                publisher
+                    .publish_confirmed(exchange, routing_key, body, properties)
+                    .await
+            }
+            Some(Outlet::Recorded(recorder)) => {
+                recorder.publish(exchange, routing_key, body, properties)
+            }
         };
-        publisher
-            .publish_confirmed(exchange, routing_key, body, properties)
-            .await
-            .map_err(|e| {
-                HandlerError::transient(format!(
-                    "publishing to exchange {exchange:?} with routing key {routing_key:?}: {e}"
-                ))
-            })
+        stored.map_err(|e| {
+            HandlerError::transient(format!(
+                "publishing to exchange {exchange:?} with routing key {routing_key:?}: {e}"
+            ))
+        })
     }
 
     /// Answers an RPC request: publishes `body` to the default exchange with

@@ -28,6 +28,9 @@ pub(crate) struct Lent {
     /// Per breaker: the breaker's success count when its last guarded call
     /// started (what a failure's health verdict compares with).
     pub(crate) guard_starts: [Option<u64>; MAX_BREAKERS_PER_CONSUMER],
+    /// What each guarded call recorded, by breaker index, in order (for
+    /// [`testing`](crate::testing); empty unless the handler guards).
+    pub(crate) guarded: Vec<(usize, CallOutcome)>,
 }
 
 impl Context {
@@ -146,6 +149,7 @@ impl Context {
         };
         if let Some(permit) = held.permit.take() {
             permit.record(outcome.took(ended - started).ended(ended));
+            self.lent().guarded.push((index, outcome));
         }
         if let Some(slot) = self.lent().guard_starts.get_mut(index) {
             *slot = Some(successes_at_start);

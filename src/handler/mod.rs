@@ -49,6 +49,7 @@ mod guard;
 use std::future::Future;
 
 pub use context::Context;
+pub(crate) use context::Outlet;
 pub use decode::{Decode, DecodeError, Json};
 pub(crate) use erased::{CallResult, ErasedHandler, erase};
 pub use error::{BoxError, ErrorKind, HandlerError, ResultExt};
@@ -80,4 +81,18 @@ pub trait Handler: Send + Sync + 'static {
         message: Self::Message,
         ctx: &Context,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// A shared handler is a handler: register (or test) one `Arc` in several
+/// places.
+impl<H: Handler> Handler for std::sync::Arc<H> {
+    type Message = H::Message;
+
+    fn handle(
+        &self,
+        message: Self::Message,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        (**self).handle(message, ctx)
+    }
 }

@@ -2,7 +2,7 @@
 //! connections' supervision (connect, watch, reconnect) and the admin
 //! endpoint run on a small runtime of their own (one thread, `rg-control`);
 //! each connection's I/O, heartbeats and lapin's internal tasks run on its
-//! own `lapin-io-loop` thread (`crate::connection`); a watchdog thread
+//! own `lapin-io-loop` thread (`crate::amqp::connection`); a watchdog thread
 //! notices a handler that holds its thread and says which queue's, once.
 //!
 //! Handlers are polled by their consumer's task on the worker runtime

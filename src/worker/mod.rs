@@ -34,22 +34,24 @@ use tracing::{info, warn};
 
 #[cfg(feature = "admin")]
 use crate::admin::WorkerView;
+use crate::amqp::connection::ManagedConnection;
 use crate::breaker::{
     Breaker, BreakerSet, BreakerState, ErasedHealthCheck, HealthCheck, HealthCheckConfig,
     Transition, TransitionReason,
 };
 use crate::config::{ConfigError, Problem, SafetyChecks, Settings};
-use crate::connection::ManagedConnection;
-use crate::consumer::{ConsumerRuntime, ConsumerShared, ConsumerStats};
+use crate::consumer::{ConsumerRuntime, ConsumerShared};
 use crate::error::Error;
 use crate::fleet::Fleet;
 use crate::handler::{ErasedHandler, Handler, erase};
 
+use crate::amqp::topology::Topology;
 use crate::metrics::Metrics;
-use crate::topology::Topology;
 
 pub(crate) mod control;
 pub mod safety;
+
+pub use crate::consumer::{ConsumerStats, HANDLER_OUTCOMES, StatsSnapshot};
 
 /// Extra time, beyond the grace period, that closing channels may take.
 const CLOSE_MARGIN: Duration = Duration::from_secs(10);

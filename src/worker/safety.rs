@@ -72,7 +72,7 @@ pub fn advisories(settings: &Settings) -> Vec<String> {
     let vhost =
         crate::amqp::parse_uri(&settings.broker.url).map_or_else(|_| "/".to_owned(), |u| u.vhost);
     let policies = settings.consumers.iter().enumerate().filter_map(|(i, c)| {
-        let command = crate::topology::Topology::of(i, c).policy_command(&vhost)?;
+        let command = crate::amqp::topology::Topology::of(i, c).policy_command(&vhost)?;
         Some(format!(
             "consumers[{i}] (queue {:?}): declare = \"policy\" leaves the work queue's arguments alone, \
              so the broker dead-letters what it drops itself (delivery limit, TTL, overflow) only once \

@@ -113,7 +113,7 @@ impl TestBroker {
 
     /// Declares a plain durable queue (for tests that publish before the worker starts).
     pub async fn declare(&self, c: &ConsumerSettings) {
-        let topology = rabbit_guard::topology::Topology::of(0, c);
+        let topology = rabbit_guard::Topology::of(0, c);
         let ch = self.connection.create_channel().await.unwrap();
         topology.declare(&ch).await.expect("declare test topology");
         let _ = ch.close(200, "ok".into()).await;

@@ -23,15 +23,15 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use lapin::options::{
+use rabbit_guard::breaker::{Breaker, BreakerConfig, BreakerState, Transition};
+use rabbit_guard::config::{ConsumerSettings, HttpSettings, RetrySettings, Settings};
+use rabbit_guard::lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use rabbit_guard::breaker::{Breaker, BreakerConfig, BreakerState, Transition};
-use rabbit_guard::config::{ConsumerSettings, HttpSettings, RetrySettings, Settings};
-use rabbit_guard::consumer::ConsumerStats;
+use rabbit_guard::lapin::types::{AMQPValue, FieldTable, ShortString};
+use rabbit_guard::lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use rabbit_guard::worker::ConsumerStats;
 use rabbit_guard::{Worker, WorkerBuilder};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;

@@ -5,20 +5,16 @@ use super::*;
 
 /// A breaker tuned for fast tests.
 pub fn fast_breaker() -> BreakerConfig {
-    BreakerConfig {
-        failure_rate: 0.5,
-        minimum_calls: 10,
-        window: Duration::from_secs(10),
-        window_buckets: 10,
-        slow_call_duration: Duration::from_secs(2),
-        slow_call_rate: 1.0,
-        call_timeout: Duration::from_secs(3),
-        open_timeout: Duration::from_millis(500),
-        max_open_timeout: Duration::from_secs(2),
-        half_open_probes: 1,
-        consecutive_failures: None,
-        health_check: None,
-    }
+    let mut b = BreakerConfig::default()
+        .with_failure_rate(0.5, 10)
+        .with_call_timeout(Duration::from_secs(3))
+        .with_open_timeout(Duration::from_millis(500), Duration::from_secs(2))
+        .with_half_open_probes(1);
+    b.window = Duration::from_secs(10);
+    b.window_buckets = 10;
+    b.slow_call_duration = Duration::from_secs(2);
+    b.slow_call_rate = 1.0;
+    b
 }
 
 /// Settings with one consumer of a fresh queue, handled by `handler`.
@@ -28,17 +24,15 @@ pub fn settings(prefix: &str, handler: &str, breaker: BreakerConfig) -> Settings
     s.broker.connection_name = unique(prefix);
     s.worker.shutdown_grace = Duration::from_secs(5);
     s.breakers.insert("dep".into(), breaker);
-    s.consumers.push(ConsumerSettings {
-        queue: unique(prefix),
-        breaker: "dep".into(),
-        handler: handler.into(),
-        prefetch: 50,
-        concurrency: 8,
-        retry: RetrySettings {
-            delays: vec![Duration::from_millis(500), Duration::from_secs(1)],
-            ..RetrySettings::default()
-        },
-        ..ConsumerSettings::default()
+    s.consumers.push({
+        let mut v = ConsumerSettings::default();
+        v.queue = unique(prefix);
+        v.breaker = "dep".into();
+        v.handler = handler.into();
+        v.prefetch = 50;
+        v.concurrency = 8;
+        v.retry = RetrySettings::new(vec![Duration::from_millis(500), Duration::from_secs(1)]);
+        v
     });
     s
 }

@@ -334,7 +334,7 @@ async fn dispatch(settings: &Settings, args: DlqArgs) -> Result<ExitCode, Failur
         None => (String::new(), None),
     };
     args.command.check_usage()?;
-    let connection = crate::connection::connect_once(&settings.broker, "dlq").await?;
+    let connection = crate::amqp::connection::connect_once(&settings.broker, "dlq").await?;
     let clock = TimeFormat {
         utc: args.command.utc(),
     };

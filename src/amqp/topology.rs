@@ -20,7 +20,7 @@ use crate::error::{Error, amqp_error};
 /// `x-delivery-limit` of a quorum dead-letter queue: reads (`dlq list`,
 /// `show`, `export`) count as deliveries, and RabbitMQ 4.0+ would drop a
 /// dead letter after 20 of them.
-pub const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000;
+pub(crate) const DEAD_LETTER_DELIVERY_LIMIT: i64 = 1_000_000;
 
 /// The names and arguments one consumer uses.
 #[derive(Debug, Clone)]
