@@ -73,7 +73,8 @@ mod admin;
 mod amqp;
 mod backoff;
 mod consumer;
-#[cfg(feature = "demo")]
+// The demo's parts serve only the `demo`, `flaky-server` and `publish` commands.
+#[cfg(all(feature = "demo", feature = "cli"))]
 mod demo;
 mod error;
 mod fleet;

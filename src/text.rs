@@ -20,6 +20,7 @@ pub(crate) fn printable(s: &str) -> String {
 
 /// As [`printable`], but keeps line breaks and tabs: for a multi-line body.
 #[must_use]
+#[cfg_attr(not(feature = "cli"), allow(dead_code))] // read by `dlq show`
 pub(crate) fn printable_lines(s: &str) -> String {
     escape(s, true)
 }

@@ -46,7 +46,7 @@ fn dlq_list_json(settings: &rabbit_guard::config::Settings) -> (bool, String, St
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.toml");
     std::fs::write(&config, toml::to_string(settings).unwrap()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+    let out = std::process::Command::new(cli_binary())
         .args(["dlq", "list", "--json", "--config"])
         .arg(&config)
         .env_remove("RUST_LOG")

@@ -509,7 +509,7 @@ fn round_ms(d: Duration) -> Duration {
 /// # Errors
 ///
 /// [`Error::AccessRefused`], [`Error::VhostRefused`] or [`Error::Unreachable`].
-#[cfg(any(feature = "cli", feature = "demo"))]
+#[cfg(feature = "cli")]
 pub(crate) async fn connect_once(
     settings: &BrokerSettings,
     role: &'static str,

@@ -140,9 +140,21 @@ fn command(identity: Option<app::Identity>, tools: Tools) -> clap::Command {
         }
     }
     if tools == Tools::Hidden {
+        // clap cannot remove a subcommand: each becomes a hidden stand-in
+        // that takes any arguments, and `parse` refuses it as unknown.
         for tool in TOOLS {
             if command.find_subcommand(tool).is_some() {
-                command = command.mut_subcommand(tool, |c| c.hide(true));
+                command = command.mut_subcommand(tool, |_| {
+                    clap::Command::new(tool)
+                        .hide(true)
+                        .disable_help_flag(true)
+                        .arg(
+                            clap::Arg::new("any")
+                                .num_args(0..)
+                                .allow_hyphen_values(true)
+                                .trailing_var_arg(true),
+                        )
+                });
             }
         }
     }

@@ -27,7 +27,7 @@ impl Cli {
     }
 
     fn command(&self, args: &[&str]) -> std::process::Command {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"));
+        let mut c = std::process::Command::new(super::cli_binary());
         c.arg("dlq")
             .args(args)
             .arg("--config")

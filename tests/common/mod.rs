@@ -55,6 +55,16 @@ pub fn rabbitmqctl() -> std::process::Command {
     cmd
 }
 
+/// The binary with rabbit-guard's command line: this package's
+/// `rabbit-guard`, or, where these helpers are built into the application
+/// crate of `tests/outside-app` (built on `rabbit_guard::App`), that
+/// application's own.
+pub fn cli_binary() -> &'static str {
+    option_env!("CARGO_BIN_EXE_rabbit-guard")
+        .or(option_env!("CARGO_BIN_EXE_outside-app"))
+        .expect("a binary with rabbit-guard's command line")
+}
+
 /// A name no other test (or test run) uses.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);

@@ -25,7 +25,7 @@ impl Child {
         args: &[&str],
     ) -> Self {
         let log = dir.path().join("stderr.log");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit-guard"))
+        let child = std::process::Command::new(cli_binary())
             .args(args)
             .arg("--config")
             .arg(config)
