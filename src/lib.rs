@@ -23,13 +23,20 @@
 //!     type Message = Json<Order>;
 //!
 //!     async fn handle(&self, Json(order): Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
-//!         self.client
+//!         let response = self.client
 //!             .post(format!("http://127.0.0.1:8080/orders/{}", order.id))
 //!             .send()
 //!             .await
-//!             .and_then(|r| r.error_for_status())
-//!             .transient()?;
-//!         Ok(())
+//!             .transient()?; // refused, timed out: the dependency failed
+//!         match response.status() {
+//!             s if s.is_success() => Ok(()),
+//!             // The dependency failed: retried, counted against the breaker.
+//!             s if s.is_server_error() || s.as_u16() == 429 => {
+//!                 Err(HandlerError::transient(format!("orders answered {s}")))
+//!             }
+//!             // 400, 422: the message is bad; no retry will fix it.
+//!             s => Err(HandlerError::permanent(format!("orders rejected {}: {s}", order.id))),
+//!         }
 //!     }
 //! }
 //!
@@ -45,11 +52,19 @@
 //! }
 //! ```
 //!
-//! The parts, one module each: [`breaker`] (the pure state machine),
-//! [`handler`] (the trait users implement), [`builtin_handlers`] (built-in `http` and
-//! `noop`), [`consumer`] (one queue's loop), [`topology`] (queues and
-//! exchanges), [`worker`] (wiring and shutdown), [`config`] (layered settings),
-//! [`dead_letter`] (reasons and headers), [`cli`] (the `rabbit-guard` binary).
+//! Classify by whose fault a failure is: `error_for_status().transient()`
+//! would retry a 422 and count it against the breaker, so one bad message
+//! would help open it.
+//!
+//! The parts: [`handler`] (the trait users implement, and functions as
+//! handlers), [`breaker`] (the state machine and health checks),
+//! [`builtin_handlers`] (`http` and `noop`), [`worker`] (wiring, statistics
+//! and shutdown), [`config`] (layered, validated settings), [`dead_letter`]
+//! (browse, replay, purge, export), [`testing`] (run a handler without a
+//! broker and see what the worker would do), [`cli`] (the `rabbit-guard`
+//! command line, and [`App`] for an application's own binary), [`status`]
+//! (the admin endpoint's JSON), [`telemetry`], [`secret`] and
+//! [`trace_context`]. The AMQP client comes with it: [`lapin`].
 #![forbid(unsafe_code)]
 
 // The public face: these modules, and the re-exports below. Everything

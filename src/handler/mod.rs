@@ -16,14 +16,21 @@
 //!         if order.amount_cents < 0 {
 //!             return Err(HandlerError::permanent(format!("order {} has a negative amount", order.id)));
 //!         }
-//!         self.client
+//!         let response = self.client
 //!             .post("http://billing.internal/charge")
 //!             .header("Idempotency-Key", ctx.message_id().unwrap_or_default())
 //!             .send()
 //!             .await
-//!             .and_then(|r| r.error_for_status())
 //!             .transient()?; // the dependency failed: retry, count against the breaker
-//!         Ok(())
+//!         match response.status() {
+//!             s if s.is_success() => Ok(()),
+//!             s if s.is_server_error() || s.as_u16() == 429 => {
+//!                 Err(HandlerError::transient(format!("billing answered {s}")))
+//!             }
+//!             // A declined card (422): no retry will fix it, and it says
+//!             // nothing about billing's health.
+//!             s => Err(HandlerError::permanent(format!("billing rejected order {}: {s}", order.id))),
+//!         }
 //!     }
 //! }
 //! ```
@@ -37,7 +44,9 @@
 //! transient failure.
 //!
 //! A plain async function works too: [`handler_fn`], and [`with_state`] for
-//! one that shares a pool or client.
+//! one that shares a pool or client. [`testing::Harness`](crate::testing::Harness)
+//! runs a handler on a message built in a test and says what the worker
+//! would do with it.
 
 mod context;
 mod decode;

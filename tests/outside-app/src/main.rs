@@ -11,9 +11,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rabbit_guard::App;
 use rabbit_guard::handler::{Context, Handler, HandlerError, Json, with_state};
-use rabbit_guard::lapin::BasicProperties;
+use rabbit_guard::lapin::options::QueueDeclareOptions;
+use rabbit_guard::lapin::types::FieldTable;
+use rabbit_guard::lapin::{BasicProperties, Connection, ConnectionProperties};
+use rabbit_guard::{App, BoxError};
 use serde::Deserialize;
 
 /// An order, as JSON.
@@ -24,6 +26,7 @@ struct Order {
 }
 
 /// Checks orders and announces each checked one on `{queue}.checked`.
+/// A negative amount is a bad message.
 struct CheckOrders;
 
 impl Handler for CheckOrders {
@@ -37,7 +40,7 @@ impl Handler for CheckOrders {
                 order.id
             )));
         }
-        let checked = format!("{}.checked", ctx.queue());
+        let checked = output_queue(ctx.queue(), "check-orders").unwrap_or_default();
         ctx.publish(
             "",
             &checked,
@@ -66,10 +69,44 @@ struct Counter {
 async fn count(counter: Counter, body: String, ctx: Context) -> Result<(), HandlerError> {
     let n = counter.seen.fetch_add(1, Ordering::Relaxed) + 1;
     tracing::debug!(n, "counted");
-    let counted = format!("{}.counted", ctx.queue());
+    let counted = output_queue(ctx.queue(), "count").unwrap_or_default();
     let text = format!("{} {n}: {body}", counter.label);
     ctx.publish("", &counted, text.as_bytes(), BasicProperties::default())
         .await
+}
+
+/// Where a consumer's handler announces its work, by handler name.
+fn output_queue(queue: &str, handler: &str) -> Option<String> {
+    match handler {
+        "check-orders" => Some(format!("{queue}.checked")),
+        "count" => Some(format!("{queue}.counted")),
+        _ => None,
+    }
+}
+
+/// Declares the queues the handlers publish to (rabbit-guard declares the
+/// work, delay and dead-letter queues; an application's own are its
+/// business), with the AMQP client rabbit-guard re-exports.
+async fn declare_outputs(settings: &rabbit_guard::config::Settings) -> Result<(), BoxError> {
+    let connection = Connection::connect(
+        settings.broker.url.expose(),
+        ConnectionProperties::default(),
+    )
+    .await?;
+    let channel = connection.create_channel().await?;
+    for consumer in &settings.consumers {
+        if let Some(queue) = output_queue(&consumer.queue, &consumer.handler) {
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+                .await?;
+        }
+    }
+    connection.close(200, "declared".into()).await?;
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -77,6 +114,7 @@ fn main() -> ExitCode {
         .about("Checks and counts orders (an application built on rabbit-guard)")
         .handlers(["check-orders", "count"])
         .setup(|worker, settings: Settings| async move {
+            declare_outputs(worker.settings()).await?;
             let counter = Counter {
                 label: settings.label.into(),
                 seen: Arc::new(AtomicU64::new(0)),

@@ -64,8 +64,8 @@ async fn the_application_handles_dead_letters_and_stops_cleanly() {
         broker.declare(c).await;
     }
     let (checked, counted) = (format!("{orders}.checked"), format!("{counts}.counted"));
+    // The application declares these itself (its setup), before it consumes.
     for q in [&checked, &counted] {
-        broker.declare_queue(q, Default::default()).await;
         broker.track_queue(q);
     }
 
@@ -133,16 +133,20 @@ async fn the_application_handles_dead_letters_and_stops_cleanly() {
 
     let expected_dead = 3;
     let dlq = settings.consumers[0].dead_letter_queue();
+    let ready = |q: String| {
+        let broker = &broker;
+        async move { broker.ready_if_exists(&q).await.unwrap_or(0) as usize }
+    };
     let settled = wait_until_async(Duration::from_secs(30), || async {
-        broker.ready(&checked).await as usize >= ORDERS
-            && broker.ready(&counted).await as usize >= COUNTED
-            && broker.ready(&dlq).await as usize >= expected_dead
+        ready(checked.clone()).await >= ORDERS
+            && ready(counted.clone()).await >= COUNTED
+            && ready(dlq.clone()).await >= expected_dead
     })
     .await;
     let (checked_n, counted_n, dead_n) = (
-        broker.ready(&checked).await,
-        broker.ready(&counted).await,
-        broker.ready(&dlq).await,
+        ready(checked.clone()).await,
+        ready(counted.clone()).await,
+        ready(dlq.clone()).await,
     );
     assert!(
         settled,
@@ -226,6 +230,14 @@ fn the_command_line_is_the_applications_own() {
     assert!(
         text.contains("outside-app completions bash") && !text.contains("rabbit-guard"),
         "help texts name the application's binary: {text}"
+    );
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/app.toml");
+    let checked = run(&["check-config", "--config", config]);
+    let out = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success() && out.contains("configuration OK: 2 consumer(s), 1 breaker(s)"),
+        "the README's app.toml is valid for the application: {out}{}",
+        String::from_utf8_lossy(&checked.stderr)
     );
     let version = run(&["--version"]);
     assert_eq!(
