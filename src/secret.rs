@@ -245,9 +245,218 @@ pub fn scrub(text: &str, secrets: &[&str]) -> String {
     out
 }
 
+/// At most `max` bytes of `text` (with `...` where it is cut), with every
+/// secret masked. A secret that starts within them is masked whole, even
+/// where the cut falls inside it; and so is a secret that `text` itself
+/// ends in the middle of (it was read only that far). Read `max` plus the
+/// longest secret's length of bytes, so that every secret that starts
+/// within `max` is complete in `text`.
+#[must_use]
+pub(crate) fn scrub_cut(text: &str, secrets: &[&str], max: usize) -> String {
+    let secrets: Vec<&str> = secrets.iter().copied().filter(|s| s.len() >= 3).collect();
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for secret in &secrets {
+        ranges.extend(text.match_indices(secret).map(|(i, m)| (i, i + m.len())));
+        // A secret cut off at the end of what was read.
+        let bytes = secret.as_bytes();
+        if let Some(k) = (3..bytes.len())
+            .rev()
+            .find(|&k| text.as_bytes().ends_with(&bytes[..k]))
+        {
+            ranges.push((text.len() - k, text.len()));
+        }
+    }
+    ranges.sort_unstable();
+    let cut = if text.len() > max {
+        max.saturating_sub(3)
+    } else {
+        text.len()
+    };
+    let mut out = String::with_capacity(cut.min(text.len()) + 3);
+    let mut pos = 0;
+    let mut next = ranges.iter().peekable();
+    while pos < cut {
+        // Ranges that ended before here were inside one already masked.
+        while next.peek().is_some_and(|(_, end)| *end <= pos) {
+            next.next();
+        }
+        match next.peek() {
+            Some(&&(start, end)) if start <= pos => {
+                out.push_str(MASK);
+                pos = end;
+            }
+            Some(&&(start, _)) => {
+                let stop = start.min(cut);
+                out.push_str(&text[pos..floor_boundary(text, stop).max(pos)]);
+                pos = if stop < start { text.len() } else { start };
+            }
+            None => {
+                out.push_str(&text[pos..floor_boundary(text, cut).max(pos)]);
+                pos = text.len();
+            }
+        }
+    }
+    if text.len() > max {
+        out.push_str("...");
+    }
+    out
+}
+
+/// The largest char boundary of `s` at or before `i`.
+fn floor_boundary(s: &str, i: usize) -> usize {
+    let mut i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Every form in which a request to `url` carries its secrets, and so in
+/// which a server could echo them back (a request line, an `Authorization`
+/// header) into an error text: each credential-like query value and the
+/// password as written in the URL, decoded, percent-encoded and
+/// form-encoded (`+` for a space), and `base64(user:password)` as HTTP
+/// Basic authentication sends it. Plus `extra` (configured header values),
+/// in the same forms.
+#[must_use]
+pub(crate) fn echoed_forms(url: Option<&url::Url>, extra: &[&str]) -> Vec<String> {
+    use base64::Engine as _;
+    let mut out: Vec<String> = Vec::new();
+    let add = |secret: &str, out: &mut Vec<String>| {
+        if secret.is_empty() {
+            return;
+        }
+        out.push(secret.to_owned());
+        out.push(percent_encoded(secret));
+        out.push(url::form_urlencoded::byte_serialize(secret.as_bytes()).collect());
+    };
+    for secret in extra {
+        add(secret, &mut out);
+    }
+    if let Some(url) = url {
+        if let Some(written) = url.password() {
+            add(written, &mut out);
+            let decoded = percent_decoded(written);
+            add(&decoded, &mut out);
+            let user = url.username();
+            let b64 = base64::engine::general_purpose::STANDARD;
+            for (u, p) in [
+                (user.to_owned(), written.to_owned()),
+                (percent_decoded(user), decoded),
+            ] {
+                out.push(b64.encode(format!("{u}:{p}")));
+            }
+        }
+        for pair in url.query().unwrap_or_default().split('&') {
+            if let Some((name, written)) = pair.split_once('=')
+                && is_credential_param(&decode_name(name))
+            {
+                add(written, &mut out);
+                let decoded = url::form_urlencoded::parse(format!("v={written}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default();
+                add(&decoded, &mut out);
+            }
+        }
+    }
+    // Longest first, so a secret inside another's form is not cut apart
+    // before the longer one is.
+    out.retain(|s| s.len() >= 3);
+    out.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    out.dedup();
+    out
+}
+
+/// Every byte but the unreserved ones (`A-Z a-z 0-9 - . _ ~`) as `%XX`.
+fn percent_encoded(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `%XX` escapes decoded (lossily, for text that is not UTF-8).
+fn percent_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_across_the_cut_is_masked_whole() {
+        let secret = "s3cr3t-token-value";
+        // Starts before the cut at 20, ends after it.
+        let text = format!("{}{secret} and more text after it", "x".repeat(15));
+        let out = scrub_cut(&text, &[secret], 20);
+        assert!(!out.contains("s3cr"), "{out}");
+        assert_eq!(out, format!("{}***...", "x".repeat(15)));
+        // Read only as far as its middle: masked all the same.
+        let out = scrub_cut(&format!("abc {}", &secret[..8]), &[secret], 100);
+        assert_eq!(out, "abc ***");
+        // Short text, no secret: unchanged; long text: cut and marked.
+        assert_eq!(scrub_cut("hello", &[secret], 100), "hello");
+        assert_eq!(scrub_cut("é".repeat(10).as_str(), &[secret], 8), "éé...");
+    }
+
+    #[test]
+    fn every_form_a_server_could_echo_is_scrubbed() {
+        let url = url::Url::parse(
+            "http://svc:p%40ss+w%20rd@127.0.0.1:1/x?api_key=a%2Fb+c&token=t0k-1&page=2",
+        )
+        .unwrap();
+        let forms = echoed_forms(Some(&url), &["X-Key Value"]);
+        let basic = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode("svc:p@ss+w rd")
+        };
+        let echoed = format!(
+            "GET /x?api_key=a%2Fb+c&token=t0k-1&page=2 HTTP/1.1\r\nauthorization: Basic {basic}\r\n\
+             x-key: X-Key Value\r\nform: a%2Fb+c api_key=a/b c pass=p@ss+w rd p%40ss+w%20rd X-Key+Value"
+        );
+        let forms: Vec<&str> = forms.iter().map(String::as_str).collect();
+        let out = scrub(&echoed, &forms);
+        for leaked in [
+            "a%2Fb+c",
+            "a/b c",
+            "t0k-1",
+            &basic,
+            "p@ss+w rd",
+            "p%40ss+w%20rd",
+            "X-Key Value",
+            "X-Key+Value",
+        ] {
+            assert!(!out.contains(leaked), "{leaked} left in {out}");
+        }
+        assert!(out.contains("page=2"), "only secrets are cut: {out}");
+    }
 
     #[test]
     fn masks_only_the_password() {

@@ -880,7 +880,9 @@ async fn browsing_50000_messages_streams_in_bounded_memory() {
 
 /// Dead letters the broker made itself (a rejected message, an expired one),
 /// without any rg-* header: listed from `x-death`, bodies that are not UTF-8
-/// shown in base64, replayed to the queue named in `x-death`.
+/// shown in base64; replayed to the queue named in `x-death` only with
+/// `--to` (it is not this dead-letter queue's consumer, and a publisher can
+/// write `x-death` too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_made_dead_letters_are_read_from_x_death() {
     let broker = Arc::new(TestBroker::connect().await);
@@ -1007,7 +1009,16 @@ async fn broker_made_dead_letters_are_read_from_x_death() {
         "the table shows the broker's reasons:\n{table}"
     );
 
-    cli.ok(&["replay", "--all"]);
+    let refused = cli.run(&["replay", "--all"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        refused.status.code() == Some(1)
+            && stderr.contains("rejected-1")
+            && stderr.contains("--to")
+            && broker.ready(&dlq).await == 2,
+        "x-death naming another queue than this DLQ's consumer is not followed: {stderr}"
+    );
+    cli.ok(&["replay", "--all", "--to", &source, "--yes"]);
     let back: Vec<String> = broker
         .drain(&source)
         .await

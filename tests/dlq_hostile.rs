@@ -90,8 +90,9 @@ async fn replay_never_follows_a_queue_named_only_by_a_publishers_header() {
     );
     let shown = cli.ok(&["show", "via-broker"]);
     assert!(
-        shown.contains(&format!("{work} (x-death: set by the broker)"))
-            && shown.contains("rg-reason: \"permanent\"  [publisher]"),
+        shown.contains(&format!(
+            "{work} (x-death, and this dead-letter queue's consumer)"
+        )) && shown.contains("rg-reason: \"permanent\"  [publisher]"),
         "a broker-made dead letter's rg-* headers came from its publisher:\n{shown}"
     );
 
@@ -414,5 +415,103 @@ async fn reading_commands_speak_json_and_keep_late_differing_errors_apart() {
         help.contains("--to") && !help.contains("--queue") && !help.contains("--utc"),
         "import --help lists only what import uses: {help}"
     );
+    broker.cleanup().await;
+}
+
+/// A death record as RabbitMQ writes it in `x-death`.
+fn death(queue: &str) -> AMQPValue {
+    let mut d = FieldTable::default();
+    d.insert("queue".into(), text(queue));
+    d.insert("reason".into(), text("rejected"));
+    d.insert("count".into(), AMQPValue::LongLongInt(1));
+    d.insert("exchange".into(), text(""));
+    AMQPValue::FieldArray(vec![AMQPValue::FieldTable(d)].into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_trusts_x_death_only_where_it_names_this_dlqs_own_queue() {
+    use rabbit_guard::dead_letter::BrokerVersion;
+    let broker = Arc::new(TestBroker::connect().await);
+    let version = BrokerVersion::of_server(broker.connection.configuration().server_properties());
+    let settings = settings("forged-death", "noop", fast_breaker());
+    let consumer = settings.consumers[0].clone();
+    let (work, dlq) = (consumer.queue.clone(), consumer.dead_letter_queue());
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let victim = unique("forged-death-victim");
+    broker.declare_queue(&victim, FieldTable::default()).await;
+    broker.track_queue(&victim);
+
+    // Published straight into the dead-letter queue (a narrower right than
+    // publishing to the victim), as the broker would write them.
+    let mut forged = FieldTable::default();
+    forged.insert("x-death".into(), death(&victim));
+    forged.insert("x-first-death-queue".into(), text(&victim));
+    publish(&broker, &dlq, "forged-x-death", forged, b"{}").await;
+    let mut last = FieldTable::default();
+    last.insert("x-last-death-queue".into(), text(&victim));
+    last.insert("x-last-death-reason".into(), text("rejected"));
+    publish(&broker, &dlq, "forged-last-death", last, b"{}").await;
+    let mut own = FieldTable::default();
+    own.insert("x-death".into(), death(&work));
+    publish(&broker, &dlq, "names-its-own-queue", own, b"{}").await;
+    assert!(
+        wait_until_async(Duration::from_secs(10), || async {
+            broker.ready(&dlq).await == 3
+        })
+        .await,
+        "the three messages should be in {dlq}: {}",
+        broker.ready(&dlq).await
+    );
+
+    let cli = Cli::new(&settings);
+    let shown: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["show", "forged-x-death", "--json"])).expect("show --json");
+    // Delivered as written on 3.x and 4.x alike (4.x only stops
+    // interpreting a publisher's x-death).
+    assert_eq!(
+        shown["header_origins"]["x-death"].as_str(),
+        Some("broker or publisher"),
+        "on {version} a publisher can write x-death: {shown}"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["show", "forged-last-death", "--json"]))
+            .expect("show --json");
+    if version < BrokerVersion::parse("3.13").unwrap() {
+        assert_eq!(
+            (
+                shown["header_origins"]["x-last-death-queue"].as_str(),
+                shown["broker_queue"].as_str()
+            ),
+            (Some("publisher"), None),
+            "before 3.13 only a publisher writes x-last-death-*, and it is not read: {shown}"
+        );
+    }
+
+    let replay = cli.run(&["replay", "--all"]);
+    let stderr = String::from_utf8_lossy(&replay.stderr);
+    assert_eq!(
+        broker.ready(&victim).await,
+        0,
+        "nothing reached the queue only a forged death header named: {}",
+        out(&replay)
+    );
+    let moved: Vec<String> = broker
+        .drain(&work)
+        .await
+        .into_iter()
+        .map(|g| g.id)
+        .collect();
+    assert!(
+        moved.contains(&"names-its-own-queue".to_owned()),
+        "an x-death naming this dead-letter queue's own work queue is followed: {moved:?}; {}",
+        out(&replay)
+    );
+    assert!(
+        stderr.contains("forged-x-death") && stderr.contains("--to"),
+        "the refused message is listed with what to do: {}",
+        out(&replay)
+    );
+    assert_eq!(replay.status.code(), Some(1), "{}", out(&replay));
     broker.cleanup().await;
 }

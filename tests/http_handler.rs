@@ -338,3 +338,144 @@ async fn a_message_that_cannot_become_a_request_is_permanent_not_transient() {
     }
     assert_eq!(downstream.arrived_count(), 0, "nothing was sent");
 }
+
+/// What a server saw: per request, its path, `X-Api-Key` and body.
+type Seen = Arc<std::sync::Mutex<Vec<(String, Option<String>, Vec<u8>)>>>;
+
+/// A server on 127.0.0.1 (an origin of its own) that records every request
+/// and answers `/cross` with a 307 to `elsewhere`, `/same` with a 307 to its
+/// own `/final`, and anything else with 200.
+async fn redirecting_server(elsewhere: Option<String>) -> (String, Seen) {
+    use axum::extract::{Request, State};
+    use axum::response::{IntoResponse, Response};
+    let seen: Seen = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new()
+        .fallback(
+            |State((seen, elsewhere)): State<(Seen, Option<String>)>, req: Request| async move {
+                let path = req.uri().path().to_owned();
+                let key = req
+                    .headers()
+                    .get("x-api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+                    .await
+                    .unwrap_or_default()
+                    .to_vec();
+                seen.lock().unwrap().push((path.clone(), key, body));
+                let to = match path.as_str() {
+                    "/cross" => elsewhere.map(|e| format!("{e}/steal?from=cross")),
+                    "/same" => Some("/final".to_owned()),
+                    _ => None,
+                };
+                match to {
+                    Some(location) => Response::builder()
+                        .status(307)
+                        .header("location", location)
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                    None => "ok".into_response(),
+                }
+            },
+        )
+        .with_state((seen.clone(), elsewhere));
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    (base, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_never_carry_the_api_key_or_the_body_to_another_origin() {
+    const KEY: &str = "k-7d1e-secret";
+    let broker = Arc::new(TestBroker::connect().await);
+    let (other, other_seen) = redirecting_server(None).await;
+    let (dependency, seen) = redirecting_server(Some(other.clone())).await;
+
+    for follow in ["none", "same-origin"] {
+        for path in ["/cross", "/same"] {
+            let mut settings = http_settings("redirect", &format!("{dependency}{path}"));
+            settings.breakers.get_mut("dep").unwrap().minimum_calls = 1_000;
+            if let Some(http) = settings.consumers[0].http.as_mut() {
+                http.headers.insert("X-Api-Key".into(), KEY.into());
+                http.follow_redirects = serde_json::from_value(serde_json::json!(follow))
+                    .expect("a follow_redirects value");
+            }
+            let consumer = settings.consumers[0].clone();
+            broker.track(&consumer);
+            broker.declare(&consumer).await;
+            let ids = broker.publish_json(&consumer.queue, "r", 3).await;
+            let running = Running::start(Worker::builder(settings)).await;
+            let dlq = consumer.dead_letter_queue();
+            let followed = follow == "same-origin" && path == "/same";
+            let done = wait_until_async(Duration::from_secs(15), || async {
+                let finals = seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| s.0 == "/final")
+                    .count();
+                if followed {
+                    finals >= ids.len() && broker.ready(&consumer.queue).await == 0
+                } else {
+                    broker.ready(&dlq).await as usize == ids.len()
+                }
+            })
+            .await;
+            running.stop().await;
+            assert!(
+                done,
+                "follow_redirects = {follow:?}, {path}: expected the {} messages {}; DLQ {}",
+                ids.len(),
+                if followed {
+                    "handled at /final"
+                } else {
+                    "dead-lettered"
+                },
+                broker.ready(&dlq).await
+            );
+            if !followed {
+                for d in broker.drain(&dlq).await {
+                    let (reason, error) = (
+                        d.header_str("rg-reason").unwrap_or_default(),
+                        d.header_str("rg-error").unwrap_or_default(),
+                    );
+                    assert_eq!(reason, "permanent", "{follow}, {path}: {error}");
+                    let target = if path == "/cross" {
+                        &other
+                    } else {
+                        &dependency
+                    };
+                    assert!(
+                        error.contains("307") && error.contains(&format!("to {target}")),
+                        "{follow}, {path}: the error names the status and the origin it pointed to: {error}"
+                    );
+                    assert!(
+                        !error.contains("steal") && !error.contains(KEY),
+                        "only the origin, never the location's path or the key: {error}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        other_seen.lock().unwrap().is_empty(),
+        "the other origin received nothing (no key, no body): {:?}",
+        other_seen.lock().unwrap()
+    );
+    let finals: Vec<_> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.0 == "/final")
+        .map(|s| (s.1.clone(), !s.2.is_empty()))
+        .collect();
+    assert!(
+        finals.len() >= 3
+            && finals
+                .iter()
+                .all(|(key, body)| key.as_deref() == Some(KEY) && *body),
+        "a same-origin redirect is followed with the key and the body: {finals:?}"
+    );
+    broker.cleanup().await;
+}

@@ -1,9 +1,12 @@
 //! A secret in every place a config can hold one (the broker password, the
 //! admin token, the http handler's URL user info and `api_key`, its header
-//! values), a dependency that fails, refuses connections and echoes what it
-//! got, a lost broker connection: then every log line, `check-config`,
-//! `status`, `dlq list/show/summary`, the dead letters' headers and every
-//! admin route are searched for each secret. None may appear.
+//! values, a health check URL's token), a dependency that fails, refuses
+//! connections and echoes what it got (its request line, `Authorization:
+//! Basic …` and headers), a lost broker connection: then every log line,
+//! `check-config`, `status`, `dlq list/show/summary`, the dead letters'
+//! headers and every admin route are searched for each secret, in every
+//! form a request carries it (as written in the URL, decoded, base64 of
+//! `user:password`). None may appear.
 #![allow(clippy::print_stderr)]
 #![allow(clippy::too_many_lines)] // a scenario reads best top to bottom
 
@@ -21,10 +24,12 @@ use common::proxy::{Proxy, free_port};
 use common::*;
 use rabbit_guard::config::{HttpSettings, RetrySettings};
 
-/// A dependency that answers `perm` bodies with 422 and anything else with
-/// 500, echoing the request's credentials in its error body.
+/// A dependency that answers `perm` bodies with 422, `/health` with 503 and
+/// anything else with 500, echoing the request line and credentials in its
+/// error body.
 async fn echoing_dependency() -> u16 {
     async fn answer(
+        uri: axum::http::Uri,
         headers: HeaderMap,
         RawQuery(query): RawQuery,
         body: String,
@@ -39,16 +44,27 @@ async fn echoing_dependency() -> u16 {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let status = if body.contains("perm") {
+        let token = headers
+            .get("x-auth-token")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let status = if uri.path() == "/health" {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else if body.contains("perm") {
             StatusCode::UNPROCESSABLE_ENTITY
         } else {
             StatusCode::INTERNAL_SERVER_ERROR
         };
+        let query = query.unwrap_or_default();
+        let decoded: String = url::form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| format!("{k}={v} "))
+            .collect();
         (
             status,
             format!(
-                "rejected: authorization={auth} x-api-key={key} query={}",
-                query.unwrap_or_default()
+                "rejected: authorization={auth} x-api-key={key} x-auth-token={token} \
+                 request line: POST {uri} HTTP/1.1; query={query}; decoded: {decoded}"
             ),
         )
     }
@@ -80,16 +96,40 @@ async fn no_secret_appears_anywhere_the_worker_or_the_cli_writes() {
     let account = TempUser::create();
     let n = random_below(1_000_000_000);
     let token = format!("admin-token-{n}");
-    let url_password = format!("url-pass-{n}");
-    let api_key = format!("api-key-{n}");
+    // As written in the URLs (percent-encoded), and as they are meant.
+    let url_password_written = format!("url%20pass%2B{n}");
+    let url_password = format!("url pass+{n}");
+    let api_key_written = format!("a%2Fb+c-{n}");
+    let api_key = format!("a/b c-{n}");
+    let health_token_written = format!("hc%2Btok-{n}");
+    let health_token = format!("hc+tok-{n}");
+    let basic = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("svc:{url_password}"))
+    };
     let bearer = format!("bearer-{n}");
     let header_key = format!("hdr-key-{n}");
     let secrets = [
         ("the broker password", account.password.clone()),
         ("admin.token", token.clone()),
         ("the http.url password", url_password.clone()),
+        (
+            "the http.url password as written",
+            url_password_written.clone(),
+        ),
+        ("Basic base64(user:password)", basic.clone()),
         ("the http.url api_key", api_key.clone()),
-        ("the Authorization header value", bearer.clone()),
+        ("the http.url api_key as written", api_key_written.clone()),
+        (
+            "the http.url api_key form-encoded",
+            api_key.replace('/', "%2F").replace(' ', "+"),
+        ),
+        ("the health check token", health_token.clone()),
+        (
+            "the health check token as written",
+            health_token_written.clone(),
+        ),
+        ("the X-Auth-Token header value", bearer.clone()),
         ("the X-Api-Key header value", header_key.clone()),
     ];
 
@@ -109,13 +149,10 @@ async fn no_secret_appears_anywhere_the_worker_or_the_cli_writes() {
     settings.log.level = "debug".into();
     let http = |port: u16| {
         let mut h = HttpSettings::to(format!(
-            "http://svc:{url_password}@127.0.0.1:{port}/orders?api_key={api_key}&page=1"
+            "http://svc:{url_password_written}@127.0.0.1:{port}/orders?api_key={api_key_written}&page=1"
         ));
         h.headers = BTreeMap::from([
-            (
-                "Authorization".to_owned(),
-                format!("Bearer {bearer}").into(),
-            ),
+            ("X-Auth-Token".to_owned(), format!("Bearer {bearer}").into()),
             ("X-Api-Key".to_owned(), header_key.clone().into()),
         ]);
         h
@@ -129,6 +166,15 @@ async fn no_secret_appears_anywhere_the_worker_or_the_cli_writes() {
     refused.http = Some(http(free_port()));
     settings.consumers.push(refused);
     settings.breakers.insert("refused".into(), fast_breaker());
+    // While "dep" is open, its health check asks the echoing dependency.
+    settings.breakers.get_mut("dep").unwrap().health_check =
+        Some(rabbit_guard::breaker::HealthCheckConfig::new(
+            Some(rabbit_guard::secret::SecretUrl::new(format!(
+                "http://127.0.0.1:{dependency}/health?token={health_token_written}"
+            ))),
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+        ));
     for c in &settings.consumers {
         broker.track(c);
         broker.declare(c).await;
@@ -161,6 +207,17 @@ async fn no_secret_appears_anywhere_the_worker_or_the_cli_writes() {
         dead,
         "the 5 permanent failures should be dead-lettered within 20 s: {} in {dlq}; log:\n{}",
         broker.ready(&dlq).await,
+        child.stderr()
+    );
+    // The 20 failing messages open "dep", and its health check fails with
+    // the token echoed back.
+    let checked = wait_until(Duration::from_secs(20), || {
+        child.stderr().contains("health check failed")
+    })
+    .await;
+    assert!(
+        checked,
+        "a health check should fail within 20 s; log:\n{}",
         child.stderr()
     );
     proxy.cut_all();
@@ -239,7 +296,8 @@ async fn no_secret_appears_anywhere_the_worker_or_the_cli_writes() {
     let cli = Cli::new(&settings);
     let listed = cli.ok(&["list", "--json"]);
     assert!(
-        listed.contains("422") && listed.contains("rejected: authorization=*** x-api-key=***"),
+        listed.contains("422")
+            && listed.contains("rejected: authorization=Basic *** x-api-key=*** x-auth-token=***"),
         "the dead letters carry the dependency's answer, credentials cut out:\n{listed}"
     );
     seen.push(("dlq list --json".into(), listed));

@@ -189,6 +189,9 @@ pub(crate) struct HttpHealthCheck {
     client: reqwest::Client,
     url: reqwest::Url,
     shown: String,
+    /// The URL's credentials in every form a request carries them: cut out
+    /// of whatever the endpoint echoes back.
+    secrets: Vec<String>,
 }
 
 #[cfg(feature = "http-handler")]
@@ -209,10 +212,12 @@ impl HttpHealthCheck {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("cannot build the health check's HTTP client: {e}"))?;
+        let secrets = crate::secret::echoed_forms(Some(&parsed), &[]);
         Ok(Self {
             client,
             url: parsed,
             shown,
+            secrets,
         })
     }
 }
@@ -220,26 +225,38 @@ impl HttpHealthCheck {
 #[cfg(feature = "http-handler")]
 impl HealthCheck for HttpHealthCheck {
     async fn check(&self) -> Result<(), BoxError> {
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        let scrub = |text: &str| crate::secret::scrub(text, &secrets);
         // `without_url`: reqwest's errors print the URL, credentials and all.
         let mut response = self
             .client
             .get(self.url.clone())
             .send()
             .await
-            .map_err(|e| format!("GET {}: {}", self.shown, error_text(&e.without_url())))?;
+            .map_err(|e| {
+                format!(
+                    "GET {}: {}",
+                    self.shown,
+                    scrub(&error_text(&e.without_url()))
+                )
+            })?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
-        // The start of the body says why; an endless one is not read.
+        // The start of the body says why; an endless one is not read (past
+        // the longest secret, so one across the cut is masked whole).
+        let limit = ERROR_TEXT + 1 + self.secrets.iter().map(String::len).max().unwrap_or(0);
         let mut body = Vec::new();
-        while body.len() < ERROR_TEXT {
+        while body.len() < limit {
             match response.chunk().await {
                 Ok(Some(chunk)) => body.extend_from_slice(&chunk),
                 Ok(None) | Err(_) => break,
             }
         }
-        let body = String::from_utf8_lossy(&body[..body.len().min(ERROR_TEXT)]).into_owned();
+        body.truncate(limit);
+        let body =
+            crate::secret::scrub_cut(String::from_utf8_lossy(&body).trim(), &secrets, ERROR_TEXT);
         let body = body.trim();
         Err(if body.is_empty() {
             format!("GET {}: HTTP {status}", self.shown)

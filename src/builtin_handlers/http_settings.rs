@@ -28,6 +28,25 @@ pub struct HttpSettings {
     /// message at once.
     #[serde(default = "default_transient_statuses")]
     pub transient_statuses: Vec<u16>,
+    /// What to do with a redirect (3xx): `"none"` (default) makes it a
+    /// permanent error naming where it pointed; `"same-origin"` follows it
+    /// (at most 5) while it stays on the URL's scheme, host and port, so
+    /// the configured headers and the message body never reach another
+    /// host or leave https.
+    #[serde(default)]
+    pub follow_redirects: FollowRedirects,
+}
+
+/// `http.follow_redirects`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum FollowRedirects {
+    /// A 3xx is a permanent error.
+    #[default]
+    None,
+    /// Followed while it stays on the same origin.
+    SameOrigin,
 }
 
 impl HttpSettings {
@@ -38,6 +57,7 @@ impl HttpSettings {
             method: default_method(),
             headers: BTreeMap::new(),
             transient_statuses: default_transient_statuses(),
+            follow_redirects: FollowRedirects::None,
         }
     }
 }

@@ -18,7 +18,7 @@ mod noop;
 
 #[cfg(feature = "http-handler")]
 pub use http::{HttpHandler, HttpSettingsError};
-pub use http_settings::HttpSettings;
+pub use http_settings::{FollowRedirects, HttpSettings};
 pub use noop::NoopHandler;
 
 /// A `(key, shown value, message)` problem with a consumer's settings, the

@@ -195,9 +195,9 @@ fn with_hint(message: &str) -> String {
     }
 }
 
-/// The parser's message with its line and column, and the line itself
-/// with a caret under the spot: secrets on it masked (a URL's password,
-/// the whole value of a key that holds a secret).
+/// The parser's message with its line and column and the key the line
+/// sets (or the table it opens), never a value: any value may be a secret,
+/// under any name (`passwd`, `Cookie`, a URL's password).
 fn syntax_message(text: &str, e: &toml::de::Error) -> String {
     let message = one_line(e.message());
     let Some(span) = e.span() else {
@@ -207,42 +207,24 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
     let before = &text[..start];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    let source = text.lines().nth(line - 1).unwrap_or("");
-    let shown = mask_line(source);
-    let (shown_len, source_len) = (shown.chars().count(), source.chars().count());
-    if shown_len > 200 {
-        return format!("line {line}, column {column}: {message}");
-    }
-    // Masking shortens what comes before the spot, not after it: count the
-    // caret's place from the end of the line.
-    let at = shown_len.saturating_sub(source_len.saturating_sub(column.saturating_sub(1)));
-    let caret = format!("{}^", " ".repeat(at));
-    let shown = crate::text::printable(&shown);
-    format!("line {line}, column {column}: {message}\n    {shown}\n    {caret}")
+    let source = text.lines().nth(line - 1).unwrap_or("").trim();
+    let place = if let Some((key, _)) = source.split_once('=') {
+        format!(" (the value of key {})", shown_name(key))
+    } else if source.starts_with('[') {
+        format!(" (in the table header {})", shown_name(source))
+    } else {
+        String::new()
+    };
+    format!("line {line}, column {column}: {message}{place}")
 }
 
-/// A config line fit to print: a URL's password masked, and the value of a
-/// key that holds a secret (`token`, `password`, a header…) replaced.
-fn mask_line(line: &str) -> String {
-    let Some((key, value)) = line.split_once('=') else {
-        return crate::secret::mask_url(line);
-    };
-    let k = key.to_ascii_lowercase();
-    let secret = [
-        "token",
-        "password",
-        "secret",
-        "header",
-        "authorization",
-        "key",
-    ]
-    .iter()
-    .any(|s| k.contains(s));
-    if secret {
-        format!("{key}= {}", crate::secret::MASK)
-    } else {
-        format!("{key}={}", crate::secret::mask_url(value))
-    }
+/// A key or table header as written, fit to print: printable, at most 80
+/// characters, quoted.
+fn shown_name(name: &str) -> String {
+    format!(
+        "{:?}",
+        crate::text::truncate(&crate::text::printable(name.trim()), 80)
+    )
 }
 
 /// A deserializer's message with the values it quotes cut out (`invalid

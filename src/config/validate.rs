@@ -108,6 +108,49 @@ impl Settings {
             out.extend(own);
             out.extend(self.reference_problems(i, c, extra_handlers));
         }
+        out.extend(self.copy_target_problems());
+        out
+    }
+
+    /// A dead-letter or delay queue that is also a work queue (of this
+    /// consumer or another) would send copies back to be handled again, in
+    /// a loop: refused whatever `declare` says (with `declare = "passive"`
+    /// or `"policy"` nothing else would notice).
+    fn copy_target_problems(&self) -> Vec<Problem> {
+        let work: Vec<(usize, &str)> = self
+            .consumers
+            .iter()
+            .enumerate()
+            .map(|(j, c)| (j, c.queue.as_str()))
+            .filter(|(_, q)| !q.trim().is_empty())
+            .collect();
+        let consumer_of = |name: &str| work.iter().find(|(_, q)| *q == name).map(|(j, _)| *j);
+        let mut out = Vec::new();
+        for (i, c) in self.consumers.iter().enumerate() {
+            let dlq = c.dead_letter_queue();
+            if let Some(j) = consumer_of(&dlq) {
+                out.push(problem(
+                    format!("consumers[{i}].dead_letter_queue"),
+                    quoted(&crate::text::truncate(&dlq, 80)),
+                    format!(
+                        "is the work queue of consumers[{j}]: its dead letters would be handled again, in a loop; name a queue of its own"
+                    ),
+                ));
+            }
+            for (k, d) in c.retry.delays.iter().enumerate() {
+                let delay = c.delay_queue(*d);
+                if let Some(j) = consumer_of(&delay) {
+                    out.push(problem(
+                        format!("consumers[{i}].retry.delays[{k}]"),
+                        quoted(&humantime::format_duration(*d).to_string()),
+                        format!(
+                            "its delay queue {:?} is the work queue of consumers[{j}]: retries would skip their wait",
+                            crate::text::truncate(&delay, 80)
+                        ),
+                    ));
+                }
+            }
+        }
         out
     }
 

@@ -66,6 +66,8 @@ pub(crate) struct Reader {
     first_tag: Option<u64>,
     /// Messages read so far: the position of the last one.
     read: u64,
+    /// The broker's version: which death headers it writes.
+    broker: super::BrokerVersion,
 }
 
 impl Reader {
@@ -87,6 +89,7 @@ impl Reader {
             outstanding: 0,
             first_tag: None,
             read: 0,
+            broker: super::BrokerVersion::of_server(connection.configuration().server_properties()),
         })
     }
 
@@ -97,7 +100,11 @@ impl Reader {
             return Ok(None);
         };
         self.read += 1;
-        Ok(Some(DeadLetter::from_delivery(self.read, delivery)))
+        Ok(Some(DeadLetter::from_delivery_on(
+            self.read,
+            delivery,
+            self.broker,
+        )))
     }
 
     /// The next message `selector` picks among the first `in_queue` (those

@@ -24,7 +24,7 @@ pub use ops::{
     ImportReport, MoveReport, Moved, NoReplayTarget, ReplayOptions, import, purge, purge_all,
     replay, replay_target,
 };
-pub use record::{DeadLetter, HeaderOrigin};
+pub use record::{BrokerVersion, DeadLetter, HeaderOrigin};
 pub use select::Selector;
 
 /// Header names written by rabbit-guard (defined with the AMQP layer).

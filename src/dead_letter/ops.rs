@@ -39,10 +39,11 @@ pub struct ReplayOptions {
 }
 
 /// Where a replay may send `dl`, or why not without `--to`: the queue given
-/// with `to`; else the queue the broker dead-lettered it from (`x-death`);
-/// else the configured consumer's queue, when `rg-original-queue` (which a
-/// publisher could have set) agrees or is absent. Never a queue named only
-/// by a header a publisher controls.
+/// with `to`; else the configured consumer's queue, when the headers that
+/// name an origin agree with it or are absent: `x-death` (the broker's, or
+/// a publisher's) and `rg-original-queue` (which a publisher could have
+/// set). Never a queue named only by a header
+/// a publisher controls.
 ///
 /// # Errors
 ///
@@ -51,10 +52,25 @@ pub fn replay_target(dl: &DeadLetter, options: &ReplayOptions) -> Result<String,
     if let Some(to) = &options.to {
         return Ok(to.clone());
     }
-    if let Some(queue) = &dl.broker_queue {
-        return Ok(queue.clone());
-    }
     let shown = |q: &str| crate::text::printable(&super::truncate(q, 80));
+    if let Some(queue) = &dl.broker_queue {
+        // x-death: the broker writes it, but anyone who can publish to the
+        // dead-letter queue can too (it is delivered as written). It is
+        // trusted to name the queue this dead-letter queue belongs to,
+        // nothing else.
+        return match &options.consumer_queue {
+            Some(work) if work == queue => Ok(queue.clone()),
+            Some(work) => Err(NoReplayTarget(format!(
+                "its x-death header names {:?}, not {:?} (the queue this dead-letter queue belongs to); a publisher could have set it: replay it there only with --to",
+                shown(queue),
+                shown(work),
+            ))),
+            None => Err(NoReplayTarget(format!(
+                "its x-death header names {:?}, and no configured consumer uses this dead-letter queue to confirm it: name the queue with --to",
+                shown(queue)
+            ))),
+        };
+    }
     let target: Result<String, String> = match (&options.consumer_queue, &dl.claimed_queue) {
         (Some(queue), None) => Ok(queue.clone()),
         (Some(queue), Some(claimed)) if claimed == queue => Ok(queue.clone()),
@@ -505,6 +521,7 @@ mod tests {
             replays,
             original_queue: None,
             broker_queue: None,
+            broker: crate::dead_letter::BrokerVersion::UNKNOWN,
             claimed_queue: None,
             dead_lettered_at: None,
             properties: BasicProperties::default().with_headers(headers),
@@ -550,12 +567,24 @@ mod tests {
             replay_target(&dl, &options(Some("orders"), None)),
             Ok("orders".into())
         );
-        dl.broker_queue = Some("payments".into());
+        dl.broker_queue = Some("orders".into());
         dl.claimed_queue = Some("admin-commands".into());
         assert_eq!(
             replay_target(&dl, &options(Some("orders"), None)),
-            Ok("payments".into()),
-            "the broker's x-death wins over the header"
+            Ok("orders".into()),
+            "an x-death naming this DLQ's own work queue wins over the header"
+        );
+        dl.broker_queue = Some("payments".into());
+        let refused = replay_target(&dl, &options(Some("orders"), None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("payments") && refused.contains("--to"),
+            "an x-death naming another queue could be a publisher's (RabbitMQ 3.x): {refused}"
+        );
+        assert!(
+            replay_target(&dl, &options(None, None)).is_err(),
+            "no configured consumer to confirm x-death: --to"
         );
     }
 

@@ -39,8 +39,16 @@ pub struct DeadLetter {
     pub original_queue: Option<String>,
     /// The queue the broker dead-lettered it from: the newest `x-death`
     /// entry (the broker puts its own in front of any a publisher wrote),
-    /// else `x-last-death-queue`. `None` when rabbit-guard dead-lettered it.
+    /// else `x-last-death-queue` (read only from RabbitMQ 3.13 on, which
+    /// writes it; before, only a publisher could have). `None` when
+    /// rabbit-guard dead-lettered it. A publisher can write `x-death`
+    /// itself, and the broker delivers it as written to a message published
+    /// straight into the dead-letter queue (RabbitMQ 3.x and 4.x alike; 4.x
+    /// only stops interpreting it): replay trusts it only where it names
+    /// the dead-letter queue's own work queue.
     pub broker_queue: Option<String>,
+    /// The broker it was read from, for who set its death headers.
+    pub broker: BrokerVersion,
     /// The `rg-original-queue` header: written by the worker on its own dead
     /// letters, but a publisher could have set it on a message the broker
     /// dead-lettered, or on one published straight to this queue.
@@ -74,13 +82,66 @@ fn newest_death(h: Option<&FieldTable>) -> Option<&FieldTable> {
     }
 }
 
+/// The RabbitMQ version a dead letter was read from: which death headers
+/// the broker writes, and whether a publisher can write them too.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub struct BrokerVersion {
+    /// `3` of 3.10.8; 0 when unknown.
+    pub major: u32,
+    /// `10` of 3.10.8.
+    pub minor: u32,
+}
+
+impl BrokerVersion {
+    /// Unknown: every death header is treated as a publisher could have set it.
+    pub const UNKNOWN: Self = Self { major: 0, minor: 0 };
+
+    /// `3.10.8` (or `4.0.5+1`, `4.1.0-rc.1`) as 3.10; `None` for anything else.
+    #[must_use]
+    pub fn parse(version: &str) -> Option<Self> {
+        let mut parts = version.trim().split(['.', '-', '+']);
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some(Self { major, minor })
+    }
+
+    /// From the server properties a broker sends in `connection.start`.
+    #[must_use]
+    pub fn of_server(properties: &FieldTable) -> Self {
+        text(Some(properties), "version")
+            .and_then(|v| Self::parse(&v))
+            .unwrap_or(Self::UNKNOWN)
+    }
+
+    /// RabbitMQ 3.13 added `x-last-death-*`: before, only a publisher
+    /// could have set them.
+    fn writes_last_death_headers(self) -> bool {
+        (self.major, self.minor) >= (3, 13)
+    }
+}
+
+impl std::fmt::Display for BrokerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Self::UNKNOWN {
+            f.write_str("an unknown RabbitMQ version")
+        } else {
+            write!(f, "RabbitMQ {}.{}", self.major, self.minor)
+        }
+    }
+}
+
 /// Who set a header of a dead letter, as far as can be told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HeaderOrigin {
-    /// The broker, when it dead-lettered the message (`x-death` and kin,
-    /// a quorum queue's `x-delivery-count`).
+    /// The broker (a quorum queue's `x-delivery-count`).
     Broker,
+    /// The broker's death headers (`x-death` and kin): the broker writes
+    /// them when it dead-letters, but a publisher can write them too, and
+    /// they arrive as written on a message published straight into the
+    /// dead-letter queue: not verified.
+    BrokerOrPublisher,
     /// rabbit-guard's worker, when it dead-lettered the message (it
     /// overwrites these on its copy, whatever the message carried).
     RabbitGuard,
@@ -94,6 +155,7 @@ impl HeaderOrigin {
     pub fn label(self) -> &'static str {
         match self {
             Self::Broker => "broker",
+            Self::BrokerOrPublisher => "broker or publisher",
             Self::RabbitGuard => "rabbit-guard",
             Self::Publisher => "publisher",
         }
@@ -120,8 +182,14 @@ impl DeadLetter {
     /// forge that shape.
     #[must_use]
     pub fn header_origin(&self, name: &str, consumer_queue: Option<&str>) -> HeaderOrigin {
-        if headers::BROKER_DEATH_HEADERS.contains(&name) || name == "x-delivery-count" {
+        if name == "x-delivery-count" {
             return HeaderOrigin::Broker;
+        }
+        if headers::BROKER_DEATH_HEADERS.contains(&name) {
+            if name.starts_with("x-last-death-") && !self.broker.writes_last_death_headers() {
+                return HeaderOrigin::Publisher;
+            }
+            return HeaderOrigin::BrokerOrPublisher;
         }
         let h = self.properties.headers().as_ref();
         let worker_made = self.broker_queue.is_none()
@@ -136,13 +204,26 @@ impl DeadLetter {
         }
     }
 
-    /// Reads the delivery at `position`.
+    /// Reads the delivery at `position`, from a broker of an unknown
+    /// version (see [`from_delivery_on`](Self::from_delivery_on)).
     #[must_use]
     pub fn from_delivery(position: u64, d: Delivery) -> Self {
+        Self::from_delivery_on(position, d, BrokerVersion::UNKNOWN)
+    }
+
+    /// Reads the delivery at `position`, read from `broker`.
+    #[must_use]
+    pub fn from_delivery_on(position: u64, d: Delivery, broker: BrokerVersion) -> Self {
         let h = d.properties.headers().as_ref();
         let death = newest_death(h);
-        let broker_reason = text(death, "reason").or_else(|| text(h, "x-last-death-reason"));
-        let broker_queue = text(death, "queue").or_else(|| text(h, "x-last-death-queue"));
+        let last = |name: &str| {
+            broker
+                .writes_last_death_headers()
+                .then(|| text(h, name))
+                .flatten()
+        };
+        let broker_reason = text(death, "reason").or_else(|| last("x-last-death-reason"));
+        let broker_queue = text(death, "queue").or_else(|| last("x-last-death-queue"));
         let claimed_queue = text(h, headers::ORIGINAL_QUEUE);
         let broker_time = match header(death, "time") {
             Some(AMQPValue::Timestamp(t)) => {
@@ -164,6 +245,7 @@ impl DeadLetter {
             replays: h.and_then(|h| header_u64(h, headers::REPLAYS)).unwrap_or(0),
             original_queue: broker_queue.clone().or_else(|| claimed_queue.clone()),
             broker_queue,
+            broker,
             claimed_queue,
             dead_lettered_at,
             properties: d.properties,

@@ -80,7 +80,34 @@ pub fn advisories(settings: &Settings) -> Vec<String> {
             c.queue
         ))
     });
-    classic.chain(policies).collect()
+    classic
+        .chain(policies)
+        .chain(token_file_exposed(settings))
+        .collect()
+}
+
+/// `admin.token_file` readable by its group or by others: the token opens
+/// and closes every breaker.
+fn token_file_exposed(settings: &Settings) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let path = settings.admin.token_file.as_ref()?;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "admin.token_file {} is readable by {} (mode {:o}): anyone who can read it can open and close every breaker; chmod 600 it",
+                path.display(),
+                if mode & 0o007 != 0 { "every user" } else { "its group" },
+                mode & 0o777
+            )
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = settings;
+        None
+    }
 }
 
 #[cfg(test)]
@@ -101,6 +128,29 @@ mod tests {
             ..c
         });
         s
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_token_file_others_can_read_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "t0ken\n").unwrap();
+        let mut s = Settings::default();
+        s.admin.token_file = Some(path.clone());
+        for (mode, warned) in [(0o600, false), (0o640, true), (0o644, true)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let advice = advisories(&s);
+            assert_eq!(
+                advice
+                    .iter()
+                    .any(|a| a.contains("admin.token_file") && a.contains("chmod 600")),
+                warned,
+                "mode {mode:o}: {advice:?}"
+            );
+            assert!(!advice.iter().any(|a| a.contains("t0ken")), "{advice:?}");
+        }
     }
 
     #[test]

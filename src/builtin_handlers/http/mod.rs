@@ -6,7 +6,7 @@ use reqwest::{Method, StatusCode};
 use crate::config::ConsumerSettings;
 use crate::handler::{Context, Handler, HandlerError, erase};
 
-use super::http_settings::HttpSettings;
+use super::http_settings::{FollowRedirects, HttpSettings};
 
 /// `handler = "http"`: its settings' problems, and the handler built from them.
 pub(super) const BUILTIN: super::Builtin = super::Builtin {
@@ -43,6 +43,7 @@ fn build(c: &ConsumerSettings, call_timeout: Duration) -> super::Built {
 /// |---|---|
 /// | 2xx | success: ack |
 /// | connect error, timeout, 5xx, `http.transient_statuses` (default 408, 429) | transient: counts against the breaker, retried |
+/// | a redirect (3xx), unless `http.follow_redirects = "same-origin"` follows it | permanent: dead-lettered naming the origin it pointed to |
 /// | any other status | permanent: dead-lettered with the status and the start of the body |
 #[derive(Clone)]
 pub struct HttpHandler {
@@ -52,8 +53,10 @@ pub struct HttpHandler {
     method: Method,
     headers: HeaderMap,
     transient: Vec<StatusCode>,
-    /// The configured secrets (header values, URL credentials), cut out of
-    /// any response text a dependency echoes back into an error.
+    follow_redirects: FollowRedirects,
+    /// The configured secrets (header values, URL credentials) in every
+    /// form a request carries them, cut out of any response text a
+    /// dependency echoes back into an error.
     secrets: Vec<String>,
 }
 
@@ -133,6 +136,7 @@ impl HttpHandler {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .redirect(redirect_policy(settings.follow_redirects, &url))
             .build()
             .map_err(HttpSettingsError::Client)?;
         let transient = settings
@@ -140,18 +144,8 @@ impl HttpHandler {
             .iter()
             .map(|&code| StatusCode::from_u16(code).map_err(|_| HttpSettingsError::Status(code)))
             .collect::<Result<_, _>>()?;
-        let mut secrets: Vec<String> = settings
-            .headers
-            .values()
-            .map(|v| v.expose().to_owned())
-            .collect();
-        secrets.extend(url.password().map(str::to_owned));
-        secrets.extend(
-            url.query_pairs()
-                .filter(|(k, _)| crate::secret::is_credential_param(k))
-                .map(|(_, v)| v.into_owned()),
-        );
-        secrets.retain(|s| !s.is_empty());
+        let header_values: Vec<&str> = settings.headers.values().map(|v| v.expose()).collect();
+        let secrets = crate::secret::echoed_forms(Some(&url), &header_values);
         Ok(Self {
             client,
             shown_url: settings.url.masked(),
@@ -159,6 +153,7 @@ impl HttpHandler {
             method,
             headers,
             transient,
+            follow_redirects: settings.follow_redirects,
             secrets,
         })
     }
@@ -246,8 +241,33 @@ impl Handler for HttpHandler {
         if status.is_success() {
             return Ok(());
         }
+        if status.is_redirection() {
+            // Not followed (or not any further): where it pointed, as an
+            // origin only (its path or query may carry anything).
+            let to = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| response.url().join(l).ok())
+                .map_or_else(
+                    || "no usable Location".to_owned(),
+                    |u| format!("to {}", u.origin().ascii_serialization()),
+                );
+            let why = match self.follow_redirects {
+                FollowRedirects::SameOrigin => {
+                    "not followed: it leaves the URL's origin, or came after 5 others"
+                }
+                _ => {
+                    "redirects are not followed (http.follow_redirects = \"same-origin\" follows those that stay on the URL's origin)"
+                }
+            };
+            return Err(HandlerError::permanent(format!(
+                "{} {}: {status} {to}; {why}",
+                self.method, self.shown_url
+            )));
+        }
         let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
-        let snippet = crate::secret::scrub(&body_snippet(response).await, &secrets);
+        let snippet = body_snippet(response, &secrets).await;
         let message = format!("{} {}: {status}: {snippet}", self.method, self.shown_url);
         if self.is_transient(status) {
             Err(HandlerError::transient(message))
@@ -257,12 +277,36 @@ impl Handler for HttpHandler {
     }
 }
 
-/// The start of an error response's body, reading no more than
-/// [`BODY_SNIPPET`] bytes of it (a dependency may answer a 500 with a body
-/// of any size). The rest is never read: the connection is dropped.
-async fn body_snippet(mut response: reqwest::Response) -> String {
-    // One byte more than is kept, so `truncate` can mark the cut.
-    let limit = BODY_SNIPPET + 1;
+/// Most redirects followed on the same origin.
+const MAX_REDIRECTS: usize = 5;
+
+/// `http.follow_redirects` as reqwest's policy: none, or those that stay
+/// on `url`'s origin (scheme, host and port: an https URL is never sent
+/// on over http), at most [`MAX_REDIRECTS`].
+fn redirect_policy(follow: FollowRedirects, url: &reqwest::Url) -> reqwest::redirect::Policy {
+    match follow {
+        FollowRedirects::SameOrigin => {
+            let origin = url.origin();
+            reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.url().origin() == origin && attempt.previous().len() <= MAX_REDIRECTS {
+                    attempt.follow()
+                } else {
+                    attempt.stop()
+                }
+            })
+        }
+        _ => reqwest::redirect::Policy::none(),
+    }
+}
+
+/// The start of an error response's body with `secrets` masked, reading no
+/// more than [`BODY_SNIPPET`] bytes of it plus the longest secret's length
+/// (a dependency may answer a 500 with a body of any size; a secret across
+/// the cut is masked whole). The rest is never read: the connection is
+/// dropped.
+async fn body_snippet(mut response: reqwest::Response, secrets: &[&str]) -> String {
+    // One byte more than is kept, so the cut is marked.
+    let limit = BODY_SNIPPET + 1 + secrets.iter().map(|s| s.len()).max().unwrap_or(0);
     let mut bytes = Vec::with_capacity(limit);
     while bytes.len() < limit {
         match response.chunk().await {
@@ -274,7 +318,7 @@ async fn body_snippet(mut response: reqwest::Response) -> String {
         }
     }
     let text = String::from_utf8_lossy(&bytes);
-    crate::text::truncate(text.trim(), BODY_SNIPPET)
+    crate::secret::scrub_cut(text.trim(), secrets, BODY_SNIPPET)
 }
 
 #[cfg(test)]

@@ -214,7 +214,12 @@ pub(super) async fn show(
     );
     field("replays", &dl.replays.to_string());
     let origin = match (&dl.broker_queue, &dl.claimed_queue, consumer_queue) {
-        (Some(q), _, _) => format!("{q} (x-death: set by the broker)"),
+        (Some(q), _, _) if consumer_queue == Some(q.as_str()) => {
+            format!("{q} (x-death, and this dead-letter queue's consumer)")
+        }
+        (Some(q), _, _) => format!(
+            "{q} (x-death: set by the broker, or by whoever published it: NOT VERIFIED; replay needs --to)"
+        ),
         (None, Some(c), Some(q)) if c == q => format!("{c} (this dead-letter queue's consumer)"),
         (None, Some(c), _) => format!(
             "{c} (rg-original-queue only: NOT VERIFIED, a publisher could have set it; replay needs --to)"
@@ -238,7 +243,7 @@ pub(super) async fn show(
         }
     }
     output::line(
-        "headers (who set them: [broker], [rabbit-guard], or [publisher] = not verified):",
+        "headers (who set them: [broker], [rabbit-guard], or [publisher] and [broker or publisher] = not verified):",
     );
     if let Some(h) = dl.properties.headers() {
         for (k, v) in h.inner() {
