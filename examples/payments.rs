@@ -8,10 +8,13 @@
 //! cargo run --example payments -- --config examples/payments.toml run
 //! ```
 //!
-//! A request is a JSON order on the `payments.charge` queue; the handler
-//! charges it through `app.billing_url` (each status classified by whose
-//! fault it is) and, when the request has a `reply_to`, answers it with
-//! `{"order": ID, "charged": true}` and the request's `correlation_id`.
+//! A request is a JSON order on the `payments.charge` queue with a
+//! `message_id` (the idempotency key: a request without one is refused);
+//! the handler charges it through `app.billing_url` (each status classified
+//! by whose fault it is) and, when the request has a `reply_to`, answers it
+//! with `{"order": ID, "charged": true}` and the request's `correlation_id`.
+//! A reply that cannot be delivered never charges again: the charge is done,
+//! so the handler logs it and acks.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -64,11 +67,20 @@ async fn charge(
             order.id
         )));
     }
+    // The idempotency key: billing charges a key once, however often the
+    // request is retried or redelivered. Without one, a retry could charge
+    // twice: refuse it.
+    let Some(key) = ctx.message_id().filter(|k| !k.trim().is_empty()) else {
+        return Err(HandlerError::permanent(format!(
+            "order {} has no message_id: it is the idempotency key that keeps a retried charge from charging twice",
+            order.id
+        )));
+    };
     let response = billing
         .client
         .post(&billing.url)
         .bearer_auth(billing.api_key.expose())
-        .header("Idempotency-Key", ctx.message_id().unwrap_or_default())
+        .header("Idempotency-Key", key)
         .header("Content-Type", "application/json")
         .body(serde_json::json!({ "order": order.id, "amount": order.amount_cents }).to_string())
         .send()
@@ -92,11 +104,16 @@ async fn charge(
     }
     if ctx.properties().reply_to().is_some() {
         let answer = serde_json::json!({ "order": order.id, "charged": true }).to_string();
-        ctx.reply(
-            answer.as_bytes(),
-            BasicProperties::default().with_content_type("application/json".into()),
-        )
-        .await?;
+        let replied = ctx
+            .reply(
+                answer.as_bytes(),
+                BasicProperties::default().with_content_type("application/json".into()),
+            )
+            .await;
+        if let Err(e) = replied {
+            // Charged: an error here must not send the request round again.
+            tracing::warn!(order = order.id, error = %e, "charged, but the reply was not delivered");
+        }
     }
     Ok(())
 }

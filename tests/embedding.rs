@@ -494,3 +494,84 @@ fn an_application_binary_has_its_own_name_and_checks_its_app_settings() {
         "check-config reads [app] as the application does: {stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_cannot_be_delivered_is_not_retried_and_does_not_charge_the_breaker() {
+    let broker = TestBroker::connect().await;
+    let mut settings = settings("embed-noreply", "replier", fast_breaker());
+    // With these delays a transient error would be retried within the test.
+    settings.consumers[0].retry = RetrySettings::new(vec![Duration::from_millis(200)]);
+    settings.consumers[0].reply_to_prefixes =
+        vec!["amq.rabbitmq.reply-to".into(), "rgtest.".into()];
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = calls.clone();
+    let handler = handler_fn(move |_: String, ctx: Context| {
+        let counted = counted.clone();
+        async move {
+            // The work a reply follows (a payment): it must not be repeated.
+            counted.fetch_add(1, Ordering::Relaxed);
+            ctx.reply(b"done", BasicProperties::default()).await
+        }
+    });
+    let running = Running::start(Worker::builder(settings).handler("replier", handler)).await;
+    let channel = broker.connection.create_channel().await.unwrap();
+    let gone = unique("embed-requester-gone"); // no such queue: unroutable
+    for (id, reply_to) in [("gone", gone.as_str()), ("elsewhere", "admin-commands")] {
+        channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(consumer.queue.as_str()),
+                BasicPublishOptions::default(),
+                b"request",
+                BasicProperties::default()
+                    .with_message_id(id.into())
+                    .with_reply_to(reply_to.into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let dlq = consumer.dead_letter_queue();
+    let settled = wait_until_async(Duration::from_secs(10), || async {
+        broker.ready(&dlq).await == 2
+    })
+    .await;
+    // Longer than the retry delay: a retried request would have come back.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let stats = running.stats.snapshot();
+    let failures = running.breaker.snapshot().counts.failures;
+    running.stop().await;
+    assert!(settled, "both requests dead-lettered: {stats:?}");
+    assert_eq!(
+        (calls.load(Ordering::Relaxed), stats.retried, failures),
+        (2, 0, 0),
+        "(handler calls, retries, failures charged to the breaker): each request handled once"
+    );
+    let dead = broker.drain(&dlq).await;
+    let error = |id: &str| {
+        let d = dead
+            .iter()
+            .find(|d| d.id == id)
+            .unwrap_or_else(|| panic!("{id}: {dead:?}"));
+        (
+            d.header_str("rg-reason").unwrap_or_default(),
+            d.header_str("rg-error").unwrap_or_default(),
+        )
+    };
+    let (reason, text) = error("gone");
+    assert!(
+        reason == "permanent"
+            && text.contains("was not delivered")
+            && text.contains("could not be routed"),
+        "an unroutable reply: {reason}: {text}"
+    );
+    let (reason, text) = error("elsewhere");
+    assert!(
+        reason == "permanent" && text.contains("not allowed") && text.contains("admin-commands"),
+        "a reply_to outside reply_to_prefixes is never published to: {reason}: {text}"
+    );
+    broker.cleanup().await;
+}

@@ -43,11 +43,17 @@ impl Handler for Recording {
 }
 
 fn dlq_list_json(settings: &rabbit_guard::config::Settings) -> (bool, String, String) {
+    run_dlq(settings, &["list", "--json"])
+}
+
+fn run_dlq(settings: &rabbit_guard::config::Settings, args: &[&str]) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.toml");
     std::fs::write(&config, toml::to_string(settings).unwrap()).unwrap();
     let out = std::process::Command::new(cli_binary())
-        .args(["dlq", "list", "--json", "--config"])
+        .arg("dlq")
+        .args(args)
+        .arg("--config")
         .arg(&config)
         .env_remove("RUST_LOG")
         .stdin(std::process::Stdio::null())
@@ -126,6 +132,21 @@ async fn a_header_nested_thousands_deep_is_dead_lettered_as_decode_and_the_queue
     assert!(
         error.contains("nested deeper than 100 levels"),
         "the error says what is wrong: {error}"
+    );
+    // The dead letter keeps the header's first 100 levels; `dlq show` says
+    // where it was cut.
+    let (ok, shown, stderr) = run_dlq(&settings, &["show", "deep"]);
+    assert!(
+        ok && shown.contains("note: part of the headers could not be read and was cut")
+            && shown.contains("x-amqp-unreadable"),
+        "dlq show notes the cut: {shown}{stderr}"
+    );
+    let (_, json, _) = run_dlq(&settings, &["show", "deep", "--json"]);
+    assert!(
+        json.contains("\"unreadable_headers\":\"")
+            && json.contains("nested deeper than 100 levels"),
+        "dlq show --json says why: {}",
+        &json[..json.len().min(400)]
     );
     running.stop().await;
     broker.cleanup().await;

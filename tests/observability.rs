@@ -260,3 +260,113 @@ async fn the_http_handler_forwards_trace_context_and_drops_a_forged_one() {
     );
     broker.cleanup().await;
 }
+
+/// `key=value` of a log line (text format), unquoted.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = line.split(&format!(" {key}=")).nth(1)?;
+    let value = rest.strip_prefix('"').map_or_else(
+        || rest.split_whitespace().next(),
+        |quoted| quoted.split('"').next(),
+    )?;
+    Some(value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_summaries_say_what_happened_and_come_before_the_breakers_change() {
+    use common::proxy::free_port;
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Failing);
+    let mut breaker = fast_breaker();
+    breaker.consecutive_failures = Some(6);
+    breaker.minimum_calls = 1_000;
+    breaker.open_timeout = Duration::from_millis(700);
+    breaker.max_open_timeout = Duration::from_millis(700);
+    let mut settings = with_http(settings("summaries", "http", breaker), &downstream);
+    // Only a breaker's change (and the stop) may write a summary here.
+    settings.log.failure_summary_every = Duration::from_secs(600);
+    settings.consumers[0].concurrency = 1;
+    settings.consumers[0].prefetch = 1;
+    let port = free_port();
+    settings.admin.listen = Some(format!("127.0.0.1:{port}"));
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    broker.publish_json(&consumer.queue, "sum", 30).await;
+    let mut child = Child::spawn(&settings, &["run"]);
+    // The trip, then failed half-open trials (their messages are put back).
+    let trials = wait_until(Duration::from_secs(20), || {
+        child.stderr().matches("breaker opened").count() >= 3
+    })
+    .await;
+    assert!(
+        trials,
+        "the breaker should trip and fail two trials within 20 s:\n{}",
+        child.stderr()
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    child.signal("TERM");
+    let _ = child.wait(Duration::from_secs(20)).await;
+    let log = child.stderr();
+
+    let samples = common::prom::parse(&metrics).expect("/metrics parses");
+    let q = consumer.queue.as_str();
+    let delayed: f64 = samples
+        .iter()
+        .filter(|s| {
+            s.name == "rabbit_guard_messages_delayed_total"
+                && s.labels.get("queue").map(String::as_str) == Some(q)
+        })
+        .map(|s| s.value)
+        .sum();
+    let deferred = common::prom::value(
+        &samples,
+        "rabbit_guard_messages_deferred_total",
+        &[("queue", q)],
+    )
+    .unwrap_or(0.0);
+    // Per action: the first of its kind, plus what the summaries counted.
+    let told = |action: &str| -> u64 {
+        log.lines()
+            .filter(|l| l.contains("WARN") && field(l, "action") == Some(action))
+            .map(|l| {
+                if l.contains("first of its kind") {
+                    1
+                } else {
+                    field(l, "failures")
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0)
+                }
+            })
+            .sum()
+    };
+    // Retries happen before the trip only. The metrics were read before the
+    // stop, and trials may fail after that: the log may tell a few more
+    // put backs, never fewer.
+    let (retries, put_back) = (told("retry"), told("put back"));
+    assert!(
+        deferred > 0.0 && retries as f64 == delayed - deferred && put_back as f64 >= deferred,
+        "the summaries tell each action as the metrics count it: retry {retries} (metrics {}), put back {put_back} (metrics {deferred}):\n{log}",
+        delayed - deferred
+    );
+    // The failures that tripped the breaker are summed up before the line
+    // saying it opened, not one summary period (here 10 min) later.
+    let lines: Vec<&str> = log.lines().collect();
+    let opened = lines
+        .iter()
+        .position(|l| l.contains("breaker opened"))
+        .expect("an opened line");
+    let summary_before = lines[..opened]
+        .iter()
+        .any(|l| l.contains("handler failures") && field(l, "action") == Some("retry"));
+    assert!(
+        summary_before,
+        "the summary of the failures before the trip precedes 'breaker opened':\n{log}"
+    );
+    broker.cleanup().await;
+}

@@ -585,6 +585,11 @@ pub struct ConsumerSettings {
     pub retry: RetrySettings,
     /// `http`: settings of the built-in `http` handler.
     pub http: Option<HttpSettings>,
+    /// The `reply_to` values `ctx.reply` may answer: each must start with
+    /// one of these (`["amq.rabbitmq.reply-to"]` allows direct reply-to
+    /// only). Empty (default): any. A request with another `reply_to` is
+    /// dead-lettered (`permanent`) when its handler replies.
+    pub reply_to_prefixes: Vec<String>,
 }
 
 impl Default for ConsumerSettings {
@@ -605,6 +610,7 @@ impl Default for ConsumerSettings {
             dead_letter_queue: None,
             retry: RetrySettings::default(),
             http: None,
+            reply_to_prefixes: Vec::new(),
         }
     }
 }

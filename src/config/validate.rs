@@ -531,6 +531,18 @@ impl ConsumerSettings {
         let mut out = self.name_problems(index);
         out.extend(self.flow_problems(index));
         out.extend(self.binding_problems(index));
+        for (j, prefix) in self.reply_to_prefixes.iter().enumerate() {
+            let key = format!("consumers[{index}].reply_to_prefixes[{j}]");
+            if prefix.is_empty() {
+                out.push(problem(
+                    key,
+                    quoted(""),
+                    "must not be empty (it would allow every reply_to; leave the list empty for that)",
+                ));
+            } else if let Some(p) = name_problem(key, prefix) {
+                out.push(p);
+            }
+        }
         if let Some(builtin) = crate::builtin_handlers::builtin(&self.handler) {
             for (k, value, message) in (builtin.problems)(self) {
                 out.push(problem(format!("consumers[{index}].{k}"), value, message));

@@ -4,9 +4,12 @@
 //! what happens to the message, the error). At `warn` the first failure of
 //! a kind is logged at once; after that, one line per queue and kind every
 //! `log.failure_summary_every` (10 s by default) with how many there were
-//! and one example. A kind is the outcome plus the error text with its
-//! digits and ids folded, so a dependency answering 422 for every message
-//! of a flood gives a handful of lines naming 422, not one per message.
+//! and one example. A kind is the outcome, what happened to the messages
+//! (`retry`, `put back`, `dead-letter`: a summary never mixes them) and the
+//! error text with its digits and ids folded, so a dependency answering
+//! 422 for every message of a flood gives a handful of lines naming 422,
+//! not one per message. When a breaker changes state, the summaries of its
+//! consumers are written at once, before the transition's own line.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -55,9 +58,11 @@ pub(crate) struct FailureLog {
 
 /// The error text with what varies between messages folded: runs of digits
 /// become `#` and long hex-like words `…`, cut to 120 characters.
-fn kind_of(outcome: &str, error: &str) -> String {
-    let mut out = String::with_capacity(outcome.len() + 1 + error.len().min(120));
+fn kind_of(outcome: &str, action: &str, error: &str) -> String {
+    let mut out = String::with_capacity(outcome.len() + action.len() + 2 + error.len().min(120));
     out.push_str(outcome);
+    out.push(' ');
+    out.push_str(action);
     out.push(' ');
     let mut last_digit = false;
     for word in error.split_whitespace().take(40) {
@@ -112,9 +117,9 @@ impl FailureLog {
             .kinds
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut key = kind_of(failure.outcome, failure.error);
+        let mut key = kind_of(failure.outcome, failure.action, failure.error);
         if kinds.len() >= MAX_KINDS && !kinds.contains_key(&key) {
-            key = format!("{} (other errors)", failure.outcome);
+            key = format!("{} {} (other errors)", failure.outcome, failure.action);
         }
         match kinds.get_mut(&key) {
             None => {
@@ -144,7 +149,6 @@ impl FailureLog {
                 kind.pending += 1;
                 failure.message_id.clone_into(&mut kind.example_id);
                 failure.error.clone_into(&mut kind.example_error);
-                failure.action.clone_into(&mut kind.action);
                 if now.saturating_duration_since(kind.logged_at) >= self.every {
                     self.summary(kind, now);
                 }
@@ -179,8 +183,8 @@ impl FailureLog {
             queue = %self.queue,
             failures = kind.pending,
             over = %humantime::format_duration(round_s(now.saturating_duration_since(kind.logged_at))),
-            outcome = %kind.outcome,
-            action = %kind.action,
+            outcome = kind.outcome.as_str(),
+            action = kind.action.as_str(),
             example_message_id = %kind.example_id,
             error = %kind.example_error,
             "handler failures"
@@ -202,22 +206,42 @@ mod tests {
     fn kinds_fold_what_varies_between_messages() {
         let a = kind_of(
             "permanent",
+            "dead-letter",
             "POST http://h/orders/1042: 422 Unprocessable Entity: order 1042 has no amount",
         );
         let b = kind_of(
             "permanent",
+            "dead-letter",
             "POST http://h/orders/77: 422 Unprocessable Entity: order 77 has no amount",
         );
         assert_eq!(a, b);
         assert!(a.contains("#"), "{a}");
         let c = kind_of(
             "transient",
+            "retry",
             "POST http://h/orders/77: 503 Service Unavailable",
         );
         assert_ne!(a, c);
-        let d = kind_of("permanent", "id 3f2b8a9c0d1e4f5a6b7c8d9e0f1a2b3c missing");
-        let e = kind_of("permanent", "id 0a1b2c3d4e5f60718293a4b5c6d7e8f9 missing");
+        let d = kind_of(
+            "permanent",
+            "dead-letter",
+            "id 3f2b8a9c0d1e4f5a6b7c8d9e0f1a2b3c missing",
+        );
+        let e = kind_of(
+            "permanent",
+            "dead-letter",
+            "id 0a1b2c3d4e5f60718293a4b5c6d7e8f9 missing",
+        );
         assert_eq!(d, e, "ids fold too");
+        let put_back = kind_of(
+            "transient",
+            "put back",
+            "POST http://h/orders/77: 503 Service Unavailable",
+        );
+        assert_ne!(
+            c, put_back,
+            "a summary never mixes what happened to the messages"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -48,6 +48,8 @@ pub(crate) struct ConsumerShared {
     pub(crate) failures: super::failures::FailureLog,
     /// Tells the watchdog when one of its handlers is being polled.
     pub(crate) poll_slot: Arc<crate::worker::control::PollSlot>,
+    /// `reply_to_prefixes`: the `reply_to` values `ctx.reply` may answer.
+    pub(crate) reply_prefixes: Option<Arc<[String]>>,
 }
 
 impl std::fmt::Debug for ConsumerShared {
@@ -127,6 +129,7 @@ pub(crate) async fn run(
 ) -> Finished {
     let mut ctx = ctx;
     ctx.set_breakers(shared.breakers.clone());
+    ctx.set_reply_prefixes(shared.reply_prefixes.clone());
     let span = delivery_span(&shared.queue, &ctx);
     tracing::Instrument::instrument(handle(shared, ctx, permits, slot, publisher, session), span)
         .await

@@ -6,7 +6,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::amqp::headers::{self, header_u64, value_str};
-use crate::amqp::publish::Publisher;
+use crate::amqp::publish::{PublishError, Publisher};
 
 use super::HandlerError;
 use super::guard::Lent;
@@ -21,6 +21,8 @@ pub struct Context {
     publisher: Option<Outlet>,
     /// The consumer's breakers, for [`guard`](Self::guard).
     pub(super) breakers: Option<BreakerSet>,
+    /// The `reply_to` prefixes [`reply`](Self::reply) may answer (`None`: any).
+    reply_prefixes: Option<Arc<[String]>>,
 }
 
 /// The delivery, not the publishing connection (its settings are the
@@ -94,6 +96,7 @@ impl Context {
             }),
             publisher: None,
             breakers: None,
+            reply_prefixes: None,
         }
     }
 
@@ -242,26 +245,33 @@ impl Context {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), HandlerError> {
-        let stored = match &self.publisher {
-            None => {
-                return Err(HandlerError::transient(
-                    "this context has no publishing connection (Context::for_test)",
-                ));
-            }
-            Some(Outlet::Broker(publisher)) => {
-                publisher
-                    .publish_confirmed(exchange, routing_key, body, properties)
-                    .await
-            }
-            Some(Outlet::Recorded(recorder)) => {
-                recorder.publish(exchange, routing_key, body, properties)
-            }
-        };
-        stored.map_err(|e| {
-            HandlerError::transient(format!(
-                "publishing to exchange {exchange:?} with routing key {routing_key:?}: {e}"
-            ))
-        })
+        self.store(exchange, routing_key, body, properties)
+            .await
+            .map_err(|e| {
+                HandlerError::transient(format!(
+                    "publishing to exchange {exchange:?} with routing key {routing_key:?}: {e}"
+                ))
+            })
+    }
+
+    /// A confirmed publish through this context's outlet.
+    async fn store(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), StoreError> {
+        match &self.publisher {
+            None => Err(StoreError::NoOutlet),
+            Some(Outlet::Broker(publisher)) => publisher
+                .publish_confirmed(exchange, routing_key, body, properties)
+                .await
+                .map_err(StoreError::Publish),
+            Some(Outlet::Recorded(recorder)) => recorder
+                .publish(exchange, routing_key, body, properties)
+                .map_err(StoreError::Publish),
+        }
     }
 
     /// Answers an RPC request: publishes `body` to the default exchange with
@@ -270,9 +280,19 @@ impl Context {
     ///
     /// # Errors
     ///
-    /// A permanent [`HandlerError`] when the request has no `reply_to` (no
-    /// retry will give it one); a transient one when the reply was not
-    /// stored, as [`publish`](Self::publish).
+    /// A permanent [`HandlerError`] (the request is dead-lettered, not
+    /// retried, and the breaker is not charged) when no retry would help:
+    /// the request has no `reply_to`; its `reply_to` is not one the
+    /// consumer's `reply_to_prefixes` allow; or the broker could not route
+    /// the reply or refused it (the requester's queue is gone or full). A
+    /// transient one when it is unknown whether the reply was stored (the
+    /// connection was lost, no confirm came in time): then the request is
+    /// retried, so the work before the reply must be safe to do twice.
+    ///
+    /// The work before a reply is usually done by then (a payment charged):
+    /// a handler that must not repeat it on any account ignores the
+    /// error (`if let Err(e) = ctx.reply(..).await { warn!(..) }`) and the
+    /// request is acked.
     pub async fn reply(
         &self,
         body: &[u8],
@@ -283,11 +303,50 @@ impl Context {
                 "the request has no reply_to property: there is nowhere to send the reply",
             ));
         };
+        let reply_to = reply_to.as_str();
+        if let Some(allowed) = &self.reply_prefixes
+            && !allowed.iter().any(|p| reply_to.starts_with(p.as_str()))
+        {
+            return Err(HandlerError::permanent(format!(
+                "the request's reply_to {:?} is not allowed: reply_to_prefixes are {:?}",
+                crate::text::printable(&crate::text::truncate(reply_to, 80)),
+                allowed
+            )));
+        }
         let properties = match self.correlation_id() {
             Some(id) => properties.with_correlation_id(id.into()),
             None => properties,
         };
-        self.publish("", reply_to.as_str(), body, properties).await
+        match self.store("", reply_to, body, properties).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::Publish(
+                e @ (PublishError::Unroutable { .. } | PublishError::Nacked),
+            )) => Err(HandlerError::permanent(format!(
+                "the reply to {:?} was not delivered: {e} (the requester's queue is gone or refuses it; retrying would only repeat the work)",
+                crate::text::printable(&crate::text::truncate(reply_to, 80))
+            ))),
+            Err(e) => Err(HandlerError::transient(format!(
+                "replying to {:?}: {e}",
+                crate::text::printable(&crate::text::truncate(reply_to, 80))
+            ))),
+        }
+    }
+}
+
+/// Why a handler's publish was not stored.
+#[derive(Debug, thiserror::Error)]
+enum StoreError {
+    #[error("this context has no publishing connection (Context::for_test)")]
+    NoOutlet,
+    #[error("{0}")]
+    Publish(PublishError),
+}
+
+impl Context {
+    /// [`reply`](Self::reply) answers only a `reply_to` starting with one of
+    /// these (the consumer's `reply_to_prefixes`; `None`: any).
+    pub(crate) fn set_reply_prefixes(&mut self, prefixes: Option<Arc<[String]>>) {
+        self.reply_prefixes = prefixes;
     }
 }
 

@@ -199,6 +199,8 @@ impl WorkerBuilder {
                         .then(|| metrics.handler_histograms(&c.queue)),
                 )),
                 poll_slot: Arc::default(),
+                reply_prefixes: (!c.reply_to_prefixes.is_empty())
+                    .then(|| Arc::from(c.reply_to_prefixes.clone())),
                 failures: crate::consumer::FailureLog::new(
                     Arc::from(c.queue.as_str()),
                     self.settings.log.failure_summary_every,
@@ -598,8 +600,15 @@ impl Worker {
     fn spawn_breaker_tasks(&self, tasks: &TaskTracker, infra: &CancellationToken) {
         for breaker in self.breakers.values() {
             tasks.spawn(breaker.clone().run_timer(infra.clone()));
+            let guarded: Vec<Arc<ConsumerShared>> = self
+                .consumers
+                .iter()
+                .filter(|c| c.breakers.position(breaker.name()).is_some())
+                .cloned()
+                .collect();
             tasks.spawn(log_transitions(
                 breaker.clone(),
+                guarded,
                 self.metrics.clone(),
                 infra.clone(),
             ));
@@ -670,7 +679,15 @@ fn http_health_check(_: &HealthCheckConfig) -> Result<Arc<dyn ErasedHealthCheck>
     Err(crate::breaker::NO_HTTP_CLIENT.to_owned())
 }
 
-async fn log_transitions(breaker: Breaker, metrics: Metrics, stop: CancellationToken) {
+/// Logs each of `breaker`'s transitions, after the failure summaries of
+/// the consumers it guards (`guarded`): what failed before a change is told
+/// before it, not one summary period later.
+async fn log_transitions(
+    breaker: Breaker,
+    guarded: Vec<Arc<ConsumerShared>>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
     let mut rx = breaker.transitions();
     loop {
         let t = tokio::select! {
@@ -679,6 +696,10 @@ async fn log_transitions(breaker: Breaker, metrics: Metrics, stop: CancellationT
         };
         match t {
             Ok(t) => {
+                let now = tokio::time::Instant::now();
+                for c in &guarded {
+                    c.failures.flush(now, true);
+                }
                 metrics.transition(breaker.name(), &t);
                 log_transition(breaker.name(), &t, breaker.config().health_check.is_some());
             }

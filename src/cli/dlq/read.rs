@@ -245,6 +245,18 @@ pub(super) async fn show(
     output::line(
         "headers (who set them: [broker], [rabbit-guard], or [publisher] and [broker or publisher] = not verified):",
     );
+    if let Some(why) = dl
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(crate::amqp::unreadable)
+    {
+        output::line(&format!(
+            "  note: part of the headers could not be read and was cut where the {:?} entry is: {}",
+            crate::amqp::UNREADABLE_KEY,
+            printable(&why)
+        ));
+    }
     if let Some(h) = dl.properties.headers() {
         for (k, v) in h.inner() {
             output::line(&format!(
@@ -287,6 +299,12 @@ fn show_json(dl: &DeadLetter, consumer_queue: Option<&str>, now: SystemTime) -> 
         })
         .unwrap_or_default();
     v["header_origins"] = serde_json::Value::Object(origins);
+    v["unreadable_headers"] = serde_json::json!(
+        dl.properties
+            .headers()
+            .as_ref()
+            .and_then(crate::amqp::unreadable)
+    );
     v["properties"] = serde_json::Value::Object(json::properties_typed(&dl.properties));
     v
 }
