@@ -242,6 +242,23 @@ pub(super) async fn show(
             output::line(&format!("  {k}: {}", printable(&v.to_string())));
         }
     }
+    show_headers(&dl, consumer_queue);
+    output::line(&format!("body ({} bytes):", dl.body.len()));
+    match serde_json::from_slice::<serde_json::Value>(&dl.body) {
+        Ok(v) => output::line(&printable_lines(
+            &serde_json::to_string_pretty(&v).unwrap_or_default(),
+        )),
+        Err(_) => match dl.body_text() {
+            Some(t) => output::line(&printable_lines(t)),
+            None => output::line(&format!("(not UTF-8; base64) {}", json::base64(&dl.body))),
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dlq show`'s headers: each with who set it, and where a header that
+/// could not be read was cut.
+fn show_headers(dl: &DeadLetter, consumer_queue: Option<&str>) {
     output::line(
         "headers (who set them: [broker], [rabbit-guard], or [publisher] and [broker or publisher] = not verified):",
     );
@@ -267,17 +284,6 @@ pub(super) async fn show(
             ));
         }
     }
-    output::line(&format!("body ({} bytes):", dl.body.len()));
-    match serde_json::from_slice::<serde_json::Value>(&dl.body) {
-        Ok(v) => output::line(&printable_lines(
-            &serde_json::to_string_pretty(&v).unwrap_or_default(),
-        )),
-        Err(_) => match dl.body_text() {
-            Some(t) => output::line(&printable_lines(t)),
-            None => output::line(&format!("(not UTF-8; base64) {}", json::base64(&dl.body))),
-        },
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `dlq show --json`: the `list --json` object, with every property typed
