@@ -252,6 +252,7 @@ pub fn scrub(text: &str, secrets: &[&str]) -> String {
 /// longest secret's length of bytes, so that every secret that starts
 /// within `max` is complete in `text`.
 #[must_use]
+#[cfg_attr(not(feature = "http-handler"), allow(dead_code))] // the http handler and health check
 pub(crate) fn scrub_cut(text: &str, secrets: &[&str], max: usize) -> String {
     let secrets: Vec<&str> = secrets.iter().copied().filter(|s| s.len() >= 3).collect();
     let mut ranges: Vec<(usize, usize)> = Vec::new();
@@ -303,6 +304,7 @@ pub(crate) fn scrub_cut(text: &str, secrets: &[&str], max: usize) -> String {
 }
 
 /// The largest char boundary of `s` at or before `i`.
+#[cfg_attr(not(feature = "http-handler"), allow(dead_code))] // the http handler and health check
 fn floor_boundary(s: &str, i: usize) -> usize {
     let mut i = i.min(s.len());
     while !s.is_char_boundary(i) {
@@ -319,6 +321,7 @@ fn floor_boundary(s: &str, i: usize) -> usize {
 /// Basic authentication sends it. Plus `extra` (configured header values),
 /// in the same forms.
 #[must_use]
+#[cfg_attr(not(feature = "http-handler"), allow(dead_code))] // the http handler and health check
 pub(crate) fn echoed_forms(url: Option<&url::Url>, extra: &[&str]) -> Vec<String> {
     use base64::Engine as _;
     let mut out: Vec<String> = Vec::new();
@@ -369,6 +372,7 @@ pub(crate) fn echoed_forms(url: Option<&url::Url>, extra: &[&str]) -> Vec<String
 }
 
 /// Every byte but the unreserved ones (`A-Z a-z 0-9 - . _ ~`) as `%XX`.
+#[cfg_attr(not(feature = "http-handler"), allow(dead_code))] // the http handler and health check
 fn percent_encoded(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
@@ -382,6 +386,7 @@ fn percent_encoded(s: &str) -> String {
 }
 
 /// `%XX` escapes decoded (lossily, for text that is not UTF-8).
+#[cfg_attr(not(feature = "http-handler"), allow(dead_code))] // the http handler and health check
 fn percent_decoded(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

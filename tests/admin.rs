@@ -959,3 +959,235 @@ async fn the_breaker_command_controls_a_running_worker_with_the_configured_token
     running.stop().await;
     broker.cleanup().await;
 }
+
+/// The worker binary under `ulimit -n <limit>` (soft and hard), stderr to
+/// a file.
+fn spawn_limited(settings: &Settings, limit: &str) -> (std::process::Child, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, toml::to_string(settings).unwrap()).unwrap();
+    let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit {limit} && exec \"$0\" run --config \"$1\"",))
+        .arg(cli_binary())
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start the worker under ulimit");
+    (child, dir)
+}
+
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_clients_cannot_take_the_descriptors_a_reconnect_needs() {
+    let broker = TestBroker::connect().await;
+    let (mut settings, base) = with_admin(settings("admin-fds", "noop", fast_breaker()), None);
+    settings.admin.max_connections = 16;
+    settings.admin.request_timeout = Duration::from_secs(1);
+    settings.broker.reconnect.initial_delay = Duration::from_millis(200);
+    let name = settings.broker.connection_name.clone();
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    // 128 descriptors, soft and hard: nothing to raise.
+    let (mut child, dir) = spawn_limited(&settings, "-n 128");
+    let pid = child.id();
+    let log = || std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(15), || log()
+            .contains("consumer subscribed"))
+        .await,
+        "the worker should start under ulimit -n 128:\n{}",
+        log()
+    );
+
+    // 200 idle clients: they connect and never send a byte.
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = open_files(pid);
+    assert!(
+        held < 128 - 40,
+        "the endpoint holds at most admin.max_connections (16) of the 200 idle clients: {held} descriptors open"
+    );
+
+    // Now the broker drops the worker's connections: it must get them back
+    // while the idle clients stay connected.
+    let cut = tokio::time::Instant::now();
+    assert!(close_connections_named(&format!("{name}/consume"), "test") >= 1);
+    let back = wait_until(Duration::from_secs(15), || {
+        log().matches("reconnected to the broker").count() >= 1
+    })
+    .await;
+    assert!(
+        back,
+        "the worker reconnects within 15 s while 200 idle admin clients hold on ({} descriptors open):\n{}",
+        open_files(pid),
+        log()
+    );
+    eprintln!(
+        "reconnected {:?} after the cut, {} descriptors open",
+        cut.elapsed(),
+        open_files(pid)
+    );
+    // The idle ones time out (admin.request_timeout) and the endpoint serves again.
+    let healthy = wait_until_async(Duration::from_secs(30), || async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        client
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    drop(idle);
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    let text = log();
+    assert!(
+        healthy,
+        "/healthz answers again while the idle clients stay connected:\n{text}"
+    );
+    assert!(!text.contains("panicked"), "no panic:\n{text}");
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_its_hard_limit() {
+    let broker = TestBroker::connect().await;
+    let settings = settings("admin-rlimit", "noop", fast_breaker());
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        .unwrap_or_default();
+    let (mut child, dir) = spawn_limited(&settings, "-Sn 256");
+    let pid = child.id();
+    let log = || std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(15), || log()
+            .contains("consumer subscribed"))
+        .await,
+        "{}",
+        log()
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        .unwrap_or_default();
+    assert_eq!(
+        soft, hard,
+        "the soft limit (256 at start) is raised to the hard one:\n{limits}"
+    );
+    if hard != "256" {
+        assert!(log().contains("raised the open-file limit"), "{}", log());
+    }
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_refused_for_want_of_descriptors_recovers_once_they_are_free() {
+    let broker = TestBroker::connect().await;
+    let (mut settings, base) = with_admin(settings("admin-emfile", "noop", fast_breaker()), None);
+    // A limit high enough for idle clients to take every descriptor.
+    settings.admin.max_connections = 1_000;
+    settings.admin.request_timeout = Duration::from_secs(600);
+    settings.broker.reconnect.initial_delay = Duration::from_millis(200);
+    settings.broker.reconnect.max_delay = Duration::from_secs(1);
+    let name = settings.broker.connection_name.clone();
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let (mut child, dir) = spawn_limited(&settings, "-n 64");
+    let pid = child.id();
+    let log = || std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(15), || log()
+            .contains("consumer subscribed"))
+        .await,
+        "{}",
+        log()
+    );
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(close_connections_named(&format!("{name}/consume"), "test") >= 1);
+    let refused = wait_until(Duration::from_secs(15), || {
+        log().contains("Too many open files")
+    })
+    .await;
+    assert!(
+        refused,
+        "the reconnect should fail for want of descriptors:\n{}",
+        log()
+    );
+    // The idle clients leave: the next attempt gets the descriptors, and
+    // nothing from the failed ones lingers.
+    drop(idle);
+    let back = wait_until(Duration::from_secs(20), || {
+        log().contains("reconnected to the broker")
+    })
+    .await;
+    assert!(
+        back,
+        "the worker reconnects once descriptors are free:\n{}",
+        log()
+    );
+    broker.publish_json(&consumer.queue, "after", 20).await;
+    let consumed = wait_until_async(Duration::from_secs(15), || async {
+        broker.ready(&consumer.queue).await == 0
+    })
+    .await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = child.wait().ok();
+    let text = log();
+    assert!(
+        consumed,
+        "messages are handled again after the recovery:\n{text}"
+    );
+    assert!(
+        !text.contains("panicked"),
+        "no panic, nothing poisoned:\n{text}"
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "a clean exit: {status:?}\n{text}"
+    );
+    broker.cleanup().await;
+}

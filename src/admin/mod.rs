@@ -18,6 +18,8 @@ mod guard;
 mod view;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, Request, State};
@@ -27,7 +29,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::breaker::ManualAction;
@@ -88,7 +92,11 @@ pub(crate) async fn start(
             () = upkeep_stop.cancelled() => {}
         }
     });
-    let task = tokio::spawn(serve(listener, view, access, stop.clone()));
+    let limits = Limits {
+        max_connections: usize::try_from(settings.max_connections).unwrap_or(64),
+        request_timeout: settings.request_timeout,
+    };
+    let task = tokio::spawn(serve(listener, view, access, limits, stop.clone()));
     Ok(Some(AdminHandle { stop, task }))
 }
 
@@ -110,11 +118,22 @@ pub(crate) async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), Erro
     Ok((listener, local))
 }
 
+/// What one client may take of the endpoint.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Connections served at once (`admin.max_connections`).
+    pub(crate) max_connections: usize,
+    /// A request head must arrive, and an idle connection send its next
+    /// one, within this (`admin.request_timeout`).
+    pub(crate) request_timeout: Duration,
+}
+
 /// Serves the endpoint until `shutdown`, with `access` deciding who may.
 pub(crate) async fn serve(
     listener: TcpListener,
     view: WorkerView,
     access: Access,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
     if let Ok(addr) = listener.local_addr() {
@@ -134,12 +153,74 @@ pub(crate) async fn serve(
         .route("/breakers/{name}/{action}", post(control))
         .layer(middleware::from_fn_with_state(access.clone(), same_origin))
         .with_state((view, access));
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    {
-        warn!(error = %e, "admin endpoint stopped");
+    serve_connections(listener, app, limits, shutdown).await;
+}
+
+/// How long open connections may take to finish at shutdown.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Accepts and serves at most `limits.max_connections` connections at once:
+/// the rest wait in the kernel's backlog, costing the worker no file
+/// descriptor, so idle clients cannot take the descriptors its broker
+/// connections need. Each connection is closed when a request's head takes
+/// longer than `limits.request_timeout`, or it sits idle that long.
+async fn serve_connections(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let connections = TaskTracker::new();
+    let mut refused = false;
+    loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before
+                    // it was accepted: try again shortly, logged once a run.
+                    if !refused {
+                        warn!(error = %e, "admin endpoint: cannot accept a connection; trying again");
+                        refused = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        refused = false;
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
+        let timeout = limits.request_timeout;
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .keep_alive(true);
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+                }
+            }
+        });
     }
+    connections.close();
+    let _ = tokio::time::timeout(CLOSE_GRACE, connections.wait()).await;
 }
 
 type AppState = (WorkerView, Access);

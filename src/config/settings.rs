@@ -278,7 +278,7 @@ pub enum SafetyChecks {
 }
 
 /// `[admin]`
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct AdminSettings {
@@ -297,6 +297,26 @@ pub struct AdminSettings {
     /// refused for manual control, and for every request on loopback (the
     /// DNS-rebinding guard).
     pub allowed_hosts: Vec<String>,
+    /// Connections served at once; more wait in the kernel's backlog (they
+    /// cost the worker no file descriptor) until one closes.
+    pub max_connections: u32,
+    /// A connection is closed when a request's head takes longer than this
+    /// to arrive, or it sits idle this long between requests.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            token: None,
+            token_file: None,
+            allowed_hosts: Vec::new(),
+            max_connections: 64,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `[fleet]`: several worker processes act as one guard. Off unless

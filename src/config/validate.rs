@@ -392,6 +392,22 @@ impl AdminSettings {
                 "set admin.token or admin.token_file, not both",
             ));
         }
+        if !(1..=10_000).contains(&self.max_connections) {
+            out.push(problem(
+                "admin.max_connections",
+                Some(self.max_connections.to_string()),
+                "must be from 1 to 10000",
+            ));
+        }
+        if self.request_timeout < std::time::Duration::from_millis(100)
+            || self.request_timeout > std::time::Duration::from_secs(600)
+        {
+            out.push(problem(
+                "admin.request_timeout",
+                quoted(&humantime::format_duration(self.request_timeout).to_string()),
+                "must be from 100ms to 10m",
+            ));
+        }
         out
     }
 }

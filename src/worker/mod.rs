@@ -442,6 +442,7 @@ impl Worker {
                 }
             }
         }
+        raise_open_file_limit();
         let broker = &self.settings.broker;
         let consume = Arc::new(ManagedConnection::new(broker, "consume")?);
         let publish = Arc::new(ManagedConnection::new(broker, "publish")?);
@@ -641,6 +642,27 @@ impl Worker {
             info!(topology = %shared.topology, "topology ready");
         }
         Ok(())
+    }
+}
+
+/// Raises the open-file limit to its hard limit: the broker connections,
+/// the admin endpoint's clients and whatever the handlers open share it, and
+/// a low soft limit (often 1,024) should not be what stops a reconnect.
+fn raise_open_file_limit() {
+    #[cfg(unix)]
+    {
+        let before = rlimit::Resource::NOFILE.get().map(|(soft, _)| soft).ok();
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(now) if before.is_some_and(|b| b < now) => {
+                info!(
+                    from = before.unwrap_or_default(),
+                    to = now,
+                    "raised the open-file limit to its hard limit"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+        }
     }
 }
 
