@@ -1,7 +1,9 @@
 use lapin::{Connection, ConnectionProperties, Result};
 
 async fn tokio_main() -> Result<()> {
-    let uri = "amqp://demo:demo@localhost:5673";
+    // rabbit-guard: port 1, not 5673, where scripts/rabbitmq.sh runs a RabbitMQ 4
+    // node beside these tests.
+    let uri = "amqp://demo:demo@localhost:1";
     let options = ConnectionProperties::default();
     let _connection = Connection::connect(uri, options).await?;
     Ok(())
