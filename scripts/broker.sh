@@ -124,6 +124,9 @@ EOF
     command -v debootstrap >/dev/null || apt_install debootstrap
     log "RabbitMQ 4.0 cluster on 127.0.0.1:5673-5675 (scripts/rabbitmq.sh start 3; stop it with scripts/rabbitmq.sh stop)"
     as_root bash scripts/rabbitmq.sh start 3
+    command -v openssl >/dev/null || apt_install openssl
+    log "RabbitMQ 4.0 with TLS, EXTERNAL and OAuth 2 on 127.0.0.1:5676/5686 for the TLS and OAuth 2 tests (scripts/rabbitmq.sh start-auth)"
+    as_root bash scripts/rabbitmq.sh start-auth
 }
 
 ensure_kill() {

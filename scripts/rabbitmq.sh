@@ -9,11 +9,22 @@
 #   scripts/rabbitmq.sh status        one line per node
 #   scripts/rabbitmq.sh reset         stop, then delete the nodes' data (a fresh cluster forms next start)
 #   scripts/rabbitmq.sh build         only build (cache) the root
+#   scripts/rabbitmq.sh start-auth    start rg4@localhost, a standalone node for the TLS and
+#                                     OAuth 2 tests (below), with its certificates and keys
 #
 # Node N (1..3) is rgN@localhost, AMQP on 127.0.0.1:567(2+N) (guest/guest allowed from
 # loopback), Erlang distribution on 2567(2+N), all registered with the chroot's own epmd on
 # port 4370, so the host's broker (rabbit@localhost, 5672, epmd 4369) is never involved.
 # Node data lives in ROOT/var/lib/rabbitmq/rgN; it survives `stop` and reboots.
+#
+# rg4@localhost (start-auth) is not clustered: AMQP on 127.0.0.1:5676, AMQPS on 5686 with
+# verify_peer and fail_if_no_peer_cert (a client certificate signed by the fixture's CA is
+# required), EXTERNAL (user = the certificate's CN) besides PLAIN, and the OAuth 2 backend
+# (audience "rabbitmq", RS256 tokens signed with the fixture's key, then internal users).
+# Its fixture, made with openssl at first start: ROOT/var/lib/rabbitmq/rg4/fixture/
+#   ca.pem ca.key             the CA the broker trusts for client certificates
+#   server.pem server.key     the broker's certificate (CN and DNS name localhost, no IP)
+#   jwt.key jwt.pub.pem       the key tokens are signed with, and the one the broker checks
 #
 # Needs: root, flock, debootstrap (apt-get install -y debootstrap) and a Debian mirror the
 # first time (45-75 s to build, 370 MB). A half-built root (ROOT.partial) is never used.
@@ -42,6 +53,10 @@ node() { echo "rg$1@localhost"; }
 amqp_port() { echo $((5672 + $1)); }
 dist_port() { echo $((25672 + $1)); }
 node_dir() { echo "$DATA/rg$1"; } # inside the root
+
+AUTH=4
+AUTH_TLS_PORT=5686
+fixture_dir() { echo "$DATA/rg$AUTH/fixture"; } # inside the root
 
 require_root() { [ "$(id -u)" = 0 ] || die "must run as root (chroot, mount)"; }
 
@@ -134,15 +149,60 @@ amqp_up() {
     [ "${first// /}" = 01 ]
 }
 
+# The auth node's certificates and keys (once; kept with its data).
+make_fixture() {
+    local f="$ROOT$(fixture_dir)"
+    [ -s "$f/jwt.pub.pem" ] && return 0
+    command -v openssl >/dev/null || die "openssl is not installed (apt-get install -y openssl)"
+    mkdir -p "$f"
+    log "making the auth node's certificates and keys in $f"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=rabbit-guard test CA" \
+        -keyout "$f/ca.key" -out "$f/ca.pem" >/dev/null 2>&1
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+        -keyout "$f/server.key" -out "$f/server.csr" >/dev/null 2>&1
+    printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$f/server.ext"
+    openssl x509 -req -in "$f/server.csr" -CA "$f/ca.pem" -CAkey "$f/ca.key" -CAcreateserial \
+        -days 3650 -extfile "$f/server.ext" -out "$f/server.pem" >/dev/null 2>&1
+    openssl genrsa -out "$f/jwt.key" 2048 >/dev/null 2>&1
+    openssl rsa -in "$f/jwt.key" -pubout -out "$f/jwt.pub.pem" >/dev/null 2>&1
+    [ -s "$f/jwt.pub.pem" ] || die "openssl could not make the fixture in $f"
+    chmod 644 "$f"/*
+}
+
+node_config() {
+    local n=$1 f
+    f=$(fixture_dir)
+    printf 'listeners.tcp.default = %s\nloopback_users = none\n' "$(amqp_port "$n")"
+    [ "$n" = "$AUTH" ] || return 0
+    cat <<EOF
+listeners.ssl.default = $AUTH_TLS_PORT
+ssl_options.cacertfile = $f/ca.pem
+ssl_options.certfile = $f/server.pem
+ssl_options.keyfile = $f/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+ssl_cert_login_from = common_name
+auth_mechanisms.1 = PLAIN
+auth_mechanisms.2 = AMQPLAIN
+auth_mechanisms.3 = EXTERNAL
+auth_backends.1 = rabbit_auth_backend_oauth2
+auth_backends.2 = internal
+auth_oauth2.resource_server_id = rabbitmq
+auth_oauth2.default_key = rg-test
+auth_oauth2.signing_keys.rg-test = $f/jwt.pub.pem
+log.file.level = debug
+EOF
+}
+
 start_node() {
     local n=$1 dir conf ids
     dir=$(node_dir "$n")
     conf="$ROOT$dir/rabbitmq.conf"
     mkdir -p "$ROOT$dir/log" "$ROOT$dir/mnesia"
-    cat >"$conf" <<EOF
-listeners.tcp.default = $(amqp_port "$n")
-loopback_users = none
-EOF
+    node_config "$n" >"$conf"
+    if [ "$n" = "$AUTH" ]; then
+        echo '[rabbitmq_auth_mechanism_ssl,rabbitmq_auth_backend_oauth2].' >"$ROOT$dir/enabled_plugins"
+    fi
     chroot "$ROOT" chown -R rabbitmq:rabbitmq "$dir"
     ids=$(rabbit_ids)
     log "starting $(node "$n") (amqp $(amqp_port "$n"), dist $(dist_port "$n")); console: $ROOT$dir/log/console.log"
@@ -197,7 +257,7 @@ topology_file() { echo "$ROOT$DATA/rg-topology"; }
 
 wipe_data() {
     local n
-    for n in 1 2 3; do
+    for n in 1 2 3 4; do
         rm -rf --one-file-system "$ROOT$(node_dir "$n")"
     done
     rm -f "$(topology_file)"
@@ -236,7 +296,7 @@ do_stop() {
     }
     local pids waited=0
     # rg2 and rg3 first, rg1 last: the node that stops last boots first on its own next time.
-    stop_vms 2 3
+    stop_vms 2 3 "$AUTH"
     stop_vms 1
     pids=$(root_pids)
     if [ -n "$pids" ]; then
@@ -336,6 +396,28 @@ do_start() {
     fi
 }
 
+# The standalone auth node (TLS, EXTERNAL, OAuth 2), with its fixture.
+do_start_auth() {
+    local started=$SECONDS deadline
+    build_root
+    mount_root
+    ensure_cookie
+    make_fixture
+    deadline=$((started + WAIT))
+    if grep -qx "rg$AUTH" <<<"$(registered)"; then
+        amqp_up "$(amqp_port "$AUTH")" ||
+            rabbitmqctl_in_root -n "$(node "$AUTH")" -q start_app >/dev/null 2>&1 || true
+    else
+        start_node "$AUTH"
+    fi
+    wait_amqp "$deadline" "$AUTH"
+    until (exec 3<>"/dev/tcp/127.0.0.1/$AUTH_TLS_PORT") 2>/dev/null; do
+        [ "$SECONDS" -lt "$deadline" ] || die "$(node "$AUTH") did not open AMQPS on 127.0.0.1:$AUTH_TLS_PORT within ${WAIT} s"
+        sleep 1
+    done
+    log "$(node "$AUTH") ready (amqp 127.0.0.1:$(amqp_port "$AUTH"), amqps $AUTH_TLS_PORT; fixture $ROOT$(fixture_dir)) in $((SECONDS - started)) s"
+}
+
 do_status() {
     local up n state
     if ! have_root; then
@@ -343,7 +425,7 @@ do_status() {
         return 0
     fi
     up=$(registered)
-    for n in 1 2 3; do
+    for n in 1 2 3 "$AUTH"; do
         if grep -qx "rg$n" <<<"$up"; then
             if amqp_up "$(amqp_port "$n")"; then state="running (amqp 127.0.0.1:$(amqp_port "$n") up)"; else state="node up, amqp $(amqp_port "$n") not answering (app stopped or booting)"; fi
         else
@@ -378,7 +460,12 @@ reset)
     with_lock
     do_stop
     if [ -d "$ROOT" ]; then wipe_data; fi
-    log "data of rg1..rg3 deleted (root kept)"
+    log "data of rg1..rg4 deleted (root kept)"
+    ;;
+start-auth)
+    require_root
+    with_lock
+    do_start_auth
     ;;
 build)
     require_root
@@ -387,7 +474,7 @@ build)
     ;;
 ctl)
     require_root
-    [ $# -ge 1 ] && [[ $1 =~ ^[123]$ ]] || die "usage: $0 ctl 1|2|3 ARGS…"
+    [ $# -ge 1 ] && [[ $1 =~ ^[1234]$ ]] || die "usage: $0 ctl 1|2|3|4 ARGS…"
     have_root || die "no RabbitMQ 4 root at $ROOT (run: $0 start)"
     n=$1
     shift
@@ -398,6 +485,6 @@ status)
     do_status
     ;;
 *)
-    die "usage: $0 start [1|3] | stop | ctl N ARGS… | status | reset | build"
+    die "usage: $0 start [1|3] | start-auth | stop | ctl N ARGS… | status | reset | build"
     ;;
 esac

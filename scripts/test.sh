@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test, from a fresh clone: makes sure a RabbitMQ answers at
 # AMQP_ADDR (starting one as scripts/try.sh does), starts the 3-node
-# RabbitMQ 4.0 cluster the cluster tests use (scripts/rabbitmq.sh, a Debian
-# chroot on 127.0.0.1:5673-5675; root on Debian/Ubuntu), installs the tools
-# the tests call (kill; rabbitmqctl comes with the broker), then runs:
+# RabbitMQ 4.0 cluster the cluster tests use and the RabbitMQ 4.0 node with
+# TLS, EXTERNAL and OAuth 2 the TLS and OAuth 2 tests use (scripts/rabbitmq.sh,
+# a Debian chroot on 127.0.0.1:5673-5676 and 5686; root on Debian/Ubuntu),
+# installs the tools the tests call (kill, openssl; rabbitmqctl comes with
+# the broker), then runs:
 #   the forks' own tests (vendor/),
 #   cargo test --all-features -- --include-ignored   against AMQP_ADDR,
 #   scripts/outside-app.sh                           an application crate built outside the checkout,

@@ -19,6 +19,31 @@ pub enum Error {
         /// What the broker said.
         detail: String,
     },
+    /// TLS with the broker failed for a reason retrying cannot fix: a
+    /// certificate refused (theirs or ours), a file of `[broker.tls]`.
+    #[error("TLS with the broker at {url} failed: {detail}")]
+    Tls {
+        /// The broker address, password masked.
+        url: String,
+        /// What was refused, and what to set.
+        detail: String,
+    },
+    /// No OAuth 2 access token could be had (`[broker.oauth2]`).
+    #[error("no OAuth 2 token for the broker: {detail}")]
+    OAuth2 {
+        /// What failed, naming the setting.
+        detail: String,
+    },
+    /// The broker refused the EXTERNAL login (the client certificate's identity).
+    #[error(
+        "the broker at {url} refused the EXTERNAL login ({detail}): the user is the client certificate's subject (by default its CN); that user must exist and the broker must have the rabbitmq_auth_mechanism_ssl plugin enabled"
+    )]
+    ExternalRefused {
+        /// The broker address.
+        url: String,
+        /// What the broker said.
+        detail: String,
+    },
     /// The virtual host does not exist or the user may not use it.
     #[error(
         "the broker at {url} refused the virtual host ({detail}): check the vhost at the end of broker.url (%2f is \"/\") and the user's permissions"
@@ -131,6 +156,11 @@ impl Error {
         Self::Setup {
             message: crate::secret::mask_url(&crate::text::error_chain(&*e)),
         }
+    }
+
+    #[allow(clippy::needless_pass_by_value)] // made for map_err
+    pub(crate) fn oauth2(e: crate::amqp::oauth2::TokenError) -> Self {
+        Self::OAuth2 { detail: e.0 }
     }
 
     pub(crate) fn broker(context: impl Into<String>, source: lapin::Error) -> Self {

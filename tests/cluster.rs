@@ -229,10 +229,13 @@ async fn stopping_the_consume_connections_node_loses_nothing() {
         .await
         .expect("the consume connection is on one of the three nodes");
     let publish_node = node_of(&admin, "/publish").await;
-    let out = ctl(stopped + 1, &["stop_app"]);
-    let _again = StartAgain(vec![stopped + 1]);
+    // Counted before stop_app: it takes seconds, and the worker may have
+    // moved and handled everything before it returns.
     let stopped_at = Instant::now();
     let at_stop = handler.calls();
+    let left = u64::try_from(n).unwrap_or(u64::MAX).saturating_sub(at_stop);
+    let out = ctl(stopped + 1, &["stop_app"]);
+    let _again = StartAgain(vec![stopped + 1]);
     assert!(
         out.status.success(),
         "stop_app on node {}: {}",
@@ -245,7 +248,7 @@ async fn stopping_the_consume_connections_node_loses_nothing() {
     while stopped_at.elapsed() < Duration::from_secs(30) {
         if let Some(node) = node_of(&admin, "/consume").await
             && node != stopped
-            && handler.calls() > at_stop + 200
+            && handler.calls() > at_stop + left.min(200)
         {
             resumed_on = Some((node, stopped_at.elapsed()));
             break;
@@ -273,8 +276,8 @@ async fn stopping_the_consume_connections_node_loses_nothing() {
         resumed_on.expect("consumption resumed on another node within 30 s");
     assert!(all, "all {n} handled within 120 s: {distinct}");
     assert!(
-        resumed_after <= Duration::from_secs(5),
-        "consumption resumed on node {} within 5 s of stopping node {}: took {resumed_after:?}",
+        resumed_after <= Duration::from_secs(10),
+        "consumption resumed on node {} within 10 s of asking node {} to stop (stop_app itself takes seconds): took {resumed_after:?}",
         resumed_node + 1,
         stopped + 1
     );

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::amqp::oauth2::Token;
 use crate::amqp::server_info::ServerInfo;
 use crate::config::BrokerSettings;
 use crate::error::{Error, amqp_error, describe};
@@ -80,6 +81,9 @@ pub(crate) struct ManagedConnection {
     suspect: Notify,
     blocked: AtomicBool,
     reconnects: AtomicU64,
+    /// `[broker.oauth2]`: the newest access token, the password of every
+    /// connect, sent to the open connection when a new one comes.
+    tokens: Option<watch::Receiver<Option<Arc<Token>>>>,
 }
 
 impl std::fmt::Debug for ManagedConnection {
@@ -107,9 +111,46 @@ fn io_runtime() -> std::io::Result<async_rs::TokioRuntime> {
     Ok(async_rs::Runtime::tokio_with_runtime(runtime))
 }
 
+/// The next new token, or never when there are none.
+async fn next_token(tokens: &mut Option<watch::Receiver<Option<Arc<Token>>>>) -> Arc<Token> {
+    if let Some(rx) = tokens {
+        while rx.changed().await.is_ok() {
+            if let Some(token) = rx.borrow_and_update().clone() {
+                return token;
+            }
+        }
+    }
+    std::future::pending().await
+}
+
 fn is_fatal_at_startup(e: &lapin::Error) -> bool {
-    // 403 ACCESS_REFUSED, 530 NOT_ALLOWED (vhost): retrying won't help.
-    matches!(amqp_error(e), Some((403 | 530, _)))
+    // 403 ACCESS_REFUSED, 530 NOT_ALLOWED (vhost), a certificate refused
+    // either way or TLS files that cannot be used: retrying won't help.
+    matches!(amqp_error(e), Some((403 | 530, _))) || tls_failure(e).is_some_and(|t| t.settled)
+}
+
+/// Why a TLS connection failed, carried through lapin as an I/O error.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct TlsFailure {
+    pub(crate) message: String,
+    /// Retrying would meet the same refusal (a certificate, a file), as
+    /// opposed to a handshake cut short.
+    pub(crate) settled: bool,
+}
+
+impl TlsFailure {
+    fn into_lapin(self, kind: std::io::ErrorKind) -> lapin::Error {
+        lapin::Error::from(std::io::Error::new(kind, self))
+    }
+}
+
+/// The [`TlsFailure`] inside a lapin error, if it is one.
+pub(crate) fn tls_failure(e: &lapin::Error) -> Option<&TlsFailure> {
+    match e.kind() {
+        lapin::ErrorKind::IOError(io) => io.get_ref()?.downcast_ref::<TlsFailure>(),
+        _ => None,
+    }
 }
 
 impl ManagedConnection {
@@ -128,6 +169,9 @@ impl ManagedConnection {
             })?;
             if uri.query.heartbeat.is_none() {
                 uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+            }
+            if settings.auth_mechanism == crate::config::AuthMechanism::External {
+                uri.query.auth_mechanism = Some(lapin::uri::SASLMechanism::External);
             }
             nodes.push((uri, url.masked()));
         }
@@ -154,7 +198,17 @@ impl ManagedConnection {
             suspect: Notify::new(),
             blocked: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
+            tokens: None,
         })
+    }
+
+    /// Logs in with the tokens of `[broker.oauth2]`: the newest is the
+    /// password of every connect, and each new one is sent to the open
+    /// connection (`update-secret`).
+    #[must_use]
+    pub(crate) fn with_tokens(mut self, tokens: watch::Receiver<Option<Arc<Token>>>) -> Self {
+        self.tokens = Some(tokens);
+        self
     }
 
     /// The node the connection is on (or was on last), its URL masked.
@@ -238,23 +292,95 @@ impl ManagedConnection {
         let timeout = self.settings.connect_timeout;
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let runtime = io_runtime().map_err(lapin::Error::from)?;
+        let mut with_token;
+        let uri = match self.tokens.as_ref().and_then(|t| t.borrow().clone()) {
+            Some(token) => {
+                with_token = uri.clone();
+                token
+                    .value
+                    .expose()
+                    .clone_into(&mut with_token.authority.userinfo.password);
+                &with_token
+            }
+            None => uri,
+        };
+        let connect = async {
+            if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
+                self.connect_tls(uri, props, runtime).await
+            } else {
+                Connection::connect_uri_with_runtime(uri.clone(), props, runtime).await
+            }
+        };
         // A peer that accepts TCP but never answers would hang the handshake forever.
-        let connection = tokio::time::timeout(
-            timeout,
-            Connection::connect_uri_with_runtime(uri.clone(), props, runtime),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(lapin::Error::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer within broker.connect_timeout ({})",
-                    humantime::format_duration(timeout)
-                ),
-            )))
-        })?;
+        let connection = tokio::time::timeout(timeout, connect)
+            .await
+            .unwrap_or_else(|_| {
+                Err(lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer within broker.connect_timeout ({})",
+                        humantime::format_duration(timeout)
+                    ),
+                )))
+            })?;
         let server = ServerInfo::from_properties(connection.configuration().server_properties());
         Ok((connection, Some(server.to_string())))
+    }
+
+    /// Connects over TLS as `[broker.tls]` says, its files read now (a
+    /// rotated certificate is used from the next connect on).
+    async fn connect_tls(
+        &self,
+        uri: &AMQPUri,
+        props: ConnectionProperties,
+        runtime: async_rs::TokioRuntime,
+    ) -> Result<Connection, lapin::Error> {
+        let tls = crate::amqp::tls::Tls::load(&self.settings.tls).map_err(|e| {
+            TlsFailure {
+                message: e.to_string(),
+                settled: true,
+            }
+            .into_lapin(std::io::ErrorKind::InvalidInput)
+        })?;
+        let name = self
+            .settings
+            .tls
+            .server_name
+            .clone()
+            .unwrap_or_else(|| uri.authority.host.clone());
+        let connector = lapin::tcp::RustlsConnector::from(tls.config.clone());
+        let (explain, shown_name) = (tls.clone(), name.clone());
+        let connect = async move |uri: AMQPUri, runtime: async_rs::TokioRuntime| {
+            let addrs = runtime.to_socket_addrs((uri.authority.host.clone(), uri.authority.port));
+            let stream = lapin::tcp::AsyncTcpStream::connect(&runtime, addrs).await?;
+            stream.into_rustls(&connector, &name).await.map_err(|e| {
+                let message = tls.explain(&e, &name);
+                // A refused certificate or a failed check says so in an
+                // alert or a verification error; a cut is only an I/O
+                // error and may pass.
+                let settled = e
+                    .get_ref()
+                    .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+                TlsFailure { message, settled }.into_lapin(e.kind())
+            })
+        };
+        Connection::connector(uri.clone(), runtime, connect, props)
+            .await
+            .map_err(|e| match e.kind() {
+                // With TLS 1.3 the broker judges our certificate after our
+                // side of the handshake is done: its alert comes with the
+                // first frames, through lapin's I/O loop.
+                lapin::ErrorKind::IOError(io)
+                    if tls_failure(&e).is_none() && crate::amqp::tls::is_tls_error(io) =>
+                {
+                    TlsFailure {
+                        message: explain.explain(io, &shown_name),
+                        settled: true,
+                    }
+                    .into_lapin(io.kind())
+                }
+                _ => e,
+            })
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {
@@ -352,6 +478,20 @@ impl ManagedConnection {
     }
 
     fn fatal(&self, e: &lapin::Error) -> Error {
+        if let Some(tls) = tls_failure(e) {
+            return Error::Tls {
+                url: self.shown_url.clone(),
+                detail: tls.message.clone(),
+            };
+        }
+        if self.settings.auth_mechanism == crate::config::AuthMechanism::External
+            && let Some((403, detail)) = amqp_error(e)
+        {
+            return Error::ExternalRefused {
+                url: self.shown_url.clone(),
+                detail,
+            };
+        }
         match amqp_error(e) {
             Some((530, detail)) => Error::VhostRefused {
                 url: self.shown_url.clone(),
@@ -399,6 +539,11 @@ impl ManagedConnection {
                 return Ok(());
             };
             let mut events = connection.events_listener();
+            let mut tokens = self.tokens.clone();
+            if let Some(t) = tokens.as_mut() {
+                // It connected with the newest: only later ones are news.
+                t.mark_unchanged();
+            }
             let reason = loop {
                 if !connection.status().connected() {
                     break "connection is no longer open".to_owned();
@@ -406,6 +551,18 @@ impl ManagedConnection {
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
                     () = self.suspect.notified() => {}
+                    token = next_token(&mut tokens) => {
+                        if let Err(e) = connection
+                            .update_secret(token.value.expose().into(), "OAuth 2 token renewed".into())
+                            .await
+                        {
+                            break format!(
+                                "the broker refused the renewed OAuth 2 token ({}); reconnecting with it",
+                                describe(&e)
+                            );
+                        }
+                        debug!(connection = %self.name, "sent the new OAuth 2 token (update-secret)");
+                    }
                     event = events.next() => match event {
                         None => break "connection event stream ended".to_owned(),
                         Some(Event::Error(e)) => break describe(&e),
@@ -514,7 +671,12 @@ pub(crate) async fn connect_once(
     settings: &BrokerSettings,
     role: &'static str,
 ) -> Result<Connection, Error> {
-    let managed = ManagedConnection::new(settings, role)?;
+    let mut managed = ManagedConnection::new(settings, role)?;
+    if let Some(oauth2) = &settings.oauth2 {
+        let source = crate::amqp::oauth2::TokenSource::new(oauth2).map_err(Error::oauth2)?;
+        source.fetch().await.map_err(Error::oauth2)?;
+        managed = managed.with_tokens(source.subscribe());
+    }
     let started = Instant::now();
     match managed.connect_once().await {
         Ok(c) => Ok(c),

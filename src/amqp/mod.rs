@@ -21,8 +21,10 @@ use crate::secret::{SecretUrl, scrub};
 pub(crate) mod connection;
 pub(crate) mod copy;
 pub mod headers;
+pub(crate) mod oauth2;
 pub(crate) mod publish;
 pub(crate) mod server_info;
+pub(crate) mod tls;
 pub(crate) mod topology;
 
 /// The header rabbit-guard's AMQP parser puts where it could not read part of

@@ -30,10 +30,10 @@ mod validate;
 pub use error::{ConfigError, Problem};
 pub use load::{DEFAULT_CONFIG_FILE, ENV_PREFIX, Sources, load, load_unvalidated, load_with};
 pub use settings::{
-    AdminSettings, AppSection, Binding, BrokerSettings, ConsumerSettings, Declare, ExchangeType,
-    FleetSettings, HttpSettings, LogFormat, LogSettings, OnPause, OtlpProtocol, QueueType,
-    ReconnectSettings, RetrySettings, SafetyChecks, Settings, TelemetrySettings, WorkerSettings,
-    compact_duration,
+    AdminSettings, AppSection, AuthMechanism, Binding, BrokerSettings, ConsumerSettings, Declare,
+    ExchangeType, FleetSettings, HttpSettings, LogFormat, LogSettings, OAuth2Settings, OnPause,
+    OtlpProtocol, QueueType, ReconnectSettings, RetrySettings, SafetyChecks, Settings,
+    TelemetrySettings, TlsSettings, TlsVersion, WorkerSettings, compact_duration,
 };
 pub use validate::{MAX_DURATION, MAX_RETRY_DELAY, MAX_THREADS};
 

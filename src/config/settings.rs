@@ -123,6 +123,14 @@ impl Settings {
         if shown.admin.token.is_some() {
             shown.admin.token = Some(Secret::new(MASK));
         }
+        if let Some(u) = shown
+            .broker
+            .oauth2
+            .as_mut()
+            .and_then(|o| o.token_url.as_mut())
+        {
+            *u = SecretUrl::new(u.masked());
+        }
         for b in shown.breakers.values_mut() {
             if let Some(u) = b.health_check.as_mut().and_then(|h| h.url.as_mut()) {
                 *u = SecretUrl::new(u.masked());
@@ -169,6 +177,126 @@ pub struct BrokerSettings {
     pub consumer_timeout: Duration,
     /// `[broker.reconnect]`: backoff between connection attempts.
     pub reconnect: ReconnectSettings,
+    /// `[broker.tls]`: the CAs, client certificate and name `amqps://`
+    /// connections use.
+    pub tls: TlsSettings,
+    /// How the worker logs in: `"plain"` (the URL's user and password) or
+    /// `"external"` (the broker takes the user from the client
+    /// certificate, `broker.tls.cert_file`; needs `amqps://`).
+    pub auth_mechanism: AuthMechanism,
+    /// `[broker.oauth2]`: log in with an OAuth 2 access token (as the
+    /// password) and renew it on the open connections before it expires.
+    pub oauth2: Option<OAuth2Settings>,
+}
+
+/// `[broker.oauth2]`: where the access token comes from. Either a file an
+/// operator's sidecar keeps fresh (`token_file`), or a client-credentials
+/// grant (`token_url`, `client_id`, `client_secret_file`). The token is the
+/// password of every connection; before it expires (its JWT `exp`, or the
+/// grant's `expires_in`) the worker sends the new one on the open
+/// connections (AMQP `update-secret`: no reconnect, no pause), and
+/// reconnects with it if the broker refuses. Tokens and secrets are never
+/// printed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct OAuth2Settings {
+    /// A file holding the token (its first line), read at startup and
+    /// whenever it changes.
+    pub token_file: Option<std::path::PathBuf>,
+    /// The token endpoint of a client-credentials grant.
+    pub token_url: Option<SecretUrl>,
+    /// The client id of the grant.
+    pub client_id: Option<String>,
+    /// A file holding the client secret (its first line).
+    pub client_secret_file: Option<std::path::PathBuf>,
+    /// The grant's `scope`, when the provider needs one.
+    pub scope: Option<String>,
+    /// Renew this long before the token expires.
+    #[serde(with = "humantime_serde")]
+    pub renew_before: Duration,
+}
+
+impl Default for OAuth2Settings {
+    fn default() -> Self {
+        Self {
+            token_file: None,
+            token_url: None,
+            client_id: None,
+            client_secret_file: None,
+            scope: None,
+            renew_before: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `broker.auth_mechanism`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum AuthMechanism {
+    /// The user name and password of the URL (SASL PLAIN).
+    #[default]
+    Plain,
+    /// The client certificate's identity (SASL EXTERNAL).
+    External,
+}
+
+/// `[broker.tls]`: used by every `amqps://` connection (consume, publish,
+/// fleet, and the `dlq` commands). Files are read at every connect, so a
+/// rotated certificate is used from the next reconnect on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TlsSettings {
+    /// CA certificates (PEM) to trust for the broker's certificate,
+    /// besides the system's (or instead, with `system_roots = false`).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Trust the system's CA certificates too.
+    pub system_roots: bool,
+    /// The client certificate (PEM, with its chain) for mutual TLS.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Its private key (PEM: PKCS#8, RSA or EC). Never printed.
+    pub key_file: Option<std::path::PathBuf>,
+    /// The name the broker's certificate must carry, when it is not the
+    /// URL's host (connecting by IP address, say).
+    pub server_name: Option<String>,
+    /// The lowest TLS version: `"1.2"` (default) or `"1.3"`.
+    pub min_version: TlsVersion,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            system_roots: true,
+            cert_file: None,
+            key_file: None,
+            server_name: None,
+            min_version: TlsVersion::Tls12,
+        }
+    }
+}
+
+impl TlsSettings {
+    /// True when any key is set (the defaults leave TLS to the URL).
+    #[must_use]
+    pub fn is_configured(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
+/// `broker.tls.min_version`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 /// `broker.url` when none is configured.
@@ -204,6 +332,9 @@ impl Default for BrokerSettings {
             connect_timeout: Duration::from_secs(10),
             consumer_timeout: Duration::from_secs(30 * 60),
             reconnect: ReconnectSettings::default(),
+            tls: TlsSettings::default(),
+            auth_mechanism: AuthMechanism::Plain,
+            oauth2: None,
         }
     }
 }

@@ -878,3 +878,88 @@ fn a_dead_letter_or_delay_queue_that_is_a_work_queue_is_refused_in_every_declare
         &["q.delay.5s", "work queue of consumers[1]"],
     );
 }
+
+#[test]
+fn tls_and_login_settings_fit_the_urls_and_name_what_is_wrong() {
+    let with = |broker: &str| format!("[broker]\n{broker}\n{MINIMAL}");
+    assert_problem(
+        &with("url = \"amqp://u:p@h/\"\ntls.ca_file = \"/etc/ca.pem\""),
+        "broker.tls",
+        &["amqps://"],
+    );
+    assert_problem(
+        &with("url = \"amqp://h/\"\nauth_mechanism = \"external\""),
+        "broker.auth_mechanism",
+        &["amqps://"],
+    );
+    assert_problem(
+        &with("url = \"amqps://h/\"\nauth_mechanism = \"external\""),
+        "broker.auth_mechanism",
+        &["broker.tls.cert_file"],
+    );
+    assert_problem(
+        &with(
+            "url = \"amqps://h/\"\ntls.ca_file = \"/nonexistent/ca.pem\"\ntls.system_roots = false",
+        ),
+        "broker.tls.ca_file",
+        &["/nonexistent/ca.pem", "cannot read it"],
+    );
+    assert_problem(
+        &with("url = \"amqps://h/\"\ntls.server_name = \"not a name!\""),
+        "broker.tls.server_name",
+        &["not a DNS name"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key = write(dir.path(), "k.pem", "hello, no PEM here\n");
+    assert_problem(
+        &with(&format!(
+            "url = \"amqps://h/\"\ntls.cert_file = \"{}\"\ntls.key_file = \"{}\"",
+            key.display(),
+            key.display()
+        )),
+        "broker.tls.cert_file",
+        &["no certificate"],
+    );
+}
+
+#[test]
+fn oauth2_settings_name_their_source_and_never_print_a_token() {
+    let with = |oauth2: &str| {
+        format!("[broker]\nurl = \"amqp://h/\"\n[broker.oauth2]\n{oauth2}\n{MINIMAL}")
+    };
+    assert_problem(&with(""), "broker.oauth2", &["token_file", "token_url"]);
+    assert_problem(
+        &with("token_file = \"/t\"\ntoken_url = \"https://idp/token\""),
+        "broker.oauth2.token_url",
+        &["not both"],
+    );
+    assert_problem(
+        &with("token_url = \"https://idp/token\""),
+        "broker.oauth2.client_id",
+        &["required"],
+    );
+    assert_problem(
+        &with("token_url = \"https://idp/token\"\nclient_id = \"w\""),
+        "broker.oauth2.client_secret_file",
+        &["required"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let empty = write(dir.path(), "token", "\n");
+    assert_problem(
+        &with(&format!("token_file = \"{}\"", empty.display())),
+        "broker.oauth2.token_file",
+        &["empty"],
+    );
+    let token = write(dir.path(), "good", "eyJhbGciOi.secret-part.sig\n");
+    let text = with(&format!(
+        "token_file = \"{}\"\nrenew_before = \"2h\"",
+        token.display()
+    ));
+    assert_problem(&text, "broker.oauth2.renew_before", &["1s to 1h"]);
+    assert!(
+        problems_of(&text)
+            .iter()
+            .all(|p| !p.contains("secret-part")),
+        "a token is never printed"
+    );
+}

@@ -330,6 +330,169 @@ impl BrokerSettings {
                 "must be at least 1 (leave it out to retry forever)",
             ));
         }
+        out.extend(self.tls_problems());
+        if let Some(oauth2) = &self.oauth2 {
+            out.extend(oauth2.problems());
+            if self.auth_mechanism == super::AuthMechanism::External {
+                out.push(problem(
+                    "broker.oauth2",
+                    None,
+                    "logs in with a token (PLAIN); broker.auth_mechanism = \"external\" takes the certificate instead: choose one",
+                ));
+            }
+        }
+        out
+    }
+
+    /// `[broker.tls]` and `broker.auth_mechanism`: they fit the URLs, and
+    /// the files they name can be read and belong together.
+    fn tls_problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let schemes: Vec<bool> = self
+            .addresses()
+            .iter()
+            .map(|(_, url)| {
+                url.expose()
+                    .trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("amqps://")
+            })
+            .collect();
+        let any_tls = schemes.iter().any(|t| *t);
+        let all_tls = !schemes.is_empty() && schemes.iter().all(|t| *t);
+        if self.tls.is_configured() && !any_tls {
+            out.push(problem(
+                "broker.tls",
+                None,
+                "applies to amqps:// URLs, and broker.url is amqp://: use amqps:// (RabbitMQ's TLS port is 5671 by default)",
+            ));
+        }
+        if self.auth_mechanism == super::AuthMechanism::External {
+            if !all_tls {
+                out.push(problem(
+                    "broker.auth_mechanism",
+                    quoted("external"),
+                    "EXTERNAL takes the user from the client certificate: every broker URL must be amqps://",
+                ));
+            }
+            if self.tls.cert_file.is_none() {
+                out.push(problem(
+                    "broker.auth_mechanism",
+                    quoted("external"),
+                    "EXTERNAL takes the user from the client certificate: set broker.tls.cert_file and broker.tls.key_file",
+                ));
+            }
+        }
+        if let Some(name) = &self.tls.server_name
+            && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            out.push(problem(
+                "broker.tls.server_name",
+                quoted(&crate::text::truncate(name, 80)),
+                "not a DNS name or IP address",
+            ));
+        }
+        if any_tls
+            && self.tls.is_configured()
+            && let Err(e) = crate::amqp::tls::Tls::load(&self.tls)
+        {
+            out.push(problem(
+                format!("broker.tls.{}", e.key.unwrap_or("ca_file")),
+                None,
+                e.message,
+            ));
+        }
+        out
+    }
+}
+
+impl super::OAuth2Settings {
+    /// Every problem with `[broker.oauth2]`; the files it names must hold a
+    /// line (never shown).
+    #[must_use]
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        match (&self.token_file, &self.token_url) {
+            (None, None) => out.push(problem(
+                "broker.oauth2",
+                None,
+                "set token_file (a file something keeps fresh), or token_url with client_id and client_secret_file (a client-credentials grant)",
+            )),
+            (Some(_), Some(_)) => out.push(problem(
+                "broker.oauth2.token_url",
+                None,
+                "set token_file or token_url, not both",
+            )),
+            _ => {}
+        }
+        let readable = |key: &str, path: &std::path::Path| -> Option<Problem> {
+            let text = match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(e) => {
+                    return Some(problem(
+                        key,
+                        quoted(&path.display().to_string()),
+                        format!("cannot read it ({e})"),
+                    ));
+                }
+            };
+            text.lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .is_empty()
+                .then(|| {
+                    problem(
+                        key,
+                        quoted(&path.display().to_string()),
+                        "the file is empty: write it on the first line",
+                    )
+                })
+        };
+        if let Some(path) = &self.token_file {
+            out.extend(readable("broker.oauth2.token_file", path));
+        }
+        if let Some(url) = &self.token_url {
+            match url::Url::parse(url.expose()) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {}
+                _ => out.push(problem(
+                    "broker.oauth2.token_url",
+                    quoted(&url.masked()),
+                    "must be an http:// or https:// URL",
+                )),
+            }
+            if cfg!(not(feature = "http-handler")) {
+                out.push(problem(
+                    "broker.oauth2.token_url",
+                    None,
+                    "this build has no HTTP client (cargo feature http-handler): use token_file",
+                ));
+            }
+            if self.client_id.as_deref().is_none_or(str::is_empty) {
+                out.push(problem(
+                    "broker.oauth2.client_id",
+                    None,
+                    "is required with token_url",
+                ));
+            }
+            match &self.client_secret_file {
+                None => out.push(problem(
+                    "broker.oauth2.client_secret_file",
+                    None,
+                    "is required with token_url (a file holding the client secret)",
+                )),
+                Some(path) => out.extend(readable("broker.oauth2.client_secret_file", path)),
+            }
+        }
+        if self.renew_before < std::time::Duration::from_secs(1)
+            || self.renew_before > std::time::Duration::from_secs(3600)
+        {
+            out.push(problem(
+                "broker.oauth2.renew_before",
+                quoted(&humantime::format_duration(self.renew_before).to_string()),
+                "must be from 1s to 1h",
+            ));
+        }
         out
     }
 }

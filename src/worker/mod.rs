@@ -35,6 +35,7 @@ use tracing::{info, warn};
 #[cfg(feature = "admin")]
 use crate::admin::WorkerView;
 use crate::amqp::connection::ManagedConnection;
+use crate::amqp::oauth2::TokenSource;
 use crate::breaker::{
     Breaker, BreakerSet, BreakerState, ErasedHealthCheck, HealthCheck, HealthCheckConfig,
     Transition, TransitionReason,
@@ -444,10 +445,26 @@ impl Worker {
         }
         raise_open_file_limit();
         let broker = &self.settings.broker;
-        let consume = Arc::new(ManagedConnection::new(broker, "consume")?);
-        let publish = Arc::new(ManagedConnection::new(broker, "publish")?);
+        let tokens = match &broker.oauth2 {
+            Some(oauth2) => {
+                let source = Arc::new(TokenSource::new(oauth2).map_err(Error::oauth2)?);
+                let first = source.fetch().await.map_err(Error::oauth2)?;
+                info!(token = %first.expiry(), "OAuth 2 token obtained");
+                Some(source)
+            }
+            None => None,
+        };
+        let managed = |role| -> Result<Arc<ManagedConnection>, Error> {
+            let connection = ManagedConnection::new(broker, role)?;
+            Ok(Arc::new(match &tokens {
+                Some(source) => connection.with_tokens(source.subscribe()),
+                None => connection,
+            }))
+        };
+        let consume = managed("consume")?;
+        let publish = managed("publish")?;
         let fleet = match Fleet::new(&self.settings.fleet, &self.breakers) {
-            Some(fleet) => Some((fleet, Arc::new(ManagedConnection::new(broker, "fleet")?))),
+            Some(fleet) => Some((fleet, managed("fleet")?)),
             None => None,
         };
         let control = control::Control::new().map_err(|source| Error::Io {
@@ -474,7 +491,14 @@ impl Worker {
                 .await?
         };
         let result = self
-            .run_connected(&control, &consume, &publish, fleet.as_ref(), shutdown)
+            .run_connected(
+                &control,
+                &consume,
+                &publish,
+                fleet.as_ref(),
+                tokens,
+                shutdown,
+            )
             .await;
         #[cfg(feature = "admin")]
         if let Some(admin) = admin {
@@ -489,6 +513,7 @@ impl Worker {
         consume: &Arc<ManagedConnection>,
         publish: &Arc<ManagedConnection>,
         fleet: Option<&(Fleet, Arc<ManagedConnection>)>,
+        tokens: Option<Arc<TokenSource>>,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
         let fleet_conn = fleet.map(|(_, c)| c);
@@ -513,23 +538,10 @@ impl Worker {
         let infra = CancellationToken::new();
         let stop = CancellationToken::new();
         let infra_tasks = TaskTracker::new();
-        let (fatal_tx, mut fatal_rx) = mpsc::channel::<Error>(2);
         self.spawn_breaker_tasks(&infra_tasks, &infra);
-        for conn in [consume, publish].into_iter().chain(fleet_conn) {
-            let conn = conn.clone();
-            let token = infra.clone();
-            let fatal = fatal_tx.clone();
-            infra_tasks.spawn_on(
-                async move {
-                    if let Err(e) = conn.supervise(token).await {
-                        let _ = fatal.send(e).await;
-                    }
-                }
-                .with_current_subscriber(),
-                &control.handle(),
-            );
-        }
-        drop(fatal_tx);
+        let connections: Vec<&Arc<ManagedConnection>> =
+            [consume, publish].into_iter().chain(fleet_conn).collect();
+        let mut fatal_rx = supervise(&connections, tokens, control, &infra_tasks, &infra);
         if let Some((fleet, conn)) = fleet {
             infra_tasks.spawn_on(
                 fleet
@@ -643,6 +655,41 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Keeps `connections` up, and the OAuth 2 tokens they log in with fresh,
+/// from the control runtime (whatever the handlers do) until `infra` is
+/// cancelled; a connection that gives up for good is reported on the
+/// returned channel.
+fn supervise(
+    connections: &[&Arc<ManagedConnection>],
+    tokens: Option<Arc<TokenSource>>,
+    control: &control::Control,
+    tasks: &TaskTracker,
+    infra: &CancellationToken,
+) -> mpsc::Receiver<Error> {
+    let (fatal_tx, fatal_rx) = mpsc::channel::<Error>(2);
+    for conn in connections {
+        let conn = (*conn).clone();
+        let token = infra.clone();
+        let fatal = fatal_tx.clone();
+        tasks.spawn_on(
+            async move {
+                if let Err(e) = conn.supervise(token).await {
+                    let _ = fatal.send(e).await;
+                }
+            }
+            .with_current_subscriber(),
+            &control.handle(),
+        );
+    }
+    if let Some(source) = tokens {
+        tasks.spawn_on(
+            source.run(infra.clone()).with_current_subscriber(),
+            &control.handle(),
+        );
+    }
+    fatal_rx
 }
 
 /// Raises the open-file limit to its hard limit: the broker connections,
