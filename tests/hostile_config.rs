@@ -241,3 +241,65 @@ async fn an_ipv6_literal_broker_host_is_the_address_connected_to() {
     );
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn copies_to_a_work_queue_and_values_in_syntax_errors_are_refused() {
+    // A dead-letter queue that is the work queue itself: with declare =
+    // "passive" nothing at the broker would object, and one bad message
+    // would loop.
+    for declare in ["passive", "policy", "full"] {
+        let config = with_url(&amqp_addr()).replace(
+            "handler = \"noop\"",
+            &format!("handler = \"noop\"\ndeclare = \"{declare}\"\ndead_letter_queue = \"q\""),
+        );
+        for args in [&["check-config"][..], &["run"]] {
+            let (code, log) = run(&config, args).await;
+            assert_refused_cleanly(&format!("{args:?} with declare = {declare}"), code, &log, 1);
+            assert!(
+                log.contains("consumers[0].dead_letter_queue") && log.contains("loop"),
+                "{args:?}, declare = {declare}: names the key and why:\n{log}"
+            );
+        }
+    }
+    // A syntax error on a line whose key no list of secret names knows:
+    // the key and the place, never the value.
+    for line in [
+        format!("passwd = \"{SECRET}\" junk"),
+        format!("Cookie = \"session={SECRET}\" junk"),
+    ] {
+        let config = format!("[broker]\n{line}\n");
+        let (code, log) = run(&config, &["check-config"]).await;
+        assert_refused_cleanly(&format!("a syntax error in {line:?}"), code, &log, 1);
+        assert!(log.contains("line 2, column"), "the place: {log}");
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn an_admin_token_file_others_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, format!("{SECRET}\n")).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = format!(
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+        with_url(&amqp_addr()),
+        token.display()
+    );
+    let (dir2, path) = write_config(&config);
+    let out = std::process::Command::new(cli_binary())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    drop(dir2);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains("admin.token_file")
+            && text.contains("chmod 600")
+            && !text.contains(SECRET),
+        "check-config warns, without the token:\n{text}"
+    );
+}
