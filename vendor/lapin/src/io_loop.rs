@@ -305,12 +305,15 @@ impl<
                 trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop entering exit/cleanup phase");
                 self.internal_rpc.stop();
                 if self.heartbeat.killswitch().killed()
-                    && let Err(err) = self.runtime.block_on(std::future::poll_fn(move |cx| {
+                    && let Err(err) = self.runtime.block_on(std::future::poll_fn(|cx| {
                         Pin::new(&mut stream)
                             .poll_close(cx)
                     })) {
                         error!(?err, "Failed to close IO stream");
                     }
+                // rabbit-guard: the socket is closed before the drain, which
+                // can take up to DRAIN_LIMIT: the peer sees the end at once.
+                drop(stream);
                 self.drain();
                 res
             }).map_err(|err| Error::io(err, &runtime))?;
