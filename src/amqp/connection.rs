@@ -525,7 +525,8 @@ impl ManagedConnection {
         }
     }
 
-    /// A user of the connection saw an error: have the supervisor check it.
+    /// A user of the connection saw an error: have the supervisor check it
+    /// (it reconnects only when the connection itself is gone).
     pub(crate) fn report_trouble(&self) {
         self.suspect.notify_one();
     }
@@ -565,6 +566,13 @@ impl ManagedConnection {
                     }
                     event = events.next() => match event {
                         None => break "connection event stream ended".to_owned(),
+                        // lapin reports a channel the broker closed (a 404
+                        // on a passive declare, a 405 on a lease) here too:
+                        // that channel's owner handles it, the connection
+                        // is fine.
+                        Some(Event::Error(e)) if is_channel_error(&e) && connection.status().connected() => {
+                            debug!(connection = %self.name, error = %describe(&e), "the broker closed a channel; the connection stays");
+                        }
                         Some(Event::Error(e)) => break describe(&e),
                         Some(Event::ConnectionBlocked(why)) => {
                             self.blocked.store(true, Ordering::Release);
@@ -688,6 +696,16 @@ pub(crate) async fn connect_once(
             waited: humantime::format_duration(round_ms(started.elapsed())).to_string(),
         }),
     }
+}
+
+/// True for a channel-level (soft) AMQP error: the broker closed one
+/// channel, not the connection.
+pub(crate) fn is_channel_error(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
+    )
 }
 
 #[cfg(test)]
