@@ -163,9 +163,13 @@ impl Metrics {
             "rabbit_guard_fleet_joined",
             "1 while the worker follows its fleet ([fleet]), 0 while it guards on its own",
         );
+        g(
+            "rabbit_guard_fleet_problems",
+            "Problems with the fleet now (fleet.lease, fleet.epoch, fleet.announce, fleet.untrusted, fleet.deaf): see /readyz",
+        );
         c(
             "rabbit_guard_fleet_messages_total",
-            "Fleet messages sent, received from other workers, and ignored (stale, duplicate, malformed)",
+            "Fleet messages sent, received from other workers, ignored (stale, duplicate, malformed) and refused (not from a fleet member)",
         );
         c(
             "rabbit_guard_breaker_transitions_total",
@@ -331,10 +335,16 @@ impl Metrics {
                 &[],
                 f64::from(u8::from(f.state == "joined")),
             );
+            self.gauge(
+                "rabbit_guard_fleet_problems",
+                &[],
+                f64::from(u32::try_from(f.problems.len()).unwrap_or(u32::MAX)),
+            );
             for (direction, n) in [
                 ("sent", f.sent),
                 ("received", f.received),
                 ("ignored", f.ignored),
+                ("refused", f.refused),
             ] {
                 self.counter(
                     "rabbit_guard_fleet_messages_total",

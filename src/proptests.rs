@@ -421,14 +421,23 @@ proptest! {
                 reason: "failure-rate".into(),
                 until_ms: until,
             }).collect(),
-            streaks: names.iter().map(|n| crate::fleet::wire::StreakEntry { name: n.clone(), epoch, failures: 3 }).collect(),
+            streaks: names.iter().map(|n| crate::fleet::wire::StreakEntry {
+                name: n.clone(),
+                epoch,
+                failures: 3,
+                window: Some(crate::fleet::wire::WireCounts { calls: epoch, failures: epoch / 2, slow: 0 }),
+            }).collect(),
+            leases: names.clone(),
+            epochs: names.iter().map(|n| (n.clone(), epoch)).collect(),
+            answer: epoch % 2 == 0,
+            at_ms: epoch,
         };
         prop_assert_eq!(parse(&m.encode()), Ok(m));
         // Whatever the announcement says, the open period it gives lies
         // between now and max_open.
         let now = tokio::time::Instant::now();
         let max = Duration::from_secs(60);
-        let e = Entry { name: "b".into(), epoch, origin: worker, state: WireState::Open, reason: String::new(), until_ms: until };
+        let e = Entry { name: "b".into(), epoch, origin: worker.clone(), state: WireState::Open, reason: String::new(), until_ms: until };
         if let crate::breaker::FleetState::Open { until } = crate::fleet::ledger::fleet_state(&e, now, 1_000, max) {
             prop_assert!(until >= now && until <= now + max);
         } else {
@@ -438,8 +447,23 @@ proptest! {
             exchange: Some(fleet_exchange),
             worker_id: Some(worker_id),
             join_wait: Duration::from_millis(epoch % 120_000),
+            user: names.first().cloned(),
+            users: names.clone(),
+            key_file: None,
         };
         let _ = fleet.problems(names.iter().map(String::as_str));
+        // Whatever a message's sender, signature and body, the trust check
+        // answers without panicking, and a wrong signature never passes.
+        let trust = crate::fleet::trust::Trust::new(names.clone(), crate::fleet::trust::key_from(&[b'k'; 32]));
+        prop_assert!(trust.check_sender(Some(&worker), Some(&bytes), &bytes).is_err());
+        if let Some(member) = names.first() {
+            prop_assert_eq!(
+                trust.check_sender(Some(member), Some(&bytes), &bytes),
+                Err(crate::fleet::trust::Refusal::Mac),
+                "a member's message with a made-up signature"
+            );
+        }
+        let _ = trust.check_fresh(&worker, epoch, epoch, 1_000);
     }
 }
 

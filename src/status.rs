@@ -213,6 +213,35 @@ pub struct FleetView {
     pub received: u64,
     /// Messages or entries not taken over.
     pub ignored: u64,
+    /// Messages refused because they did not come from a fleet member
+    /// (a `user_id` not in `fleet.users`, a missing or wrong HMAC, a replay).
+    #[serde(default)]
+    pub refused: u64,
+    /// The broker user this worker speaks for the fleet as.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Other workers heard from lately (their heartbeats).
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// What is wrong with the fleet now, each with what to do. They do not
+    /// make `/readyz` fail: the worker goes on guarding (on its own where
+    /// it must), and a restart would not fix them.
+    #[serde(default)]
+    pub problems: Vec<FleetProblem>,
+}
+
+/// Something wrong with the fleet, on `/readyz`, `/breakers` and `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct FleetProblem {
+    /// `fleet.lease`, `fleet.epoch`, `fleet.announce`, `fleet.untrusted`.
+    pub kind: String,
+    /// The breaker it concerns, if one.
+    pub breaker: Option<String>,
+    /// What happened and what to do.
+    pub detail: String,
+    /// Since when (RFC 3339).
+    pub since: String,
 }
 
 /// One breaker's fleet state, for `/breakers`.
@@ -229,6 +258,31 @@ pub struct BreakerFleetView {
     pub lease_held: bool,
     /// True while another worker's lease keeps this one from probing.
     pub gated: bool,
+    /// The worker announcing that it holds the probe lease, if one was
+    /// heard lately.
+    #[serde(default)]
+    pub lease_holder: Option<String>,
+    /// While this worker probes without the lease: why.
+    #[serde(default)]
+    pub lease_problem: Option<String>,
+    /// The other workers' windows and failures in a row, as counted with
+    /// this worker's own by the trip rules.
+    #[serde(default)]
+    pub others: Option<OthersView>,
+}
+
+/// The other workers' part of a breaker's trip rules.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct OthersView {
+    /// Calls in their windows.
+    pub calls: u64,
+    /// Failures in their windows.
+    pub failures: u64,
+    /// Slow calls in their windows.
+    pub slow_calls: u64,
+    /// Their failures in a row, summed.
+    pub consecutive_failures: u32,
 }
 
 #[cfg(test)]
@@ -266,6 +320,8 @@ mod tests {
                     announced: Some("open".into()),
                     lease_held: false,
                     gated: true,
+                    lease_holder: Some("host-2#1a".into()),
+                    ..BreakerFleetView::default()
                 }),
                 ..BreakerView::default()
             }],

@@ -10,184 +10,11 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::proxy::free_port;
+use common::fleet::*;
 use common::*;
 use rabbit_guard::breaker::BreakerConfig;
-use rabbit_guard::config::Settings;
 use serde_json::Value;
 use tokio::time::Instant;
-
-/// Failures in a row that trip the breaker (the trip rule of these tests).
-const TRIP: usize = 5;
-const CONCURRENCY: usize = 8;
-const OPEN: Duration = Duration::from_secs(2);
-
-fn breaker() -> BreakerConfig {
-    {
-        let mut v = fast_breaker();
-        v.consecutive_failures = Some(u32::try_from(TRIP).unwrap());
-        // Only the streak trips: the rate rule would need this many calls.
-        v.minimum_calls = 10_000;
-        v.open_timeout = OPEN;
-        v.max_open_timeout = Duration::from_secs(4);
-        v.half_open_probes = 1;
-        v
-    }
-}
-
-/// One worker process of the fleet, with its admin endpoint.
-struct Member {
-    child: Child,
-    base: String,
-    id: String,
-}
-
-impl Member {
-    fn spawn(settings: &Settings, id: &str) -> Self {
-        let mut s = settings.clone();
-        let port = free_port();
-        s.admin.listen = Some(format!("127.0.0.1:{port}"));
-        s.fleet.worker_id = Some(id.to_owned());
-        s.broker.connection_name = format!("{}-{id}", settings.broker.connection_name);
-        Self {
-            child: Child::spawn(&s, &["run"]),
-            base: format!("http://127.0.0.1:{port}"),
-            id: id.to_owned(),
-        }
-    }
-
-    async fn get(&self, path: &str) -> Option<Value> {
-        let r = reqwest::get(format!("{}{path}", self.base)).await.ok()?;
-        serde_json::from_str(&r.text().await.ok()?).ok()
-    }
-
-    /// `joining`, `joined` or `local-only`, from `/readyz`.
-    async fn fleet_state(&self) -> Option<String> {
-        let v = self.get("/readyz").await?;
-        v["fleet"]["state"].as_str().map(str::to_owned)
-    }
-
-    async fn breaker(&self) -> Option<Value> {
-        let v = self.get("/breakers").await?;
-        v["breakers"].as_array()?.first().cloned()
-    }
-
-    async fn lease_held(&self) -> bool {
-        self.breaker()
-            .await
-            .is_some_and(|b| b["fleet"]["lease_held"].as_bool() == Some(true))
-    }
-
-    /// Half-open trials this worker started (its own transitions).
-    async fn trials(&self) -> f64 {
-        let Ok(r) = reqwest::get(format!("{}/metrics", self.base)).await else {
-            return 0.0;
-        };
-        let text = r.text().await.unwrap_or_default();
-        prom::parse(&text)
-            .unwrap_or_default()
-            .iter()
-            .filter(|s| {
-                s.name == "rabbit_guard_breaker_transitions_total"
-                    && s.labels.get("to").map(String::as_str) == Some("half-open")
-            })
-            .map(|s| s.value)
-            .sum()
-    }
-
-    async fn wait_joined(&self) {
-        assert!(
-            wait_until_async(Duration::from_secs(20), || async {
-                self.fleet_state().await.as_deref() == Some("joined")
-            })
-            .await,
-            "worker {} did not join the fleet within 20s; its log:\n{}",
-            self.id,
-            self.child.stderr()
-        );
-    }
-}
-
-fn fleet_settings(prefix: &str, downstream: &Downstream) -> Settings {
-    let mut s = with_http(settings(prefix, "http", breaker()), downstream);
-    s.consumers[0].concurrency = u16::try_from(CONCURRENCY).unwrap();
-    // Prefetch = concurrency: a worker refills from the broker, not from a
-    // buffer of its own (see the README's Fleet section on bursts).
-    s.consumers[0].prefetch = u16::try_from(CONCURRENCY).unwrap();
-    s.fleet.exchange = Some(unique(&format!("{prefix}.x")));
-    s.fleet.join_wait = Duration::from_secs(1);
-    s
-}
-
-async fn setup(prefix: &str) -> (TestBroker, Downstream, Settings) {
-    let broker = TestBroker::connect().await;
-    let downstream = Downstream::start().await;
-    let s = fleet_settings(prefix, &downstream);
-    broker.track(&s.consumers[0]);
-    broker.track_exchange(s.fleet.exchange.as_deref().unwrap());
-    broker.declare(&s.consumers[0]).await;
-    (broker, downstream, s)
-}
-
-/// The members, joined to their fleet, each with a consumer on `queue`.
-async fn start_fleet(broker: &TestBroker, queue: &str, members: Vec<Member>) -> Vec<Member> {
-    for m in &members {
-        m.wait_joined().await;
-    }
-    wait_consumers(broker, queue, u32::try_from(members.len()).unwrap()).await;
-    members
-}
-
-/// Waits for the whole fleet to stop consuming (the breaker open everywhere).
-async fn wait_paused(broker: &TestBroker, queue: &str) {
-    assert!(
-        wait_until_async(Duration::from_secs(15), || async {
-            broker.consumers(queue).await == 0
-        })
-        .await,
-        "the fleet did not pause within 15s"
-    );
-}
-
-/// Every member's log, for a failure message.
-fn logs(members: &[Member]) -> String {
-    members
-        .iter()
-        .map(|m| format!("\n--- {} ---\n{}", m.id, m.child.stderr()))
-        .collect()
-}
-
-async fn wait_consumers(broker: &TestBroker, queue: &str, n: u32) {
-    assert!(
-        wait_until_async(Duration::from_secs(15), || async {
-            broker.consumers(queue).await == n
-        })
-        .await,
-        "{n} consumers on the queue within 15s (saw {})",
-        broker.consumers(queue).await
-    );
-}
-
-/// Failing calls so far.
-fn failures(downstream: &Downstream) -> usize {
-    downstream
-        .calls()
-        .iter()
-        .filter(|c| c.status != 200)
-        .count()
-}
-
-async fn wait_all_succeeded(downstream: &Downstream, ids: &[String], within: Duration) {
-    let want: HashSet<String> = ids.iter().cloned().collect();
-    let ok = wait_until(within, || downstream.succeeded_ids().is_superset(&want)).await;
-    let got = downstream.succeeded_ids();
-    assert!(
-        ok,
-        "{} of {} messages succeeded within {within:?}",
-        want.intersection(&got).count(),
-        want.len()
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_trips_together_probes_once_per_trial_and_resumes() {
@@ -240,10 +67,11 @@ async fn a_fleet_trips_together_probes_once_per_trial_and_resumes() {
     eprintln!(
         "during the outage: {probe_calls} probe calls, {trials} trials across the fleet, at most {most_consumers} consumer(s), lease holder(s) {holders:?}"
     );
-    assert_eq!(
-        holders.len(),
-        1,
-        "exactly one worker holds the probe lease: {holders:?}"
+    // A worker whose trial failed lets the lease go for the next trial (its
+    // own path may be what is broken), so between trials no one may hold it.
+    assert!(
+        holders.len() <= 1,
+        "at most one worker holds the probe lease: {holders:?}"
     );
     assert!(
         most_consumers <= 1,
@@ -468,11 +296,14 @@ async fn a_late_joiner_starts_paused_and_takes_nothing_until_the_fleet_closes() 
     );
     let late = Member::spawn(&settings, "l2");
     late.wait_joined().await;
+    // The fleet's answers come within its join wait (1 s), before the
+    // joiner's consumers start.
+    let open = wait_until_async(settings.fleet.join_wait, || async {
+        late.breaker().await.is_some_and(|b| b["state"] != "closed")
+    })
+    .await;
     let b = late.breaker().await.expect("/breakers of the joiner");
-    assert_ne!(
-        b["state"], "closed",
-        "the joiner starts with the fleet's open breaker: {b}"
-    );
+    assert!(open, "the joiner starts with the fleet's open breaker: {b}");
     let calls = downstream.call_count();
     let mut most = 0;
     let from = Instant::now();
@@ -631,6 +462,190 @@ async fn only_the_lease_holder_runs_the_health_check() {
     );
     downstream.set(Mode::Healthy);
     wait_all_succeeded(&downstream, &ids, Duration::from_secs(30)).await;
+    drop(members);
+    broker.cleanup().await;
+}
+
+/// The rule most users configure: at least 10 calls, half of them failed
+/// (no streak rule). A 2 s window, so a run starts from an empty one.
+fn rate_breaker() -> BreakerConfig {
+    let mut v = breaker();
+    v.consecutive_failures = None;
+    v.minimum_calls = 10;
+    v.failure_rate = 0.5;
+    v.window = Duration::from_secs(2);
+    v
+}
+
+/// Waits until every member's window, and what it counts of the others',
+/// is empty.
+async fn windows_empty(members: &[Member]) {
+    assert!(
+        wait_until_async(Duration::from_secs(10), || async {
+            let mut empty = true;
+            for m in members {
+                empty &= m.breaker().await.is_some_and(|b| {
+                    b["window"]["calls"] == 0
+                        && b["fleet"]["others"]["calls"] == 0
+                        && b["state"] == "closed"
+                });
+            }
+            empty
+        })
+        .await,
+        "every window empties once its calls are older than the window{}",
+        logs(members)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failure_rate_rule_trips_the_fleet_on_its_combined_window() {
+    let (broker, downstream, mut settings) = setup("fleetrate").await;
+    settings.breakers.insert("dep".into(), rate_breaker());
+    let queue = settings.consumers[0].queue.clone();
+    downstream.set(Mode::Healthy);
+    let spawned = ["r1", "r2", "r3"].map(|id| Member::spawn(&settings, id));
+    let members = start_fleet(&broker, &queue, spawned.into()).await;
+    let bound = 10 + 3 * CONCURRENCY;
+    let mut runs = Vec::new();
+    for run in 0..8 {
+        windows_empty(&members).await;
+        let before = failures(&downstream);
+        downstream.set(Mode::Failing);
+        let ids = broker.publish_json(&queue, &format!("r{run}"), 100).await;
+        wait_paused(&broker, &queue).await;
+        runs.push(failures(&downstream) - before);
+        downstream.set(Mode::Healthy);
+        wait_all_succeeded(&downstream, &ids, Duration::from_secs(40)).await;
+        wait_consumers(&broker, &queue, 3).await;
+    }
+    eprintln!(
+        "failure_rate = 0.5, minimum_calls = 10, 3 workers x concurrency {CONCURRENCY}: failing calls before the whole fleet paused, 8 runs: {runs:?} (bound {bound}; 3 x (10 + 7) = 51 without the fleet)"
+    );
+    assert!(
+        runs.iter().all(|n| *n <= bound),
+        "failing calls before the fleet paused {runs:?}: some run spent more than one minimum_calls (10) plus what 3 workers had in flight (3 x {CONCURRENCY}){}",
+        logs(&members)
+    );
+    let dead = broker
+        .drain(&settings.consumers[0].dead_letter_queue())
+        .await;
+    assert_eq!(dead.len(), 0, "nothing dead-lettered by the outages");
+    drop(members);
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_workers_failing_path_pauses_that_worker_and_not_the_fleet() {
+    let (broker, downstream, mut settings) = setup("fleetpath").await;
+    let mut b = rate_breaker();
+    b.window = Duration::from_secs(10);
+    settings.breakers.insert("dep".into(), b);
+    let queue = settings.consumers[0].queue.clone();
+    downstream.set(Mode::Healthy);
+    // p1 reaches the dependency through a path of its own.
+    let path = Downstream::start().await;
+    path.set(Mode::Healthy);
+    let p1 = with_http(settings.clone(), &path);
+    let spawned = vec![
+        Member::spawn(&p1, "p1"),
+        Member::spawn(&settings, "p2"),
+        Member::spawn(&settings, "p3"),
+    ];
+    let members = start_fleet(&broker, &queue, spawned).await;
+    // Steady traffic: 50 messages a second for 5 s; p1's path breaks once it
+    // has handled some.
+    let publisher = TestBroker::connect().await;
+    let q = queue.clone();
+    let traffic = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for i in 0..250 {
+            ids.extend(publisher.publish_json(&q, &format!("s{i}"), 1).await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ids
+    });
+    // p1 takes its share before its path breaks.
+    assert!(
+        wait_until(Duration::from_secs(10), || path.succeeded_ids().len() >= 10).await,
+        "p1 handled {} messages through its own path in 10s{}",
+        path.succeeded_ids().len(),
+        logs(&members)
+    );
+    path.set(Mode::Failing);
+    let tripped = wait_until_async(Duration::from_secs(10), || async {
+        members[0]
+            .breaker()
+            .await
+            .is_some_and(|b| b["state"] != "closed")
+    })
+    .await;
+    let b = members[0].breaker().await.unwrap_or_default();
+    assert!(tripped, "p1 pauses itself on its own failing calls: {b}");
+    let ids = traffic.await.unwrap();
+    // The others carried the traffic: every message handled (p1's failures
+    // retried on them), or, having failed on p1 at every attempt, in the
+    // dead-letter queue: nothing lost.
+    let mut dead = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for d in broker
+            .drain(&settings.consumers[0].dead_letter_queue())
+            .await
+        {
+            dead.insert(d.id);
+        }
+        let mut ok = downstream.succeeded_ids();
+        ok.extend(path.succeeded_ids());
+        let missing = ids
+            .iter()
+            .filter(|id| !ok.contains(*id) && !dead.contains(*id))
+            .count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} messages neither succeeded nor dead-lettered after 30s{}",
+            ids.len(),
+            logs(&members)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut opened = Vec::new();
+    for m in &members {
+        let text = reqwest::get(format!("{}/metrics", m.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let opens: f64 = prom::parse(&text)
+            .unwrap_or_default()
+            .iter()
+            .filter(|s| {
+                s.name == "rabbit_guard_breaker_transitions_total"
+                    && s.labels.get("to").map(String::as_str) == Some("open")
+            })
+            .map(|s| s.value)
+            .sum();
+        opened.push((m.id.clone(), opens));
+    }
+    eprintln!(
+        "p1's path failing alone: opens per worker {opened:?}; {} dead-lettered (messages that failed on p1 three times)",
+        dead.len()
+    );
+    assert!(
+        opened[1..].iter().all(|(_, n)| *n == 0.0),
+        "the healthy workers never opened: {opened:?}{}",
+        logs(&members)
+    );
+    let log = members[0].child.stderr();
+    assert!(
+        log.contains("breaker opened on this worker only"),
+        "p1 says its trip is its own:\n{log}"
+    );
+    assert!(dead.len() <= 2, "{} dead-lettered", dead.len());
     drop(members);
     broker.cleanup().await;
 }

@@ -310,16 +310,27 @@ async fn control(
             ),
         );
     };
+    let before = breaker.state();
+    let at = tokio::time::Instant::now();
     let state = breaker.apply(action);
-    // The change is announced to the fleet like any other.
-    let fleet = view.fleet().map(|f| {
-        if f.is_joined() {
-            "applied fleet-wide"
-        } else {
+    // The change is announced to the fleet like any other; the answer says
+    // whether the broker confirmed it.
+    let fleet = match view.fleet() {
+        None => None,
+        Some(f) if !f.is_joined() => Some(
             "applied here only: this worker has lost the fleet (it announces the change when it rejoins)"
-        }
-    });
-    info!(breaker = %name, action = ?action, state = state.name(), fleet = fleet.unwrap_or("off"), "breaker changed by hand");
+                .to_owned(),
+        ),
+        Some(_) if before == state && action != ManualAction::Reset => Some(format!(
+            "no change: already {} here, nothing announced",
+            state.name()
+        )),
+        Some(f) => Some(
+            f.outcome(&name, at, std::time::Duration::from_secs(6))
+                .await,
+        ),
+    };
+    info!(breaker = %name, action = ?action, state = state.name(), fleet = fleet.as_deref().unwrap_or("off"), "breaker changed by hand");
     match fleet {
         Some(fleet) => {
             axum::Json(json!({ "breaker": name, "state": state.name(), "fleet": fleet }))

@@ -269,6 +269,14 @@ impl Breaker {
 
     fn publish(&self, guard: &mut Guarded, transition: Option<Transition>) {
         if let Some(t) = transition {
+            // A trip of this worker's alone lifts the fleet's gate, its
+            // close restores it.
+            let gated = guard.machine.fleet_gated();
+            self.inner.fleet_gate_tx.send_if_modified(|g| {
+                let changed = *g != gated;
+                *g = gated;
+                changed
+            });
             self.inner
                 .kind
                 .store(Mirror::of(t.to) as u8, Ordering::Release);
@@ -463,6 +471,7 @@ impl Breaker {
         let mut guard = self.lock();
         let transition = guard.machine.set_fleet_gated(gated, now);
         self.publish(&mut guard, transition);
+        let gated = guard.machine.fleet_gated();
         drop(guard);
         self.inner.fleet_gate_tx.send_if_modified(|g| {
             let changed = *g != gated;
@@ -477,9 +486,38 @@ impl Breaker {
     }
 
     /// Sets the other workers' failures in a row (the fleet sets it); see
-    /// [`StateMachine::set_fleet_streak`].
-    pub(crate) fn set_fleet_streak(&self, failures: u32) {
-        self.manual(|m, now| m.set_fleet_streak(failures, now));
+    /// [`StateMachine::set_fleet_streak`]. Returns the trip, if it tripped.
+    pub(crate) fn set_fleet_streak(&self, failures: u32) -> Option<Transition> {
+        self.changed(|m, now| m.set_fleet_streak(failures, now))
+    }
+
+    /// Sets the other workers' windows (the fleet sets it); see
+    /// [`StateMachine::set_fleet_window`]. Returns the trip, if it tripped.
+    pub(crate) fn set_fleet_window(&self, window: Counts) -> Option<Transition> {
+        self.changed(|m, now| m.set_fleet_window(window, now))
+    }
+
+    /// This worker's own failures in a row now (without the fleet's), read
+    /// without the lock: 0 again once the breaker changed state.
+    pub(crate) fn own_streak(&self) -> u32 {
+        self.inner.counters.consecutive()
+    }
+
+    /// This worker's own window now (without the fleet's), read without the
+    /// lock.
+    pub(crate) fn own_window(&self) -> Counts {
+        self.inner.counters.window.counts(Instant::now())
+    }
+
+    fn changed(
+        &self,
+        f: impl FnOnce(&mut StateMachine, Instant) -> Option<Transition>,
+    ) -> Option<Transition> {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let transition = f(&mut guard.machine, now);
+        self.publish(&mut guard, transition);
+        transition
     }
 
     /// Takes over a state another worker of the fleet announced; returns

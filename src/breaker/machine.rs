@@ -120,6 +120,12 @@ pub struct Transition {
     pub consecutive_failures: u32,
     /// When it happened.
     pub at: Instant,
+    /// In a fleet: this worker's own calls tripped the breaker while the
+    /// fleet's combined window was healthy (one worker's path to the
+    /// dependency failing), so the change is this worker's alone: the
+    /// fleet is not told, and this worker runs its own trials. Also set on
+    /// the changes that follow such a trip until the breaker is closed.
+    pub local: bool,
 }
 
 /// What kind of call a permit allows.
@@ -208,6 +214,12 @@ pub struct StateMachine {
     /// In a fleet, the other workers' failures in a row (since each one's
     /// last success), added to this worker's for `consecutive_failures`.
     fleet_streak: u32,
+    /// In a fleet, the other workers' windows (those heard lately), added
+    /// to this worker's for the rate rules.
+    fleet_window: Counts,
+    /// The breaker opened on this worker's own window while the fleet's
+    /// was healthy: its changes are its own until it closes.
+    local_trip: bool,
 }
 
 impl StateMachine {
@@ -227,6 +239,8 @@ impl StateMachine {
             distrust_check: false,
             fleet_gated: false,
             fleet_streak: 0,
+            fleet_window: Counts::default(),
+            local_trip: false,
             trial: 0,
             probes_issued: 0,
             probes_succeeded: 0,
@@ -287,7 +301,7 @@ impl StateMachine {
     /// trial starts here.
     #[must_use]
     pub fn fleet_gated(&self) -> bool {
-        self.fleet_gated
+        self.fleet_gated && !self.local_trip
     }
 
     /// Sets whether another worker of the fleet holds the probe lease.
@@ -316,6 +330,49 @@ impl StateMachine {
             self.current_open_time = self.config.open_timeout;
             self.open(TransitionReason::ConsecutiveFailures, now)
         })
+    }
+
+    /// Sets the other workers' windows (in a fleet). The rate rules judge
+    /// the fleet's combined window, so a fleet trips on one
+    /// `minimum_calls`, not one per worker (and one worker's failing calls
+    /// trip it only when they are that share of the fleet's); a closed
+    /// breaker whose combined window meets a rate rule opens now.
+    pub fn set_fleet_window(&mut self, window: Counts, now: Instant) -> Option<Transition> {
+        self.fleet_window = window;
+        if self.state != BreakerState::Closed || window.calls == 0 {
+            return None;
+        }
+        let reason = self.rate_rule(self.combined(now), window.failures > 0, window.slow > 0)?;
+        self.current_open_time = self.config.open_timeout;
+        Some(self.open(reason, now))
+    }
+
+    /// This worker's window and the fleet's.
+    fn combined(&self, now: Instant) -> Counts {
+        let own = self.counters.window.counts(now);
+        Counts {
+            calls: own.calls.saturating_add(self.fleet_window.calls),
+            failures: own.failures.saturating_add(self.fleet_window.failures),
+            slow: own.slow.saturating_add(self.fleet_window.slow),
+        }
+    }
+
+    /// The rate rule `counts` meet, if any; `failed` and `slow` say what the
+    /// news was (a success cannot trip the failure rule, nor a fast call
+    /// the slow one).
+    fn rate_rule(&self, counts: Counts, failed: bool, slow: bool) -> Option<TransitionReason> {
+        if counts.calls < u64::from(self.config.minimum_calls) {
+            None
+        } else if failed && counts.failure_rate() >= self.config.failure_rate {
+            Some(TransitionReason::FailureRate)
+        } else if slow
+            && self.config.slow_call_rate < 1.0
+            && counts.slow_rate() >= self.config.slow_call_rate
+        {
+            Some(TransitionReason::SlowCallRate)
+        } else {
+            None
+        }
     }
 
     /// Failures in a row, the fleet's included.
@@ -365,7 +422,7 @@ impl StateMachine {
     pub fn check_open_timer(&mut self, now: Instant) -> Option<Transition> {
         match self.state {
             BreakerState::Open { until }
-                if now >= until && !self.health_gated() && !self.fleet_gated =>
+                if now >= until && !self.health_gated() && !self.fleet_gated() =>
             {
                 self.trial_by_health = false;
                 Some(self.start_trial(TransitionReason::OpenTimeElapsed, now))
@@ -388,7 +445,7 @@ impl StateMachine {
         let BreakerState::Open { until } = self.state else {
             return (HealthEffect::NotOpen, None);
         };
-        if self.fleet_gated {
+        if self.fleet_gated() {
             // Another worker holds the probe lease and runs the check.
             return (HealthEffect::NotOpen, None);
         }
@@ -487,7 +544,6 @@ impl StateMachine {
         if self.state != BreakerState::Closed {
             return None;
         }
-        let counts = self.counters.window.counts(now);
         let reason = if failed
             && self
                 .config
@@ -495,17 +551,14 @@ impl StateMachine {
                 .is_some_and(|n| self.streak() >= n)
         {
             Some(TransitionReason::ConsecutiveFailures)
-        } else if counts.calls >= u64::from(self.config.minimum_calls) {
-            if failed && counts.failure_rate() >= self.config.failure_rate {
-                Some(TransitionReason::FailureRate)
-            } else if slow
-                && self.config.slow_call_rate < 1.0
-                && counts.slow_rate() >= self.config.slow_call_rate
-            {
-                Some(TransitionReason::SlowCallRate)
-            } else {
-                None
-            }
+        } else if let Some(reason) = self.rate_rule(self.combined(now), failed, slow) {
+            Some(reason)
+        } else if self.fleet_window.calls > 0 {
+            // The fleet's calls are healthy, this worker's are not: its own
+            // path to the dependency fails. It pauses itself, alone.
+            let own = self.rate_rule(self.counters.window.counts(now), failed, slow);
+            self.local_trip = own.is_some();
+            own
         } else {
             None
         };
@@ -561,15 +614,19 @@ impl StateMachine {
     }
 
     fn open(&mut self, reason: TransitionReason, now: Instant) -> Transition {
-        self.fleet_streak = 0;
         self.distrust_check = reason == TransitionReason::ProbeFailed && self.trial_by_health;
         let until = now + self.current_open_time;
-        self.go(BreakerState::Open { until }, reason, now)
+        // The transition shows the counts that tripped it, the fleet's too.
+        let t = self.go(BreakerState::Open { until }, reason, now);
+        self.fleet_streak = 0;
+        self.fleet_window = Counts::default();
+        t
     }
 
     fn close(&mut self, reason: TransitionReason, now: Instant) -> Transition {
         self.counters.reset();
         self.fleet_streak = 0;
+        self.fleet_window = Counts::default();
         self.distrust_check = false;
         self.trial_by_health = false;
         self.backoff = Self::backoff(&self.config);
@@ -578,15 +635,30 @@ impl StateMachine {
     }
 
     fn go(&mut self, to: BreakerState, reason: TransitionReason, now: Instant) -> Transition {
+        if matches!(
+            reason,
+            TransitionReason::Fleet
+                | TransitionReason::ManualOpen
+                | TransitionReason::ManualClose
+                | TransitionReason::ManualDisable
+                | TransitionReason::ManualReset
+        ) {
+            // The fleet's word, or an operator's: fleet-wide again.
+            self.local_trip = false;
+        }
         let transition = Transition {
             from: self.state,
             to,
             reason,
-            counts: self.counters.window.counts(now),
-            consecutive_failures: self.counters.consecutive(),
+            counts: self.combined(now),
+            consecutive_failures: self.streak(),
             at: now,
+            local: self.local_trip,
         };
         self.state = to;
+        if to == BreakerState::Closed {
+            self.local_trip = false;
+        }
         transition
     }
 

@@ -204,9 +204,19 @@ fn fleet_line(f: &crate::status::FleetView) -> String {
         f.received,
         f.ignored
     );
+    if f.refused > 0 {
+        line.push_str(&format!(", {} refused (not from a member)", f.refused));
+    }
     if let Some(error) = &f.error {
         line.push_str(": ");
         line.push_str(&printable(error));
+    }
+    for p in &f.problems {
+        line.push_str(&format!(
+            "\n  {}: {}",
+            printable(&p.kind),
+            printable(&p.detail)
+        ));
     }
     line
 }
@@ -281,6 +291,15 @@ mod tests {
                 worker: "w1#9".into(),
                 state: "local-only".into(),
                 error: Some("lost\u{1b}[2J".into()),
+                refused: 3,
+                problems: vec![crate::status::FleetProblem {
+                    kind: "fleet.lease".into(),
+                    breaker: Some("billing".into()),
+                    detail:
+                        "the probe lease \"rg.fleet.lease.billing\" exists and is not exclusive"
+                            .into(),
+                    since: "2026-12-02T10:00:08.000Z".into(),
+                }],
                 ..crate::status::FleetView::default()
             }),
             ..StatusView::default()
@@ -289,6 +308,11 @@ mod tests {
         assert!(text.contains("by the fleet's prober"), "{text}");
         assert!(
             text.contains("fleet rg.fleet: local-only as w1#9"),
+            "{text}"
+        );
+        assert!(text.contains("3 refused (not from a member)"), "{text}");
+        assert!(
+            text.contains("fleet.lease: the probe lease \"rg.fleet.lease.billing\" exists and is not exclusive"),
             "{text}"
         );
         assert!(!text.contains('\u{1b}'), "{text}");

@@ -466,6 +466,19 @@ pub struct FleetSettings {
     /// consumers start, so a worker joining during an outage starts paused.
     #[serde(with = "humantime_serde")]
     pub join_wait: Duration,
+    /// The broker user this worker connects as, sent as the AMQP `user_id`
+    /// of its fleet messages (the broker refuses a `user_id` that is not
+    /// the connection's user). Default: asked of the broker at each join.
+    pub user: Option<String>,
+    /// The broker users whose fleet messages are taken: anything else
+    /// published to the exchange is ignored (counted, logged once).
+    /// Default: this worker's own user.
+    pub users: Vec<String>,
+    /// A file holding a shared secret (at least 32 bytes): every fleet
+    /// message then carries an HMAC-SHA256 of its body, and messages
+    /// without a valid one are ignored. For brokers where the workers'
+    /// user is shared with other applications.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for FleetSettings {
@@ -474,6 +487,9 @@ impl Default for FleetSettings {
             exchange: None,
             worker_id: None,
             join_wait: Duration::from_secs(1),
+            user: None,
+            users: Vec::new(),
+            key_file: None,
         }
     }
 }

@@ -636,6 +636,74 @@ impl FleetSettings {
                 "must be at most 1m: the consumers wait this long at startup",
             ));
         }
+        out.extend(self.trust_problems());
+        out
+    }
+}
+
+impl FleetSettings {
+    /// Problems with `fleet.user`, `fleet.users` and `fleet.key_file`.
+    fn trust_problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let user_problem = |key: String, user: &str| {
+            (user.is_empty() || user.len() > 255 || user.chars().any(char::is_control)).then(|| {
+                problem(
+                    key,
+                    quoted(&crate::text::truncate(user, 40)),
+                    "must be a broker user name (1 to 255 bytes, no control characters)",
+                )
+            })
+        };
+        if let Some(user) = &self.user {
+            out.extend(user_problem("fleet.user".into(), user));
+        }
+        if self.users.len() > crate::fleet::MAX_FLEET_USERS {
+            out.push(problem(
+                "fleet.users",
+                Some(self.users.len().to_string()),
+                format!(
+                    "at most {} users: list the users the fleet's workers connect as",
+                    crate::fleet::MAX_FLEET_USERS
+                ),
+            ));
+        } else {
+            for (i, user) in self.users.iter().enumerate() {
+                out.extend(user_problem(format!("fleet.users[{i}]"), user));
+            }
+        }
+        if let (Some(user), false) = (&self.user, self.users.is_empty())
+            && !self.users.contains(user)
+        {
+            out.push(problem(
+                "fleet.users",
+                None,
+                format!(
+                    "must include fleet.user {:?}: the other workers would ignore this one",
+                    crate::text::truncate(user, 40)
+                ),
+            ));
+        }
+        if let Some(path) = &self.key_file {
+            match std::fs::read(path) {
+                Err(e) => out.push(problem(
+                    "fleet.key_file",
+                    quoted(&path.display().to_string()),
+                    format!("cannot read it ({e})"),
+                )),
+                Ok(bytes) if crate::fleet::trust::key_from(&bytes).is_none() => {
+                    out.push(problem(
+                        "fleet.key_file",
+                        quoted(&path.display().to_string()),
+                        format!(
+                            "must hold at least {} bytes of secret (e.g. `openssl rand -hex 32 > {}`)",
+                            crate::fleet::trust::MIN_KEY,
+                            path.display()
+                        ),
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
         out
     }
 }

@@ -16,9 +16,20 @@ use tokio::time::Instant;
 use super::wire::{Entry, WireState};
 use crate::breaker::{BreakerState, FleetState, Transition, TransitionReason};
 
-/// An epoch more than this far ahead of the one held is refused: a forged
-/// `u64::MAX` would otherwise freeze the breaker's fleet state for good.
-pub(crate) const MAX_EPOCH_JUMP: u64 = 1_000_000;
+/// Epochs grow by one per change; an announcement may run ahead of the
+/// epoch held by at most this many, plus [`EPOCH_RATE`] per second since
+/// the held one was taken. A forged `u64::MAX` (or a jump of a million)
+/// would otherwise freeze the breaker's fleet state for good.
+pub(crate) const EPOCH_BURST: u64 = 1_000;
+
+/// How fast a fleet's epochs may grow, per second, beyond [`EPOCH_BURST`].
+pub(crate) const EPOCH_RATE: u64 = 100;
+
+/// No epoch beyond this is taken, not even in an answer to this worker's
+/// own sync (which may run ahead of the ceiling: a joiner holds 0): at
+/// [`EPOCH_RATE`] a fleet takes 89,000 years to get there, and an epoch
+/// that saturated would freeze the breaker's fleet state for good.
+pub(crate) const EPOCH_MAX: u64 = 1 << 48;
 
 /// Orders announcements: epoch first, then the origin's name, so two
 /// changes made at once on two workers are ordered the same everywhere.
@@ -28,43 +39,74 @@ pub(crate) struct Stamp {
     pub origin: String,
 }
 
+/// What became of an announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Newer: taken over.
+    Taken,
+    /// Not newer (a duplicate, or stale): nothing to do.
+    Stale,
+    /// Further ahead than the fleet's epochs can grow: refused.
+    TooFar,
+}
+
 /// One breaker's fleet state as this worker knows it.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Ledger {
     pub stamp: Stamp,
     /// The last announced state (own or taken over), re-sent to joiners.
     pub last: Option<Entry>,
+    /// When `stamp` was taken (or made).
+    since: Option<Instant>,
 }
 
 impl Ledger {
     /// Stamps a change made here: the next epoch, this worker as origin.
-    pub(crate) fn local(&mut self, origin: &str) -> Stamp {
+    pub(crate) fn local(&mut self, origin: &str, now: Instant) -> Stamp {
         self.stamp = Stamp {
             epoch: self.stamp.epoch.saturating_add(1),
             origin: origin.to_owned(),
         };
+        self.since = Some(now);
         self.stamp.clone()
     }
 
-    /// True when `stamp` is newer than what is held (and not absurdly so).
-    pub(crate) fn is_newer(&self, stamp: &Stamp) -> bool {
-        stamp.epoch > 0
-            && stamp.epoch <= self.stamp.epoch.saturating_add(MAX_EPOCH_JUMP)
-            && *stamp > self.stamp
+    /// The highest epoch taken from an ordinary announcement now.
+    pub(crate) fn ceiling(&self, now: Instant) -> u64 {
+        let secs = self
+            .since
+            .map_or(0, |since| now.saturating_duration_since(since).as_secs());
+        self.stamp
+            .epoch
+            .saturating_add(EPOCH_BURST)
+            .saturating_add(EPOCH_RATE.saturating_mul(secs))
     }
 
-    /// Takes `entry` over if it is newer; true when it was.
-    pub(crate) fn accept(&mut self, entry: &Entry) -> bool {
+    /// Judges `stamp`; `answer`: it answers this worker's own `sync`, so
+    /// it is the fleet's state, however far ahead.
+    pub(crate) fn judge(&self, stamp: &Stamp, now: Instant, answer: bool) -> Verdict {
+        if stamp.epoch == 0 || *stamp <= self.stamp {
+            Verdict::Stale
+        } else if stamp.epoch > EPOCH_MAX || (!answer && stamp.epoch > self.ceiling(now)) {
+            Verdict::TooFar
+        } else {
+            Verdict::Taken
+        }
+    }
+
+    /// Takes `entry` over if it is newer (see [`judge`](Self::judge)).
+    pub(crate) fn accept(&mut self, entry: &Entry, now: Instant, answer: bool) -> Verdict {
         let stamp = Stamp {
             epoch: entry.epoch,
             origin: entry.origin.clone(),
         };
-        if !self.is_newer(&stamp) {
-            return false;
+        let verdict = self.judge(&stamp, now, answer);
+        if verdict == Verdict::Taken {
+            self.stamp = stamp;
+            self.since = Some(now);
+            self.last = Some(entry.clone());
         }
-        self.stamp = stamp;
-        self.last = Some(entry.clone());
-        true
+        verdict
     }
 }
 
@@ -149,14 +191,21 @@ mod tests {
         }
     }
 
+    fn take(l: &mut Ledger, e: &Entry) -> bool {
+        l.accept(e, Instant::now(), false) == Verdict::Taken
+    }
+
     #[test]
     fn only_a_newer_stamp_is_taken_over() {
         let mut l = Ledger::default();
-        assert!(l.accept(&entry(1, "a#1", WireState::Open)));
-        assert!(!l.accept(&entry(1, "a#1", WireState::Open)), "a duplicate");
-        assert!(l.accept(&entry(2, "b#1", WireState::Closed)));
+        assert!(take(&mut l, &entry(1, "a#1", WireState::Open)));
         assert!(
-            !l.accept(&entry(1, "c#1", WireState::Open)),
+            !take(&mut l, &entry(1, "a#1", WireState::Open)),
+            "a duplicate"
+        );
+        assert!(take(&mut l, &entry(2, "b#1", WireState::Closed)));
+        assert!(
+            !take(&mut l, &entry(1, "c#1", WireState::Open)),
             "a stale open arriving after the close must not reopen"
         );
         assert_eq!(l.stamp.epoch, 2);
@@ -183,7 +232,7 @@ mod tests {
                 }
                 let mut l = Ledger::default();
                 for e in order {
-                    l.accept(e);
+                    take(&mut l, e);
                 }
                 seen.insert((l.stamp.clone(), l.last.unwrap().state.name()));
             }
@@ -199,32 +248,66 @@ mod tests {
     #[test]
     fn a_restarted_worker_cannot_undo_the_fleets_newer_state() {
         let mut l = Ledger::default();
-        l.accept(&entry(5, "a#1", WireState::Closed));
+        take(&mut l, &entry(5, "a#1", WireState::Closed));
         // The same worker id, restarted: a new incarnation starting over at 1.
-        assert!(!l.accept(&entry(1, "a#2", WireState::Open)));
+        assert!(!take(&mut l, &entry(1, "a#2", WireState::Open)));
         assert!(
-            !l.accept(&entry(5, "a#0", WireState::Open)),
+            !take(&mut l, &entry(5, "a#0", WireState::Open)),
             "lower origin at an equal epoch"
         );
         assert_eq!(l.last.unwrap().state, WireState::Closed);
     }
 
-    #[test]
-    fn a_local_change_outranks_what_was_seen_and_forged_epochs_are_refused() {
+    #[tokio::test(start_paused = true)]
+    async fn epochs_may_grow_only_so_fast_but_a_joiner_takes_the_fleets_whatever_they_are() {
         let mut l = Ledger::default();
-        l.accept(&entry(4, "z#9", WireState::Open));
-        let s = l.local("a#1");
+        let now = Instant::now();
+        take(&mut l, &entry(4, "z#9", WireState::Open));
+        let s = l.local("a#1", now);
         assert_eq!(s.epoch, 5);
-        assert!(
-            !l.accept(&entry(0, "zz", WireState::Closed)),
+        assert_eq!(
+            l.accept(&entry(0, "zz", WireState::Closed), now, false),
+            Verdict::Stale,
             "epoch 0 is never news"
         );
-        assert!(
-            !l.accept(&entry(u64::MAX, "zz", WireState::Closed)),
-            "a forged jump"
+        for forged in [u64::MAX, 5 + 1_000_000, 5 + EPOCH_BURST + 1] {
+            assert_eq!(
+                l.accept(&entry(forged, "zz", WireState::Closed), now, false),
+                Verdict::TooFar,
+                "a jump to {forged} from 5 at once"
+            );
+        }
+        assert_eq!(
+            l.accept(&entry(5 + EPOCH_BURST, "zz", WireState::Closed), now, false),
+            Verdict::Taken
         );
-        assert!(l.accept(&entry(5 + MAX_EPOCH_JUMP, "zz", WireState::Closed)));
-        assert_eq!(l.local("a#1").epoch, 6 + MAX_EPOCH_JUMP);
+        // Ten seconds on, the fleet may have made 10 x EPOCH_RATE changes more.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let later = Instant::now();
+        let ceiling = 5 + 2 * EPOCH_BURST + 10 * EPOCH_RATE;
+        assert_eq!(l.ceiling(later), ceiling);
+        assert_eq!(
+            l.accept(&entry(ceiling + 1, "zz", WireState::Open), later, false),
+            Verdict::TooFar
+        );
+        // A joiner takes the answers to its join sync over whatever their
+        // epoch: the fleet's state is theirs.
+        let mut joiner = Ledger::default();
+        assert_eq!(
+            joiner.accept(&entry(7_000_000, "w#1", WireState::Open), later, true),
+            Verdict::Taken
+        );
+        assert_eq!(joiner.local("j#1", later).epoch, 7_000_001);
+        // Not one that would leave no room to count on: a saturated epoch
+        // would freeze the fleet state.
+        for forged in [u64::MAX, EPOCH_MAX + 1] {
+            assert_eq!(
+                joiner.accept(&entry(forged, "zz", WireState::Disabled), later, true),
+                Verdict::TooFar,
+                "{forged} in an answer"
+            );
+        }
+        assert_eq!(joiner.stamp.epoch, 7_000_001);
     }
 
     #[tokio::test(start_paused = true)]
@@ -316,6 +399,96 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_rate_rule_judges_the_fleets_window_and_a_worker_failing_alone_trips_alone() {
+        let cfg = BreakerConfig {
+            consecutive_failures: None,
+            minimum_calls: 10,
+            failure_rate: 0.5,
+            ..BreakerConfig::default()
+        };
+        let now = Instant::now();
+        let fail = |m: &mut StateMachine| {
+            m.record(
+                PermitKind::Normal,
+                CallOutcome::Failure,
+                Duration::ZERO,
+                now,
+            )
+        };
+        let counts = |calls, failures| crate::breaker::Counts {
+            calls,
+            failures,
+            slow: 0,
+        };
+        // 8 failed calls elsewhere and 2 here: the fleet's 10 trip it, for
+        // the whole fleet.
+        let mut m = StateMachine::new(cfg.clone(), now);
+        assert_eq!(m.set_fleet_window(counts(8, 8), now), None, "8 of 10");
+        assert_eq!(fail(&mut m), None, "9 of 10");
+        let t = fail(&mut m).expect("the fleet's 10th call trips it");
+        assert_eq!((t.reason, t.local), (TransitionReason::FailureRate, false));
+        assert_eq!((t.counts.calls, t.counts.failures), (10, 10));
+        // A report alone can trip a closed breaker.
+        let mut m = StateMachine::new(cfg.clone(), now);
+        fail(&mut m);
+        let t = m
+            .set_fleet_window(counts(12, 9), now)
+            .expect("13 calls, 10 failed");
+        assert!(!t.local);
+
+        // The fleet's 90 calls succeed, this worker's 10 fail: its own path
+        // is broken. It opens alone, and runs its own trials even though
+        // another worker holds the lease.
+        let mut m = StateMachine::new(cfg, now);
+        m.set_fleet_gated(true, now);
+        assert_eq!(m.set_fleet_window(counts(90, 0), now), None);
+        for i in 0..9 {
+            assert_eq!(fail(&mut m), None, "call {i}: 10% of the fleet's");
+        }
+        let t = fail(&mut m).expect("10 of its own failed");
+        assert_eq!((t.reason, t.local), (TransitionReason::FailureRate, true));
+        assert!(!m.fleet_gated(), "a trip of its own is probed here");
+        tokio::time::advance(Duration::from_secs(120)).await;
+        let later = Instant::now();
+        let t = m.check_open_timer(later).expect("its own trial");
+        assert!(t.local);
+        let trial = match t.to {
+            BreakerState::HalfOpen { trial } => trial,
+            other => panic!("{other:?}"),
+        };
+        let t = m
+            .record(
+                PermitKind::Probe { trial },
+                CallOutcome::Success,
+                Duration::ZERO,
+                later,
+            )
+            .expect("closes on its probe");
+        assert_eq!((t.to, t.local), (BreakerState::Closed, true));
+        assert!(
+            m.fleet_gated(),
+            "closed, it follows the fleet's lease again"
+        );
+        // The fleet's word ends a trip of its own: it waits for the fleet's
+        // prober again.
+        m.set_fleet_window(counts(90, 0), later);
+        for _ in 0..10 {
+            fail(&mut m);
+        }
+        assert!(!m.fleet_gated(), "open on its own again");
+        let t = m
+            .adopt(
+                FleetState::Open {
+                    until: later + Duration::from_secs(1),
+                },
+                later,
+            )
+            .unwrap();
+        assert!(!t.local);
+        assert!(m.fleet_gated());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_change_made_here_is_announced_with_its_open_period() {
         let now = Instant::now();
         let t = Transition {
@@ -327,6 +500,7 @@ mod tests {
             counts: crate::breaker::Counts::default(),
             consecutive_failures: 5,
             at: now,
+            local: false,
         };
         let e = entry_for(
             "b",

@@ -6,27 +6,34 @@
 //!  worker C ──┘                                        └──▶ own queue ──▶ worker C
 //!
 //!  probe lease of breaker X: the exclusive queue "EXCHANGE.lease.X";
-//!  the worker whose connection declared it probes, the broker frees it
-//!  when that connection dies
+//!  the worker whose connection declared it probes (and says so in its
+//!  heartbeats), the broker frees it when that connection dies
 //! ```
 //!
 //! - Each worker announces every change of its breakers (opened with reason
 //!   and end of the open period, half-open, closed, forced, disabled, reset)
-//!   on the fanout exchange; every worker reads them through its own
-//!   exclusive, auto-delete queue and takes over the newer ones (see
-//!   [`ledger`]). A trip anywhere opens the breaker everywhere until the same
-//!   time.
+//!   on the fanout exchange, confirmed and mandatory; every worker reads
+//!   them through its own exclusive, auto-delete, length-limited queue and
+//!   takes over the newer ones (see [`ledger`]). A trip anywhere opens the
+//!   breaker everywhere until the same time.
+//! - The trip rules count the fleet's calls: failures in a row summed, and
+//!   the rate rules on the combined window (see [`tally`]).
+//! - Only messages from `fleet.users` (the AMQP `user_id`, checked by the
+//!   broker), signed with `fleet.key_file` when set, are taken (see
+//!   [`trust`]).
 //! - Only the worker holding a breaker's probe lease starts its trials (or
 //!   runs its health check); the others stay open until the verdict comes.
-//!   The lease is an exclusive queue: the broker gives it to one connection
-//!   and deletes it when that connection closes or dies, so another worker
-//!   takes over at its next attempt.
+//!   A lease no live member announces is probed around (see [`lease`]).
 //! - A worker that joins asks for the fleet's state and waits up to
 //!   `fleet.join_wait` for it before its consumers start.
 //! - A worker that loses the fleet (its channel or connection) guards on its
 //!   own, says so in its log, `/readyz` and `/breakers`, and rejoins.
 
+pub(crate) mod lease;
 pub(crate) mod ledger;
+mod session;
+pub(crate) mod tally;
+pub(crate) mod trust;
 pub(crate) mod wire;
 
 use std::collections::BTreeMap;
@@ -34,25 +41,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use self::ledger::{Ledger, entry_for, fleet_state, unix_ms};
-use self::wire::{Entry, Envelope, Kind, StreakEntry, VERSION};
+use self::lease::Lease;
+use self::ledger::{Ledger, Verdict, entry_for, fleet_state, unix_ms};
+use self::session::End;
+use self::tally::Tally;
+use self::wire::{Entry, StreakEntry};
 use crate::amqp::connection::ManagedConnection;
-use crate::breaker::{Breaker, BreakerState, Transition, TransitionReason};
-use crate::config::FleetSettings;
-use crate::error::{amqp_error, describe};
-use crate::status::{BreakerFleetView, FleetView};
+use crate::breaker::{Breaker, Transition, TransitionReason};
+use crate::config::{AuthMechanism, BrokerSettings, FleetSettings};
+use crate::status::{BreakerFleetView, FleetProblem, FleetView, OthersView};
 
 /// The longest `fleet.worker_id`.
 pub(crate) const MAX_WORKER_ID: usize = 100;
@@ -60,14 +62,17 @@ pub(crate) const MAX_WORKER_ID: usize = 100;
 /// The longest `fleet.join_wait`.
 pub(crate) const MAX_JOIN_WAIT: Duration = Duration::from_secs(60);
 
-/// At most this many workers' streaks are kept per breaker.
-const MAX_STREAK_ORIGINS: usize = 256;
-
-/// How often leases are looked at.
-const TICK: Duration = Duration::from_millis(200);
+/// The most entries in `fleet.users`.
+pub(crate) const MAX_FLEET_USERS: usize = 64;
 
 /// After the fleet was lost, the next join waits this long.
 const REJOIN_DELAY: Duration = Duration::from_secs(1);
+
+/// At most this many other workers are remembered as members.
+pub(super) const MAX_MEMBERS: usize = 256;
+
+/// A problem about refused messages shows this long after the last one.
+const PROBLEM_LINGERS: Duration = Duration::from_secs(60);
 
 /// The probe-lease queue of `breaker`.
 #[must_use]
@@ -100,22 +105,32 @@ impl Link {
     }
 }
 
-/// Each other worker's failures in a row for one breaker, and when heard.
-type Streaks = BTreeMap<String, (u32, Instant)>;
-
 /// What happened on this worker that the fleet must hear.
 #[derive(Debug)]
-enum Local {
+pub(crate) enum Local {
     /// A breaker changed state.
     Change(String, Transition),
     /// A breaker's failures in a row changed.
-    Streak(String, u32),
+    Streak(String),
 }
 
-#[derive(Debug, Default)]
-struct Lease {
-    held: bool,
-    next_attempt: Option<Instant>,
+/// How the announcement of a breaker's change made here went.
+#[derive(Debug, Clone)]
+pub(crate) struct Announced {
+    /// The change's time.
+    pub at: Instant,
+    /// Confirmed by the broker, or why not.
+    pub result: Result<(), String>,
+}
+
+/// A problem shown on `/readyz` and `/breakers`.
+#[derive(Debug, Clone)]
+struct Problem {
+    detail: String,
+    since: std::time::SystemTime,
+    /// Last seen; a problem with `lingers` goes away that long after.
+    seen: Instant,
+    lingers: Option<Duration>,
 }
 
 /// The fleet side of a worker. Cheap to clone.
@@ -130,18 +145,41 @@ struct Inner {
     /// `ID#INCARNATION`: a restarted worker with the same id is another origin.
     origin: String,
     join_wait: Duration,
+    /// `fleet.user`.
+    user_setting: Option<String>,
+    /// With plain authentication, the URL's user: the fallback when the
+    /// broker does not say who this worker is.
+    url_user: Option<String>,
+    /// `fleet.users`; empty: this worker's own user.
+    users: Vec<String>,
+    key: Option<trust::Key>,
+    /// The user found at the last join.
+    user: Mutex<Option<String>>,
     breakers: BTreeMap<String, Breaker>,
     ledgers: Mutex<BTreeMap<String, Ledger>>,
     leases: Mutex<BTreeMap<String, Lease>>,
-    /// Per breaker, each other worker's failures in a row and when heard.
-    streaks: Mutex<BTreeMap<String, Streaks>>,
+    /// Per breaker, the other worker announcing it holds the lease, and when.
+    holders: Mutex<BTreeMap<String, (String, Instant)>>,
+    /// Other workers, and when last heard.
+    members: Mutex<BTreeMap<String, Instant>>,
+    /// Per other worker, the epoch of each breaker it said it holds.
+    epochs: Mutex<BTreeMap<String, BTreeMap<String, u64>>>,
+    /// Bumped by every heartbeat from another worker.
+    hellos: watch::Sender<u64>,
+    /// Per breaker, the other workers' streaks and windows.
+    tallies: Mutex<BTreeMap<String, Tally>>,
+    /// Per (kind, breaker), what is wrong.
+    problems: Mutex<BTreeMap<(&'static str, String), Problem>>,
     link: watch::Sender<Link>,
     /// Bumped by every state message from another worker.
     heard: watch::Sender<u64>,
+    /// Per breaker, how the last change made here was announced.
+    announced: watch::Sender<BTreeMap<String, Announced>>,
     seq: AtomicU64,
     sent: AtomicU64,
     received: AtomicU64,
     ignored: AtomicU64,
+    refused: AtomicU64,
 }
 
 fn default_worker_id() -> String {
@@ -166,47 +204,173 @@ fn incarnation() -> String {
 
 impl Fleet {
     /// The fleet of `settings`, if `fleet.exchange` is set.
+    ///
+    /// # Errors
+    ///
+    /// `fleet.key_file` cannot be read or is too short.
     pub(crate) fn new(
         settings: &FleetSettings,
+        broker: &BrokerSettings,
         breakers: &BTreeMap<String, Breaker>,
-    ) -> Option<Self> {
-        let exchange = settings.exchange.clone()?;
+    ) -> Result<Option<Self>, String> {
+        let Some(exchange) = settings.exchange.clone() else {
+            return Ok(None);
+        };
+        let key = match &settings.key_file {
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|e| {
+                    format!("fleet.key_file {}: cannot read it ({e})", path.display())
+                })?;
+                Some(trust::key_from(&bytes).ok_or_else(|| {
+                    format!(
+                        "fleet.key_file {}: must hold at least {} bytes of secret",
+                        path.display(),
+                        trust::MIN_KEY
+                    )
+                })?)
+            }
+            None => None,
+        };
+        let url_user = (broker.auth_mechanism == AuthMechanism::Plain && broker.oauth2.is_none())
+            .then(|| crate::amqp::parse_uri(&broker.url).ok())
+            .flatten()
+            .map(|u| u.authority.userinfo.username);
         let id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
         let (link, _) = watch::channel(Link::Joining);
         let (heard, _) = watch::channel(0);
-        Some(Self {
+        let (announced, _) = watch::channel(BTreeMap::new());
+        Ok(Some(Self {
             inner: Arc::new(Inner {
                 exchange,
                 origin: format!("{}#{}", crate::text::printable(&id), incarnation()),
                 join_wait: settings.join_wait,
+                user_setting: settings.user.clone(),
+                url_user,
+                users: settings.users.clone(),
+                key,
+                user: Mutex::new(None),
                 breakers: breakers.clone(),
-                ledgers: Mutex::new(
-                    breakers
-                        .keys()
-                        .map(|k| (k.clone(), Ledger::default()))
-                        .collect(),
-                ),
-                leases: Mutex::new(
-                    breakers
-                        .keys()
-                        .map(|k| (k.clone(), Lease::default()))
-                        .collect(),
-                ),
-                streaks: Mutex::new(BTreeMap::new()),
+                ledgers: Mutex::new(each(breakers)),
+                leases: Mutex::new(each(breakers)),
+                holders: Mutex::new(BTreeMap::new()),
+                members: Mutex::new(BTreeMap::new()),
+                epochs: Mutex::new(BTreeMap::new()),
+                hellos: watch::channel(0).0,
+                tallies: Mutex::new(each(breakers)),
+                problems: Mutex::new(BTreeMap::new()),
                 link,
                 heard,
+                announced,
                 seq: AtomicU64::new(0),
                 sent: AtomicU64::new(0),
                 received: AtomicU64::new(0),
                 ignored: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
             }),
-        })
+        }))
     }
 
     /// True while joined: manual operations then apply fleet-wide.
     #[cfg_attr(not(feature = "admin"), allow(dead_code))] // shown by the admin endpoint
     pub(crate) fn is_joined(&self) -> bool {
         matches!(*self.inner.link.borrow(), Link::Joined { .. })
+    }
+
+    /// Waits until the change of `breaker` made at or after `since` was
+    /// announced: `Ok` once the broker confirmed it, the reason otherwise,
+    /// `None` if that took longer than `within`.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // used by the admin endpoint
+    pub(crate) async fn announced(
+        &self,
+        breaker: &str,
+        since: Instant,
+        within: Duration,
+    ) -> Option<Result<(), String>> {
+        let mut rx = self.inner.announced.subscribe();
+        let wait = async {
+            loop {
+                if let Some(a) = rx.borrow_and_update().get(breaker)
+                    && a.at >= since
+                {
+                    return a.result.clone();
+                }
+                if rx.changed().await.is_err() {
+                    return Err("the fleet stopped".to_owned());
+                }
+            }
+        };
+        tokio::time::timeout(within, wait).await.ok()
+    }
+
+    /// What became of a change of `breaker` made by hand at `since`, in
+    /// words for the operator: confirmed by the broker and taken over by
+    /// every other live worker ("applied fleet-wide"), or what is missing.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // used by the admin endpoint
+    pub(crate) async fn outcome(&self, breaker: &str, since: Instant, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        let confirmed = self.announced(breaker, since, within).await;
+        match confirmed {
+            None => {
+                return format!(
+                    "applied here; the broker has not confirmed the announcement to the fleet within {}s",
+                    within.as_secs()
+                );
+            }
+            Some(Err(why)) => {
+                return format!("applied here; the fleet may not have heard it: {why}");
+            }
+            Some(Ok(())) => {}
+        }
+        let epoch = lock(&self.inner.ledgers)
+            .get(breaker)
+            .map_or(0, |l| l.stamp.epoch);
+        let fresh = self.member_fresh();
+        let members: Vec<String> = {
+            let now = Instant::now();
+            lock(&self.inner.members)
+                .iter()
+                .filter(|(_, at)| now.saturating_duration_since(**at) <= fresh)
+                .map(|(m, _)| m.clone())
+                .collect()
+        };
+        let behind = || -> Vec<String> {
+            let epochs = lock(&self.inner.epochs);
+            members
+                .iter()
+                .filter(|m| {
+                    epochs
+                        .get(*m)
+                        .and_then(|e| e.get(breaker))
+                        .is_none_or(|e| *e < epoch)
+                })
+                .cloned()
+                .collect()
+        };
+        let mut hellos = self.inner.hellos.subscribe();
+        loop {
+            let waiting = behind();
+            if waiting.is_empty() {
+                return if members.is_empty() {
+                    "applied fleet-wide (no other worker heard lately)".to_owned()
+                } else {
+                    "applied fleet-wide".to_owned()
+                };
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {
+                    return format!(
+                        "applied here and confirmed by the broker, but {} of {} other worker(s) had not taken it over within {}s: {}",
+                        waiting.len(),
+                        members.len(),
+                        within.as_secs(),
+                        waiting.join(", ")
+                    );
+                }
+                changed = hellos.changed() => if changed.is_err() {
+                    return "applied here; the fleet stopped".to_owned();
+                },
+            }
+        }
     }
 
     /// The fleet, for the admin endpoint.
@@ -218,6 +382,8 @@ impl Fleet {
             Link::Joined { since } => (Some(*since), None),
             Link::LocalOnly { since, why } => (Some(*since), Some(why.clone())),
         };
+        let now = Instant::now();
+        let live = self.member_fresh();
         FleetView {
             exchange: self.inner.exchange.clone(),
             worker: self.inner.origin.clone(),
@@ -227,25 +393,97 @@ impl Fleet {
             sent: self.inner.sent.load(Ordering::Relaxed),
             received: self.inner.received.load(Ordering::Relaxed),
             ignored: self.inner.ignored.load(Ordering::Relaxed),
+            refused: self.inner.refused.load(Ordering::Relaxed),
+            user: lock(&self.inner.user).clone(),
+            members: lock(&self.inner.members)
+                .iter()
+                .filter(|(_, at)| now.saturating_duration_since(**at) <= live)
+                .map(|(m, _)| m.clone())
+                .collect(),
+            problems: self.problems(now),
         }
+    }
+
+    fn problems(&self, now: Instant) -> Vec<FleetProblem> {
+        let mut problems = lock(&self.inner.problems);
+        problems.retain(|_, p| {
+            p.lingers
+                .is_none_or(|l| now.saturating_duration_since(p.seen) <= l)
+        });
+        problems
+            .iter()
+            .map(|((kind, breaker), p)| FleetProblem {
+                kind: (*kind).to_owned(),
+                breaker: (!breaker.is_empty()).then(|| breaker.clone()),
+                detail: p.detail.clone(),
+                since: humantime::format_rfc3339_millis(p.since).to_string(),
+            })
+            .collect()
+    }
+
+    /// Shows a problem (until [`solved`](Self::solved), or `lingers` after
+    /// it was last seen).
+    fn problem(
+        &self,
+        kind: &'static str,
+        breaker: &str,
+        detail: String,
+        lingers: Option<Duration>,
+    ) {
+        let mut problems = lock(&self.inner.problems);
+        let p = problems
+            .entry((kind, breaker.to_owned()))
+            .or_insert_with(|| Problem {
+                detail: String::new(),
+                since: std::time::SystemTime::now(),
+                seen: Instant::now(),
+                lingers,
+            });
+        p.detail = detail;
+        p.seen = Instant::now();
+        p.lingers = lingers;
+    }
+
+    fn solved(&self, kind: &'static str, breaker: &str) {
+        lock(&self.inner.problems).remove(&(kind, breaker.to_owned()));
     }
 
     /// One breaker's fleet state, for `/breakers`.
     #[cfg_attr(not(feature = "admin"), allow(dead_code))] // shown by the admin endpoint
     pub(crate) fn breaker_view(&self, name: &str) -> Option<BreakerFleetView> {
-        let ledgers = lock(&self.inner.ledgers);
-        let ledger = ledgers.get(name)?;
-        let lease_held = lock(&self.inner.leases).get(name).is_some_and(|l| l.held);
+        let breaker = self.inner.breakers.get(name)?;
+        let (epoch, origin, announced) = {
+            let ledgers = lock(&self.inner.ledgers);
+            let ledger = ledgers.get(name)?;
+            (
+                ledger.stamp.epoch,
+                (!ledger.stamp.origin.is_empty()).then(|| ledger.stamp.origin.clone()),
+                ledger.last.as_ref().map(|e| e.state.name().to_owned()),
+            )
+        };
+        let (lease_held, lease_problem) = lock(&self.inner.leases)
+            .get(name)
+            .map(|l| (l.held, l.problem.clone()))
+            .unwrap_or_default();
+        let now = Instant::now();
+        let sums = lock(&self.inner.tallies)
+            .get_mut(name)
+            .map(|t| t.sums(breaker.config().window, now))
+            .unwrap_or_default();
         Some(BreakerFleetView {
-            epoch: ledger.stamp.epoch,
-            origin: (!ledger.stamp.origin.is_empty()).then(|| ledger.stamp.origin.clone()),
-            announced: ledger.last.as_ref().map(|e| e.state.name().to_owned()),
+            epoch,
+            origin,
+            announced,
             lease_held,
-            gated: self
-                .inner
-                .breakers
-                .get(name)
-                .is_some_and(Breaker::fleet_gated),
+            gated: breaker.fleet_gated(),
+            lease_holder: self.live_holder(name, now),
+            lease_problem,
+            others: Some(OthersView {
+                calls: sums.window.calls,
+                failures: sums.window.failures,
+                slow_calls: sums.window.slow,
+                consecutive_failures: sums.streak,
+            }),
         })
     }
 
@@ -261,11 +499,10 @@ impl Fleet {
                 return;
             }
             if *heard.borrow_and_update() > 0 {
-                // Every other worker answers at once; the rest of the
-                // answers come within moments of the first.
+                // Every other worker answers within moments of the first.
                 tokio::select! {
                     () = shutdown.cancelled() => {}
-                    () = tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_millis(200))) => {}
+                    () = tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_millis(300))) => {}
                 }
                 return;
             }
@@ -327,11 +564,8 @@ impl Fleet {
             });
             forwarders.spawn(async move {
                 while streaks.changed().await.is_ok() {
-                    let n = *streaks.borrow_and_update();
-                    if streak_tx
-                        .send(Local::Streak(streak_name.clone(), n))
-                        .is_err()
-                    {
+                    streaks.borrow_and_update();
+                    if streak_tx.send(Local::Streak(streak_name.clone())).is_err() {
                         return;
                     }
                 }
@@ -351,12 +585,19 @@ impl Fleet {
                 }
             };
             let Some((_, conn)) = conn else { return };
-            let why = match self.session(&conn, &mut local, &shutdown).await {
-                Ok(()) => return,
-                Err(why) => why,
-            };
-            self.lost(&why);
-            connection.report_trouble();
+            match session::run(&self, &conn, &mut local, &shutdown).await {
+                End::Shutdown => return,
+                End::Channel(why) => {
+                    // The connection is fine, and still holds any lease this
+                    // worker took: let them go, for the fleet to go on.
+                    session::let_go(&self, &conn).await;
+                    self.lost(&why);
+                }
+                End::Connection(why) => {
+                    self.lost(&why);
+                    connection.report_trouble();
+                }
+            }
             let rejoin_at = Instant::now() + REJOIN_DELAY;
             loop {
                 tokio::select! {
@@ -373,133 +614,23 @@ impl Fleet {
 
     /// A change made while not joined.
     fn away(&self, change: Local) {
-        if let Local::Change(name, t) = change {
+        if let Local::Change(name, t) = change
+            && t.reason != TransitionReason::Fleet
+            && !t.local
+        {
             self.stamp_local(&name, &t);
+            self.record_announced(
+                &name,
+                t.at,
+                Err("this worker is not joined to the fleet: announced when it rejoins".into()),
+            );
         }
     }
 
-    /// Joined once: returns `Ok` on shutdown, or why the fleet was lost.
-    async fn session(
-        &self,
-        conn: &Connection,
-        local: &mut mpsc::UnboundedReceiver<Local>,
-        shutdown: &CancellationToken,
-    ) -> Result<(), String> {
-        let (channel, mut consumer) = self.subscribe(conn).await?;
-        let exchange = &self.inner.exchange;
-        // Changes made while away first: they are announced with the rest.
-        while let Ok(change) = local.try_recv() {
-            self.away(change);
-        }
-        let was = self.inner.link.send_replace(Link::Joined {
-            since: std::time::SystemTime::now(),
+    fn record_announced(&self, breaker: &str, at: Instant, result: Result<(), String>) {
+        self.inner.announced.send_modify(|m| {
+            m.insert(breaker.to_owned(), Announced { at, result });
         });
-        for (name, breaker) in &self.inner.breakers {
-            let held = lock(&self.inner.leases).get(name).is_some_and(|l| l.held);
-            breaker.set_fleet_gated(!held);
-        }
-        if matches!(was, Link::LocalOnly { .. }) {
-            info!(exchange = %exchange, worker = %self.inner.origin, "rejoined the fleet: breakers follow the fleet again");
-        } else {
-            info!(exchange = %exchange, worker = %self.inner.origin, "joined the fleet");
-        }
-        self.send(&channel, Kind::Sync, Vec::new(), Vec::new())
-            .await?;
-        let own = self.own_entries();
-        if !own.is_empty() {
-            self.send(&channel, Kind::State, own, Vec::new()).await?;
-        }
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => {
-                    let _ = channel.close(200, "worker shutting down".into()).await;
-                    return Ok(());
-                }
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(d)) => self.received(&channel, &d.data).await?,
-                    Some(Err(e)) => return Err(format!("reading the fleet queue: {}", describe(&e))),
-                    None => return Err("the broker cancelled this worker's fleet queue".into()),
-                },
-                change = local.recv() => match change {
-                    None => return Ok(()),
-                    Some(Local::Change(name, t)) => {
-                        if let Some(entry) = self.stamp_local(&name, &t) {
-                            self.send(&channel, Kind::State, vec![entry], Vec::new()).await?;
-                        }
-                    }
-                    Some(Local::Streak(name, failures)) => {
-                        if let Some(streak) = self.own_streak(&name, failures) {
-                            self.send(&channel, Kind::Streak, Vec::new(), vec![streak]).await?;
-                        }
-                    }
-                },
-                _ = tick.tick() => self.leases(conn).await?,
-            }
-        }
-    }
-
-    /// Declares the exchange and this worker's queue, and reads it.
-    async fn subscribe(&self, conn: &Connection) -> Result<(Channel, lapin::Consumer), String> {
-        let exchange = &self.inner.exchange;
-        let fail = |what: &str| {
-            let what = what.to_owned();
-            move |e: lapin::Error| format!("{what}: {}", describe(&e))
-        };
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(fail("opening the fleet channel"))?;
-        channel
-            .exchange_declare(
-                ShortString::from(exchange.as_str()),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(fail(&format!("declaring the fleet exchange {exchange:?}")))?;
-        let queue = channel
-            .queue_declare(
-                ShortString::from(""),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(fail("declaring this worker's fleet queue"))?;
-        let queue = queue.name().clone();
-        channel
-            .queue_bind(
-                queue.clone(),
-                ShortString::from(exchange.as_str()),
-                ShortString::from(""),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(fail("binding this worker's fleet queue"))?;
-        let consumer = channel
-            .basic_consume(
-                queue,
-                ShortString::from(""),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    exclusive: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(fail("reading this worker's fleet queue"))?;
-        Ok((channel, consumer))
     }
 
     fn lost(&self, why: &str) {
@@ -509,12 +640,19 @@ impl Fleet {
             why: why.to_owned(),
         });
         // The broker frees the leases with the connection; without the
-        // fleet each worker probes for itself.
+        // fleet each worker probes for itself, on its own calls.
         for lease in lock(&self.inner.leases).values_mut() {
-            *lease = Lease::default();
+            lease.forget();
+        }
+        lock(&self.inner.problems).retain(|(kind, _), _| *kind != "fleet.lease");
+        lock(&self.inner.holders).clear();
+        for tally in lock(&self.inner.tallies).values_mut() {
+            tally.clear();
         }
         for breaker in self.inner.breakers.values() {
             breaker.set_fleet_gated(false);
+            breaker.set_fleet_streak(0);
+            breaker.set_fleet_window(crate::breaker::Counts::default());
         }
         if first {
             warn!(exchange = %self.inner.exchange, error = %why, "lost the fleet: each breaker now acts on this worker's calls alone, until the fleet is back");
@@ -523,16 +661,18 @@ impl Fleet {
         }
     }
 
-    /// Stamps a change made here; `None` for one taken over from the fleet.
+    /// Stamps a change made here; `None` for one taken over from the fleet
+    /// or one that is this worker's alone.
     fn stamp_local(&self, name: &str, t: &Transition) -> Option<Entry> {
-        if t.reason == TransitionReason::Fleet {
+        if t.reason == TransitionReason::Fleet || t.local {
             return None;
         }
-        self.clear_streaks(name);
+        self.clear_tally(name);
         let mut ledgers = lock(&self.inner.ledgers);
         let ledger = ledgers.get_mut(name)?;
-        let stamp = ledger.local(&self.inner.origin);
-        let entry = entry_for(name, stamp, t, Instant::now(), unix_ms());
+        let now = Instant::now();
+        let stamp = ledger.local(&self.inner.origin, now);
+        let entry = entry_for(name, stamp, t, now, unix_ms());
         ledger.last = Some(entry.clone());
         Some(entry)
     }
@@ -546,90 +686,33 @@ impl Fleet {
             .collect()
     }
 
-    async fn send(
-        &self,
-        channel: &Channel,
-        kind: Kind,
-        breakers: Vec<Entry>,
-        streaks: Vec<StreakEntry>,
-    ) -> Result<(), String> {
-        let envelope = Envelope {
-            v: VERSION,
-            worker: self.inner.origin.clone(),
-            seq: self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1,
-            kind,
-            breakers,
-            streaks,
-        };
-        channel
-            .basic_publish(
-                ShortString::from(self.inner.exchange.as_str()),
-                ShortString::from(""),
-                BasicPublishOptions::default(),
-                &envelope.encode(),
-                BasicProperties::default()
-                    .with_content_type(ShortString::from("application/json"))
-                    .with_type(ShortString::from("rabbit-guard.fleet")),
-            )
-            .await
-            .map_err(|e| format!("announcing to the fleet: {}", describe(&e)))?;
-        self.inner.sent.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    async fn received(&self, channel: &Channel, body: &[u8]) -> Result<(), String> {
-        let envelope = match wire::parse(body) {
-            Ok(e) => e,
-            Err(why) => {
-                self.inner.ignored.fetch_add(1, Ordering::Relaxed);
-                debug!(exchange = %self.inner.exchange, why = %crate::text::printable(&why), "ignored a message on the fleet exchange");
-                return Ok(());
-            }
-        };
-        if envelope.worker == self.inner.origin {
-            return Ok(());
-        }
-        self.inner.received.fetch_add(1, Ordering::Relaxed);
-        match envelope.kind {
-            Kind::Sync => {
-                // Answer even with nothing to tell: the joiner then knows
-                // the fleet has been heard.
-                self.send(channel, Kind::State, self.own_entries(), Vec::new())
-                    .await?;
-            }
-            Kind::State => {
-                for entry in &envelope.breakers {
-                    self.take_over(&envelope.worker, entry);
-                }
-                self.inner.heard.send_modify(|n| *n += 1);
-            }
-            Kind::Streak => {
-                for streak in &envelope.streaks {
-                    self.their_streak(&envelope.worker, streak);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// This worker's failures in a row, to announce while the breaker is
-    /// closed (failures of calls that end after it opened count nowhere).
-    fn own_streak(&self, name: &str, failures: u32) -> Option<StreakEntry> {
+    /// This worker's failures in a row and window for `name`, to announce
+    /// while the breaker is closed (calls that end after it opened count
+    /// nowhere).
+    fn own_streak(&self, name: &str) -> Option<StreakEntry> {
         let breaker = self.inner.breakers.get(name)?;
-        if breaker.state() != BreakerState::Closed {
+        if breaker.state() != crate::breaker::BreakerState::Closed {
             return None;
         }
         let epoch = lock(&self.inner.ledgers).get(name)?.stamp.epoch;
+        let w = breaker.own_window();
+        // Read now, not as last heard: a streak ends with the state it
+        // tripped (a report of it after the change would trip again).
         Some(StreakEntry {
             name: name.to_owned(),
             epoch,
-            failures,
+            failures: breaker.own_streak(),
+            window: Some(wire::WireCounts {
+                calls: w.calls,
+                failures: w.failures,
+                slow: w.slow,
+            }),
         })
     }
 
-    /// Another worker's failures in a row: the breaker counts the sum of
-    /// the fleet's (those heard within the breaker's window, and of the
-    /// current epoch: a streak from before the last change is over).
+    /// Another worker's streak and window: the breaker counts the fleet's
+    /// (those fresh, and of the current epoch: a report from before the
+    /// last change is over). A trip they cause names who contributed.
     fn their_streak(&self, from: &str, streak: &StreakEntry) {
         let Some(breaker) = self.inner.breakers.get(&streak.name) else {
             self.inner.ignored.fetch_add(1, Ordering::Relaxed);
@@ -642,47 +725,118 @@ impl Fleet {
             self.inner.ignored.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let now = Instant::now();
-        let window = breaker.config().window;
-        let sum = {
-            let mut all = lock(&self.inner.streaks);
-            let theirs = all.entry(streak.name.clone()).or_default();
-            if theirs.len() < MAX_STREAK_ORIGINS || theirs.contains_key(from) {
-                theirs.insert(from.to_owned(), (streak.failures, now));
-            }
-            theirs.retain(|_, (n, at)| *n > 0 && now.duration_since(*at) <= window);
-            theirs
-                .values()
-                .fold(0u32, |sum, (n, _)| sum.saturating_add(*n))
+        if let Some(t) = lock(&self.inner.tallies).get_mut(&streak.name) {
+            t.report(from, streak, Instant::now());
+        }
+        self.apply_tally(&streak.name, breaker);
+    }
+
+    /// Hands the fleet's current sums to the breaker.
+    fn apply_tally(&self, name: &str, breaker: &Breaker) {
+        let (sums, contributors) = {
+            let mut tallies = lock(&self.inner.tallies);
+            let Some(t) = tallies.get_mut(name) else {
+                return;
+            };
+            (
+                t.sums(breaker.config().window, Instant::now()),
+                t.contributors(),
+            )
         };
-        breaker.set_fleet_streak(sum);
+        let tripped = breaker
+            .set_fleet_streak(sums.streak)
+            .or_else(|| breaker.set_fleet_window(sums.window));
+        if let Some(t) = tripped {
+            warn!(
+                breaker = %name,
+                reason = t.reason.name(),
+                calls = t.counts.calls,
+                failures = t.counts.failures,
+                consecutive_failures = t.consecutive_failures,
+                contributors = %contributors,
+                "the fleet's calls tripped the breaker (this worker's and the others' counted together)"
+            );
+        }
     }
 
-    /// A breaker changed (here or in the fleet): the streaks before it are
+    /// True when another worker's window of `name` has failures.
+    fn others_failing(&self, name: &str) -> bool {
+        let Some(breaker) = self.inner.breakers.get(name) else {
+            return false;
+        };
+        lock(&self.inner.tallies).get_mut(name).is_some_and(|t| {
+            t.sums(breaker.config().window, Instant::now())
+                .window
+                .failures
+                > 0
+        })
+    }
+
+    /// Re-sums every breaker's tally (reports age out).
+    fn refresh_tallies(&self) {
+        for (name, breaker) in &self.inner.breakers {
+            let stale = lock(&self.inner.tallies)
+                .get(name)
+                .is_some_and(|t| !t.is_empty());
+            if stale {
+                self.apply_tally(name, breaker);
+            }
+        }
+    }
+
+    /// A breaker changed (here or in the fleet): the reports before it are
     /// over.
-    fn clear_streaks(&self, name: &str) {
-        lock(&self.inner.streaks).remove(name);
+    fn clear_tally(&self, name: &str) {
+        if let Some(t) = lock(&self.inner.tallies).get_mut(name) {
+            t.clear();
+        }
     }
 
-    fn take_over(&self, from: &str, entry: &Entry) {
+    /// Takes an announced state over if it is newer. `answer`: it answers
+    /// this worker's own recent `sync`.
+    fn take_over(&self, from: &str, entry: &Entry, answer: bool) -> Verdict {
         let Some(breaker) = self.inner.breakers.get(&entry.name) else {
             self.inner.ignored.fetch_add(1, Ordering::Relaxed);
-            return;
+            return Verdict::Stale;
         };
-        if !lock(&self.inner.ledgers)
-            .get_mut(&entry.name)
-            .is_some_and(|l| l.accept(entry))
-        {
-            self.inner.ignored.fetch_add(1, Ordering::Relaxed);
-            return;
+        let now = Instant::now();
+        let (verdict, ceiling) = {
+            let mut ledgers = lock(&self.inner.ledgers);
+            let Some(ledger) = ledgers.get_mut(&entry.name) else {
+                return Verdict::Stale;
+            };
+            let ceiling = ledger.ceiling(now);
+            (ledger.accept(entry, now, answer), ceiling)
+        };
+        match verdict {
+            Verdict::Taken => {}
+            Verdict::Stale => {
+                self.inner.ignored.fetch_add(1, Ordering::Relaxed);
+                return verdict;
+            }
+            Verdict::TooFar => {
+                self.inner.ignored.fetch_add(1, Ordering::Relaxed);
+                let detail = format!(
+                    "refused an announcement of epoch {} from {} (via {}): further ahead than the fleet's epochs can grow (at most {ceiling} now); asked the fleet for its state",
+                    entry.epoch,
+                    crate::text::printable(&entry.origin),
+                    crate::text::printable(from),
+                );
+                // Once while the problem shows (a repeating sender would
+                // flood the log); its detail in /breakers stays current.
+                let showing =
+                    lock(&self.inner.problems).contains_key(&("fleet.epoch", entry.name.clone()));
+                if showing {
+                    debug!(breaker = %entry.name, "{detail}");
+                } else {
+                    warn!(breaker = %entry.name, "{detail}");
+                }
+                self.problem("fleet.epoch", &entry.name, detail, Some(PROBLEM_LINGERS));
+                return verdict;
+            }
         }
-        self.clear_streaks(&entry.name);
-        let remote = fleet_state(
-            entry,
-            Instant::now(),
-            unix_ms(),
-            breaker.config().max_open_timeout,
-        );
+        self.clear_tally(&entry.name);
+        let remote = fleet_state(entry, now, unix_ms(), breaker.config().max_open_timeout);
         let before = breaker.state();
         let after = breaker.adopt(remote);
         macro_rules! followed {
@@ -705,76 +859,75 @@ impl Fleet {
         } else {
             followed!(info);
         }
+        verdict
     }
 
-    /// Takes the probe lease of every breaker whose trial is due here.
-    async fn leases(&self, conn: &Connection) -> Result<(), String> {
+    /// How long a member counts as live after its last heartbeat.
+    fn member_fresh(&self) -> Duration {
+        session::hello_every(&self.inner.breakers) * 3
+    }
+
+    /// How long a lease holder's announcement counts: about two open
+    /// periods, and never less than a few heartbeats.
+    fn lease_fresh(&self, breaker: &Breaker) -> Duration {
+        (breaker.config().open_timeout * 2).max(self.member_fresh() + Duration::from_secs(1))
+    }
+
+    /// The other worker that announced holding `breaker`'s lease lately.
+    fn live_holder(&self, name: &str, now: Instant) -> Option<String> {
+        let fresh = self.lease_fresh(self.inner.breakers.get(name)?);
+        lock(&self.inner.holders)
+            .get(name)
+            .filter(|(_, at)| now.saturating_duration_since(*at) <= fresh)
+            .map(|(origin, _)| origin.clone())
+    }
+
+    /// A heartbeat from another worker.
+    fn hello(&self, from: &str, leases: &[String], epochs: &BTreeMap<String, u64>) {
         let now = Instant::now();
-        for (name, breaker) in &self.inner.breakers {
-            let due = match breaker.state() {
-                BreakerState::Open { until } => {
-                    breaker.config().health_check.is_some() || now >= until
-                }
-                _ => false,
-            };
-            let attempt = {
-                let leases = lock(&self.inner.leases);
-                let lease = leases.get(name);
-                due && lease.is_some_and(|l| !l.held && l.next_attempt.is_none_or(|at| now >= at))
-            };
-            if !attempt {
+        {
+            let mut members = lock(&self.inner.members);
+            if members.len() >= MAX_MEMBERS && !members.contains_key(from) {
+                let fresh = self.member_fresh();
+                members.retain(|_, at| now.saturating_duration_since(*at) <= fresh);
+                lock(&self.inner.epochs).retain(|m, _| members.contains_key(m));
+            }
+            if members.len() < MAX_MEMBERS || members.contains_key(from) {
+                members.insert(from.to_owned(), now);
+                let known = epochs
+                    .iter()
+                    .filter(|(name, _)| self.inner.breakers.contains_key(*name))
+                    .map(|(name, epoch)| (name.clone(), *epoch))
+                    .collect();
+                lock(&self.inner.epochs).insert(from.to_owned(), known);
+            }
+        }
+        self.inner.hellos.send_modify(|n| *n = n.wrapping_add(1));
+        // A lease it no longer names, it let go of.
+        lock(&self.inner.holders)
+            .retain(|name, (holder, _)| holder != from || leases.contains(name));
+        for name in leases {
+            let Some(breaker) = self.inner.breakers.get(name) else {
                 continue;
-            }
-            let won = self.try_lease(conn, name).await?;
-            let retry = breaker
-                .config()
-                .open_timeout
-                .clamp(Duration::from_secs(1), Duration::from_secs(30));
-            if let Some(lease) = lock(&self.inner.leases).get_mut(name) {
-                lease.held = won;
-                lease.next_attempt = (!won).then(|| now + retry);
-            }
-            if won {
-                info!(breaker = %name, lease = %lease_queue(&self.inner.exchange, name), "took the probe lease: this worker runs the breaker's trials for the fleet");
-                breaker.set_fleet_gated(false);
-            } else {
-                debug!(breaker = %name, "another worker holds the probe lease");
+            };
+            lock(&self.inner.holders).insert(name.clone(), (from.to_owned(), now));
+            let mut leases = lock(&self.inner.leases);
+            let Some(lease) = leases.get_mut(name) else {
+                continue;
+            };
+            if !lease.held && lease.holder_heard() {
+                drop(leases);
+                self.solved("fleet.lease", name);
+                info!(breaker = %name, holder = %crate::text::printable(from), "a fleet member holds the probe lease again: this worker waits for its verdict instead of probing");
+                breaker.set_fleet_gated(true);
             }
         }
-        Ok(())
     }
+}
 
-    /// Declares the lease queue exclusively: true when this worker got it,
-    /// false when another connection holds it.
-    async fn try_lease(&self, conn: &Connection, breaker: &str) -> Result<bool, String> {
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(|e| format!("opening a lease channel: {}", describe(&e)))?;
-        let declared = channel
-            .queue_declare(
-                ShortString::from(lease_queue(&self.inner.exchange, breaker)),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(_) => {
-                let _ = channel.close(200, "lease taken".into()).await;
-                Ok(true)
-            }
-            // 405 RESOURCE_LOCKED: another connection holds it (and the
-            // broker closed this channel).
-            Err(e) if amqp_error(&e).is_some_and(|(code, _)| code == 405) => Ok(false),
-            Err(e) => Err(format!(
-                "taking the probe lease of {breaker:?}: {}",
-                describe(&e)
-            )),
-        }
-    }
+/// A default value per breaker.
+fn each<T: Default>(breakers: &BTreeMap<String, Breaker>) -> BTreeMap<String, T> {
+    breakers.keys().map(|k| (k.clone(), T::default())).collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -64,17 +64,39 @@ pub(crate) enum Kind {
     State,
     /// A worker joined: every other worker answers with its states.
     Sync,
-    /// A worker's failures in a row changed.
+    /// A worker's failures in a row, or its window's counts, changed.
     Streak,
+    /// A worker is alive: sent every heartbeat, with the probe leases it
+    /// holds. A worker also reads its own to know it is still heard.
+    Hello,
 }
 
 /// One breaker's failures in a row on the sending worker, while closed at
-/// `epoch` (a streak from an older epoch is out of date).
+/// `epoch` (a streak from an older epoch is out of date), and the calls in
+/// its window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StreakEntry {
     pub name: String,
     pub epoch: u64,
     pub failures: u32,
+    /// The sender's window now (for the fleet-wide rate rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WireCounts>,
+}
+
+/// Calls, failures and slow calls in a worker's window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct WireCounts {
+    pub calls: u64,
+    pub failures: u64,
+    pub slow: u64,
+}
+
+impl WireCounts {
+    /// Counts that make sense (failures and slow calls are calls).
+    pub(crate) fn is_sane(&self) -> bool {
+        self.failures <= self.calls && self.slow <= self.calls
+    }
 }
 
 /// One message on the fleet exchange.
@@ -90,6 +112,21 @@ pub(crate) struct Envelope {
     pub breakers: Vec<Entry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub streaks: Vec<StreakEntry>,
+    /// For `hello`: the breakers whose probe lease the sender holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<String>,
+    /// For `hello`: the epoch of each breaker's state the sender holds, so
+    /// a worker that made a change knows who has taken it over.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub epochs: std::collections::BTreeMap<String, u64>,
+    /// For `state`: an answer to a `sync` (a joiner takes its states over
+    /// whatever their epoch).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub answer: bool,
+    /// When it was sent, in Unix milliseconds (with `fleet.key_file`,
+    /// older than a minute is a replay).
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 impl Envelope {
@@ -117,8 +154,29 @@ pub(crate) fn parse(body: &[u8]) -> Result<Envelope, String> {
     if envelope.worker.is_empty() || envelope.worker.len() > MAX_TEXT {
         return Err("no worker, or a worker name over 255 bytes".into());
     }
-    if envelope.breakers.len() > MAX_ENTRIES || envelope.streaks.len() > MAX_ENTRIES {
+    if envelope.breakers.len() > MAX_ENTRIES
+        || envelope.streaks.len() > MAX_ENTRIES
+        || envelope.leases.len() > MAX_ENTRIES
+    {
         return Err(format!("over {MAX_ENTRIES} breakers"));
+    }
+    if envelope.epochs.len() > MAX_ENTRIES {
+        return Err(format!("over {MAX_ENTRIES} breakers"));
+    }
+    if envelope
+        .leases
+        .iter()
+        .chain(envelope.epochs.keys())
+        .any(|l| l.len() > MAX_TEXT)
+    {
+        return Err("a breaker name over 255 bytes".into());
+    }
+    if envelope
+        .streaks
+        .iter()
+        .any(|s| s.window.is_some_and(|w| !w.is_sane()))
+    {
+        return Err("a window with more failures or slow calls than calls".into());
     }
     for e in &envelope.breakers {
         if e.name.len() > MAX_TEXT || e.origin.len() > MAX_TEXT || e.reason.len() > MAX_TEXT {
@@ -161,7 +219,16 @@ mod tests {
                 name: "payments".into(),
                 epoch: 3,
                 failures: 2,
+                window: Some(WireCounts {
+                    calls: 10,
+                    failures: 4,
+                    slow: 1,
+                }),
             }],
+            leases: vec!["payments".into()],
+            epochs: [("payments".to_owned(), 3)].into(),
+            answer: true,
+            at_ms: 1_800_000_000_000,
         };
         assert_eq!(parse(&m.encode()), Ok(m));
     }
@@ -175,6 +242,10 @@ mod tests {
             kind: Kind::Sync,
             breakers: vec![],
             streaks: vec![],
+            leases: vec![],
+            epochs: std::collections::BTreeMap::new(),
+            answer: false,
+            at_ms: 0,
         };
         assert!(parse(&m.encode()).unwrap_err().contains("version 2"));
         m.v = VERSION;
@@ -189,5 +260,29 @@ mod tests {
             parse(&[b'['; 10_000]).is_err(),
             "deep nesting is an error, not a crash"
         );
+        m.breakers.clear();
+        m.kind = Kind::Streak;
+        m.streaks = vec![StreakEntry {
+            name: "b".into(),
+            epoch: 1,
+            failures: 1,
+            window: Some(WireCounts {
+                calls: 1,
+                failures: 5,
+                slow: 0,
+            }),
+        }];
+        assert!(
+            parse(&m.encode()).unwrap_err().contains("more failures"),
+            "a window with more failures than calls"
+        );
+    }
+
+    #[test]
+    fn a_message_from_a_build_before_hello_and_windows_still_reads() {
+        let old = br#"{"v":1,"worker":"a#1","seq":3,"kind":"streak","breakers":[],"streaks":[{"name":"b","epoch":2,"failures":4}]}"#;
+        let m = parse(old).unwrap();
+        assert_eq!((m.streaks[0].failures, m.streaks[0].window), (4, None));
+        assert!(!m.answer && m.leases.is_empty());
     }
 }

@@ -463,7 +463,9 @@ impl Worker {
         };
         let consume = managed("consume")?;
         let publish = managed("publish")?;
-        let fleet = match Fleet::new(&self.settings.fleet, &self.breakers) {
+        let fleet = match Fleet::new(&self.settings.fleet, broker, &self.breakers)
+            .map_err(|message| Error::Setup { message })?
+        {
             Some(fleet) => Some((fleet, managed("fleet")?)),
             None => None,
         };
@@ -816,9 +818,13 @@ fn log_transition(name: &str, t: &Transition, health_gated: bool) {
             )
         };
     }
-    if t.reason.opens() {
-        transition!(warn, open_for = %open_for, "breaker opened");
-    } else {
-        transition!(info, "breaker state changed");
+    match (t.reason.opens(), t.local) {
+        (true, false) => transition!(warn, open_for = %open_for, "breaker opened"),
+        (true, true) => transition!(
+            warn,
+            open_for = %open_for,
+            "breaker opened on this worker only: its own calls fail while the fleet's are healthy (its path to the dependency?); the other workers go on"
+        ),
+        (false, local) => transition!(info, this_worker_only = local, "breaker state changed"),
     }
 }

@@ -82,22 +82,29 @@ pub fn advisories(settings: &Settings) -> Vec<String> {
     });
     classic
         .chain(policies)
-        .chain(token_file_exposed(settings))
+        .chain(exposed(
+            "admin.token_file",
+            settings.admin.token_file.as_deref(),
+            "can open and close every breaker",
+        ))
+        .chain(exposed(
+            "fleet.key_file",
+            settings.fleet.key_file.as_deref(),
+            "can speak for the fleet (open, close and disable every worker's breakers)",
+        ))
         .collect()
 }
 
-/// `admin.token_file` readable by its group or by others: the token opens
-/// and closes every breaker.
-fn token_file_exposed(settings: &Settings) -> Option<String> {
+/// A secret file readable by its group or by others.
+fn exposed(key: &str, path: Option<&std::path::Path>, power: &str) -> Option<String> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let path = settings.admin.token_file.as_ref()?;
-        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        let mode = std::fs::metadata(path?).ok()?.permissions().mode();
         (mode & 0o077 != 0).then(|| {
             format!(
-                "admin.token_file {} is readable by {} (mode {:o}): anyone who can read it can open and close every breaker; chmod 600 it",
-                path.display(),
+                "{key} {} is readable by {} (mode {:o}): anyone who can read it {power}; chmod 600 it",
+                path.unwrap_or_else(|| std::path::Path::new("")).display(),
                 if mode & 0o007 != 0 { "every user" } else { "its group" },
                 mode & 0o777
             )
@@ -105,7 +112,7 @@ fn token_file_exposed(settings: &Settings) -> Option<String> {
     }
     #[cfg(not(unix))]
     {
-        let _ = settings;
+        let _ = (key, path, power);
         None
     }
 }

@@ -7,6 +7,7 @@ mod broker;
 pub mod cluster;
 pub mod dlq_cli;
 mod downstream;
+pub mod fleet;
 mod process;
 pub mod prom;
 pub mod proxy;
