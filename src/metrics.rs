@@ -248,6 +248,22 @@ impl Metrics {
             "rabbit_guard_consumer_subscribed",
             "1 while the queue has this worker's consumer at the broker",
         );
+        g(
+            "rabbit_guard_queue_ready",
+            "Ready messages in the work queue, as the broker last counted them (every 5s)",
+        );
+        g(
+            "rabbit_guard_scalable_backlog",
+            "Ready messages while every breaker of the queue's consumer is closed (or disabled), 0 while any is open, half-open or forced open: what an autoscaler should see",
+        );
+        g(
+            "rabbit_guard_concurrency_limit",
+            "Handlers the consumer may run now: concurrency while closed, the probes while half-open, 0 while open",
+        );
+        g(
+            "rabbit_guard_ready",
+            "1 while the worker is ready (as /readyz says), else 0",
+        );
         r.describe_histogram(
             "rabbit_guard_handler_duration_seconds".into(),
             Some(Unit::Seconds),
@@ -324,11 +340,13 @@ impl Metrics {
     /// The exposition text, with every counter and gauge brought up to date.
     pub(crate) fn render(
         &self,
+        ready: bool,
         breakers: &[(&str, &Breaker)],
         consumers: &[Arc<ConsumerShared>],
         connections: &[Arc<ManagedConnection>],
         fleet: Option<&crate::status::FleetView>,
     ) -> String {
+        self.gauge("rabbit_guard_ready", &[], f64::from(u8::from(ready)));
         if let Some(f) = fleet {
             self.gauge(
                 "rabbit_guard_fleet_joined",
@@ -494,5 +512,25 @@ impl Metrics {
             &q,
             f64::from(u8::from(s.subscribed)),
         );
+        // What scaling should see: the backlog this consumer can work off
+        // now (none while a breaker holds it), and how much at once.
+        let admits_all = shared.breakers.admits_all_now();
+        if let Some(ready) = stats.queue_ready() {
+            self.gauge("rabbit_guard_queue_ready", &q, ready as f64);
+            self.gauge(
+                "rabbit_guard_scalable_backlog",
+                &q,
+                if admits_all { ready as f64 } else { 0.0 },
+            );
+        }
+        let limit = if admits_all {
+            usize::from(shared.concurrency)
+        } else {
+            shared
+                .breakers
+                .probes_per_trial()
+                .min(usize::from(shared.concurrency))
+        };
+        self.gauge("rabbit_guard_concurrency_limit", &q, limit as f64);
     }
 }

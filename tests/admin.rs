@@ -1191,3 +1191,133 @@ async fn a_reconnect_refused_for_want_of_descriptors_recovers_once_they_are_free
     );
     broker.cleanup().await;
 }
+
+/// The value of `name` for `queue` in `samples`, if there is one.
+fn queue_gauge(samples: &[Sample], name: &str, queue: &str) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.name == name && s.labels.get("queue").map(String::as_str) == Some(queue))
+        .map(|s| s.value)
+}
+
+/// `(queue_ready, scalable_backlog, concurrency_limit, ready)` and the
+/// breaker `dep`'s state, as scraped.
+type Gauges = (
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Option<String>,
+);
+
+async fn gauges(base: &str, queue: &str) -> Gauges {
+    let samples = scrape(base).await;
+    (
+        queue_gauge(&samples, "rabbit_guard_queue_ready", queue),
+        queue_gauge(&samples, "rabbit_guard_scalable_backlog", queue),
+        queue_gauge(&samples, "rabbit_guard_concurrency_limit", queue),
+        samples
+            .iter()
+            .find(|s| s.name == "rabbit_guard_ready")
+            .map(|s| s.value),
+        state_of(&samples, "dep"),
+    )
+}
+
+/// Scrapes until `cond` holds, at most `timeout`: whether it did, and the
+/// last scrape.
+async fn scrape_until(
+    base: &str,
+    queue: &str,
+    timeout: Duration,
+    cond: impl Fn(&Gauges) -> bool,
+) -> (bool, Gauges) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let g = gauges(base, queue).await;
+        if cond(&g) {
+            return (true, g);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return (false, g);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scalable_backlog_is_the_ready_messages_while_closed_and_0_while_open() {
+    let broker = Arc::new(TestBroker::connect().await);
+    let downstream = Downstream::start().await;
+    downstream.set(Mode::Slow(Duration::from_millis(300)));
+    let breaker = {
+        let mut b = fast_breaker();
+        b.consecutive_failures = Some(3);
+        // Open long enough to be scraped open, however slow the machine.
+        b.open_timeout = Duration::from_secs(6);
+        b.max_open_timeout = Duration::from_secs(6);
+        b
+    };
+    let (mut settings, base) = with_admin(
+        with_http(settings("backlog", "http", breaker), &downstream),
+        None,
+    );
+    settings.consumers[0].prefetch = 1;
+    settings.consumers[0].concurrency = 1;
+    let consumer = settings.consumers[0].clone();
+    broker.track(&consumer);
+    broker.declare(&consumer).await;
+    let ids = broker.publish_json(&consumer.queue, "b", 40).await;
+    let running = Running::start(Worker::builder(settings)).await;
+    let q = consumer.queue.as_str();
+    // Closed, one handler at a time on a slow dependency: the backlog is
+    // the ready messages, all of it scalable.
+    let (closed, seen) = scrape_until(&base, q, Duration::from_secs(15), |g| {
+        matches!(g, (Some(r), Some(s), Some(l), Some(ready), _) if *r > 0.0 && s == r && *l == 1.0 && *ready == 1.0)
+    })
+    .await;
+    assert!(
+        closed,
+        "closed: (queue_ready, scalable_backlog, concurrency_limit, ready, state) should be (n > 0, n, 1, 1, closed), are {seen:?}"
+    );
+    eprintln!(
+        "closed: (queue_ready, scalable_backlog, concurrency_limit, ready, state) = {seen:?}"
+    );
+    // Open: the messages wait in the queue, and scaling must not see them.
+    downstream.set(Mode::Failing);
+    let (open, seen) = scrape_until(&base, q, Duration::from_secs(15), |g| {
+        matches!(g, (Some(r), Some(s), Some(l), Some(ready), Some(state)) if *r > 0.0 && *s == 0.0 && *l == 0.0 && *ready == 1.0 && state == "open")
+    })
+    .await;
+    assert!(
+        open,
+        "open: (queue_ready, scalable_backlog, concurrency_limit, ready, state) should be (n > 0, 0, 0, 1, open), are {seen:?}; breaker {:?}",
+        running.state()
+    );
+    eprintln!("open: (queue_ready, scalable_backlog, concurrency_limit, ready, state) = {seen:?}");
+    // Back: every message handled, nothing left.
+    downstream.set(Mode::Healthy);
+    assert!(
+        wait_until(Duration::from_secs(60), || ids
+            .iter()
+            .all(|id| downstream.succeeded_ids().contains(id)))
+        .await,
+        "every message handled after recovery: {} of {}",
+        ids.iter()
+            .filter(|id| downstream.succeeded_ids().contains(*id))
+            .count(),
+        ids.len()
+    );
+    let (drained, seen) = scrape_until(
+        &base,
+        q,
+        Duration::from_secs(15),
+        |g| matches!(g, (Some(r), Some(s), _, _, _) if *r == 0.0 && *s == 0.0),
+    )
+    .await;
+    assert!(
+        drained,
+        "drained: queue_ready and scalable_backlog 0, are {seen:?}"
+    );
+    running.stop().await;
+}

@@ -160,7 +160,12 @@ pub(crate) fn resolve_token(settings: &AdminSettings) -> Result<Option<Secret>, 
         return Ok(None);
     };
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("admin.token_file {}: cannot read it ({e})", path.display()))?;
+        .map_err(|e| {
+            format!(
+                "admin.token_file {}: cannot read it ({e}); put the admin token there (a mounted secret), or point admin.token_file (RABBIT_GUARD__ADMIN__TOKEN_FILE) at the file that holds it",
+                path.display()
+            )
+        })?;
     let token = text.lines().next().unwrap_or("").trim();
     if token.is_empty() {
         return Err(format!(

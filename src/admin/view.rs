@@ -82,9 +82,14 @@ impl WorkerView {
         let mut connections = self.0.connections.clone();
         connections.extend(self.0.fleet.as_ref().map(|(_, c)| c.clone()));
         let fleet = self.fleet().map(Fleet::view);
-        self.0
-            .metrics
-            .render(&breakers, &self.0.consumers, &connections, fleet.as_ref())
+        let (ready, _) = self.readiness();
+        self.0.metrics.render(
+            ready,
+            &breakers,
+            &self.0.consumers,
+            &connections,
+            fleet.as_ref(),
+        )
     }
 
     /// Ready when every connection is up and every consumer has a working

@@ -236,6 +236,14 @@ impl ManagedConnection {
         matches!(*self.link.borrow(), ConnectionState::Up { .. })
     }
 
+    /// The connection now, if it is up (without waiting).
+    pub(crate) fn current(&self) -> Option<Arc<Connection>> {
+        match &*self.link.borrow() {
+            ConnectionState::Up { connection, .. } => Some(connection.clone()),
+            ConnectionState::Down => None,
+        }
+    }
+
     /// True while the broker blocks this connection (resource alarm).
     #[cfg_attr(not(feature = "admin"), allow(dead_code))] // read by the admin endpoint
     pub(crate) fn is_blocked(&self) -> bool {

@@ -33,6 +33,9 @@ pub struct ConsumerStats {
     /// True while `copy_trouble` is set (read without the lock).
     pub(crate) copy_trouble_set: AtomicBool,
     pub(crate) in_flight: AtomicI64,
+    /// The work queue's ready messages as last counted, plus one (0: not
+    /// counted yet, or the last count failed).
+    pub(crate) ready_plus_one: AtomicU64,
     pub(crate) subscribed: AtomicBool,
     pub(crate) subscriptions: AtomicU64,
 }
@@ -117,6 +120,18 @@ impl ConsumerStats {
             .iter()
             .map(|n| n.load(Ordering::Relaxed))
             .collect()
+    }
+
+    /// The work queue's ready messages as the broker last counted them
+    /// (every 5 s while the admin endpoint is on), if it could.
+    #[must_use]
+    pub fn queue_ready(&self) -> Option<u64> {
+        self.ready_plus_one.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    pub(crate) fn set_queue_ready(&self, ready: Option<u32>) {
+        self.ready_plus_one
+            .store(ready.map_or(0, |n| u64::from(n) + 1), Ordering::Relaxed);
     }
 
     /// Why copies cannot be stored now, when they cannot.

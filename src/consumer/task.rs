@@ -48,6 +48,9 @@ pub(crate) struct ConsumerShared {
     pub(crate) failures: super::failures::FailureLog,
     /// Tells the watchdog when one of its handlers is being polled.
     pub(crate) poll_slot: Arc<crate::worker::control::PollSlot>,
+    /// `concurrency`: handlers at once while every breaker admits all.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))] // read by the metrics
+    pub(crate) concurrency: u16,
     /// `reply_to_prefixes`: the `reply_to` values `ctx.reply` may answer.
     pub(crate) reply_prefixes: Option<Arc<[String]>>,
 }

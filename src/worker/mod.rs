@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::instrument::WithSubscriber;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 #[cfg(feature = "admin")]
 use crate::admin::WorkerView;
@@ -200,6 +200,7 @@ impl WorkerBuilder {
                         .then(|| metrics.handler_histograms(&c.queue)),
                 )),
                 poll_slot: Arc::default(),
+                concurrency: c.concurrency,
                 reply_prefixes: (!c.reply_to_prefixes.is_empty())
                     .then(|| Arc::from(c.reply_to_prefixes.clone())),
                 failures: crate::consumer::FailureLog::new(
@@ -556,6 +557,14 @@ impl Worker {
             fleet.joined(&shutdown).await;
         }
 
+        if cfg!(feature = "admin") && self.settings.admin.listen.is_some() {
+            infra_tasks.spawn(count_backlogs(
+                self.consumers.clone(),
+                consume.clone(),
+                infra.clone(),
+            ));
+        }
+
         let _watchdog = control::Watchdog::start(
             self.consumers
                 .iter()
@@ -697,6 +706,41 @@ fn supervise(
 /// Raises the open-file limit to its hard limit: the broker connections,
 /// the admin endpoint's clients and whatever the handlers open share it, and
 /// a low soft limit (often 1,024) should not be what stops a reconnect.
+/// How often the work queues' ready messages are counted (for
+/// `rabbit_guard_queue_ready` and `rabbit_guard_scalable_backlog`).
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Counts each consumer's ready messages every [`BACKLOG_EVERY`] with a
+/// passive declare on the consume connection (a channel of its own, closed
+/// at once), until `stop`. A failed count (the connection down, the queue
+/// gone) leaves the gauge out rather than stale.
+async fn count_backlogs(
+    consumers: Vec<Arc<ConsumerShared>>,
+    connection: Arc<ManagedConnection>,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(BACKLOG_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let current = connection.current();
+        for shared in &consumers {
+            let ready = match &current {
+                Some(conn) => crate::amqp::queue_counts(conn, &shared.queue)
+                    .await
+                    .map(|(ready, _)| ready)
+                    .map_err(|e| debug!(queue = %shared.queue, error = %crate::error::describe(&e), "could not count the queue's ready messages"))
+                    .ok(),
+                None => None,
+            };
+            shared.stats.set_queue_ready(ready);
+        }
+    }
+}
+
 fn raise_open_file_limit() {
     #[cfg(unix)]
     {
