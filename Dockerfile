@@ -17,7 +17,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # glibc and libgcc only: rabbit-guard uses rustls, no OpenSSL.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /rabbit-guard /usr/local/bin/rabbit-guard
-COPY config/default.toml config/example.toml /etc/rabbit-guard/
+COPY config/default.toml config/example.toml config/container.toml /etc/rabbit-guard/
+# container.toml on top of default.toml: the admin endpoint on every
+# interface, manual control with the token in /etc/rabbit-guard/secrets/.
+ENV RUN_MODE=container
 USER nonroot
 # The admin endpoint (metrics, /healthz, /readyz, /breakers).
 EXPOSE 9090

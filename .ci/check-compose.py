@@ -24,6 +24,16 @@ for name, svc in services.items():
     for dep in deps if isinstance(deps, list) else deps.keys():
         if dep not in services:
             problems.append(f"service {name}: depends on {dep}, which is not defined")
+secrets = compose.get("secrets", {})
+for name, secret in secrets.items():
+    path = secret.get("file", "")
+    if path.startswith(".") and not os.path.exists(os.path.join(root, path)):
+        problems.append(f"secret {name}: reads {path}, which does not exist")
+for name, svc in services.items():
+    for secret in svc.get("secrets", []):
+        source = secret if isinstance(secret, str) else secret.get("source")
+        if source not in secrets:
+            problems.append(f"service {name}: uses secret {source}, which is not defined")
 cluster = [n for n, svc in services.items() if "cluster" in svc.get("profiles", [])]
 if len([n for n in cluster if n.startswith("rmq")]) != 3:
     problems.append(f"the cluster profile should have three RabbitMQ nodes: {cluster}")
