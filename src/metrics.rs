@@ -165,7 +165,7 @@ impl Metrics {
         );
         g(
             "rabbit_guard_fleet_problems",
-            "Problems with the fleet now (fleet.lease, fleet.epoch, fleet.announce, fleet.untrusted, fleet.deaf): see /readyz",
+            "Problems with the fleet now (fleet.lease, fleet.epoch, fleet.announce, fleet.untrusted, fleet.deaf, fleet.unheard): see /readyz",
         );
         c(
             "rabbit_guard_fleet_messages_total",

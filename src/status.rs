@@ -234,7 +234,8 @@ pub struct FleetView {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct FleetProblem {
-    /// `fleet.lease`, `fleet.epoch`, `fleet.announce`, `fleet.untrusted`.
+    /// `fleet.lease`, `fleet.epoch`, `fleet.announce`, `fleet.untrusted`,
+    /// `fleet.deaf`, `fleet.unheard`.
     pub kind: String,
     /// The breaker it concerns, if one.
     pub breaker: Option<String>,

@@ -2,12 +2,22 @@
 //! that decides which announcement wins: the highest `(epoch, origin)`.
 //!
 //! Every change a worker makes itself (a trip, a trial's verdict, a manual
-//! operation) takes the next epoch after the highest it has seen. An
+//! operation) takes as its epoch the time in milliseconds since the Unix
+//! epoch, or one more than the highest epoch seen if that is later (a
+//! hybrid logical clock: epochs grow with time, and by one per change within
+//! a millisecond). An
 //! announcement is taken over only when its stamp is higher than the one
 //! the worker holds, so a duplicate (equal stamp) or a stale message (lower
 //! epoch, delivered late or re-sent by a restarted worker) changes nothing,
 //! and every worker that has seen the same announcements ends in the same
 //! state, whatever order they came in.
+//!
+//! Since epochs are times, how far ahead one may be does not depend on what
+//! the receiver holds: an announcement more than [`MAX_AHEAD`] ahead of the
+//! receiver's clock is refused, by every worker alike (a joiner holding
+//! nothing included), so a forged jump (a million ahead, `u64::MAX`) is
+//! refused everywhere and cannot split the fleet or freeze its state, and
+//! a long-lived fleet never runs out of room.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,20 +26,15 @@ use tokio::time::Instant;
 use super::wire::{Entry, WireState};
 use crate::breaker::{BreakerState, FleetState, Transition, TransitionReason};
 
-/// Epochs grow by one per change; an announcement may run ahead of the
-/// epoch held by at most this many, plus [`EPOCH_RATE`] per second since
-/// the held one was taken. A forged `u64::MAX` (or a jump of a million)
-/// would otherwise freeze the breaker's fleet state for good.
-pub(crate) const EPOCH_BURST: u64 = 1_000;
+/// How far ahead of the receiver's clock an epoch may be: the workers'
+/// clocks may differ by this much (as for signed messages' age), plus the
+/// changes made within one millisecond.
+pub(crate) const MAX_AHEAD: Duration = Duration::from_secs(60);
 
-/// How fast a fleet's epochs may grow, per second, beyond [`EPOCH_BURST`].
-pub(crate) const EPOCH_RATE: u64 = 100;
-
-/// No epoch beyond this is taken, not even in an answer to this worker's
-/// own sync (which may run ahead of the ceiling: a joiner holds 0): at
-/// [`EPOCH_RATE`] a fleet takes 89,000 years to get there, and an epoch
-/// that saturated would freeze the breaker's fleet state for good.
-pub(crate) const EPOCH_MAX: u64 = 1 << 48;
+/// The highest epoch taken at `now_ms` (milliseconds since the Unix epoch).
+pub(crate) fn ceiling(now_ms: u64) -> u64 {
+    now_ms.saturating_add(u64::try_from(MAX_AHEAD.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// Orders announcements: epoch first, then the origin's name, so two
 /// changes made at once on two workers are ordered the same everywhere.
@@ -46,7 +51,7 @@ pub(crate) enum Verdict {
     Taken,
     /// Not newer (a duplicate, or stale): nothing to do.
     Stale,
-    /// Further ahead than the fleet's epochs can grow: refused.
+    /// More than [`MAX_AHEAD`] ahead of this worker's clock: refused.
     TooFar,
 }
 
@@ -61,33 +66,27 @@ pub(crate) struct Ledger {
 }
 
 impl Ledger {
-    /// Stamps a change made here: the next epoch, this worker as origin.
-    pub(crate) fn local(&mut self, origin: &str, now: Instant) -> Stamp {
+    /// Stamps a change made here: the time, or the next epoch if that is
+    /// later; this worker as origin.
+    pub(crate) fn local(&mut self, origin: &str, now: Instant, now_ms: u64) -> Stamp {
         self.stamp = Stamp {
-            epoch: self.stamp.epoch.saturating_add(1),
+            epoch: self.stamp.epoch.saturating_add(1).max(now_ms),
             origin: origin.to_owned(),
         };
         self.since = Some(now);
         self.stamp.clone()
     }
 
-    /// The highest epoch taken from an ordinary announcement now.
-    pub(crate) fn ceiling(&self, now: Instant) -> u64 {
-        let secs = self
-            .since
-            .map_or(0, |since| now.saturating_duration_since(since).as_secs());
-        self.stamp
-            .epoch
-            .saturating_add(EPOCH_BURST)
-            .saturating_add(EPOCH_RATE.saturating_mul(secs))
+    /// How long ago the held stamp was taken (or made).
+    pub(crate) fn age(&self, now: Instant) -> Option<Duration> {
+        self.since.map(|since| now.saturating_duration_since(since))
     }
 
-    /// Judges `stamp`; `answer`: it answers this worker's own `sync`, so
-    /// it is the fleet's state, however far ahead.
-    pub(crate) fn judge(&self, stamp: &Stamp, now: Instant, answer: bool) -> Verdict {
+    /// Judges `stamp` at `now_ms`.
+    pub(crate) fn judge(&self, stamp: &Stamp, now_ms: u64) -> Verdict {
         if stamp.epoch == 0 || *stamp <= self.stamp {
             Verdict::Stale
-        } else if stamp.epoch > EPOCH_MAX || (!answer && stamp.epoch > self.ceiling(now)) {
+        } else if stamp.epoch > ceiling(now_ms) {
             Verdict::TooFar
         } else {
             Verdict::Taken
@@ -95,12 +94,12 @@ impl Ledger {
     }
 
     /// Takes `entry` over if it is newer (see [`judge`](Self::judge)).
-    pub(crate) fn accept(&mut self, entry: &Entry, now: Instant, answer: bool) -> Verdict {
+    pub(crate) fn accept(&mut self, entry: &Entry, now: Instant, now_ms: u64) -> Verdict {
         let stamp = Stamp {
             epoch: entry.epoch,
             origin: entry.origin.clone(),
         };
-        let verdict = self.judge(&stamp, now, answer);
+        let verdict = self.judge(&stamp, now_ms);
         if verdict == Verdict::Taken {
             self.stamp = stamp;
             self.since = Some(now);
@@ -191,8 +190,11 @@ mod tests {
         }
     }
 
+    /// Milliseconds since the Unix epoch of the tests' "now".
+    const NOW_MS: u64 = 1_800_000_000_000;
+
     fn take(l: &mut Ledger, e: &Entry) -> bool {
-        l.accept(e, Instant::now(), false) == Verdict::Taken
+        l.accept(e, Instant::now(), NOW_MS) == Verdict::Taken
     }
 
     #[test]
@@ -259,55 +261,50 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn epochs_may_grow_only_so_fast_but_a_joiner_takes_the_fleets_whatever_they_are() {
+    async fn epochs_are_times_and_no_one_takes_one_from_the_future() {
         let mut l = Ledger::default();
         let now = Instant::now();
-        take(&mut l, &entry(4, "z#9", WireState::Open));
-        let s = l.local("a#1", now);
-        assert_eq!(s.epoch, 5);
+        // A change made here is stamped with the time...
+        assert_eq!(l.local("a#1", now, NOW_MS).epoch, NOW_MS);
+        // ...or one more than the highest seen, within the same millisecond.
+        assert_eq!(l.local("a#1", now, NOW_MS).epoch, NOW_MS + 1);
         assert_eq!(
-            l.accept(&entry(0, "zz", WireState::Closed), now, false),
+            l.accept(&entry(0, "zz", WireState::Closed), now, NOW_MS),
             Verdict::Stale,
             "epoch 0 is never news"
         );
-        for forged in [u64::MAX, 5 + 1_000_000, 5 + EPOCH_BURST + 1] {
+        // The jump (a million ahead of the held epoch), a jump past
+        // the clocks' allowed difference, and the top of the counter: refused,
+        // whatever this worker holds.
+        for forged in [NOW_MS + 1 + 1_000_000, ceiling(NOW_MS) + 1, u64::MAX] {
             assert_eq!(
-                l.accept(&entry(forged, "zz", WireState::Closed), now, false),
+                l.accept(&entry(forged, "zz", WireState::Disabled), now, NOW_MS),
                 Verdict::TooFar,
-                "a jump to {forged} from 5 at once"
+                "{forged} at {NOW_MS}"
+            );
+            assert_eq!(
+                Ledger::default().accept(&entry(forged, "zz", WireState::Disabled), now, NOW_MS),
+                Verdict::TooFar,
+                "{forged} at {NOW_MS}, by a joiner holding nothing"
             );
         }
+        // A worker whose clock is ahead, within the allowed difference.
         assert_eq!(
-            l.accept(&entry(5 + EPOCH_BURST, "zz", WireState::Closed), now, false),
+            l.accept(&entry(ceiling(NOW_MS), "b#1", WireState::Open), now, NOW_MS),
             Verdict::Taken
         );
-        // Ten seconds on, the fleet may have made 10 x EPOCH_RATE changes more.
-        tokio::time::advance(Duration::from_secs(10)).await;
-        let later = Instant::now();
-        let ceiling = 5 + 2 * EPOCH_BURST + 10 * EPOCH_RATE;
-        assert_eq!(l.ceiling(later), ceiling);
-        assert_eq!(
-            l.accept(&entry(ceiling + 1, "zz", WireState::Open), later, false),
-            Verdict::TooFar
-        );
-        // A joiner takes the answers to its join sync over whatever their
-        // epoch: the fleet's state is theirs.
+        // A joiner takes the fleet's state, however old the fleet.
         let mut joiner = Ledger::default();
         assert_eq!(
-            joiner.accept(&entry(7_000_000, "w#1", WireState::Open), later, true),
+            joiner.accept(
+                &entry(NOW_MS - 86_400_000, "w#1", WireState::Open),
+                now,
+                NOW_MS
+            ),
             Verdict::Taken
         );
-        assert_eq!(joiner.local("j#1", later).epoch, 7_000_001);
-        // Not one that would leave no room to count on: a saturated epoch
-        // would freeze the fleet state.
-        for forged in [u64::MAX, EPOCH_MAX + 1] {
-            assert_eq!(
-                joiner.accept(&entry(forged, "zz", WireState::Disabled), later, true),
-                Verdict::TooFar,
-                "{forged} in an answer"
-            );
-        }
-        assert_eq!(joiner.stamp.epoch, 7_000_001);
+        // Its next change is stamped with its time: newer than everything.
+        assert_eq!(joiner.local("j#1", now, NOW_MS).epoch, NOW_MS);
     }
 
     #[tokio::test(start_paused = true)]

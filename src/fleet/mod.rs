@@ -74,6 +74,10 @@ pub(super) const MAX_MEMBERS: usize = 256;
 /// A problem about refused messages shows this long after the last one.
 const PROBLEM_LINGERS: Duration = Duration::from_secs(60);
 
+/// A change of this worker's that a live member's heartbeats still do not
+/// show this long after is reported (`fleet.unheard`).
+const UNHEARD_AFTER: Duration = Duration::from_secs(10);
+
 /// The probe-lease queue of `breaker`.
 #[must_use]
 pub(crate) fn lease_queue(exchange: &str, breaker: &str) -> String {
@@ -670,9 +674,9 @@ impl Fleet {
         self.clear_tally(name);
         let mut ledgers = lock(&self.inner.ledgers);
         let ledger = ledgers.get_mut(name)?;
-        let now = Instant::now();
-        let stamp = ledger.local(&self.inner.origin, now);
-        let entry = entry_for(name, stamp, t, now, unix_ms());
+        let (now, now_ms) = (Instant::now(), unix_ms());
+        let stamp = ledger.local(&self.inner.origin, now, now_ms);
+        let entry = entry_for(name, stamp, t, now, now_ms);
         ledger.last = Some(entry.clone());
         Some(entry)
     }
@@ -792,21 +796,19 @@ impl Fleet {
         }
     }
 
-    /// Takes an announced state over if it is newer. `answer`: it answers
-    /// this worker's own recent `sync`.
-    fn take_over(&self, from: &str, entry: &Entry, answer: bool) -> Verdict {
+    /// Takes an announced state over if it is newer.
+    fn take_over(&self, from: &str, entry: &Entry) -> Verdict {
         let Some(breaker) = self.inner.breakers.get(&entry.name) else {
             self.inner.ignored.fetch_add(1, Ordering::Relaxed);
             return Verdict::Stale;
         };
-        let now = Instant::now();
-        let (verdict, ceiling) = {
+        let (now, now_ms) = (Instant::now(), unix_ms());
+        let verdict = {
             let mut ledgers = lock(&self.inner.ledgers);
             let Some(ledger) = ledgers.get_mut(&entry.name) else {
                 return Verdict::Stale;
             };
-            let ceiling = ledger.ceiling(now);
-            (ledger.accept(entry, now, answer), ceiling)
+            ledger.accept(entry, now, now_ms)
         };
         match verdict {
             Verdict::Taken => {}
@@ -817,10 +819,14 @@ impl Fleet {
             Verdict::TooFar => {
                 self.inner.ignored.fetch_add(1, Ordering::Relaxed);
                 let detail = format!(
-                    "refused an announcement of epoch {} from {} (via {}): further ahead than the fleet's epochs can grow (at most {ceiling} now); asked the fleet for its state",
+                    "refused an announcement of epoch {} from {} (via {}): epochs are times in milliseconds, and this one is {} ahead of this worker's clock (at most {}s may be): forged, or that worker's clock is ahead (keep the workers' clocks in sync, with NTP say)",
                     entry.epoch,
                     crate::text::printable(&entry.origin),
                     crate::text::printable(from),
+                    humantime::format_duration(Duration::from_millis(
+                        entry.epoch.saturating_sub(now_ms).min(u64::MAX / 2)
+                    )),
+                    ledger::MAX_AHEAD.as_secs(),
                 );
                 // Once while the problem shows (a repeating sender would
                 // flood the log); its detail in /breakers stays current.
@@ -882,6 +888,57 @@ impl Fleet {
             .map(|(origin, _)| origin.clone())
     }
 
+    /// Shows, per breaker, the live members whose heartbeats still hold an
+    /// older epoch than this worker's own last change, [`UNHEARD_AFTER`]
+    /// after it: they refuse its announcements (its clock is ahead) or do
+    /// not get them. Solved when they catch up, or someone changes the
+    /// breaker after.
+    fn refresh_unheard(&self) {
+        let now = Instant::now();
+        let fresh = self.member_fresh();
+        let members: Vec<String> = lock(&self.inner.members)
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) <= fresh)
+            .map(|(m, _)| m.clone())
+            .collect();
+        for name in self.inner.breakers.keys() {
+            let own = lock(&self.inner.ledgers).get(name).and_then(|l| {
+                (l.stamp.origin == self.inner.origin
+                    && l.age(now).is_some_and(|age| age >= UNHEARD_AFTER))
+                .then(|| (l.stamp.epoch, l.age(now).unwrap_or_default()))
+            });
+            let behind: Vec<String> = own
+                .map(|(epoch, _)| {
+                    let epochs = lock(&self.inner.epochs);
+                    members
+                        .iter()
+                        .filter(|m| {
+                            epochs
+                                .get(*m)
+                                .and_then(|e| e.get(name))
+                                .is_some_and(|e| *e < epoch)
+                        })
+                        .map(|m| crate::text::printable(m))
+                        .collect()
+                })
+                .unwrap_or_default();
+            match own {
+                Some((epoch, age)) if !behind.is_empty() => self.problem(
+                    "fleet.unheard",
+                    name,
+                    format!(
+                        "{} other worker(s) still hold an older state of this breaker {}s after this worker changed it (epoch {epoch}): {}; they refuse its announcements (is this worker's clock ahead? see their fleet.epoch problems) or do not get them",
+                        behind.len(),
+                        age.as_secs(),
+                        behind.join(", ")
+                    ),
+                    None,
+                ),
+                _ => self.solved("fleet.unheard", name),
+            }
+        }
+    }
+
     /// A heartbeat from another worker.
     fn hello(&self, from: &str, leases: &[String], epochs: &BTreeMap<String, u64>) {
         let now = Instant::now();
@@ -932,4 +989,70 @@ fn each<T: Default>(breakers: &BTreeMap<String, Breaker>) -> BTreeMap<String, T>
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::BreakerState;
+
+    fn fleet() -> Fleet {
+        let settings = FleetSettings {
+            exchange: Some("x".into()),
+            worker_id: Some("me".into()),
+            ..FleetSettings::default()
+        };
+        let breakers = [(
+            "dep".to_owned(),
+            Breaker::new("dep", crate::breaker::BreakerConfig::default()),
+        )]
+        .into();
+        Fleet::new(&settings, &BrokerSettings::default(), &breakers)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn problems(f: &Fleet) -> Vec<String> {
+        f.view().problems.iter().map(|p| p.kind.clone()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_live_members_do_not_take_over_is_reported_until_they_do() {
+        let f = fleet();
+        let breaker = f.inner.breakers["dep"].clone();
+        let t = Transition {
+            from: BreakerState::Closed,
+            to: breaker.force_open(),
+            reason: TransitionReason::ManualOpen,
+            counts: crate::breaker::Counts::default(),
+            consecutive_failures: 0,
+            at: Instant::now(),
+            local: false,
+        };
+        let mine = f.stamp_local("dep", &t).unwrap().epoch;
+        let old = BTreeMap::from([("dep".to_owned(), mine - 5)]);
+        f.hello("other#1", &[], &old);
+        f.refresh_unheard();
+        assert!(problems(&f).is_empty(), "not before {UNHEARD_AFTER:?}");
+        tokio::time::advance(UNHEARD_AFTER).await;
+        f.hello("other#1", &[], &old);
+        f.refresh_unheard();
+        let view = f.view();
+        let p = view
+            .problems
+            .iter()
+            .find(|p| p.kind == "fleet.unheard")
+            .unwrap_or_else(|| panic!("reported: {:?}", problems(&f)));
+        assert!(p.detail.contains("other#1"), "{}", p.detail);
+        // It took it over: solved.
+        f.hello("other#1", &[], &BTreeMap::from([("dep".to_owned(), mine)]));
+        f.refresh_unheard();
+        assert!(problems(&f).is_empty(), "{:?}", problems(&f));
+        // A member that went silent does not count.
+        f.hello("gone#1", &[], &old);
+        tokio::time::advance(f.member_fresh() + Duration::from_secs(1)).await;
+        f.hello("other#1", &[], &BTreeMap::from([("dep".to_owned(), mine)]));
+        f.refresh_unheard();
+        assert!(problems(&f).is_empty(), "{:?}", problems(&f));
+    }
 }

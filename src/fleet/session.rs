@@ -60,14 +60,6 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// rate rules then see the others' calls within a tick.
 const WINDOW_EVERY: Duration = TICK;
 
-/// A worker whose `sync` went out this long ago no longer takes answers
-/// over whatever their epoch.
-const ANSWERS_FOR: Duration = Duration::from_secs(10);
-
-/// After refusing an announcement as too far ahead, the fleet is asked for
-/// its state at most this often.
-const RESYNC_EVERY: Duration = Duration::from_secs(10);
-
 /// After missing messages, the fleet is asked for its state at most this
 /// often.
 const RESYNC_AFTER_GAP: Duration = Duration::from_secs(1);
@@ -119,11 +111,6 @@ struct Session<'a> {
     queue: ShortString,
     /// When this worker last asked for the fleet's state.
     sync_at: Instant,
-    /// When it last joined (or declared its queue again): answers to the
-    /// sync sent then are taken whatever their epoch, within
-    /// [`ANSWERS_FOR`]. Not after a sync asked for any other reason, so
-    /// an epoch refused as too far cannot come back as an answer.
-    joined_at: Instant,
     answer_due: Option<Instant>,
     last_answer: Option<Instant>,
     hello_every: Duration,
@@ -181,7 +168,6 @@ pub(super) async fn run(
         consumer,
         queue,
         sync_at: Instant::now(),
-        joined_at: Instant::now(),
         answer_due: None,
         last_answer: None,
         hello_every,
@@ -462,7 +448,6 @@ impl Session<'_> {
     /// this worker knows, and says hello.
     async fn hello_all(&mut self) -> Result<(), End> {
         self.sync_at = Instant::now();
-        self.joined_at = self.sync_at;
         self.publish(Kind::Sync, Vec::new(), Vec::new(), false)
             .await?;
         let own = self.fleet.own_entries();
@@ -686,7 +671,6 @@ impl Session<'_> {
                     self.awaiting_own = None;
                     // Messages sent meanwhile were missed: ask again.
                     self.sync_at = Instant::now();
-                    self.joined_at = self.sync_at;
                     let envelope = self.envelope(Kind::Sync, Vec::new(), Vec::new(), false);
                     let own = self.fleet.own_entries();
                     let body = envelope.encode();
@@ -851,28 +835,17 @@ impl Session<'_> {
                 }
             }
             Kind::State => {
-                // Answers to this worker's sync are the fleet's state,
-                // whatever their epoch.
-                let answer = envelope.answer && self.joined_at.elapsed() <= ANSWERS_FOR;
-                let mut too_far = false;
                 for entry in &envelope.breakers {
-                    match self.fleet.take_over(&envelope.worker, entry, answer) {
-                        Verdict::TooFar => too_far = true,
+                    match self.fleet.take_over(&envelope.worker, entry) {
                         // The maker of the change hears soon that this
                         // worker took it over (the epochs of a hello).
                         Verdict::Taken => {
                             self.next_hello = self.next_hello.min(Instant::now() + TICK);
                         }
-                        Verdict::Stale => {}
+                        Verdict::Stale | Verdict::TooFar => {}
                     }
                 }
                 inner.heard.send_modify(|n| *n += 1);
-                if too_far && self.sync_at.elapsed() >= RESYNC_EVERY {
-                    // Maybe this worker is the one behind: ask.
-                    self.sync_at = Instant::now();
-                    self.publish(Kind::Sync, Vec::new(), Vec::new(), false)
-                        .await?;
-                }
             }
             Kind::Streak => {
                 for streak in &envelope.streaks {
@@ -973,6 +946,7 @@ impl Session<'_> {
         self.leases().await?;
         if now >= self.next_hello {
             self.hello().await?;
+            self.fleet.refresh_unheard();
         }
         self.refresh_windows(now).await?;
         self.fleet.refresh_tallies();
