@@ -328,28 +328,9 @@ impl Fleet {
         let epoch = lock(&self.inner.ledgers)
             .get(breaker)
             .map_or(0, |l| l.stamp.epoch);
-        let fresh = self.member_fresh();
-        let members: Vec<String> = {
-            let now = Instant::now();
-            lock(&self.inner.members)
-                .iter()
-                .filter(|(_, at)| now.saturating_duration_since(**at) <= fresh)
-                .map(|(m, _)| m.clone())
-                .collect()
-        };
-        let behind = || -> Vec<String> {
-            let epochs = lock(&self.inner.epochs);
-            members
-                .iter()
-                .filter(|m| {
-                    epochs
-                        .get(*m)
-                        .and_then(|e| e.get(breaker))
-                        .is_none_or(|e| *e < epoch)
-                })
-                .cloned()
-                .collect()
-        };
+        let members = self.live_members(Instant::now());
+        // A member that has not said yet has not taken it over.
+        let behind = || self.behind(&members, breaker, epoch, true);
         let mut hellos = self.inner.hellos.subscribe();
         loop {
             let waiting = behind();
@@ -888,6 +869,32 @@ impl Fleet {
             .map(|(origin, _)| origin.clone())
     }
 
+    /// The other workers heard within [`member_fresh`](Self::member_fresh).
+    fn live_members(&self, now: Instant) -> Vec<String> {
+        let fresh = self.member_fresh();
+        lock(&self.inner.members)
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) <= fresh)
+            .map(|(m, _)| m.clone())
+            .collect()
+    }
+
+    /// Those of `members` whose heartbeats hold an epoch of `breaker` below
+    /// `epoch` (and, if `unknown`, those that have not said).
+    fn behind(&self, members: &[String], breaker: &str, epoch: u64, unknown: bool) -> Vec<String> {
+        let epochs = lock(&self.inner.epochs);
+        members
+            .iter()
+            .filter(|m| {
+                epochs
+                    .get(*m)
+                    .and_then(|e| e.get(breaker))
+                    .map_or(unknown, |e| *e < epoch)
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Shows, per breaker, the live members whose heartbeats still hold an
     /// older epoch than this worker's own last change, [`UNHEARD_AFTER`]
     /// after it: they refuse its announcements (its clock is ahead) or do
@@ -895,12 +902,7 @@ impl Fleet {
     /// breaker after.
     fn refresh_unheard(&self) {
         let now = Instant::now();
-        let fresh = self.member_fresh();
-        let members: Vec<String> = lock(&self.inner.members)
-            .iter()
-            .filter(|(_, at)| now.saturating_duration_since(**at) <= fresh)
-            .map(|(m, _)| m.clone())
-            .collect();
+        let members = self.live_members(now);
         for name in self.inner.breakers.keys() {
             let own = lock(&self.inner.ledgers).get(name).and_then(|l| {
                 (l.stamp.origin == self.inner.origin
@@ -909,15 +911,8 @@ impl Fleet {
             });
             let behind: Vec<String> = own
                 .map(|(epoch, _)| {
-                    let epochs = lock(&self.inner.epochs);
-                    members
+                    self.behind(&members, name, epoch, false)
                         .iter()
-                        .filter(|m| {
-                            epochs
-                                .get(*m)
-                                .and_then(|e| e.get(name))
-                                .is_some_and(|e| *e < epoch)
-                        })
                         .map(|m| crate::text::printable(m))
                         .collect()
                 })
