@@ -184,3 +184,35 @@ pub async fn wait_all_succeeded(downstream: &Downstream, ids: &[String], within:
         want.len()
     );
 }
+
+/// The rule most users configure: at least 10 calls, half of them failed
+/// (no streak rule). A 2 s window, so a run starts from an empty one.
+pub fn rate_breaker() -> BreakerConfig {
+    let mut v = breaker();
+    v.consecutive_failures = None;
+    v.minimum_calls = 10;
+    v.failure_rate = 0.5;
+    v.window = Duration::from_secs(2);
+    v
+}
+
+/// Waits until every member's window, and what it counts of the others',
+/// is empty.
+pub async fn windows_empty(members: &[Member]) {
+    assert!(
+        wait_until_async(Duration::from_secs(10), || async {
+            let mut empty = true;
+            for m in members {
+                empty &= m.breaker().await.is_some_and(|b| {
+                    b["window"]["calls"] == 0
+                        && b["fleet"]["others"]["calls"] == 0
+                        && b["state"] == "closed"
+                });
+            }
+            empty
+        })
+        .await,
+        "every window empties once its calls are older than the window{}",
+        logs(members)
+    );
+}
