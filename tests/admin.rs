@@ -133,10 +133,32 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
         "the state gauge should move closed -> open -> half-open -> closed; scraped {seen:?}"
     );
 
-    let samples = scrape(&base).await;
     let calls = downstream.calls();
     let ok = calls.iter().filter(|c| c.status == 200).count() as f64;
     let failed = calls.iter().filter(|c| c.status == 503).count() as f64;
+    let q = consumer.queue.as_str();
+    let duration_count = |samples: &[Sample], outcome: &str| {
+        prom::value(
+            samples,
+            "rabbit_guard_handler_duration_seconds_count",
+            &[("queue", q), ("outcome", outcome)],
+        )
+        .unwrap_or(0.0)
+    };
+    // A handler's duration is recorded just after its message is settled:
+    // scrape until the last one is in (at most 5 s), then compare.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let samples = loop {
+        let samples = scrape(&base).await;
+        let counted = (
+            duration_count(&samples, "success"),
+            duration_count(&samples, "transient"),
+        );
+        if counted == (ok, failed) || tokio::time::Instant::now() >= deadline {
+            break samples;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let outcome = |o: &str| {
         prom::value(
             &samples,
@@ -154,7 +176,6 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
         Some(failed),
         "failures agree with the downstream"
     );
-    let q = consumer.queue.as_str();
     assert_eq!(
         prom::value(
             &samples,
@@ -173,16 +194,11 @@ async fn metrics_follow_an_outage_and_agree_with_the_downstream() {
         Some(0.0),
         "an outage dead-letters nothing as retries-exhausted"
     );
-    let duration_count = |outcome: &str| {
-        prom::value(
-            &samples,
-            "rabbit_guard_handler_duration_seconds_count",
-            &[("queue", q), ("outcome", outcome)],
-        )
-        .unwrap_or(0.0)
-    };
     assert_eq!(
-        (duration_count("success"), duration_count("transient")),
+        (
+            duration_count(&samples, "success"),
+            duration_count(&samples, "transient")
+        ),
         (ok, failed),
         "one duration per call, labelled by its outcome"
     );
