@@ -82,9 +82,8 @@ impl WorkerView {
         let mut connections = self.0.connections.clone();
         connections.extend(self.0.fleet.as_ref().map(|(_, c)| c.clone()));
         let fleet = self.fleet().map(Fleet::view);
-        let (ready, _) = self.readiness();
         self.0.metrics.render(
-            ready,
+            self.problems().is_empty(),
             &breakers,
             &self.0.consumers,
             &connections,
@@ -92,18 +91,16 @@ impl WorkerView {
         )
     }
 
-    /// Ready when every connection is up and every consumer has a working
-    /// channel; a consumer paused by its breaker is ready (and reported).
-    pub(crate) fn readiness(&self) -> (bool, Value) {
+    /// Why the worker is not ready, if it is not: a connection down, a
+    /// consumer without a channel, copies the broker will not store. A
+    /// consumer paused by its breaker is ready.
+    fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut nodes = serde_json::Map::new();
         for c in &self.0.connections {
             if !c.is_up() {
                 problems.push(format!("connection {} is down", c.name()));
             }
-            nodes.insert(c.role().to_owned(), json!(c.node()));
         }
-        let mut paused = Vec::new();
         for s in &self.0.consumers {
             if !s.stats.session_active() {
                 problems.push(format!("consumer of {} has no channel", s.queue));
@@ -115,15 +112,35 @@ impl WorkerView {
                     s.stats.snapshot().copies_waiting
                 ));
             }
-            let state = s.breakers.state();
-            if !state.admits_all() {
-                paused.push(json!({
-                    "queue": &*s.queue,
-                    "breaker": s.breakers.closed_to_calls(),
-                    "state": state.name(),
-                }));
-            }
         }
+        problems
+    }
+
+    /// Ready when there are no [`problems`](Self::problems); with the nodes
+    /// connected to, the consumers paused by their breakers and the fleet.
+    pub(crate) fn readiness(&self) -> (bool, Value) {
+        let problems = self.problems();
+        let nodes: serde_json::Map<String, Value> = self
+            .0
+            .connections
+            .iter()
+            .map(|c| (c.role().to_owned(), json!(c.node())))
+            .collect();
+        let paused: Vec<Value> = self
+            .0
+            .consumers
+            .iter()
+            .filter_map(|s| {
+                let state = s.breakers.state();
+                (!state.admits_all()).then(|| {
+                    json!({
+                        "queue": &*s.queue,
+                        "breaker": s.breakers.closed_to_calls(),
+                        "state": state.name(),
+                    })
+                })
+            })
+            .collect();
         let ready = problems.is_empty();
         (
             ready,
