@@ -65,17 +65,7 @@ async fn each_connection_names_the_broker_version_and_cluster_it_reached() {
     }
     // The properties come with the worker's own connections: the broker
     // sees exactly those two, and no short-lived probe beside them.
-    let out = rabbitmqctl()
-        .args([
-            "list_connections",
-            "-q",
-            "--no-table-headers",
-            "client_properties",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("rabbitmqctl runs");
-    let ours: Vec<String> = String::from_utf8_lossy(&out.stdout)
+    let ours: Vec<String> = list_connections(&["client_properties"])
         .lines()
         .filter(|l| l.contains(&format!("{name}/")))
         .map(|l| {

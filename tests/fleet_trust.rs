@@ -918,18 +918,8 @@ async fn a_thousand_forged_syncs_get_a_few_answers_from_each_worker() {
 
 /// The connections the broker has for `prefix`'s worker `id`.
 fn connections_of(prefix: &str, id: &str) -> usize {
-    let out = rabbitmqctl()
-        .args([
-            "list_connections",
-            "-q",
-            "--no-table-headers",
-            "client_properties",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("rabbitmqctl");
     let needle = format!("{{\"connection_name\",\"{prefix}-{id}");
-    String::from_utf8_lossy(&out.stdout)
+    list_connections(&["client_properties"])
         .lines()
         .filter(|l| l.contains(&needle))
         .count()

@@ -344,21 +344,21 @@ impl Drop for TestBroker {
     }
 }
 
-/// Closes, through the broker, every connection whose client-provided name
-/// is `name` (`rabbitmqctl close_connection`). Returns how many were closed.
-pub fn close_connections_named(name: &str, reason: &str) -> usize {
+/// `rabbitmqctl list_connections` with `fields`: a line per connection.
+pub fn list_connections(fields: &[&str]) -> String {
     let out = rabbitmqctl()
-        .args([
-            "list_connections",
-            "-q",
-            "--no-table-headers",
-            "pid",
-            "client_properties",
-        ])
+        .args(["list_connections", "-q", "--no-table-headers"])
+        .args(fields)
         .stdin(std::process::Stdio::null())
         .output()
         .expect("rabbitmqctl must be installed for broker-side tests");
-    let text = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Closes, through the broker, every connection whose client-provided name
+/// is `name` (`rabbitmqctl close_connection`). Returns how many were closed.
+pub fn close_connections_named(name: &str, reason: &str) -> usize {
+    let text = list_connections(&["pid", "client_properties"]);
     let needle = format!("{{\"connection_name\",\"{name}\"}}");
     let mut closed = 0;
     for line in text.lines().filter(|l| l.contains(&needle)) {
